@@ -1,0 +1,82 @@
+// The backend interface: one method per op with the same contract as the free functions in
+// src/ops/*.h (shapes and accumulate rules are documented there). Pointers are device pointers
+// of this backend. Model code only talks to a Backend, never to a device API directly.
+#pragma once
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "ops/attention.h"
+#include "ops/adamw.h"
+#include "ops/common.h"
+
+namespace lt {
+
+enum class OpKind {
+  kEmbedding, kRmsNorm, kLinear, kRope, kSwiGlu, kAttention, kLmHeadCrossEntropy, kAdamW,
+  kSumSquares, kScale, kAdd
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  virtual bool supports(OpKind op) const = 0;
+
+  // Device memory (arenas are built on these) and transfers.
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* p) = 0;
+  virtual void copy_to_device(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void memset_zero(void* p, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+
+  virtual void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N,
+                                 int64_t D) = 0;
+  virtual void embedding_backward(float* dweight, const float* dout, const int32_t* ids,
+                                  int64_t N, int64_t D) = 0;
+  virtual void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight,
+                               int64_t N, int64_t D, float eps) = 0;
+  virtual void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
+                                const float* weight, const float* rstd, int64_t N, int64_t D,
+                                Accumulate acc) = 0;
+  virtual void linear_forward(float* out, const float* inp, const float* weight,
+                              const float* bias, int64_t N, int64_t IN, int64_t OUT) = 0;
+  virtual void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                               const float* inp, const float* weight, int64_t N, int64_t IN,
+                               int64_t OUT, Accumulate acc) = 0;
+  virtual void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq,
+                           float attention_scaling, int64_t N, int64_t HD) = 0;
+  virtual void rope_forward(float* out, const float* inp, const float* cos, const float* sin,
+                            int64_t N, int64_t H, int64_t HD) = 0;
+  virtual void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin,
+                             int64_t N, int64_t H, int64_t HD) = 0;
+  virtual void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) = 0;
+  virtual void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                               const float* up, int64_t n) = 0;
+  virtual void attention_forward(float* out, float* lse, const float* q, const float* k,
+                                 const float* v, const AttentionShape& s) = 0;
+  virtual void attention_backward(float* dq, float* dk, float* dv, const float* dout,
+                                  const float* out, const float* lse, const float* q,
+                                  const float* k, const float* v, const AttentionShape& s) = 0;
+  virtual double lm_head_cross_entropy(float* dhidden, float* dweight, const float* hidden,
+                                       const float* weight, const int32_t* targets, int64_t N,
+                                       int64_t D, int64_t V, int64_t chunk, float grad_scale,
+                                       float* scratch) = 0;
+  virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
+                            const AdamWParams& p) = 0;
+  virtual double sum_squares(const float* x, int64_t n) = 0;
+  virtual void scale_inplace(float* x, int64_t n, float s) = 0;
+  // y (n) += x (n)
+  virtual void add_inplace(float* y, const float* x, int64_t n) = 0;
+};
+
+// The CPU backend (reference; BLAS + OpenMP).
+std::unique_ptr<Backend> make_cpu_backend();
+// The CUDA backend, or null when it was not built or no GPU is present (reason set).
+std::unique_ptr<Backend> make_cuda_backend(std::string* reason);
+// "cpu" or "cuda"; UserError for an unknown or unavailable device.
+std::unique_ptr<Backend> make_backend(std::string_view device);
+
+}  // namespace lt

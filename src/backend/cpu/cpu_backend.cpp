@@ -1,0 +1,126 @@
+// The CPU backend: forwards each op to its implementation in src/ops.
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/backend.h"
+#include "core/check.h"
+#include "core/error.h"
+#include "ops/cross_entropy.h"
+#include "ops/embedding.h"
+#include "ops/linear.h"
+#include "ops/rmsnorm.h"
+#include "ops/rope.h"
+#include "ops/swiglu.h"
+
+namespace lt {
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string_view name() const override { return "cpu"; }
+  bool supports(OpKind) const override { return true; }
+  void* alloc(size_t bytes) override {
+    void* p = std::aligned_alloc(64, (bytes + 63) & ~size_t(63));
+    if (!p && bytes) fail("out of host memory allocating {} bytes", bytes);
+    return p;
+  }
+  void free(void* p) override { std::free(p); }
+  void copy_to_device(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
+  void copy_to_host(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
+  void memset_zero(void* p, size_t n) override { std::memset(p, 0, n); }
+  void synchronize() override {}
+
+  void embedding_forward(float* out, const int32_t* ids, const float* w, int64_t N,
+                         int64_t D) override {
+    lt::embedding_forward(out, ids, w, N, D);
+  }
+  void embedding_backward(float* dw, const float* dout, const int32_t* ids, int64_t N,
+                          int64_t D) override {
+    lt::embedding_backward(dw, dout, ids, N, D);
+  }
+  void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int64_t N,
+                       int64_t D, float eps) override {
+    lt::rmsnorm_forward(out, rstd, inp, w, N, D, eps);
+  }
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp,
+                        const float* w, const float* rstd, int64_t N, int64_t D,
+                        Accumulate acc) override {
+    lt::rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, D, acc);
+  }
+  void linear_forward(float* out, const float* inp, const float* w, const float* b, int64_t N,
+                      int64_t IN, int64_t OUT) override {
+    lt::linear_forward(out, inp, w, b, N, IN, OUT);
+  }
+  void linear_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                       const float* w, int64_t N, int64_t IN, int64_t OUT,
+                       Accumulate acc) override {
+    lt::linear_backward(dinp, dw, db, dout, inp, w, N, IN, OUT, acc);
+  }
+  void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq, float sc,
+                   int64_t N, int64_t HD) override {
+    lt::rope_tables(cos, sin, pos, inv_freq, sc, N, HD);
+  }
+  void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int64_t N,
+                    int64_t H, int64_t HD) override {
+    lt::rope_forward(out, inp, cos, sin, N, H, HD);
+  }
+  void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin,
+                     int64_t N, int64_t H, int64_t HD) override {
+    lt::rope_backward(dinp, dout, cos, sin, N, H, HD);
+  }
+  void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override {
+    lt::swiglu_forward(out, g, u, n);
+  }
+  void swiglu_backward(float* dg, float* du, const float* dout, const float* g, const float* u,
+                       int64_t n) override {
+    lt::swiglu_backward(dg, du, dout, g, u, n);
+  }
+  void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                         const AttentionShape& s) override {
+    lt::attention_forward(out, lse, q, k, v, s);
+  }
+  void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                          const float* lse, const float* q, const float* k, const float* v,
+                          const AttentionShape& s) override {
+    lt::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, s);
+  }
+  double lm_head_cross_entropy(float* dh, float* dw, const float* h, const float* w,
+                               const int32_t* t, int64_t N, int64_t D, int64_t V, int64_t chunk,
+                               float gs, float* scratch) override {
+    return lt::lm_head_cross_entropy(dh, dw, h, w, t, N, D, V, chunk, gs, scratch);
+  }
+  void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
+                    const AdamWParams& a) override {
+    lt::adamw_update(p, g, m, v, n, a);
+  }
+  double sum_squares(const float* x, int64_t n) override { return lt::sum_squares(x, n); }
+  void scale_inplace(float* x, int64_t n, float s) override { lt::scale_inplace(x, n, s); }
+  void add_inplace(float* y, const float* x, int64_t n) override {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+#ifndef LONGTUNE_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend(std::string* reason) {
+  if (reason) *reason = "this longtune was built without the CUDA backend";
+  return nullptr;
+}
+#endif
+
+std::unique_ptr<Backend> make_backend(std::string_view device) {
+  if (device == "cpu") return make_cpu_backend();
+  if (device == "cuda") {
+    std::string reason;
+    auto b = make_cuda_backend(&reason);
+    if (!b) fail("--device cuda: {}", reason);
+    return b;
+  }
+  fail("--device: '{}' is not a device; allowed: cpu, cuda", device);
+}
+
+}  // namespace lt

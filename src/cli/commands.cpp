@@ -1,0 +1,54 @@
+// Subcommand dispatch for the longtune command.
+#include "cli/commands.h"
+
+#include <cstdio>
+#include <string>
+#include <string_view>
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+
+namespace lt {
+
+namespace {
+void print_usage() {
+  std::fputs(
+      "usage: longtune <command> [flags]\n"
+      "commands:\n"
+      "  --version   print the version and the backends that were built\n",
+      stdout);
+}
+
+std::string backends_built() {
+#ifdef LONGTUNE_HAVE_CUDA
+  return "cpu, cuda";
+#else
+  return "cpu";
+#endif
+}
+}  // namespace
+
+int cli_main(int argc, char** argv, const char* version) {
+  try {
+    if (argc < 2) {
+      print_usage();
+      return 2;
+    }
+    std::string_view cmd = argv[1];
+    if (cmd == "--version" || cmd == "version") {
+      fmt::print("longtune {} (backends: {})\n", version, backends_built());
+      return 0;
+    }
+    if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+      print_usage();
+      return 0;
+    }
+    fail("unknown command '{}'; run 'longtune --help' for the list", cmd);
+  } catch (const UserError& e) {
+    fmt::print(stderr, "longtune: error: {}\n", e.what());
+    return 1;
+  }
+}
+
+}  // namespace lt

@@ -1,0 +1,34 @@
+// Causal grouped-query attention, tiled flash-attention style (online softmax; memory O(T*HD),
+// never T*T), with sliding window and packed documents. The log-sum-exp of each query row is
+// saved for backward (FlashAttention-2).
+#pragma once
+#include "ops/common.h"
+
+namespace lt {
+
+struct AttentionShape {
+  int64_t B = 1, T = 0, H = 0, KVH = 0, HD = 0;
+  // Key j is visible from query i when j <= i, i - j < window (if window > 0) and
+  // doc_ids[j] == doc_ids[i] (if doc_ids is set). Matches transformers' sliding-window masks.
+  int64_t window = 0;
+  const int32_t* doc_ids = nullptr;  // (B,T) document index of each token, or null
+  float scale = 0;                   // softmax scale, usually 1/sqrt(HD)
+};
+
+// out (B,T,H,HD), lse (B,H,T) saved; q (B,T,H,HD), k and v (B,T,KVH,HD).
+// Query head h reads kv head h / (H / KVH). A row that sees no key gets out = 0, lse = -inf.
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       const AttentionShape& s);
+// dq (B,T,H,HD), dk and dv (B,T,KVH,HD): overwritten. dout, out, lse from the forward.
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                        const float* lse, const float* q, const float* k, const float* v,
+                        const AttentionShape& s);
+
+// The plain O(T^2)-memory version (specification and baseline for benchmarks); same contract.
+void attention_forward_naive(float* out, float* lse, const float* q, const float* k,
+                             const float* v, const AttentionShape& s);
+void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout,
+                              const float* out, const float* lse, const float* q, const float* k,
+                              const float* v, const AttentionShape& s);
+
+}  // namespace lt
