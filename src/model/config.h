@@ -28,6 +28,7 @@ struct RopeScaling {
   double attention_factor = -1.0;  // < 0: not given (derived from factor / mscale)
   double mscale = 0, mscale_all_dim = 0;
   bool truncate = true;
+  bool operator==(const RopeScaling&) const = default;
 };
 
 struct ModelConfig {
@@ -42,6 +43,9 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   int64_t sliding_window = 0;   // 0 = none (Qwen2 only when use_sliding_window)
   int64_t max_window_layers = 0;  // Qwen2: layers >= this use the sliding window
+  // Qwen2 "layer_types" when the file gives it ("full_attention" / "sliding_attention" per
+  // layer); empty = derived from max_window_layers as transformers does.
+  std::vector<std::string> layer_types;
   bool attention_bias = false;  // bias on q,k,v,o (Llama/Mistral attention_bias)
   bool qkv_bias = false;        // bias on q,k,v only (Qwen2)
   bool mlp_bias = false;        // bias on gate,up,down (Llama mlp_bias)
