@@ -40,9 +40,10 @@ TRAINING RECIPE (HF Trainer semantics, float64 from the stored f32/bf16 weights)
       (loss_sum / num_items).backward()              # gradients accumulate across the step
     grad_norm = clip_grad_norm_(params, max_grad_norm)   # coef = min(1, max / (norm + 1e-6))
     lr = scheduler.get_last_lr(); AdamW.step(); scheduler.step(); zero_grad()
-  AdamW = torch.optim.AdamW(foreach=False): decoupled decay p -= lr*wd*p before the Adam update,
-  bias-corrected moments, denominator sqrt(v_hat) + eps. Param groups as HF Trainer: names from
-  Trainer.get_decay_parameter_names (no bias, no *norm*) get weight_decay, the rest 0.
+  AdamW = torch.optim.AdamW(foreach=False), step t = 1, 2, ...: p *= 1 - lr*wd; m = b1*m + (1-b1)*g;
+  v = b2*v + (1-b2)*g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+  Param groups as HF Trainer: names from Trainer.get_decay_parameter_names (no bias, no *norm*)
+  get weight_decay, the rest 0.
   Scheduler: transformers.get_scheduler(type, opt, num_warmup_steps, num_training_steps=S).
 
 FLOAT64 REFERENCE
@@ -67,7 +68,6 @@ TRANSFORMERS BEHAVIOUR THE C++ ENGINE MUST MATCH (checked in 5.23, see notes in 
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import types
@@ -120,7 +120,8 @@ CASES = [
          lr=3e-3, sched="constant_with_warmup", warmup=2),
     dict(name="rope_dynamic", arch="llama",
          config=dict(max_position_embeddings=16,
-                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+                     rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                      "rope_theta": 10000.0}),
          lr=1e-3, sched="linear", warmup=2,
          # the logits row (step 0, mb 0, row 0) has 24 tokens; lengths straddle 16
          lengths=[(24, 11), (14, 20), (18, 9), (23, 16), (12, 17), (24, 15)]),
@@ -419,9 +420,9 @@ def run_case(case, index, out_dir):
         notes.append(
             "dynamic rope: seq_len = max(position_ids)+1 of each forward; every row was run alone "
             "after resetting rotary_emb (inv_freq = original, max_seq_len_cached = mpe). "
-            f"Logits at 24 tokens differ from default rope by {d_long:.3g}; rows <= 16 tokens equal "
-            f"default rope (diff {d_short:.1e}). Right-padding the first micro-batch together "
-            f"changes the short row by {d_batch:.3g} (batch max length sets seq_len), and "
+            f"Logits at 24 tokens differ from default rope by {d_long:.3g}; rows <= 16 tokens "
+            f"equal default rope (diff {d_short:.1e}). Right-padding the first micro-batch "
+            f"together changes the short row by {d_batch:.3g} (batch max length sets seq_len), and "
             f"transformers' persistent state changes a {len(mid['input_ids'])}-token row by "
             f"{d_state:.3g} after a 24-token forward: both are avoided here.")
     if "packed" in case:
@@ -465,13 +466,15 @@ def run_case(case, index, out_dir):
                         num_items_in_batch=torch.tensor(items0), **kw).loss
     ours = row_loss_sum(logits0, first_row["labels"]) / items0
     # ForCausalLMLoss casts logits to float32 (logits.float()), hence the loose tolerance
-    assert abs(hf_loss.item() - ours.item()) < 1e-6 * abs(ours.item()), (hf_loss.item(), ours.item())
+    assert abs(hf_loss.item() - ours.item()) < 1e-6 * abs(ours.item()), \
+        (hf_loss.item(), ours.item())
 
     # ---- training (HF Trainer semantics) ----
     named = list(model.named_parameters())  # tied weight appears once, as embed_tokens
     decay_names = set(Trainer.get_decay_parameter_names(None, model))
     groups = [
-        {"params": [p for n, p in named if n in decay_names], "weight_decay": HYPER["weight_decay"]},
+        {"params": [p for n, p in named if n in decay_names],
+         "weight_decay": HYPER["weight_decay"]},
         {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=case["lr"],
