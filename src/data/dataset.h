@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "data/tokenizer.h"
@@ -27,11 +28,15 @@ struct DatasetOptions {
   bool train_on_inputs = false;
   bool packing = false;
   std::string chat_template;  // "" = the tokenizer's; else a built-in name or a file path
+  int64_t max_rows = 0;       // 0 = all; else read only the first max_rows rows of the file
 };
 
+// rows_* count rows of the file (a .txt file is one row); Dataset::rows may hold fewer
+// (packing) or more (text cut into blocks) examples than rows_kept.
 struct DatasetStats {
   int64_t rows_read = 0, rows_kept = 0, rows_truncated = 0, rows_skipped = 0;
   std::vector<std::string> skip_reasons;  // first few, "file:line: why"
+  std::vector<std::pair<std::string, int64_t>> skip_counts;  // (reason, rows) for every reason
 };
 
 struct Dataset {
@@ -47,5 +52,6 @@ Dataset load_dataset(const std::filesystem::path& path, const Tokenizer* tokeniz
                      const DatasetOptions& options, int64_t vocab_size = 0);
 
 DatasetFormat parse_dataset_format(const std::string& name);  // UserError on unknown names
+std::string dataset_format_name(DatasetFormat format);        // inverse of the above
 
 }  // namespace lt
