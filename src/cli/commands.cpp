@@ -16,6 +16,8 @@ void print_usage() {
   std::fputs(
       "usage: longtune <command> [flags]\n"
       "commands:\n"
+      "  train       fine-tune a Hugging Face model (longtune train --help)\n"
+      "  init        create a randomly initialised model folder of a named shape\n"
       "  --version   print the version and the backends that were built\n",
       stdout);
 }
@@ -44,6 +46,13 @@ int cli_main(int argc, char** argv, const char* version) {
       print_usage();
       return 0;
     }
+    struct Command {
+      std::string_view name;
+      int (*run)(int, char**);
+    };
+    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init}};
+    for (const auto& c : kCommands)
+      if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);
   } catch (const UserError& e) {
     fmt::print(stderr, "longtune: error: {}\n", e.what());

@@ -6,4 +6,8 @@ namespace lt {
 // Parses argv, runs the subcommand, turns UserError into one clear line and exit code 1.
 int cli_main(int argc, char** argv, const char* version);
 
+// Subcommands: argv[0] is the subcommand name.
+int cmd_train(int argc, char** argv);
+int cmd_init(int argc, char** argv);
+
 }  // namespace lt

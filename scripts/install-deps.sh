@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages longtune builds with, when any is missing (needs root or sudo).
+set -euo pipefail
+pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libomp-dev nlohmann-json3-dev libcli11-dev
+      libfmt-dev libpcre2-dev libicu-dev libyaml-cpp-dev libgtest-dev libgmock-dev
+      libopenmpi-dev openmpi-bin python3)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi

@@ -1,0 +1,55 @@
+// `longtune train`: flags named as Hugging Face TrainingArguments.
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "train/trainer.h"
+
+namespace lt {
+
+int cmd_train(int argc, char** argv) {
+  TrainOptions o;
+  CLI::App app{"Fine-tune a Hugging Face Llama-family model", "longtune train"};
+  std::string model, data, out, tokenizer;
+  app.add_option("--model_name_or_path", model, "Hugging Face model folder")->required();
+  app.add_option("--data_path", data, "training data (json, jsonl, txt)")->required();
+  app.add_option("--output_dir", out, "where the trained model is written")->required();
+  app.add_option("--tokenizer", tokenizer, "tokenizer.json or folder (default: the model's)");
+  app.add_option("--max_steps", o.max_steps, "total optimizer steps (overrides epochs)");
+  app.add_option("--num_train_epochs", o.num_train_epochs, "epochs")->check(CLI::NonNegativeNumber);
+  app.add_option("--per_device_train_batch_size", o.per_device_train_batch_size, "rows per micro-batch");
+  app.add_option("--gradient_accumulation_steps", o.gradient_accumulation_steps, "micro-batches per step");
+  app.add_option("--learning_rate", o.optimizer.learning_rate, "peak learning rate");
+  app.add_option("--weight_decay", o.optimizer.weight_decay, "AdamW weight decay");
+  app.add_option("--adam_beta1", o.optimizer.beta1, "AdamW beta1")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--adam_beta2", o.optimizer.beta2, "AdamW beta2")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--adam_epsilon", o.optimizer.eps, "AdamW epsilon")->check(CLI::NonNegativeNumber);
+  app.add_option("--max_grad_norm", o.optimizer.max_grad_norm, "global-norm clipping (0 = off)");
+  app.add_option("--warmup_steps", o.warmup_steps, "warmup steps")->check(CLI::NonNegativeNumber);
+  app.add_option("--warmup_ratio", o.warmup_ratio, "warmup as a fraction of the steps");
+  app.add_option("--lr_scheduler_type", o.lr_scheduler_type,
+                 "constant, constant_with_warmup, linear, cosine");
+  app.add_option("--model_max_length", o.model_max_length, "longest row in tokens");
+  app.add_option("--seed", o.seed, "random seed");
+  app.add_option("--logging_steps", o.logging_steps, "log every N steps");
+  add_bool_flag(app, "--bf16", &o.bf16, "bf16 weights and activations (CUDA); f32 on CPU");
+  add_bool_flag(app, "--overwrite_output_dir", &o.overwrite_output_dir, "reuse a non-empty output_dir");
+  app.add_option("--device", o.device, "cpu or cuda");
+  app.add_option("--mini_sequence", o.mini_sequence, "MLP / LM-head chunks: M or auto");
+  add_bool_flag(app, "--gradient_checkpointing", &o.gradient_checkpointing,
+                "keep only layer inputs; recompute in backward");
+  add_bool_flag(app, "--use_flash_attn", &o.use_flash_attn, "tiled attention (default True)");
+  app.add_option("--dataset_format", o.dataset_format,
+                 "auto, alpaca, messages, sharegpt, completion, text, tokenized");
+  add_bool_flag(app, "--train_on_inputs", &o.train_on_inputs, "train prompt tokens too");
+  add_bool_flag(app, "--packing", &o.packing, "pack rows into model_max_length sequences");
+  app.add_option("--chat_template", o.chat_template, "built-in template name or a file");
+  app.add_option("--save_dtype", o.save_dtype, "f32, bf16 or f16 (default: as loaded)");
+  if (!parse_flags(app, argc, argv)) return 0;
+  o.model_name_or_path = model;
+  o.data_path = data;
+  o.output_dir = out;
+  o.tokenizer = tokenizer;
+  run_train(o);
+  return 0;
+}
+
+}  // namespace lt

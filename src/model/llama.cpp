@@ -1,0 +1,366 @@
+// Llama-family decoder: buffers, forward and backward (see llama.h for the contract).
+#include "model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/check.h"
+
+namespace lt {
+
+int64_t MicroBatch::num_targets() const {
+  int64_t n = 0;
+  for (int32_t t : targets) n += t != kIgnoreIndex;
+  return n;
+}
+
+// Saved activations of one decoder layer (one set per layer, or one shared set when layers are
+// recomputed from their checkpointed input).
+struct LlamaModel::LayerActs {
+  float* attn_in;    // (N,D) input_layernorm output
+  float* attn_rstd;  // (N)
+  float* q;          // (N,H,HD) after RoPE
+  float* k;          // (N,KVH,HD) after RoPE
+  float* v;          // (N,KVH,HD)
+  float* attn_out;   // (N,H*HD) attention output before o_proj
+  float* lse;        // (H,N) log-sum-exp per query row
+  float* x_mid;      // (N,D) residual after attention
+  float* ffn_in;     // (N,D) post_attention_layernorm output
+  float* ffn_rstd;   // (N)
+  float* gate;       // (N,F) only when the MLP is not chunked, else null
+  float* up;         // (N,F) only when the MLP is not chunked, else null
+};
+
+// Working buffers shared by all layers.
+struct LlamaModel::Work {
+  int32_t *ids, *pos, *docs, *targets;  // (N)
+  float *rope_cos, *rope_sin;           // (N, HD/2)
+  float* inv_freq;                      // (HD/2)
+  float *final_in, *final_rstd;         // (N,D), (N)
+  float *gate_c, *up_c, *h_c;           // (C,F) MLP chunk (gate_c/up_c null when not chunked)
+  float *dh_c, *dgate_c, *dup_c;        // (C,F) MLP chunk gradients
+  float* lm_scratch;                    // (C_lm, V) logits of one LM-head chunk
+  float *dres, *dnorm, *dattn, *dq, *dk, *dv;  // (N,D) (N,D) (N,H*HD) (N,H*HD) (N,KVH*HD) x2
+  int64_t mlp_chunk = 0, lm_chunk = 0;
+};
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+class PlanBinder final : public BufferBinder {
+ public:
+  explicit PlanBinder(MemoryPlan* plan) : plan_(plan) {}
+  float* take(const std::string& name, size_t count, MemCategory c,
+              const std::string& arena) override {
+    plan_->add(name, count * sizeof(float), c, arena);
+    return nullptr;
+  }
+
+ private:
+  MemoryPlan* plan_;
+};
+
+class ArenaBinder final : public BufferBinder {
+ public:
+  explicit ArenaBinder(std::map<std::string, Arena>* arenas) : arenas_(arenas) {}
+  float* take(const std::string& name, size_t count, MemCategory,
+              const std::string& arena) override {
+    auto it = arenas_->find(arena);
+    LT_CHECK(it != arenas_->end(), "arena '{}' was not planned (buffer '{}')", arena, name);
+    return it->second.take<float>(name, count);
+  }
+
+ private:
+  std::map<std::string, Arena>* arenas_;
+};
+
+}  // namespace
+
+void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
+                                 Bound* out) {
+  const size_t N = s.max_tokens, D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
+  const size_t H = c.num_attention_heads, HD = c.head_dim, QD = H * HD;
+  const size_t KVD = c.num_key_value_heads * HD, L = c.num_hidden_layers;
+  const bool save_mlp = s.mlp_chunks == 1;
+  const ParamTable table(c);
+  const size_t P = table.total_numel();
+
+  out->params = b.take("params", P, MemCategory::kWeights, "weights");
+  if (s.train) out->grads = b.take("grads", P, MemCategory::kGradients, "grads");
+
+  // Residual stream: with training every layer input is kept (these are the checkpoints when
+  // layers are recomputed); without training two buffers alternate.
+  const size_t num_res = s.train ? L + 1 : 2;
+  const MemCategory res_cat = s.checkpointing ? MemCategory::kCheckpoints : MemCategory::kActivations;
+  out->res.clear();
+  for (size_t l = 0; l < num_res; ++l)
+    out->res.push_back(b.take(fmt::format("res.{}", l), N * D, res_cat, "activations"));
+
+  const size_t num_sets = (s.train && !s.checkpointing) ? L : 1;
+  out->acts.clear();
+  for (size_t i = 0; i < num_sets; ++i) {
+    auto a = std::make_unique<LayerActs>();
+    const std::string p = fmt::format("layer{}.", i);
+    const std::string arena = "activations";
+    a->attn_in = b.take(p + "attn_in", N * D, MemCategory::kActivations, arena);
+    a->attn_rstd = b.take(p + "attn_rstd", N, MemCategory::kActivations, arena);
+    a->q = b.take(p + "q", N * QD, MemCategory::kAttention, arena);
+    a->k = b.take(p + "k", N * KVD, MemCategory::kAttention, arena);
+    a->v = b.take(p + "v", N * KVD, MemCategory::kAttention, arena);
+    a->attn_out = b.take(p + "attn_out", N * QD, MemCategory::kAttention, arena);
+    a->lse = b.take(p + "lse", H * N, MemCategory::kAttention, arena);
+    a->x_mid = b.take(p + "x_mid", N * D, MemCategory::kActivations, arena);
+    a->ffn_in = b.take(p + "ffn_in", N * D, MemCategory::kActivations, arena);
+    a->ffn_rstd = b.take(p + "ffn_rstd", N, MemCategory::kActivations, arena);
+    a->gate = save_mlp ? b.take(p + "gate", N * F, MemCategory::kActivations, arena) : nullptr;
+    a->up = save_mlp ? b.take(p + "up", N * F, MemCategory::kActivations, arena) : nullptr;
+    out->acts.push_back(std::move(a));
+  }
+
+  auto w = std::make_unique<Work>();
+  auto ints = [&](const char* name) {
+    return reinterpret_cast<int32_t*>(b.take(name, N, MemCategory::kScratch, "scratch"));
+  };
+  w->ids = ints("ids");
+  w->pos = ints("pos");
+  w->docs = ints("docs");
+  w->targets = ints("targets");
+  w->rope_cos = b.take("rope_cos", N * HD / 2, MemCategory::kScratch, "scratch");
+  w->rope_sin = b.take("rope_sin", N * HD / 2, MemCategory::kScratch, "scratch");
+  w->inv_freq = b.take("inv_freq", HD / 2, MemCategory::kScratch, "scratch");
+  w->final_in = b.take("final_in", N * D, MemCategory::kActivations, "activations");
+  w->final_rstd = b.take("final_rstd", N, MemCategory::kActivations, "activations");
+  w->mlp_chunk = ceil_div(N, s.mlp_chunks);
+  w->lm_chunk = ceil_div(N, s.lm_head_chunks);
+  const size_t C = w->mlp_chunk;
+  w->gate_c = save_mlp ? nullptr : b.take("mlp.gate_c", C * F, MemCategory::kMlpChunk, "scratch");
+  w->up_c = save_mlp ? nullptr : b.take("mlp.up_c", C * F, MemCategory::kMlpChunk, "scratch");
+  w->h_c = b.take("mlp.h_c", C * F, MemCategory::kMlpChunk, "scratch");
+  w->lm_scratch = b.take("lm_head.logits", w->lm_chunk * V, MemCategory::kLmHeadChunk, "scratch");
+  if (s.train) {
+    w->dh_c = b.take("mlp.dh_c", C * F, MemCategory::kMlpChunk, "scratch");
+    w->dgate_c = b.take("mlp.dgate_c", C * F, MemCategory::kMlpChunk, "scratch");
+    w->dup_c = b.take("mlp.dup_c", C * F, MemCategory::kMlpChunk, "scratch");
+    w->dres = b.take("grad.res", N * D, MemCategory::kScratch, "scratch");
+    w->dnorm = b.take("grad.norm", N * D, MemCategory::kScratch, "scratch");
+    w->dattn = b.take("grad.attn_out", N * QD, MemCategory::kAttention, "scratch");
+    w->dq = b.take("grad.q", N * QD, MemCategory::kAttention, "scratch");
+    w->dk = b.take("grad.k", N * KVD, MemCategory::kAttention, "scratch");
+    w->dv = b.take("grad.v", N * KVD, MemCategory::kAttention, "scratch");
+  }
+  out->work = std::move(w);
+}
+
+LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSettings& settings)
+    : config_(config), be_(backend), settings_(settings), table_(config) {
+  LT_CHECK(settings_.max_tokens > 0 && settings_.mlp_chunks >= 1 && settings_.lm_head_chunks >= 1);
+  MemoryPlan plan;
+  PlanBinder planner(&plan);
+  Bound sizes;
+  declare_buffers(config_, settings_, planner, &sizes);
+  for (const auto& name : plan.arena_names())
+    arenas_.emplace(name, Arena(name, plan.arena_bytes(name)));
+  ArenaBinder binder(&arenas_);
+  Bound bound;
+  declare_buffers(config_, settings_, binder, &bound);
+  params_ = bound.params;
+  grads_ = bound.grads;
+  acts_ = std::move(bound.acts);
+  res_ = std::move(bound.res);
+  work_ = std::move(bound.work);
+  w_ = table_.bind(params_);
+  if (grads_) g_ = table_.bind(grads_);
+}
+
+LlamaModel::~LlamaModel() = default;
+
+void LlamaModel::plan(const ModelConfig& config, const RunSettings& settings, MemoryPlan* plan) {
+  PlanBinder planner(plan);
+  Bound sizes;
+  declare_buffers(config, settings, planner, &sizes);
+}
+
+LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
+  return *acts_[acts_.size() == 1 ? 0 : l];
+}
+
+void LlamaModel::dump(const std::string& name, const float* data, size_t n) const {
+  if (dump_) dump_(dump_user_, name, data, n);
+}
+
+void LlamaModel::prepare(const MicroBatch& mb) {
+  n_ = mb.num_tokens();
+  LT_CHECK(n_ > 0 && n_ <= settings_.max_tokens, "micro-batch of {} tokens, planned for {}", n_,
+           settings_.max_tokens);
+  LT_CHECK(mb.pos.size() == size_t(n_) && mb.docs.size() == size_t(n_) &&
+           mb.targets.size() == size_t(n_) && mb.row_start.size() >= 2);
+  Work& w = *work_;
+  be_.copy_to_device(w.ids, mb.ids.data(), n_ * 4);
+  be_.copy_to_device(w.pos, mb.pos.data(), n_ * 4);
+  be_.copy_to_device(w.docs, mb.docs.data(), n_ * 4);
+  be_.copy_to_device(w.targets, mb.targets.data(), n_ * 4);
+  // RoPE tables row by row: "dynamic" scaling depends on each row's longest position.
+  const int64_t HD = config_.head_dim, half = HD / 2;
+  for (size_t r = 0; r + 1 < mb.row_start.size(); ++r) {
+    const int64_t a = mb.row_start[r], n = mb.row_start[r + 1] - a;
+    if (n == 0) continue;
+    const int32_t max_pos = *std::max_element(mb.pos.begin() + a, mb.pos.begin() + a + n);
+    const RopeParams rp = compute_rope_params(config_, max_pos + 1);
+    be_.copy_to_device(w.inv_freq, rp.inv_freq.data(), half * 4);
+    be_.rope_tables(w.rope_cos + a * half, w.rope_sin + a * half, w.pos + a, w.inv_freq,
+                    rp.attention_scaling, n, HD);
+  }
+}
+
+void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = w_.layers[l];
+  Work& k = *work_;
+  const int64_t N = n_, D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads;
+  const int64_t KVH = c.num_key_value_heads, HD = c.head_dim, QD = H * HD, KVD = KVH * HD;
+  const float* x = res(l);
+  float* x_out = res(l + 1);
+
+  be_.rmsnorm_forward(a.attn_in, a.attn_rstd, x, w.attn_norm, N, D, c.rms_norm_eps);
+  be_.linear_forward(a.q, a.attn_in, w.attn_q, w.attn_q_bias, N, D, QD);
+  be_.linear_forward(a.k, a.attn_in, w.attn_k, w.attn_k_bias, N, D, KVD);
+  be_.linear_forward(a.v, a.attn_in, w.attn_v, w.attn_v_bias, N, D, KVD);
+  be_.rope_forward(a.q, a.q, k.rope_cos, k.rope_sin, N, H, HD);
+  be_.rope_forward(a.k, a.k, k.rope_cos, k.rope_sin, N, KVH, HD);
+  AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), k.docs, 1.0f / std::sqrt(float(HD))};
+  if (settings_.flash_attention)
+    be_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, s);
+  else
+    attention_forward_naive(a.attn_out, a.lse, a.q, a.k, a.v, s);
+  be_.linear_forward(a.x_mid, a.attn_out, w.attn_o, w.attn_o_bias, N, QD, D);
+  be_.add_inplace(a.x_mid, x, N * D);
+  be_.rmsnorm_forward(a.ffn_in, a.ffn_rstd, a.x_mid, w.ffn_norm, N, D, c.rms_norm_eps);
+  if (pass == Pass::kForward) {
+    dump(fmt::format("layer{}.attn_out", l), a.attn_out, N * QD);
+    dump(fmt::format("layer{}.x_mid", l), a.x_mid, N * D);
+  }
+
+  if (a.gate) {  // whole-sequence MLP; gate and up are kept for backward
+    be_.linear_forward(a.gate, a.ffn_in, w.ffn_gate, w.ffn_gate_bias, N, D, F);
+    be_.linear_forward(a.up, a.ffn_in, w.ffn_up, w.ffn_up_bias, N, D, F);
+    if (pass == Pass::kRecompute) return;
+    be_.swiglu_forward(k.h_c, a.gate, a.up, N * F);
+    be_.linear_forward(x_out, k.h_c, w.ffn_down, w.ffn_down_bias, N, F, D);
+  } else {  // mini-sequence MLP: chunk by chunk, nothing of size N*F is kept
+    if (pass == Pass::kRecompute) return;
+    for (int64_t r0 = 0; r0 < N; r0 += k.mlp_chunk) {
+      const int64_t n = std::min(k.mlp_chunk, N - r0);
+      be_.linear_forward(k.gate_c, a.ffn_in + r0 * D, w.ffn_gate, w.ffn_gate_bias, n, D, F);
+      be_.linear_forward(k.up_c, a.ffn_in + r0 * D, w.ffn_up, w.ffn_up_bias, n, D, F);
+      be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
+      be_.linear_forward(x_out + r0 * D, k.h_c, w.ffn_down, w.ffn_down_bias, n, F, D);
+    }
+  }
+  be_.add_inplace(x_out, a.x_mid, N * D);
+  dump(fmt::format("layer{}.out", l), x_out, N * D);
+}
+
+void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = w_.layers[l];
+  const LayerWeights& g = g_.layers[l];
+  Work& k = *work_;
+  const int64_t N = n_, D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads;
+  const int64_t KVH = c.num_key_value_heads, HD = c.head_dim, QD = H * HD, KVD = KVH * HD;
+
+  // MLP: dres is dL/d(x_out); its MLP share flows back to ffn_in (k.dnorm).
+  for (int64_t r0 = 0; r0 < N; r0 += k.mlp_chunk) {
+    const int64_t n = std::min(k.mlp_chunk, N - r0);
+    const float* ffn_in = a.ffn_in + r0 * D;
+    const float* gate = a.gate ? a.gate + r0 * F : k.gate_c;
+    const float* up = a.up ? a.up + r0 * F : k.up_c;
+    if (!a.gate) {  // recompute this chunk's gate and up
+      be_.linear_forward(k.gate_c, ffn_in, w.ffn_gate, w.ffn_gate_bias, n, D, F);
+      be_.linear_forward(k.up_c, ffn_in, w.ffn_up, w.ffn_up_bias, n, D, F);
+    }
+    be_.swiglu_forward(k.h_c, gate, up, n * F);
+    be_.linear_backward(k.dh_c, g.ffn_down, g.ffn_down_bias, dres + r0 * D, k.h_c, w.ffn_down, n,
+                        F, D, Accumulate::kNo);
+    be_.swiglu_backward(k.dgate_c, k.dup_c, k.dh_c, gate, up, n * F);
+    be_.linear_backward(k.dnorm + r0 * D, g.ffn_gate, g.ffn_gate_bias, k.dgate_c, ffn_in,
+                        w.ffn_gate, n, D, F, Accumulate::kNo);
+    be_.linear_backward(k.dnorm + r0 * D, g.ffn_up, g.ffn_up_bias, k.dup_c, ffn_in, w.ffn_up, n,
+                        D, F, Accumulate::kYes);
+  }
+  // dres += d(ffn_in)/d(x_mid): dres becomes dL/d(x_mid).
+  be_.rmsnorm_backward(dres, g.ffn_norm, k.dnorm, a.x_mid, w.ffn_norm, a.ffn_rstd, N, D,
+                       Accumulate::kYes);
+
+  // Attention.
+  be_.linear_backward(k.dattn, g.attn_o, g.attn_o_bias, dres, a.attn_out, w.attn_o, N, QD, D,
+                      Accumulate::kNo);
+  AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), k.docs, 1.0f / std::sqrt(float(HD))};
+  if (settings_.flash_attention)
+    be_.attention_backward(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
+  else
+    attention_backward_naive(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
+  be_.rope_backward(k.dq, k.dq, k.rope_cos, k.rope_sin, N, H, HD);
+  be_.rope_backward(k.dk, k.dk, k.rope_cos, k.rope_sin, N, KVH, HD);
+  be_.linear_backward(k.dnorm, g.attn_q, g.attn_q_bias, k.dq, a.attn_in, w.attn_q, N, D, QD,
+                      Accumulate::kNo);
+  be_.linear_backward(k.dnorm, g.attn_k, g.attn_k_bias, k.dk, a.attn_in, w.attn_k, N, D, KVD,
+                      Accumulate::kYes);
+  be_.linear_backward(k.dnorm, g.attn_v, g.attn_v_bias, k.dv, a.attn_in, w.attn_v, N, D, KVD,
+                      Accumulate::kYes);
+  // dres += d(attn_in)/d(x): dres becomes dL/d(x), the gradient at this layer's input.
+  be_.rmsnorm_backward(dres, g.attn_norm, k.dnorm, res(l), w.attn_norm, a.attn_rstd, N, D,
+                       Accumulate::kYes);
+}
+
+void LlamaModel::forward_layers() {
+  const int64_t N = n_, D = config_.hidden_size;
+  Work& k = *work_;
+  be_.embedding_forward(res(0), k.ids, w_.embed, N, D);
+  dump("embed", res(0), N * D);
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) layer_forward(l, acts_for(l), Pass::kForward);
+  be_.rmsnorm_forward(k.final_in, k.final_rstd, res(config_.num_hidden_layers), w_.final_norm, N,
+                      D, config_.rms_norm_eps);
+  dump("final_norm", k.final_in, N * D);
+}
+
+double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
+  LT_CHECK(settings_.train, "forward_backward on a model planned without training buffers");
+  prepare(mb);
+  forward_layers();
+  const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
+  const int64_t L = config_.num_hidden_layers;
+  Work& k = *work_;
+  // Fused LM head + loss: dL/d(final_in) into dnorm, LM-head gradient accumulated.
+  const double loss = be_.lm_head_cross_entropy(k.dnorm, g_.lm_head, k.final_in, w_.lm_head,
+                                                k.targets, N, D, V, k.lm_chunk, grad_scale,
+                                                k.lm_scratch);
+  be_.rmsnorm_backward(k.dres, g_.final_norm, k.dnorm, res(L), w_.final_norm, k.final_rstd, N, D,
+                       Accumulate::kNo);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    LayerActs& a = acts_for(l);
+    if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
+    layer_backward(l, a, k.dres);
+  }
+  be_.embedding_backward(g_.embed, k.dres, k.ids, N, D);
+  return loss;
+}
+
+double LlamaModel::forward_loss(const MicroBatch& mb) {
+  prepare(mb);
+  forward_layers();
+  Work& k = *work_;
+  return be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head, k.targets, n_,
+                                   config_.hidden_size, config_.vocab_size, k.lm_chunk, 0.0f,
+                                   k.lm_scratch);
+}
+
+void LlamaModel::forward_logits(const MicroBatch& mb, float* logits) {
+  prepare(mb);
+  forward_layers();
+  be_.linear_forward(logits, work_->final_in, w_.lm_head, nullptr, n_, config_.hidden_size,
+                     config_.vocab_size);
+}
+
+}  // namespace lt

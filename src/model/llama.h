@@ -1,0 +1,113 @@
+// The Llama-family decoder (Llama, Mistral, Qwen2): explicit per-layer forward and backward
+// over one micro-batch whose rows are concatenated into N tokens (documents never attend to
+// one another), with mini-sequence MLP / LM head and per-layer activation checkpointing.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/memory.h"
+#include "model/config.h"
+#include "model/params.h"
+
+namespace lt {
+
+// How the memory-saving techniques are set for a run.
+struct RunSettings {
+  int64_t max_tokens = 0;      // N: the most tokens of one micro-batch (rows concatenated)
+  int64_t mlp_chunks = 1;      // M: the MLP runs over ceil(N/M)-token chunks (1 = whole)
+  int64_t lm_head_chunks = 1;  // the LM head + loss runs over ceil(N/M)-token chunks
+  bool checkpointing = false;  // keep only each layer's input; recompute in backward
+  bool flash_attention = true; // tiled attention; false = plain O(T^2) attention
+  bool train = true;           // false: no gradients, no backward buffers (eval, generate)
+};
+
+// One micro-batch: its rows concatenated. Row r spans [row_start[r], row_start[r+1]).
+struct MicroBatch {
+  std::vector<int32_t> ids;      // (N) token ids
+  std::vector<int32_t> pos;      // (N) position ids (restart at each document)
+  std::vector<int32_t> docs;     // (N) global document index: attention never crosses it
+  std::vector<int32_t> targets;  // (N) next-token label (labels shifted within each row)
+  std::vector<int64_t> row_start;  // (rows + 1)
+  int64_t num_tokens() const { return static_cast<int64_t>(ids.size()); }
+  int64_t num_targets() const;     // labelled targets (!= kIgnoreIndex)
+};
+
+// Receives every buffer the model needs: the planner sums them, the allocator binds them.
+class BufferBinder {
+ public:
+  virtual ~BufferBinder() = default;
+  virtual float* take(const std::string& name, size_t count, MemCategory category,
+                      const std::string& arena) = 0;
+};
+
+class LlamaModel {
+ public:
+  LlamaModel(const ModelConfig& config, Backend& backend, const RunSettings& settings);
+  ~LlamaModel();
+
+  // Adds this model's buffers (weights, grads, activations, scratch) to a memory plan.
+  static void plan(const ModelConfig& config, const RunSettings& settings, MemoryPlan* plan);
+
+  const ModelConfig& config() const { return config_; }
+  const ParamTable& table() const { return table_; }
+  const RunSettings& settings() const { return settings_; }
+  float* params() { return params_; }  // (table().total_numel()) f32
+  float* grads() { return grads_; }    // same layout; null when !settings.train
+  const ModelWeights& weights() const { return w_; }
+
+  // Forward + backward of one micro-batch. Parameter gradients are accumulated (+=) with
+  // grad_scale applied (1 / labelled tokens of the whole effective batch). Returns the sum of
+  // token cross-entropy over the micro-batch's labelled targets.
+  double forward_backward(const MicroBatch& mb, float grad_scale);
+  // Forward only: the loss sum (no gradients).
+  double forward_loss(const MicroBatch& mb);
+  // Forward only: logits (N,V) of every token.
+  void forward_logits(const MicroBatch& mb, float* logits);
+
+  // Debug hook: when set, called with every named intermediate (name, data, count).
+  using DumpHook = void (*)(void* user, const std::string& name, const float* data, size_t n);
+  void set_dump_hook(DumpHook hook, void* user) { dump_ = hook, dump_user_ = user; }
+
+ private:
+  struct LayerActs;
+  struct Work;
+  struct Bound {
+    float* params = nullptr;
+    float* grads = nullptr;
+    std::vector<std::unique_ptr<LayerActs>> acts;
+    std::vector<float*> res;
+    std::unique_ptr<Work> work;
+  };
+  // The one list of buffers: a sizing binder turns it into the plan, an arena binder binds it.
+  static void declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
+                              Bound* out);
+  float* res(int64_t l) { return res_[settings_.train ? l : l % 2]; }
+  void prepare(const MicroBatch& mb);
+  void forward_layers();
+  enum class Pass { kForward, kRecompute };
+  void layer_forward(int64_t l, LayerActs& a, Pass pass);
+  void layer_backward(int64_t l, LayerActs& a, float* dres);
+  LayerActs& acts_for(int64_t l);
+  void dump(const std::string& name, const float* data, size_t n) const;
+
+  ModelConfig config_;
+  Backend& be_;
+  RunSettings settings_;
+  ParamTable table_;
+  std::map<std::string, Arena> arenas_;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+  ModelWeights w_, g_;
+  std::vector<std::unique_ptr<LayerActs>> acts_;
+  std::vector<float*> res_;  // residual stream at each layer input, (N,D)
+  std::unique_ptr<Work> work_;
+  int64_t n_ = 0;  // tokens of the current micro-batch
+  DumpHook dump_ = nullptr;
+  void* dump_user_ = nullptr;
+};
+
+}  // namespace lt

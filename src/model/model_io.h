@@ -1,0 +1,23 @@
+// Loading and saving whole models in the Hugging Face folder format.
+#pragma once
+#include <filesystem>
+
+#include "core/dtype.h"
+#include "io/safetensors.h"
+#include "model/config.h"
+#include "model/params.h"
+
+namespace lt {
+
+// Fills params (table.total_numel() floats) from the checkpoint, converting to f32.
+// UserError names the folder and the tensor that is missing or shaped wrong for the config.
+void load_weights(const CheckpointReader& reader, const ParamTable& table, float* params);
+
+// Writes dir/config.json and the model safetensors (sharded when large) in dtype, plus the
+// tokenizer and generation files found in source_dir (copied as they are). Every file is
+// written atomically.
+void save_model(const std::filesystem::path& dir, const ModelConfig& config,
+                const ParamTable& table, const float* params, DType dtype,
+                const std::filesystem::path& source_dir);
+
+}  // namespace lt

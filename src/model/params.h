@@ -1,0 +1,56 @@
+// The parameter name table: Hugging Face tensor names <-> offsets in one contiguous f32 block,
+// and typed per-layer views (LayerWeights) bound to any block of that layout (weights or grads).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace lt {
+
+struct ParamInfo {
+  std::string name;            // Hugging Face name, e.g. model.layers.0.self_attn.q_proj.weight
+  std::vector<int64_t> shape;  // as stored in the checkpoint
+  int64_t offset = 0;          // in floats from the start of the block
+  int64_t numel = 0;
+  bool decay = true;           // AdamW weight decay applies (HF: not biases, not norms)
+};
+
+// Views of one decoder layer's tensors in a block. Absent biases are null.
+struct LayerWeights {
+  float* attn_norm;             // (D)
+  float *attn_q, *attn_q_bias;  // (H*HD, D), (H*HD)
+  float *attn_k, *attn_k_bias;  // (KVH*HD, D), (KVH*HD)
+  float *attn_v, *attn_v_bias;  // (KVH*HD, D), (KVH*HD)
+  float *attn_o, *attn_o_bias;  // (D, H*HD), (D)
+  float* ffn_norm;              // (D)
+  float *ffn_gate, *ffn_gate_bias;  // (F, D), (F)
+  float *ffn_up, *ffn_up_bias;      // (F, D), (F)
+  float *ffn_down, *ffn_down_bias;  // (D, F), (D)
+};
+
+struct ModelWeights {
+  float* embed;       // (V, D)
+  std::vector<LayerWeights> layers;
+  float* final_norm;  // (D)
+  float* lm_head;     // (V, D); == embed when tied
+};
+
+class ParamTable {
+ public:
+  explicit ParamTable(const ModelConfig& c);
+  const std::vector<ParamInfo>& params() const { return params_; }
+  int64_t total_numel() const { return total_; }
+  const ParamInfo* find(const std::string& name) const;
+  // Views into block (total_numel floats).
+  ModelWeights bind(float* block) const;
+
+ private:
+  void add(const std::string& name, std::vector<int64_t> shape, bool decay);
+  ModelConfig config_;
+  std::vector<ParamInfo> params_;
+  int64_t total_ = 0;
+};
+
+}  // namespace lt

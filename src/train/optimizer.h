@@ -1,0 +1,41 @@
+// AdamW over the parameter table (HF Trainer's groups: no weight decay for biases and norms)
+// with global-norm gradient clipping as torch.nn.utils.clip_grad_norm_.
+#pragma once
+#include <cstdint>
+
+#include "backend/backend.h"
+#include "core/memory.h"
+#include "model/params.h"
+
+namespace lt {
+
+struct OptimizerSettings {
+  double learning_rate = 5e-5, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double max_grad_norm = 1.0;  // <= 0: no clipping
+};
+
+class AdamW {
+ public:
+  AdamW(const ParamTable& table, Backend& backend, const OptimizerSettings& s);
+  static void plan(const ParamTable& table, MemoryPlan* plan);
+
+  // Global L2 norm of grads (before clipping), as clip_grad_norm_ returns it; scales grads by
+  // max_norm / (norm + 1e-6) when that is below 1.
+  double clip(float* grads);
+  // One update with learning rate lr; step() counts from 1.
+  void update(float* params, const float* grads, double lr);
+  int64_t steps_done() const { return step_; }
+  void set_steps_done(int64_t s) { step_ = s; }
+  float* moments() { return m_; }  // (2 * total) : m then v, same layout as the params
+  int64_t moments_count() const { return 2 * table_.total_numel(); }
+
+ private:
+  const ParamTable& table_;
+  Backend& be_;
+  OptimizerSettings s_;
+  Arena arena_;
+  float *m_ = nullptr, *v_ = nullptr;
+  int64_t step_ = 0;
+};
+
+}  // namespace lt

@@ -1,0 +1,71 @@
+// The training loop with Hugging Face Trainer semantics: gradient accumulation normalised by
+// the labelled tokens of the whole effective batch, global-norm clipping, AdamW, LR schedule.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "model/llama.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
+
+namespace lt {
+
+struct ScheduleSettings {
+  ScheduleType type = ScheduleType::kLinear;
+  int64_t warmup_steps = 0;
+  int64_t total_steps = 1;
+};
+
+struct StepResult {
+  double loss = 0;        // sum of token CE / labelled tokens of the step (what HF logs)
+  double grad_norm = 0;   // before clipping
+  double learning_rate = 0;
+  int64_t num_items = 0;  // labelled tokens of the step
+  int64_t tokens = 0;     // all tokens of the step
+};
+
+// The two halves of a step: gradients of all micro-batches (zeroed first, then accumulated,
+// each micro-batch scaled by 1 / labelled tokens of the whole step) ...
+StepResult accumulate_step_gradients(LlamaModel& model, const std::vector<MicroBatch>& micro);
+// ... then clipping and the AdamW update with the scheduled learning rate (fills grad_norm and
+// learning_rate of r).
+void apply_step_update(LlamaModel& model, AdamW& optimizer, const OptimizerSettings& opt,
+                       const ScheduleSettings& schedule, int64_t step_index, StepResult* r);
+// One optimizer step over the micro-batches of an effective batch (step_index is 0-based).
+StepResult train_step(LlamaModel& model, AdamW& optimizer, const OptimizerSettings& opt,
+                      const ScheduleSettings& schedule, const std::vector<MicroBatch>& micro,
+                      int64_t step_index);
+
+// Everything `longtune train` takes (HF TrainingArguments names).
+struct TrainOptions {
+  std::filesystem::path model_name_or_path, data_path, output_dir, tokenizer;
+  int64_t max_steps = -1;
+  double num_train_epochs = 3.0;
+  int64_t per_device_train_batch_size = 8;
+  int64_t gradient_accumulation_steps = 1;
+  OptimizerSettings optimizer;  // learning_rate, weight_decay, adam_*, max_grad_norm
+  int64_t warmup_steps = 0;
+  double warmup_ratio = 0;
+  std::string lr_scheduler_type = "linear";
+  int64_t model_max_length = 0;  // 0 = the model's max_position_embeddings
+  uint64_t seed = 42;
+  int64_t logging_steps = 500;
+  bool bf16 = false;
+  bool overwrite_output_dir = false;
+  std::string device = "cpu";
+  std::string mini_sequence = "1";  // M or "auto"
+  bool gradient_checkpointing = false;
+  bool use_flash_attn = true;
+  std::string dataset_format = "auto";
+  bool train_on_inputs = false;
+  bool packing = false;
+  std::string chat_template;
+  std::string save_dtype;  // "" = as loaded; f32, bf16, f16
+};
+
+// Runs a whole training job; UserError on bad input before anything is written.
+void run_train(const TrainOptions& o);
+
+}  // namespace lt

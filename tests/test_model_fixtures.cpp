@@ -1,0 +1,172 @@
+// End-to-end golden tests: tiny random Llama/Mistral/Qwen2 models made by transformers
+// (tools/make_model_fixtures.py, computed in float64) against longtune's f32 engine: logits,
+// per-micro-batch loss, every parameter gradient of step 0, learning rates, gradient norms and
+// the weights after several AdamW steps with warmup, clipping and gradient accumulation.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "io/safetensors.h"
+#include "model/llama.h"
+#include "model/model_io.h"
+#include "train/batching.h"
+#include "train/trainer.h"
+
+namespace lt {
+namespace {
+
+namespace fs = std::filesystem;
+
+const fs::path kFixtures = fs::path(LT_SOURCE_DIR) / "tests/fixtures/models";
+
+// Compares got (f32) to want, failing with the worst element when |got - want| exceeds
+// atol + rtol * |want| anywhere.
+void expect_close(const std::string& what, const float* got, const float* want, size_t n,
+                  double atol, double rtol) {
+  double worst = -1;
+  size_t wi = 0;
+  bool bad = false;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = std::fabs(double(got[i]) - double(want[i]));
+    const double excess = d - (atol + rtol * std::fabs(double(want[i])));
+    if (std::isnan(got[i]) != std::isnan(want[i]) || excess > 0) bad = true;
+    if (excess > worst || std::isnan(got[i])) worst = excess, wi = i;
+  }
+  EXPECT_FALSE(bad) << what << ": worst element " << wi << " of " << n << ": got " << got[wi]
+                    << ", want " << want[wi] << " (atol " << atol << ", rtol " << rtol << ")";
+}
+
+std::vector<float> tensor_f32(const SafetensorsFile& f, const std::string& name) {
+  const TensorInfo* t = f.find(name);
+  EXPECT_NE(t, nullptr) << "expected.safetensors has no tensor " << name;
+  if (!t) return {};
+  std::vector<float> v(t->numel());
+  convert_to_f32(v.data(), t->data, t->dtype, v.size());
+  return v;
+}
+
+Example example_from_json(const nlohmann::json& row) {
+  Example e;
+  e.input_ids = row.at("input_ids").get<std::vector<int32_t>>();
+  e.labels = row.at("labels").get<std::vector<int32_t>>();
+  if (row.contains("position_ids")) {  // packed documents: a new document where positions restart
+    const auto pos = row.at("position_ids").get<std::vector<int32_t>>();
+    int32_t doc = -1;
+    for (int32_t p : pos) e.doc_ids.push_back(p == 0 ? ++doc : doc);
+  }
+  return e;
+}
+
+class ModelFixture : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ModelFixture, MatchesTransformers) {
+  const fs::path dir = kFixtures / GetParam();
+  ASSERT_TRUE(fs::exists(dir / "config.json")) << dir;
+  const ModelConfig config = load_model_config(dir / "config.json");
+  const auto hp = nlohmann::json::parse(std::ifstream(dir / "case.json"));
+  const auto batch = nlohmann::json::parse(std::ifstream(dir / "batch.json"));
+  auto expected = SafetensorsFile::open(dir / "expected.safetensors");
+
+  const int64_t G = batch.at("micro_batches_per_step"), S = batch.at("steps");
+  std::vector<std::vector<Example>> micro_rows;
+  for (const auto& mb : batch.at("micro_batches")) {
+    micro_rows.emplace_back();
+    for (const auto& row : mb) micro_rows.back().push_back(example_from_json(row));
+  }
+  ASSERT_EQ(static_cast<int64_t>(micro_rows.size()), G * S);
+  std::vector<MicroBatch> micro;
+  int64_t max_tokens = 0;
+  for (const auto& rows : micro_rows) {
+    std::vector<const Example*> ptrs;
+    for (const auto& r : rows) ptrs.push_back(&r);
+    micro.push_back(make_micro_batch(ptrs));
+    max_tokens = std::max(max_tokens, micro.back().num_tokens());
+  }
+
+  auto backend = make_cpu_backend();
+  RunSettings rs;
+  rs.max_tokens = max_tokens;
+  LlamaModel model(config, *backend, rs);
+  load_weights(CheckpointReader(dir), model.table(), model.params());
+  const int64_t V = config.vocab_size;
+
+  // Logits of row 0 of micro-batch 0.
+  {
+    std::vector<const Example*> first = {&micro_rows[0][0]};
+    const MicroBatch mb = make_micro_batch(first);
+    std::vector<float> logits(mb.num_tokens() * V);
+    model.forward_logits(mb, logits.data());
+    const auto want = tensor_f32(*expected, "logits");
+    ASSERT_EQ(want.size(), logits.size());
+    expect_close("logits", logits.data(), want.data(), want.size(), 1e-4, 1e-4);
+  }
+
+  OptimizerSettings opt;
+  opt.learning_rate = hp.at("learning_rate");
+  opt.weight_decay = hp.at("weight_decay");
+  opt.beta1 = hp.at("adam_beta1");
+  opt.beta2 = hp.at("adam_beta2");
+  opt.eps = hp.at("adam_epsilon");
+  opt.max_grad_norm = hp.at("max_grad_norm");
+  ScheduleSettings sched{parse_schedule(hp.at("lr_scheduler_type")), hp.at("warmup_steps"), S};
+  AdamW optimizer(model.table(), *backend, opt);
+
+  const auto want_loss = tensor_f32(*expected, "loss_sum");  // (S*G, rows)
+  const auto want_items = tensor_f32(*expected, "num_items");
+  const auto want_lr = tensor_f32(*expected, "lr");
+  const auto want_norm = tensor_f32(*expected, "grad_norm");
+  const size_t rows_per_mb = want_loss.size() / (G * S);
+  for (int64_t s = 0; s < S; ++s) {
+    std::vector<MicroBatch> step_mb(micro.begin() + s * G, micro.begin() + (s + 1) * G);
+    StepResult r = accumulate_step_gradients(model, step_mb);
+    EXPECT_EQ(r.num_items, static_cast<int64_t>(want_items[s])) << "step " << s;
+    double want_sum = 0;
+    for (int64_t m = 0; m < G; ++m)
+      for (size_t row = 0; row < rows_per_mb; ++row) want_sum += want_loss[(s * G + m) * rows_per_mb + row];
+    EXPECT_NEAR(r.loss * r.num_items, want_sum, 1e-4 * std::fabs(want_sum) + 1e-4) << "step " << s;
+    if (s == 0) {
+      for (const auto& p : model.table().params()) {
+        const auto want = tensor_f32(*expected, "grad." + p.name);
+        ASSERT_EQ(want.size(), static_cast<size_t>(p.numel)) << p.name;
+        expect_close("grad " + p.name, model.grads() + p.offset, want.data(), want.size(), 2e-6, 2e-4);
+      }
+    }
+    apply_step_update(model, optimizer, opt, sched, s, &r);
+    EXPECT_NEAR(r.learning_rate, want_lr[s], 1e-9 + 1e-6 * want_lr[s]) << "step " << s;
+    EXPECT_NEAR(r.grad_norm, want_norm[s], 1e-4 * want_norm[s]) << "step " << s;
+  }
+  for (const auto& p : model.table().params()) {
+    const auto want = tensor_f32(*expected, "final." + p.name);
+    ASSERT_EQ(want.size(), static_cast<size_t>(p.numel)) << p.name;
+    expect_close("final " + p.name, model.params() + p.offset, want.data(), want.size(), 2e-5, 1e-4);
+  }
+}
+
+std::vector<std::string> fixture_cases() {
+  std::vector<std::string> cases;
+  if (fs::exists(kFixtures))
+    for (const auto& e : fs::directory_iterator(kFixtures))
+      if (fs::exists(e.path() / "expected.safetensors")) cases.push_back(e.path().filename());
+  std::sort(cases.begin(), cases.end());
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Transformers, ModelFixture, ::testing::ValuesIn(fixture_cases()),
+                         [](const auto& info) { return info.param; });
+
+// The fixture set must be there: an empty list would make the suite above pass vacuously.
+TEST(ModelFixtures, AllCasesPresent) {
+  const auto cases = fixture_cases();
+  for (const char* c : {"llama_gqa", "llama_tied_mha", "llama_head_dim", "mistral_swa",
+                        "qwen2_bias", "rope_linear", "rope_dynamic", "rope_llama3", "rope_yarn",
+                        "llama_packed"})
+    EXPECT_NE(std::find(cases.begin(), cases.end(), c), cases.end()) << "missing fixture " << c;
+}
+
+}  // namespace
+}  // namespace lt
