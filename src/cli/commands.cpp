@@ -17,6 +17,7 @@ void print_usage() {
       "usage: longtune <command> [flags]\n"
       "commands:\n"
       "  train       fine-tune a Hugging Face model (longtune train --help)\n"
+      "  plan        predict peak memory and the longest sequence within a budget\n"
       "  init        create a randomly initialised model folder of a named shape\n"
       "  --version   print the version and the backends that were built\n",
       stdout);
@@ -50,7 +51,7 @@ int cli_main(int argc, char** argv, const char* version) {
       std::string_view name;
       int (*run)(int, char**);
     };
-    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init}};
+    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init}, {"plan", cmd_plan}};
     for (const auto& c : kCommands)
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);

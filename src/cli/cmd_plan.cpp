@@ -1,0 +1,110 @@
+// `longtune plan`: predicted peak memory by category for a model, sequence, batch and settings;
+// the longest sequence within --memory_budget; the settings auto flags would pick.
+#include <optional>
+
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "core/error.h"
+#include "model/presets.h"
+#include "plan/planner.h"
+
+namespace lt {
+
+namespace {
+std::string settings_text(const RunSettings& s, bool offload) {
+  return fmt::format("mini-sequence MLP {} / LM head {} chunks, checkpointing {}, offload {}, "
+                     "flash attention {}",
+                     s.mlp_chunks, s.lm_head_chunks, s.checkpointing ? "on" : "off",
+                     offload ? "on" : "off", s.flash_attention ? "on" : "off");
+}
+}  // namespace
+
+int cmd_plan(int argc, char** argv) {
+  CLI::App app{"Predict peak memory and the longest sequence that fits", "longtune plan"};
+  std::string model, preset, mini = "1", ckpt = "False", budget, device = "cpu";
+  int64_t seq = 0, batch = 1;
+  bool offload = false, flash = true, bf16 = false;
+  app.add_option("--model_name_or_path", model, "Hugging Face model folder (config.json)");
+  app.add_option("--preset", preset, "a named shape instead: tiny, small, llama2-7b, llama3-8b, ...");
+  app.add_option("--model_max_length", seq, "sequence length (tokens per row)")->required();
+  app.add_option("--per_device_train_batch_size", batch, "rows per micro-batch");
+  app.add_option("--mini_sequence", mini, "MLP / LM-head chunks: M or auto");
+  app.add_option("--gradient_checkpointing", ckpt, "True, False or auto");
+  add_bool_flag(app, "--offload_activations", &offload, "offload layer checkpoints");
+  add_bool_flag(app, "--use_flash_attn", &flash, "tiled attention (default True)");
+  add_bool_flag(app, "--bf16", &bf16, "bf16 training (CUDA plan)");
+  app.add_option("--device", device, "cpu or cuda (cuda plans bf16 with f32 master weights)");
+  app.add_option("--memory_budget", budget, "device memory, e.g. 80GiB");
+  if (!parse_flags(app, argc, argv)) return 0;
+  if (model.empty() == preset.empty()) fail("give exactly one of --model_name_or_path and --preset");
+  if (seq < 1) fail("--model_max_length must be >= 1 (got {})", seq);
+  if (batch < 1) fail("--per_device_train_batch_size must be >= 1 (got {})", batch);
+  if (device != "cpu" && device != "cuda") fail("--device: '{}' is not allowed; use cpu or cuda", device);
+
+  PlanRequest r;
+  r.config = model.empty() ? parse_model_config(preset_config(preset), "--preset " + preset)
+                           : load_model_config(std::filesystem::path(model) / "config.json");
+  r.seq_len = seq;
+  r.batch = batch;
+  r.device = device == "cuda" ? PlanDevice::kCudaBf16 : PlanDevice::kCpuF32;
+  r.settings.flash_attention = flash;
+  r.offload_checkpoints = offload;
+  const bool auto_ms = mini == "auto", auto_ck = ckpt == "auto";
+  if (!auto_ms) {
+    char* end = nullptr;
+    const long long m = std::strtoll(mini.c_str(), &end, 10);
+    if (!end || *end || m < 1) fail("--mini_sequence: '{}' is not allowed; use a positive integer or auto", mini);
+    r.settings.mlp_chunks = r.settings.lm_head_chunks = m;
+  } else {
+    r.mini_sequence_auto = true;
+  }
+  if (!auto_ck) {
+    if (ckpt == "True" || ckpt == "true") r.settings.checkpointing = true;
+    else if (ckpt == "False" || ckpt == "false") r.settings.checkpointing = false;
+    else fail("--gradient_checkpointing: '{}' is not allowed; use True, False or auto", ckpt);
+  }
+  if (apply_position_interpolation(&r.config, seq))
+    fmt::print("note: {} > max_position_embeddings {}: linear position interpolation, factor {}\n",
+               seq, r.config.max_position_embeddings, r.config.rope_scaling.factor);
+
+  std::optional<size_t> budget_bytes;
+  if (!budget.empty()) budget_bytes = parse_bytes(budget, "--memory_budget");
+  if (budget_bytes && (auto_ms || auto_ck)) {
+    const AutoChoice c = choose_settings(r, *budget_bytes, auto_ms, auto_ck);
+    r.settings = c.settings;
+    r.mini_sequence_auto = false;
+    r.offload_checkpoints = c.offload;
+    fmt::print("auto: {}\n", c.why);
+  } else if (auto_ck) {
+    r.settings.checkpointing = true;
+  }
+  const PlanResult p = plan_memory(r);
+  fmt::print("plan: {} ({} layers, hidden {}, vocab {}) at {} tokens x batch {} on {}\n",
+             r.config.architecture, r.config.num_hidden_layers, r.config.hidden_size,
+             r.config.vocab_size, seq, batch, device == "cuda" ? "cuda (bf16)" : "cpu (f32)");
+  fmt::print("settings: {}\n{}\n", settings_text(r.settings, r.offload_checkpoints), p.describe());
+  if (budget_bytes) {
+    fmt::print("budget {}: {}\n", format_bytes(*budget_bytes),
+               p.device_bytes <= *budget_bytes ? "fits" : "does NOT fit");
+    fmt::print("longest sequence within the budget (batch {}):\n", batch);
+    struct Row {
+      const char* name;
+      bool flash, mini, ckpt, off;
+    };
+    for (const Row& row :
+         {Row{"vanilla", false, false, false, false}, Row{"+ flash attention", true, false, false, false},
+          Row{"+ mini-sequence", true, true, false, false},
+          Row{"+ checkpointing", true, true, true, false}, Row{"+ offload", true, true, true, true}}) {
+      PlanRequest q = r;
+      q.settings.flash_attention = row.flash;
+      q.settings.mlp_chunks = q.settings.lm_head_chunks = 1;
+      q.mini_sequence_auto = row.mini;
+      q.settings.checkpointing = row.ckpt;
+      q.offload_checkpoints = row.off;
+      fmt::print("  {:<18} {}\n", row.name, longest_sequence(q, *budget_bytes));
+    }
+  }
+  return 0;
+}
+
+}  // namespace lt

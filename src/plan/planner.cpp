@@ -1,0 +1,169 @@
+// Memory planner (see planner.h).
+#include "plan/planner.h"
+
+#include <cctype>
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+#include "train/optimizer.h"
+
+namespace lt {
+
+namespace {
+
+// Bytes per f32-planned byte on the device for each category.
+double device_factor(MemCategory c, PlanDevice d) {
+  if (d == PlanDevice::kCpuF32) return 1.0;
+  switch (c) {
+    case MemCategory::kWeights: return 1.5;    // bf16 weights + f32 master copy
+    case MemCategory::kGradients: return 0.5;  // bf16 gradients
+    case MemCategory::kOptimizer: return 1.0;  // f32 moments
+    case MemCategory::kLmHeadChunk: return 1.0;  // logits stay f32
+    default: return 0.5;                       // bf16 activations and scratch
+  }
+}
+
+constexpr MemCategory kAllCategories[] = {
+    MemCategory::kWeights,     MemCategory::kGradients, MemCategory::kOptimizer,
+    MemCategory::kCheckpoints, MemCategory::kActivations, MemCategory::kAttention,
+    MemCategory::kMlpChunk,    MemCategory::kLmHeadChunk, MemCategory::kScratch};
+
+}  // namespace
+
+PlanResult plan_memory(const PlanRequest& r) {
+  PlanResult out;
+  RunSettings s = r.settings;
+  s.max_tokens = r.seq_len * r.batch;
+  if (r.mini_sequence_auto) mini_sequence_auto(r.config, s.max_tokens, &s);
+  LlamaModel::plan(r.config, s, &out.plan);
+  if (s.train) AdamW::plan(ParamTable(r.config), &out.plan);
+  if (!s.flash_attention) {  // plain attention materialises one (T,T) score matrix at a time
+    out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
+                 "transient");
+  }
+  for (MemCategory c : kAllCategories) {
+    size_t bytes = out.plan.category_bytes(c);
+    if (c == MemCategory::kCheckpoints && r.offload_checkpoints) {
+      out.offloaded_bytes = bytes;
+      // Two layers' checkpoints stay resident: the one in use and the one being prefetched.
+      const size_t per_layer = bytes / std::max<int64_t>(1, r.config.num_hidden_layers + 1);
+      bytes = std::min(bytes, 2 * per_layer);
+      out.offloaded_bytes -= bytes;
+    }
+    const size_t dev = static_cast<size_t>(static_cast<double>(bytes) * device_factor(c, r.device));
+    out.by_category.emplace_back(std::string(mem_category_name(c)), dev);
+    out.device_bytes += dev;
+  }
+  return out;
+}
+
+std::string PlanResult::describe() const {
+  std::string s = "predicted peak memory by category:\n";
+  for (const auto& [name, bytes] : by_category)
+    if (bytes) s += fmt::format("  {:<16} {:>12}\n", name, format_bytes(bytes));
+  s += fmt::format("  {:<16} {:>12}", "total", format_bytes(device_bytes));
+  if (offloaded_bytes) s += fmt::format("\n  (+ {} of checkpoints offloaded)", format_bytes(offloaded_bytes));
+  return s;
+}
+
+int64_t longest_sequence(PlanRequest r, size_t budget, int64_t granularity, int64_t limit) {
+  auto fits = [&](int64_t t) {
+    r.seq_len = t;
+    return plan_memory(r).device_bytes <= budget;
+  };
+  if (!fits(granularity)) return 0;
+  int64_t lo = granularity, hi = 2 * granularity;  // lo fits
+  while (hi <= limit && fits(hi)) lo = hi, hi *= 2;
+  if (hi > limit) return lo;
+  while (hi - lo > granularity) {  // lo fits, hi does not
+    const int64_t mid = (lo + hi) / 2 / granularity * granularity;
+    if (mid <= lo) break;
+    (fits(mid) ? lo : hi) = mid;
+  }
+  return lo;
+}
+
+void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
+  s->mlp_chunks = std::max<int64_t>(1, (tokens + c.hidden_size - 1) / c.hidden_size);
+  s->lm_head_chunks = std::max<int64_t>(1, (c.vocab_size + c.hidden_size - 1) / c.hidden_size);
+  s->mlp_chunks = std::min(s->mlp_chunks, std::max<int64_t>(1, tokens));
+  s->lm_head_chunks = std::min(s->lm_head_chunks, std::max<int64_t>(1, tokens));
+}
+
+AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms, bool auto_ck) {
+  struct Candidate {
+    bool mini, ckpt, offload;
+    const char* what;
+  };
+  // Fastest first: chunking costs a recompute of gate/up per chunk (~+10% step time),
+  // checkpointing one extra forward (~+33%), offload only copies (hidden by prefetch).
+  const Candidate cands[] = {
+      {false, false, false, "no memory-saving technique needed"},
+      {true, false, false, "mini-sequence MLP/LM head (cheapest saving: logits and MLP intermediates)"},
+      {true, true, false, "mini-sequence + per-layer checkpointing (one extra forward)"},
+      {true, true, true, "mini-sequence + checkpointing + checkpoint offload"},
+  };
+  AutoChoice best;
+  for (const auto& c : cands) {
+    PlanRequest r = base;
+    if (auto_ms) {
+      r.mini_sequence_auto = c.mini;
+      if (!c.mini) r.settings.mlp_chunks = r.settings.lm_head_chunks = 1;
+    } else if (c.mini && r.settings.mlp_chunks == 1 && r.settings.lm_head_chunks == 1) {
+      continue;  // the user fixed the chunks
+    }
+    if (auto_ck) r.settings.checkpointing = c.ckpt;
+    else if (c.ckpt != r.settings.checkpointing) continue;
+    r.offload_checkpoints = c.offload;
+    if (c.offload && !r.settings.checkpointing) continue;
+    const PlanResult p = plan_memory(r);
+    best.settings = r.settings;
+    if (r.mini_sequence_auto) mini_sequence_auto(r.config, r.seq_len * r.batch, &best.settings);
+    best.offload = c.offload;
+    if (p.device_bytes <= budget) {
+      best.fits = true;
+      best.why = fmt::format("{}: predicted {} fits the budget of {}", c.what,
+                             format_bytes(p.device_bytes), format_bytes(budget));
+      return best;
+    }
+    best.why = fmt::format("even with {}, the prediction {} exceeds the budget of {}", c.what,
+                           format_bytes(p.device_bytes), format_bytes(budget));
+  }
+  return best;
+}
+
+size_t parse_bytes(const std::string& s, const std::string& flag) {
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  double v = 0;
+  try {
+    v = std::stod(s.substr(0, i));
+  } catch (...) {
+    fail("{}: '{}' is not a size; use e.g. 80GiB, 512MiB or a number of bytes", flag, s);
+  }
+  std::string unit = s.substr(i);
+  for (auto& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  double mult = 1;
+  if (unit.empty() || unit == "b") mult = 1;
+  else if (unit == "k" || unit == "kb" || unit == "kib") mult = 1024.0;
+  else if (unit == "m" || unit == "mb" || unit == "mib") mult = 1024.0 * 1024;
+  else if (unit == "g" || unit == "gb" || unit == "gib") mult = 1024.0 * 1024 * 1024;
+  else if (unit == "t" || unit == "tb" || unit == "tib") mult = 1024.0 * 1024 * 1024 * 1024;
+  else fail("{}: unit '{}' is not known; use B, KiB, MiB, GiB or TiB", flag, unit);
+  if (v <= 0) fail("{}: '{}' must be positive", flag, s);
+  return static_cast<size_t>(v * mult);
+}
+
+bool apply_position_interpolation(ModelConfig* c, int64_t model_max_length) {
+  if (model_max_length <= c->max_position_embeddings) return false;
+  if (c->rope_scaling.type != RopeType::kDefault) return false;
+  c->rope_scaling = RopeScaling{};
+  c->rope_scaling.type = RopeType::kLinear;
+  c->rope_scaling.factor =
+      std::ceil(static_cast<double>(model_max_length) / static_cast<double>(c->max_position_embeddings));
+  return true;
+}
+
+}  // namespace lt
