@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <sstream>
 #include <tuple>
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "cli/cmd_tokenize.h"
 #include "data/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -214,6 +216,63 @@ TEST(TokenizerErrors, BadFiles) {
     ADD_FAILURE() << "missing path did not fail";
   } catch (const lt::UserError& e) {
     EXPECT_NE(std::string(e.what()).find("does not exist"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// Runs `longtune tokenize` with `input` on stdin; returns stdout.
+std::string run_tokenize(std::vector<std::string> args, const std::string& input) {
+  args.insert(args.begin(), "tokenize");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::istringstream in(input);
+  std::ostringstream out;
+  auto* old_in = std::cin.rdbuf(in.rdbuf());
+  auto* old_out = std::cout.rdbuf(out.rdbuf());
+  struct Restore {
+    std::streambuf *i, *o;
+    ~Restore() {
+      std::cin.rdbuf(i);
+      std::cout.rdbuf(o);
+    }
+  } restore{old_in, old_out};
+  int rc = lt::cmd_tokenize(static_cast<int>(argv.size()), argv.data());
+  EXPECT_EQ(rc, 0);
+  return out.str();
+}
+
+TEST(TokenizeCommand, EncodeDecode) {
+  std::string llama = (kShared / "llama2").string();
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama}, R"(["a", ""])")),
+            json::parse("[[263], []]"));
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens"}, R"(["a"])")),
+            json::parse("[[1, 263]]"));
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens", "False"},
+                                     R"(["a"])")),
+            json::parse("[[263]]"));
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens", "True"},
+                                     R"(["a"])")),
+            json::parse("[[1, 263]]"));
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--decode"}, "[[1, 263], []]")),
+            json::parse(R"(["<s> a", ""])"));
+  for (auto [args, input] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--tokenizer", llama}, "not json"},
+           {{"--tokenizer", llama}, R"({"a": 1})"},
+           {{"--tokenizer", llama}, R"(["a", 3])"},
+           {{"--tokenizer", llama, "--decode"}, R"([["a"]])"},
+           {{"--tokenizer", llama, "--decode"}, R"([[-1]])"},
+           {{"--tokenizer", llama, "--add_special_tokens", "maybe"}, R"(["a"])"},
+           {{"--tokenizer", (kRoot / "nowhere").string()}, R"(["a"])"},
+           {{"--no-such-flag"}, R"(["a"])"}}) {
+    try {
+      run_tokenize(args, input);
+      ADD_FAILURE() << "no UserError for input " << input;
+    } catch (const lt::UserError& e) {
+      SUCCEED() << e.what();
+    }
   }
 }
 
