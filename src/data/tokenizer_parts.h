@@ -48,8 +48,8 @@ std::string component_type(const json& j, const Origin& where);
 // ---- Regex (PCRE2, UTF + UCP, JIT) ----
 class Regex {
  public:
-  // pattern in Oniguruma/Rust syntax as tokenizer.json stores it; \s is widened to Unicode
-  // White_Space (U+0085 too) as Oniguruma does. UserError (naming where) if it does not compile.
+  // pattern in Oniguruma syntax as tokenizer.json stores it (the subset used by tokenizers is
+  // PCRE2-compatible). UserError (naming where) if it does not compile.
   Regex(std::string_view pattern, const Origin& where);
   // Appends the [start, end) byte ranges of all non-overlapping, non-empty matches in text.
   void find_all(std::string_view text, std::vector<std::pair<size_t, size_t>>& out) const;
