@@ -1,12 +1,12 @@
 // Single-thread encode throughput (MB/s) of the GPT-2 and Llama-2 tokenizers on the Alpaca
 // data (one document per record), after validating ids against the committed corpora.
 // Run from the repo root: build/bench_tokenizer   (compare: bench/bench_tokenizer_hf.py)
+#include <fmt/format.h>
+
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "data/tokenizer.h"
@@ -25,8 +25,9 @@ json read_json(const fs::path& p) {
 // instruction \n input \n output of every record of the three Alpaca files, in file order.
 std::vector<std::string> alpaca_documents(const fs::path& dir) {
   std::vector<std::string> docs;
-  for (const char* name : {"fastchat_alpaca_data_cleaned_1000.json",
-                           "llamafactory_alpaca_en_demo.json", "llamafactory_alpaca_zh_demo.json"}) {
+  for (const char* name :
+       {"fastchat_alpaca_data_cleaned_1000.json", "llamafactory_alpaca_en_demo.json",
+        "llamafactory_alpaca_zh_demo.json"}) {
     for (const auto& r : read_json(dir / name)) {
       docs.push_back(r.value("instruction", "") + "\n" + r.value("input", "") + "\n" +
                      r.value("output", ""));
@@ -59,8 +60,8 @@ int main() {
   int status = 0;
   for (const char* name : {"gpt2", "llama2"}) {
     auto tok = lt::Tokenizer::load(shared / "tokenizers" / name);
-    int bad = validate(*tok, fs::path("tests/fixtures/tokenizer") / fmt::format("corpus_{}.json", name),
-                       100000);
+    int bad = validate(
+        *tok, fs::path("tests/fixtures/tokenizer") / fmt::format("corpus_{}.json", name), 100000);
     if (bad) {
       fmt::print("{}: {} validation mismatches, not timing\n", name, bad);
       status = 1;

@@ -7,13 +7,12 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <tuple>
 
-#include <nlohmann/json.hpp>
-
-#include "core/error.h"
 #include "cli/cmd_tokenize.h"
+#include "core/error.h"
 #include "data/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -193,16 +192,17 @@ TEST(TokenizerErrors, BadFiles) {
   expect_load_error("no_model", R"({"added_tokens": []})", {"model"});
   expect_load_error("unigram", R"({"model": {"type": "Unigram", "vocab": []}})",
                     {"Unigram", "model"});
-  expect_load_error("wordpiece", R"({"model": {"type": "WordPiece", "vocab": {}}})",
-                    {"WordPiece"});
+  expect_load_error("wordpiece", R"({"model": {"type": "WordPiece", "vocab": {}}})", {"WordPiece"});
   expect_load_error("no_vocab", R"({"model": {"type": "BPE", "merges": []}})", {"vocab"});
   expect_load_error("bad_merge",
                     R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}})",
                     {"merges[0]"});
   const std::string ok_model = R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []})";
-  expect_load_error("bad_normalizer", "{" + ok_model + R"(, "normalizer": {"type": "Precompiled"}})",
+  expect_load_error("bad_normalizer",
+                    "{" + ok_model + R"(, "normalizer": {"type": "Precompiled"}})",
                     {"normalizer", "Precompiled"});
-  expect_load_error("bad_pretok", "{" + ok_model + R"(, "pre_tokenizer": {"type": "BertPreTokenizer"}})",
+  expect_load_error("bad_pretok",
+                    "{" + ok_model + R"(, "pre_tokenizer": {"type": "BertPreTokenizer"}})",
                     {"pre_tokenizer", "BertPreTokenizer"});
   expect_load_error("bad_decoder", "{" + ok_model + R"(, "decoder": {"type": "CTC"}})",
                     {"decoder", "CTC"});
@@ -250,12 +250,12 @@ TEST(TokenizeCommand, EncodeDecode) {
             json::parse("[[263], []]"));
   EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens"}, R"(["a"])")),
             json::parse("[[1, 263]]"));
-  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens", "False"},
-                                     R"(["a"])")),
+  EXPECT_EQ(json::parse(
+                run_tokenize({"--tokenizer", llama, "--add_special_tokens", "False"}, R"(["a"])")),
             json::parse("[[263]]"));
-  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens", "True"},
-                                     R"(["a"])")),
-            json::parse("[[1, 263]]"));
+  EXPECT_EQ(
+      json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens", "True"}, R"(["a"])")),
+      json::parse("[[1, 263]]"));
   EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--decode"}, "[[1, 263], []]")),
             json::parse(R"(["<s> a", ""])"));
   for (auto [args, input] : std::vector<std::pair<std::vector<std::string>, std::string>>{

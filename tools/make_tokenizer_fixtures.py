@@ -151,6 +151,9 @@ def write_corpus(name, tokenizer_ref, tok, cases):
     print(f"{path}: {len(cases)} cases, {os.path.getsize(path) / 1e6:.2f} MB")
 
 
+IGNORE_MERGES_WORDS = [" zqxjv", "qwertyuiop", " the quick"]
+
+
 def train_llama3style(texts):
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -162,6 +165,11 @@ def train_llama3style(texts):
     trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    # Whole words in the vocab that the merges do not build: only ignore_merges yields them.
+    j = json.loads(tok.to_str())
+    for word in IGNORE_MERGES_WORDS:
+        j["model"]["vocab"].setdefault(word.replace(" ", "\u0120"), len(j["model"]["vocab"]))
+    tok = Tokenizer.from_str(json.dumps(j))
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -173,7 +181,7 @@ def train_llama3style(texts):
                     AddedToken("</tool>", rstrip=True, normalized=False),
                     AddedToken("xyzzy", single_word=True, normalized=False),
                     AddedToken("[MASK]", lstrip=True, rstrip=True, normalized=False)])
-    return tok, specials + ["<tool>", "</tool>", "xyzzy", "[MASK]"]
+    return tok, specials + ["<tool>", "</tool>", "xyzzy", "[MASK]", " zqxjv", "qwertyuiop"]
 
 
 def train_metaspace(texts):

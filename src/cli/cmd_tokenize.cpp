@@ -2,13 +2,12 @@
 // --decode, an array of id lists -> an array of strings.
 #include "cli/cmd_tokenize.h"
 
+#include <CLI/CLI.hpp>
 #include <iostream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "data/tokenizer.h"
@@ -44,8 +43,9 @@ int cmd_tokenize(int argc, char** argv) {
     fail("tokenize: {}", e.what());
   }
   // A bare flag leaves the option with an empty value when given.
-  bool add = app.count("--add_special_tokens") ? parse_bool_flag("--add_special_tokens", add_special)
-                                               : false;
+  bool add = app.count("--add_special_tokens")
+                 ? parse_bool_flag("--add_special_tokens", add_special)
+                 : false;
   bool skip = app.count("--skip_special_tokens")
                   ? parse_bool_flag("--skip_special_tokens", skip_special)
                   : false;

@@ -5,14 +5,13 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace lt::tok {
 
@@ -60,7 +59,7 @@ class Regex {
 
 // A pattern field {"String": s} or {"Regex": r}.
 struct Pattern {
-  std::string literal;          // when !regex
+  std::string literal;           // when !regex
   std::shared_ptr<Regex> regex;  // when set
   static Pattern parse(const json& j, const Origin& where);
   void find_all(std::string_view text, std::vector<std::pair<size_t, size_t>>& out) const;
@@ -117,8 +116,8 @@ class BpeModel {
 
   StringMap<int32_t> vocab_;
   std::vector<std::string> id_to_token_;  // dense by id ("" for holes)
-  std::vector<uint64_t> merge_keys_;       // open addressing: (a << 32 | b), ~0 = empty
-  std::vector<uint64_t> merge_values_;     // (rank << 32 | new_id)
+  std::vector<uint64_t> merge_keys_;      // open addressing: (a << 32 | b), ~0 = empty
+  std::vector<uint64_t> merge_values_;    // (rank << 32 | new_id)
   uint64_t merge_mask_ = 0;
   std::optional<int32_t> unk_id_;
   bool byte_fallback_ = false;
