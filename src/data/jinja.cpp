@@ -82,12 +82,36 @@ std::string py_strip(std::string_view s, bool left, bool right, const std::strin
   return from_code_points(cps, b, e);
 }
 
-std::string ascii_case(std::string s, bool upper) {
-  for (char& c : s) {
-    if (upper && c >= 'a' && c <= 'z') c = static_cast<char>(c - 32);
-    if (!upper && c >= 'A' && c <= 'Z') c = static_cast<char>(c + 32);
+// Python str.upper / str.lower for ASCII, Latin-1, Latin Extended-A, Greek and Cyrillic
+// (the scripts chat data meets in practice); other code points are left unchanged.
+uint32_t change_case(uint32_t c, bool upper) {
+  auto in = [&](uint32_t lo, uint32_t hi) { return c >= lo && c <= hi; };
+  if (upper) {
+    if (in('a', 'z') || (in(0xe0, 0xfe) && c != 0xf7) || (in(0x3b1, 0x3c9) && c != 0x3c2) ||
+        in(0x430, 0x44f))
+      return c - 0x20;
+    if (in(0x450, 0x45f)) return c - 0x50;
+    if (in(0x100, 0x17f) && c % 2 == 1 && c != 0x131 && c != 0x138 && !in(0x139, 0x148) &&
+        !in(0x179, 0x17e))
+      return c - 1;
+    if ((in(0x139, 0x148) || in(0x179, 0x17e)) && c % 2 == 0) return c - 1;
+  } else {
+    if (in('A', 'Z') || (in(0xc0, 0xde) && c != 0xd7) || (in(0x391, 0x3a9) && c != 0x3a2) ||
+        in(0x410, 0x42f))
+      return c + 0x20;
+    if (in(0x400, 0x40f)) return c + 0x50;
+    if (in(0x100, 0x17f) && c % 2 == 0 && c != 0x130 && c != 0x138 && !in(0x139, 0x148) &&
+        !in(0x179, 0x17e))
+      return c + 1;
+    if ((in(0x139, 0x148) || in(0x179, 0x17e)) && c % 2 == 1) return c + 1;
   }
-  return s;
+  return c;
+}
+
+std::string ascii_case(std::string_view s, bool upper) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) append_utf8(out, change_case(next_code_point(s, i), upper));
+  return out;
 }
 
 // Python repr of a string: single quotes unless it holds ' and no ".
