@@ -1,9 +1,9 @@
 // Dataset loader with a byte-level fake tokenizer: formats, label masks, truncation, packing,
 // error messages, and every shipped dataset file loading without a crash.
+#include <gtest/gtest.h>
+
 #include <filesystem>
 #include <fstream>
-
-#include <gtest/gtest.h>
 
 #include "core/error.h"
 #include "data/chat_template.h"
@@ -36,8 +36,10 @@ class ByteTokenizer : public Tokenizer {
   std::string decode(const std::vector<int32_t>& ids, bool skip_special) const override {
     std::string s;
     for (int32_t id : ids) {
-      if (id < 256) s += static_cast<char>(id);
-      else if (!skip_special) s += id == kBos ? "<s>" : "</s>";
+      if (id < 256)
+        s += static_cast<char>(id);
+      else if (!skip_special)
+        s += id == kBos ? "<s>" : "</s>";
     }
     return s;
   }
@@ -105,8 +107,8 @@ class DatasetTest : public ::testing::Test {
   size_t i = 0;
   while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
   return ::testing::AssertionFailure()
-         << "sizes " << got.size() << " vs " << want.size() << ", first difference at " << i
-         << ": " << (i < got.size() ? std::to_string(got[i]) : "end") << " vs "
+         << "sizes " << got.size() << " vs " << want.size() << ", first difference at " << i << ": "
+         << (i < got.size() ? std::to_string(got[i]) : "end") << " vs "
          << (i < want.size() ? std::to_string(want[i]) : "end");
 }
 
@@ -162,8 +164,9 @@ TEST_F(DatasetTest, AlpacaMatchesStanfordPrompts) {
 }
 
 TEST_F(DatasetTest, AlpacaEmptyOutputIsACountedSkip) {
-  auto p = write("a.jsonl", "{\"instruction\": \"x\", \"output\": \"\"}\n\n"
-                            "{\"instruction\": \"y\", \"output\": \"ok\"}\n");
+  auto p = write("a.jsonl",
+                 "{\"instruction\": \"x\", \"output\": \"\"}\n\n"
+                 "{\"instruction\": \"y\", \"output\": \"ok\"}\n");
   Dataset ds = load_dataset(p, &tok_, {});
   EXPECT_EQ(ds.rows.size(), 1u);
   EXPECT_EQ(ds.stats.rows_read, 2);
@@ -207,16 +210,18 @@ std::string trained_text(const Example& ex) {
 std::string text_of(const Example& ex) {
   std::string s;
   for (int32_t id : ex.input_ids)
-    s += id == ByteTokenizer::kEos ? "</s>" : id == ByteTokenizer::kBos ? "<s>"
-                                                                          : std::string(1, char(id));
+    s += id == ByteTokenizer::kEos   ? "</s>"
+         : id == ByteTokenizer::kBos ? "<s>"
+                                     : std::string(1, char(id));
   return s;
 }
 
 TEST_F(DatasetTest, MessagesTrainOnlyAssistantTurnsChatml) {
-  auto p = write("m.jsonl",
-                 R"({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},)"
-                 R"( {"role": "assistant", "content": "yo"}, {"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "text", "text": "2"}]},)"
-                 R"( {"role": "assistant", "content": "ok"}]})");
+  auto p = write(
+      "m.jsonl",
+      R"({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},)"
+      R"( {"role": "assistant", "content": "yo"}, {"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "text", "text": "2"}]},)"
+      R"( {"role": "assistant", "content": "ok"}]})");
   DatasetOptions opt;
   opt.chat_template = "chatml";
   Dataset ds = load_dataset(p, &tok_, opt);
@@ -253,9 +258,10 @@ TEST_F(DatasetTest, ShareGptLlama2AndLossWeights) {
   EXPECT_EQ(trained_text(ds.rows[0]), " b </s>| d </s>");
 
   // loss_weight overrides the role: the user turn is trained, the assistant turn is not.
-  auto q = write("w.jsonl",
-                 R"({"messages": [{"role": "user", "content": [{"type": "text", "value": "u"}], "loss_weight": 1.0},)"
-                 R"( {"role": "assistant", "content": [{"type": "text", "value": "v"}], "loss_weight": 0.0}]})");
+  auto q = write(
+      "w.jsonl",
+      R"({"messages": [{"role": "user", "content": [{"type": "text", "value": "u"}], "loss_weight": 1.0},)"
+      R"( {"role": "assistant", "content": [{"type": "text", "value": "v"}], "loss_weight": 0.0}]})");
   DatasetOptions mopt;
   mopt.chat_template = "llama2";
   Dataset w = load_dataset(q, &tok_, mopt);
@@ -273,8 +279,7 @@ TEST_F(DatasetTest, ToolCallsAndTemplateRejections) {
   opt.chat_template = "chatml";
   Dataset ds = load_dataset(p, &tok_, opt);
   ASSERT_EQ(ds.rows.size(), 2u);
-  EXPECT_EQ(trained_text(ds.rows[0]),
-            "{\"name\": \"w\"}<|im_end|>\n|It is sunny.<|im_end|>\n");
+  EXPECT_EQ(trained_text(ds.rows[0]), "{\"name\": \"w\"}<|im_end|>\n|It is sunny.<|im_end|>\n");
   EXPECT_NE(text_of(ds.rows[0]).find("<|im_start|>tool\nsunny<|im_end|>"), std::string::npos);
 
   // Mistral's template raises on the tool role: that row is skipped and counted.
@@ -293,8 +298,9 @@ TEST_F(DatasetTest, ToolCallsAndTemplateRejections) {
 }
 
 TEST_F(DatasetTest, ChatTemplateResolution) {
-  auto p = write("m.jsonl",
-                 R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})");
+  auto p = write(
+      "m.jsonl",
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})");
   std::string err = error_of(p);  // the fake tokenizer has no chat template
   EXPECT_NE(err.find("--chat_template"), std::string::npos) << err;
   DatasetOptions opt;
@@ -303,10 +309,11 @@ TEST_F(DatasetTest, ChatTemplateResolution) {
   EXPECT_NE(err.find("no_such_template"), std::string::npos) << err;
   EXPECT_NE(err.find("llama3"), std::string::npos) << err;
   // A template file.
-  opt.chat_template = write("t.jinja", "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
-                                       "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}"
-                                       "{% endfor %}{% if add_generation_prompt %}[assistant]"
-                                       "{% endif %}\n")
+  opt.chat_template = write("t.jinja",
+                            "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+                            "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}"
+                            "{% endfor %}{% if add_generation_prompt %}[assistant]"
+                            "{% endif %}\n")
                           .string();
   Dataset ds = load_dataset(p, &tok_, opt);
   EXPECT_EQ(text_of(ds.rows[0]), "[user]a[assistant]b</s>");
@@ -341,15 +348,16 @@ TEST_F(DatasetTest, TextBlocksAndTxtFiles) {
 }
 
 TEST_F(DatasetTest, PreTokenized) {
-  auto p = write("p.jsonl", "{\"input_ids\": [1, 2, 3]}\n"
-                            "{\"input_ids\": [4, 5], \"labels\": [-100, 5]}\n");
+  auto p = write("p.jsonl",
+                 "{\"input_ids\": [1, 2, 3]}\n"
+                 "{\"input_ids\": [4, 5], \"labels\": [-100, 5]}\n");
   Dataset ds = load_dataset(p, nullptr, {}, 10);
   EXPECT_EQ(ds.format, DatasetFormat::kTokenized);
   ASSERT_EQ(ds.rows.size(), 2u);
   EXPECT_TRUE(same_ids(ds.rows[0].labels, {1, 2, 3}));
   EXPECT_TRUE(same_ids(ds.rows[1].labels, {kIgnoreIndex, 5}));
-  std::string err = error_of(write("bad.jsonl", "{\"input_ids\": [1]}\n{\"input_ids\": [1, 12]}\n"),
-                             {}, 10);
+  std::string err =
+      error_of(write("bad.jsonl", "{\"input_ids\": [1]}\n{\"input_ids\": [1, 12]}\n"), {}, 10);
   EXPECT_NE(err.find(":2: row 2"), std::string::npos) << err;
   EXPECT_NE(err.find("input_ids[1] = 12"), std::string::npos) << err;
   err = error_of(write("neg.jsonl", "{\"input_ids\": [-1]}\n"));
@@ -405,7 +413,8 @@ TEST_F(DatasetTest, TruncationAndPacking) {
 }
 
 TEST_F(DatasetTest, MalformedJsonNamesLineAndColumn) {
-  std::string err = error_of(write("bad.json", "[\n  {\"instruction\": \"a\",\n   \"output\": tru}\n]"));
+  std::string err =
+      error_of(write("bad.json", "[\n  {\"instruction\": \"a\",\n   \"output\": tru}\n]"));
   EXPECT_NE(err.find("bad.json:3:17: malformed JSON"), std::string::npos) << err;
   err = error_of(write("bad.jsonl", "{\"text\": \"a\"}\n\n{\"text\": \"b\",}\n"));
   EXPECT_NE(err.find("bad.jsonl:3:14: malformed JSON"), std::string::npos) << err;
@@ -437,8 +446,8 @@ TEST_F(DatasetTest, FieldErrorsNameRowAndField) {
   opt.chat_template = "chatml";
   err = error_of(write("g.jsonl", R"({"messages": [{"role": "robot", "content": "x"}]})"), opt);
   EXPECT_NE(err.find("messages[0].role is 'robot'"), std::string::npos) << err;
-  err = error_of(write("h.jsonl", R"({"messages": [{"role": "user", "content": [{"type": "image"}]}]})"),
-                 opt);
+  err = error_of(
+      write("h.jsonl", R"({"messages": [{"role": "user", "content": [{"type": "image"}]}]})"), opt);
   EXPECT_NE(err.find("only text parts"), std::string::npos) << err;
 }
 

@@ -1,9 +1,9 @@
 // Jinja subset interpreter and built-in chat templates against jinja2 / transformers renders
 // (tests/fixtures/data/jinja_*.json, written by tools/make_dataset_fixtures.py).
+#include <gtest/gtest.h>
+
 #include <fstream>
 #include <sstream>
-
-#include <gtest/gtest.h>
 
 #include "core/error.h"
 #include "data/chat_template.h"
