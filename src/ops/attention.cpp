@@ -68,7 +68,8 @@ inline v16 vexp(v16 x) {
 // Tile GEMM: C[M x N] (+)= A[M x K] * B[K x N]; A(m, k) = a[m * a_m + k * a_k] (so A or A^T of
 // a stored matrix), B row-major with row stride ldb, C row stride ldc. Register-blocked
 // broadcast-FMA kernel: MR rows of C times NV 16-float vectors stay in registers while k runs.
-// No packing, so it beats cblas_sgemm on 64-sized tiles (measured in bench_attention).
+// No packing or call overhead: on 64-sized tiles it is faster than cblas_sgemm (see
+// bench_attention, which measures both).
 
 template <int NV, int MR>
 inline void gemm_block(float* c, int64_t ldc, const float* a, int64_t a_m, int64_t a_k,
@@ -143,6 +144,16 @@ void tile_gemm(float* c, int64_t ldc, const float* a, int64_t a_m, int64_t a_k, 
   }
 }
 
+}  // namespace
+
+void detail::attention_tile_gemm(float* c, int64_t ldc, const float* a, int64_t a_m, int64_t a_k,
+                                 const float* b, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                                 bool accumulate) {
+  tile_gemm(c, ldc, a, a_m, a_k, b, ldb, M, N, K, accumulate);
+}
+
+namespace {
+
 // Copies rows x[i * ld + d] (i < rows, d < HD) into xt[d * kTile + i] times mul; columns
 // i >= rows are zero, so a tile GEMM over the full kTile width reads no garbage.
 void transpose_tile(float* xt, const float* x, int64_t ld, int64_t rows, int64_t HD, float mul) {
@@ -197,6 +208,9 @@ class Mask {
     if (s_.doc_ids && s_.doc_ids[b * s_.T + j] != s_.doc_ids[b * s_.T + i]) return false;
     return true;
   }
+  // Whether the keys visible from a query form the interval [first_key, i] and the queries that
+  // see a key the interval [j, last_query] (no doc ids, or each doc id in one run).
+  bool intervals(int64_t b) const { return !s_.doc_ids || contiguous_[b]; }
   // First key that query i may see (every key before it is masked).
   int64_t first_key(int64_t b, int64_t i) const {
     int64_t lo = s_.window > 0 ? std::max<int64_t>(0, i - s_.window + 1) : 0;
@@ -300,9 +314,19 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         // S^T (kn, kTile) = K (kn, HD) * Q^T (HD, kTile)
         tile_gemm(st, kTile, kp, ldk, 1, qt, kTile, kn, kTile, HD, false);
         if (!mask.all_visible(b, q0, qn, k0, kn)) {
-          for (int64_t j = 0; j < kn; ++j)
-            for (int64_t i = 0; i < qn; ++i)
-              if (!mask.visible(b, q0 + i, k0 + j)) st[j * kTile + i] = kNegInf;
+          if (mask.intervals(b)) {  // key j is seen by queries [j, last_query(j)]
+            for (int64_t j = 0; j < kn; ++j) {
+              float* row = st + j * kTile;
+              const int64_t lo = std::clamp<int64_t>(k0 + j - q0, 0, kTile);
+              const int64_t hi = std::clamp<int64_t>(mask.last_query(b, k0 + j) + 1 - q0, lo, kTile);
+              std::fill(row, row + lo, kNegInf);
+              std::fill(row + hi, row + kTile, kNegInf);
+            }
+          } else {
+            for (int64_t j = 0; j < kn; ++j)
+              for (int64_t i = 0; i < qn; ++i)
+                if (!mask.visible(b, q0 + i, k0 + j)) st[j * kTile + i] = kNegInf;
+          }
         }
         // Online softmax (FlashAttention-2, Alg. 1): m' = max(m, rowmax S), P = exp(S - m'),
         // l' = exp(m - m') l + rowsum P, O' = exp(m - m') O + P V.
@@ -446,10 +470,21 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
               }
             }
             if (kn < kTile || !mask.all_visible(b, q0, qn, k0, kn)) {
-              for (int64_t i = 0; i < qn; ++i)
-                for (int64_t j = 0; j < kTile; ++j)
-                  if (j >= kn || !mask.visible(b, q0 + i, k0 + j))
-                    sp[i * kTile + j] = dps[i * kTile + j] = 0.0f;
+              for (int64_t i = 0; i < qn; ++i) {
+                float* p_row = sp + i * kTile;
+                float* ds_row = dps + i * kTile;
+                if (mask.intervals(b)) {  // query i sees keys [first_key(i), i]
+                  const int64_t lo = std::clamp<int64_t>(mask.first_key(b, q0 + i) - k0, 0, kn);
+                  const int64_t hi = std::clamp<int64_t>(q0 + i + 1 - k0, lo, kn);
+                  std::fill(p_row, p_row + lo, 0.0f);
+                  std::fill(ds_row, ds_row + lo, 0.0f);
+                  std::fill(p_row + hi, p_row + kTile, 0.0f);
+                  std::fill(ds_row + hi, ds_row + kTile, 0.0f);
+                } else {
+                  for (int64_t j = 0; j < kTile; ++j)
+                    if (j >= kn || !mask.visible(b, q0 + i, k0 + j)) p_row[j] = ds_row[j] = 0.0f;
+                }
+              }
             }
             // dV (kn, HD) += P^T dO; dK (kn, HD) += dS^T Q; dQ (qn, HD) += dS K.
             tile_gemm(dv_acc, HD, sp, 1, kTile, dop, ldq, kn, HD, qn, true);
