@@ -1,9 +1,11 @@
 // Attention: flash and naive forward/backward against an independent double-precision reference
 // (plain loops), finite-difference gradients, guard bytes, NaN propagation and peak memory.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdio>
+#include <ostream>
 #include <limits>
 #include <random>
 #include <string>
@@ -171,6 +173,8 @@ struct Case {
   }
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name(); }
+
 std::vector<Case> all_cases() {
   std::vector<Case> cases;
   const int64_t Ts[] = {1, 7, 33, 100, 257};
@@ -233,6 +237,22 @@ TEST_P(AttentionCase, FlashAndNaiveMatchDoubleReference) {
     Vec dq(s.nq(), 99.0f), dk(s.nkv(), 99.0f), dv(s.nkv(), 99.0f);
     impl.bwd(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(), q.data(),
              k.data(), v.data(), as);
+    EXPECT_TRUE(close("dq", dq.data(), dq_ref, bwd_abs, bwd_rel));
+    EXPECT_TRUE(close("dk", dk.data(), dk_ref, bwd_abs, bwd_rel));
+    EXPECT_TRUE(close("dv", dv.data(), dv_ref, bwd_abs, bwd_rel));
+  }
+  // The flash backward splits work by (b, kv head) when B * KVH >= threads and in two passes
+  // (key tiles, then query tiles) otherwise: check both schemes.
+  const int threads = omp_get_max_threads();
+  for (int n : {1, 16}) {
+    SCOPED_TRACE(n == 1 ? "flash backward, one pass (1 thread)" : "flash backward, two passes");
+    omp_set_num_threads(n);
+    Vec out(s.nq()), lse(s.B * s.H * s.T), dq(s.nq(), 99.0f), dk(s.nkv(), 99.0f),
+        dv(s.nkv(), 99.0f);
+    attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), as);
+    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
+                       q.data(), k.data(), v.data(), as);
+    omp_set_num_threads(threads);
     EXPECT_TRUE(close("dq", dq.data(), dq_ref, bwd_abs, bwd_rel));
     EXPECT_TRUE(close("dk", dk.data(), dk_ref, bwd_abs, bwd_rel));
     EXPECT_TRUE(close("dv", dv.data(), dv_ref, bwd_abs, bwd_rel));
