@@ -1,6 +1,6 @@
 // Benchmark of causal GQA attention on CPU: flash (tiled) vs naive (T x T scores), forward and
 // backward, with GFLOP/s, the fraction of the machine's measured sgemm peak, and peak memory.
-// Usage: bench_attention [threads=2] [max_T=8192]
+// Usage: bench_attention [threads=2] [max_T=8192] [min_T=1024] (naive runs up to T = 4096)
 #include <cblas.h>
 #include <omp.h>
 
@@ -71,8 +71,8 @@ struct Problem {
     dv.assign(nkv, 0);
   }
   void forward(bool flash) {
-    (flash ? lt::attention_forward : lt::attention_forward_naive)(out.data(), lse.data(),
-                                                                  q.data(), k.data(), v.data(), s);
+    (flash ? lt::attention_forward : lt::attention_forward_naive)(out.data(), lse.data(), q.data(),
+                                                                  k.data(), v.data(), s);
   }
   void backward(bool flash) {
     (flash ? lt::attention_backward : lt::attention_backward_naive)(
@@ -87,11 +87,13 @@ bool validate(std::mt19937& rng) {
   Problem naive = flash;
   flash.forward(true), flash.backward(true);
   naive.forward(false), naive.backward(false);
-  const double d_out = max_abs_diff(flash.out, naive.out), d_lse = max_abs_diff(flash.lse, naive.lse),
-               d_dq = max_abs_diff(flash.dq, naive.dq), d_dk = max_abs_diff(flash.dk, naive.dk),
-               d_dv = max_abs_diff(flash.dv, naive.dv);
-  std::printf("validation T=300 H=8 KVH=2 HD=64: max |flash - naive| out %.2e lse %.2e dq %.2e "
-              "dk %.2e dv %.2e\n", d_out, d_lse, d_dq, d_dk, d_dv);
+  const double d_out = max_abs_diff(flash.out, naive.out),
+               d_lse = max_abs_diff(flash.lse, naive.lse), d_dq = max_abs_diff(flash.dq, naive.dq),
+               d_dk = max_abs_diff(flash.dk, naive.dk), d_dv = max_abs_diff(flash.dv, naive.dv);
+  std::printf(
+      "validation T=300 H=8 KVH=2 HD=64: max |flash - naive| out %.2e lse %.2e dq %.2e "
+      "dk %.2e dv %.2e\n",
+      d_out, d_lse, d_dq, d_dk, d_dv);
   return d_out < 1e-5 && d_lse < 1e-5 && d_dq < 1e-4 && d_dk < 1e-4 && d_dv < 1e-4;
 }
 
@@ -102,8 +104,8 @@ double sgemm_gflops() {
   auto a = random_vec(n * n, rng), b = random_vec(n * n, rng);
   std::vector<float> c(n * n);
   auto run = [&] {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(),
-                n, 0.0f, c.data(), n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n,
+                0.0f, c.data(), n);
   };
   run();
   return 2.0 * n * n * n / best_time(5, run) / 1e9;
@@ -124,8 +126,8 @@ void tile_gemm_comparison() {
       for (int r = 0; r < reps; ++r) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tile, tile, HD, 1.0f, q.data(), ld,
                     v.data(), ld, 0.0f, s.data(), tile);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tile, HD, tile, 1.0f, p.data(),
-                    tile, v.data(), ld, 1.0f, o.data(), HD);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tile, HD, tile, 1.0f, p.data(), tile,
+                    v.data(), ld, 1.0f, o.data(), HD);
       }
     });
     const double t_own = best_time(3, [&] {
@@ -136,9 +138,10 @@ void tile_gemm_comparison() {
                                         tile, true);
       }
     });
-    std::printf("tile GEMM 64x64x%lld (S = Q K^T, O += P V), 1 thread: cblas_sgemm %.1f GFLOP/s,"
-                " own kernel %.1f GFLOP/s\n", static_cast<long long>(HD), flops / t_blas / 1e9,
-                flops / t_own / 1e9);
+    std::printf(
+        "tile GEMM 64x64x%lld (S = Q K^T, O += P V), 1 thread: cblas_sgemm %.1f GFLOP/s,"
+        " own kernel %.1f GFLOP/s\n",
+        static_cast<long long>(HD), flops / t_blas / 1e9, flops / t_own / 1e9);
   }
 }
 
@@ -147,6 +150,7 @@ void tile_gemm_comparison() {
 int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : 2;
   const int64_t max_T = argc > 2 ? std::atoll(argv[2]) : 8192;
+  const int64_t min_T = argc > 3 ? std::atoll(argv[3]) : 1024;
   const int64_t H = 8, KVH = 2, HD = 64;
   std::mt19937 rng(42);
 
@@ -160,19 +164,18 @@ int main(int argc, char** argv) {
     return 1;
   }
   const double peak = sgemm_gflops();
-  std::printf("machine sgemm peak (1024^3 cblas_sgemm, %d threads): %.1f GFLOP/s\n", threads,
-              peak);
-  std::printf("causal attention, B=1 H=%lld KVH=%lld HD=%lld, %d threads; GFLOP/s counts the "
-              "causal half: forward 4*T*T*HD*H/2, backward 2.5x that\n",
-              static_cast<long long>(H), static_cast<long long>(KVH),
-              static_cast<long long>(HD), threads);
+  std::printf("machine sgemm peak (1024^3 cblas_sgemm, %d threads): %.1f GFLOP/s\n", threads, peak);
+  std::printf(
+      "causal attention, B=1 H=%lld KVH=%lld HD=%lld, %d threads; GFLOP/s counts the "
+      "causal half: forward 4*T*T*HD*H/2, backward 2.5x that\n",
+      static_cast<long long>(H), static_cast<long long>(KVH), static_cast<long long>(HD), threads);
   std::printf("%-6s %6s %10s %9s %7s %10s %9s %7s %14s\n", "impl", "T", "fwd ms", "GFLOP/s",
               "%peak", "bwd ms", "GFLOP/s", "%peak", "peak RSS +");
-  for (int64_t T = 1024; T <= max_T; T *= 2) {
+  for (int64_t T = min_T; T <= max_T; T *= 2) {
     for (bool flash : {false, true}) {
       if (!flash && T > 4096) continue;
       Problem p(T, H, KVH, HD, rng);
-      const int reps = T >= 8192 ? 1 : T >= 4096 ? 2 : 3;
+      const int reps = T >= 8192 ? 2 : T >= 4096 ? 3 : 5;
       p.forward(flash), p.backward(flash);  // warm-up (and the first page touches)
       reset_peak_rss();
       const size_t rss0 = lt::current_rss();

@@ -169,8 +169,8 @@ struct Scratch {
   };
   std::unique_ptr<float[], Free> p;
   explicit Scratch(int64_t n)
-      : p(static_cast<float*>(::operator new[](sizeof(float) * std::max<int64_t>(n, 1),
-                                               std::align_val_t(64)))) {}
+      : p(static_cast<float*>(
+            ::operator new[](sizeof(float) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
   float* get() { return p.get(); }
 };
 
@@ -243,6 +243,8 @@ void check_shape(const AttentionShape& s) {
            s.B, s.T, s.H, s.KVH, s.HD);
   LT_CHECK(s.H % s.KVH == 0, "H={} is not a multiple of KVH={}", s.H, s.KVH);
   LT_CHECK(s.window >= 0, "window={}", s.window);
+  LT_CHECK(s.scale > 0 && std::isfinite(s.scale), "softmax scale={} (set it, e.g. 1/sqrt(HD))",
+           s.scale);
 }
 
 // D[b,h,i] = sum_d dout[b,i,h,d] * out[b,i,h,d] (FlashAttention-2's rowsum(dO * O)).
@@ -318,7 +320,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
             for (int64_t j = 0; j < kn; ++j) {
               float* row = st + j * kTile;
               const int64_t lo = std::clamp<int64_t>(k0 + j - q0, 0, kTile);
-              const int64_t hi = std::clamp<int64_t>(mask.last_query(b, k0 + j) + 1 - q0, lo, kTile);
+              const int64_t hi =
+                  std::clamp<int64_t>(mask.last_query(b, k0 + j) + 1 - q0, lo, kTile);
               std::fill(row, row + lo, kNegInf);
               std::fill(row + hi, row + kTile, kNegInf);
             }
@@ -387,7 +390,11 @@ namespace {
 struct BackwardBuffers {
   Scratch a, b, s, dp, acc1, acc2;
   explicit BackwardBuffers(int64_t HD)
-      : a(HD * kTile), b(HD * kTile), s(kTile * kTile), dp(kTile * kTile), acc1(kTile * HD),
+      : a(HD * kTile),
+        b(HD * kTile),
+        s(kTile * kTile),
+        dp(kTile * kTile),
+        acc1(kTile * HD),
         acc2(kTile * HD) {}
 };
 
@@ -479,10 +486,10 @@ void backward_query_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b,
   const AttentionShape& s = x.s;
   const int64_t T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, kvh = h / (H / KVH);
   const int64_t ldq = H * HD, ldk = KVH * HD;
-  float* qt = buf.a.get();     // (HD, kTile) Q^T
-  float* dot = buf.b.get();    // (HD, kTile) dO^T
-  float* st = buf.s.get();     // (kTile keys, kTile queries) S^T, then P^T
-  float* dst = buf.dp.get();   // (kTile, kTile) dP^T, then scale * dS^T
+  float* qt = buf.a.get();    // (HD, kTile) Q^T
+  float* dot = buf.b.get();   // (HD, kTile) dO^T
+  float* st = buf.s.get();    // (kTile keys, kTile queries) S^T, then P^T
+  float* dst = buf.dp.get();  // (kTile, kTile) dP^T, then scale * dS^T
   float* dq_acc = buf.acc1.get();
   float* ld = buf.acc2.get();  // (kTile) lse, then (kTile) D
   const int64_t q0 = qtile * kTile, qn = std::min(kTile, T - q0);
@@ -516,8 +523,7 @@ void backward_query_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b,
         float* row = dst + j * kTile;
         if (x.mask.intervals(b)) {  // key j is seen by queries [j, last_query(j)]
           const int64_t lo = std::clamp<int64_t>(k0 + j - q0, 0, kTile);
-          const int64_t hi =
-              std::clamp<int64_t>(x.mask.last_query(b, k0 + j) + 1 - q0, lo, kTile);
+          const int64_t hi = std::clamp<int64_t>(x.mask.last_query(b, k0 + j) + 1 - q0, lo, kTile);
           std::fill(row, row + lo, 0.0f);
           std::fill(row + hi, row + kTile, 0.0f);
         } else {
@@ -569,12 +575,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       // read only inputs); heaviest tiles first (early key tiles, late query tiles).
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t task = 0; task < B * KVH * n_kt; ++task)
-        backward_key_tile(args, buf, (task % (B * KVH)) / KVH, task % KVH, task / (B * KVH),
-                          false);
+        backward_key_tile(args, buf, (task % (B * KVH)) / KVH, task % KVH, task / (B * KVH), false);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < B * H * n_kt; ++task)
-        backward_query_tile(args, buf, (task % (B * H)) / H, task % H,
-                            n_kt - 1 - task / (B * H));
+        backward_query_tile(args, buf, (task % (B * H)) / H, task % H, n_kt - 1 - task / (B * H));
     }
   }
 }
@@ -590,9 +594,8 @@ namespace {
 void naive_scores(float* S, const float* q, const float* k, const AttentionShape& s,
                   const Mask& mask, int64_t b, int64_t h) {
   const int64_t T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, kvh = h / (H / KVH);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, HD, s.scale,
-              q + (b * T * H + h) * HD, H * HD, k + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, S,
-              T);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, HD, s.scale, q + (b * T * H + h) * HD,
+              H * HD, k + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, S, T);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < T; ++i)
     for (int64_t j = 0; j < T; ++j)
@@ -601,8 +604,8 @@ void naive_scores(float* S, const float* q, const float* k, const AttentionShape
 
 }  // namespace
 
-void attention_forward_naive(float* out, float* lse, const float* q, const float* k,
-                             const float* v, const AttentionShape& s) {
+void attention_forward_naive(float* out, float* lse, const float* q, const float* k, const float* v,
+                             const AttentionShape& s) {
   check_shape(s);
   const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
   if (B == 0 || T == 0) return;
@@ -628,15 +631,14 @@ void attention_forward_naive(float* out, float* lse, const float* q, const float
       }
       const int64_t kvh = h / (H / KVH);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HD, T, 1.0f, S.data(), T,
-                  v + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, out + (b * T * H + h) * HD,
-                  H * HD);
+                  v + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, out + (b * T * H + h) * HD, H * HD);
     }
   }
 }
 
-void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout,
-                              const float* out, const float* lse, const float* q, const float* k,
-                              const float* v, const AttentionShape& s) {
+void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                              const float* lse, const float* q, const float* k, const float* v,
+                              const AttentionShape& s) {
   check_shape(s);
   const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
   if (B == 0 || T == 0) return;
@@ -669,10 +671,10 @@ void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout
       // dQ = dS K (overwrites), dK += dS^T Q, dV += P^T dO.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HD, T, 1.0f, dP.data(), T, kb,
                   KVH * HD, 0.0f, dq + (b * T * H + h) * HD, H * HD);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, dP.data(), T, qb,
-                  H * HD, 1.0f, dk + (b * T * KVH + kvh) * HD, KVH * HD);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, P.data(), T, dob,
-                  H * HD, 1.0f, dv + (b * T * KVH + kvh) * HD, KVH * HD);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, dP.data(), T, qb, H * HD,
+                  1.0f, dk + (b * T * KVH + kvh) * HD, KVH * HD);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, P.data(), T, dob, H * HD,
+                  1.0f, dv + (b * T * KVH + kvh) * HD, KVH * HD);
     }
   }
 }
