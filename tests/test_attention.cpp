@@ -1,10 +1,12 @@
 // Attention: flash and naive forward/backward against an independent double-precision reference
 // (plain loops), finite-difference gradients, guard bytes, NaN propagation and peak memory.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -45,7 +47,9 @@ struct Shape {
   int64_t nkv() const { return B * T * KVH * HD; }
 };
 
-int64_t qi(const Shape& s, int64_t b, int64_t t, int64_t h) { return ((b * s.T + t) * s.H + h) * s.HD; }
+int64_t qi(const Shape& s, int64_t b, int64_t t, int64_t h) {
+  return ((b * s.T + t) * s.H + h) * s.HD;
+}
 int64_t kvi(const Shape& s, int64_t b, int64_t t, int64_t h) {
   return ((b * s.T + t) * s.KVH + h / (s.H / s.KVH)) * s.HD;
 }
@@ -171,6 +175,8 @@ struct Case {
   }
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name(); }
+
 std::vector<Case> all_cases() {
   std::vector<Case> cases;
   const int64_t Ts[] = {1, 7, 33, 100, 257};
@@ -179,8 +185,8 @@ std::vector<Case> all_cases() {
   int n = 0;
   for (int64_t T : Ts) {
     // causal; window 1, 5, larger than T; documents; window + documents
-    const std::pair<int64_t, bool> masks[] = {{0, false}, {1, false}, {5, false},
-                                              {T + 10, false}, {0, true}, {5, true}};
+    const std::pair<int64_t, bool> masks[] = {{0, false},      {1, false}, {5, false},
+                                              {T + 10, false}, {0, true},  {5, true}};
     for (auto [w, docs] : masks) {
       const int64_t HD = HDs[n % 3], H = heads[(n / 3) % 3][0], KVH = heads[(n / 3) % 3][1];
       cases.push_back({T, HD, H, KVH, w, docs});
@@ -233,6 +239,22 @@ TEST_P(AttentionCase, FlashAndNaiveMatchDoubleReference) {
     Vec dq(s.nq(), 99.0f), dk(s.nkv(), 99.0f), dv(s.nkv(), 99.0f);
     impl.bwd(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(), q.data(),
              k.data(), v.data(), as);
+    EXPECT_TRUE(close("dq", dq.data(), dq_ref, bwd_abs, bwd_rel));
+    EXPECT_TRUE(close("dk", dk.data(), dk_ref, bwd_abs, bwd_rel));
+    EXPECT_TRUE(close("dv", dv.data(), dv_ref, bwd_abs, bwd_rel));
+  }
+  // The flash backward splits work by (b, kv head) when B * KVH >= threads and in two passes
+  // (key tiles, then query tiles) otherwise: check both schemes.
+  const int threads = omp_get_max_threads();
+  for (int n : {1, 16}) {
+    SCOPED_TRACE(n == 1 ? "flash backward, one pass (1 thread)" : "flash backward, two passes");
+    omp_set_num_threads(n);
+    Vec out(s.nq()), lse(s.B * s.H * s.T), dq(s.nq(), 99.0f), dk(s.nkv(), 99.0f),
+        dv(s.nkv(), 99.0f);
+    attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), as);
+    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
+                       q.data(), k.data(), v.data(), as);
+    omp_set_num_threads(threads);
     EXPECT_TRUE(close("dq", dq.data(), dq_ref, bwd_abs, bwd_rel));
     EXPECT_TRUE(close("dk", dk.data(), dk_ref, bwd_abs, bwd_rel));
     EXPECT_TRUE(close("dv", dv.data(), dv_ref, bwd_abs, bwd_rel));
@@ -337,9 +359,9 @@ TEST(Attention, NanInOneQueryRowStaysInThatRow) {
           for (int64_t d = 0; d < s.HD; ++d)
             ASSERT_EQ(std::isnan(out[qi(s, b, t, h) + d]), bad) << b << " " << t << " " << h;
         }
-    (impl == 0 ? attention_backward : attention_backward_naive)(
-        dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(), q.data(), k.data(),
-        v.data(), as);
+    (impl == 0 ? attention_backward : attention_backward_naive)(dq.data(), dk.data(), dv.data(),
+                                                                dout.data(), out.data(), lse.data(),
+                                                                q.data(), k.data(), v.data(), as);
     // The other batch row's gradients stay finite.
     for (int64_t i = s.nq() / 2; i < s.nq(); ++i) ASSERT_TRUE(std::isfinite(dq[i])) << i;
     for (int64_t i = s.nkv() / 2; i < s.nkv(); ++i)
@@ -376,8 +398,8 @@ TEST(Attention, FlashMemoryIsLinearInT) {
   ASSERT_LE(measured_peak_rss(), before + (1 << 20)) << "peak was not reset";
   const AttentionShape as = s.lt();
   attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), as);
-  attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
-                     q.data(), k.data(), v.data(), as);
+  attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(), q.data(),
+                     k.data(), v.data(), as);
   const size_t growth = measured_peak_rss() - before;
   std::printf("T=%lld: peak RSS growth %s during flash forward+backward (inputs %s)\n",
               static_cast<long long>(s.T), format_bytes(growth).c_str(),

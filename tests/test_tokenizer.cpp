@@ -5,10 +5,13 @@
 
 #include <filesystem>
 #include <fstream>
-#include <sstream>
-
+#include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
+#include <tuple>
 
+#include "cli/cmd_tokenize.h"
 #include "core/error.h"
 #include "data/tokenizer.h"
 
@@ -25,6 +28,11 @@ json read_json(const fs::path& p) {
   std::ifstream in(p);
   EXPECT_TRUE(in.good()) << "cannot open " << p;
   return json::parse(in);
+}
+
+// JSON-quoted text for messages (invalid UTF-8 from a cut shown as U+FFFD).
+std::string quoted(const std::string& s) {
+  return json(s).dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 std::string ids_str(const std::vector<int32_t>& ids) { return json(ids).dump(); }
@@ -84,8 +92,8 @@ TEST(TokenizerVectors, TinyLlamaMultilingual) {
   check_vectors("llama2", "tinyllama_multilingual.json");
 }
 
-// Generated corpus: {"tokenizer": dir, "cases": [{"text", "ids", "ids_special", "decoded",
-// "decoded_skip"}]}.
+// Generated corpus: {"tokenizer": dir, "cases": [{"text", "ids", ["ids_special"], ["decoded"],
+// ["decoded_skip"]}]}.
 void check_corpus(const std::string& name) {
   fs::path file = kFixtures / ("corpus_" + name + ".json");
   ASSERT_TRUE(fs::exists(file)) << file;
@@ -93,32 +101,45 @@ void check_corpus(const std::string& name) {
   std::string dir = corpus["tokenizer"];
   fs::path tok_path = dir.rfind("fixtures:", 0) == 0 ? kFixtures / dir.substr(9) : kShared / dir;
   auto tokenizer = lt::Tokenizer::load(tok_path);
-  int failures = 0, cases = 0;
+  int failures = 0, cases = 0, undecoded = 0;
   for (const auto& c : corpus["cases"]) {
     const std::string text = c["text"];
-    std::string label = "case " + std::to_string(cases) + " " + json(text.substr(0, 60)).dump();
-    expect_same_ids(tokenizer->encode(text, false), c["ids"].get<std::vector<int32_t>>(),
-                    label + " (no special)", &failures);
-    auto want_special = c["ids_special"].get<std::vector<int32_t>>();
+    std::string label = "case " + std::to_string(cases) + " " + quoted(text.substr(0, 60));
+    auto want_ids = c["ids"].get<std::vector<int32_t>>();
+    expect_same_ids(tokenizer->encode(text, false), want_ids, label + " (no special)", &failures);
+    auto want_special = c.value("ids_special", want_ids);
     expect_same_ids(tokenizer->encode(text, true), want_special, label + " (special)", &failures);
-    for (auto [key, skip] : {std::pair{"decoded", false}, std::pair{"decoded_skip", true}}) {
-      std::string got = tokenizer->decode(want_special, skip), want = c[key];
+    // Absent fields: decoded = text, decoded_skip = decoded; decode_of: "ids" or "none".
+    std::string decode_of = c.value("decode_of", std::string("ids_special"));
+    if (decode_of == "none") {
+      ++cases;
+      ++undecoded;
+      continue;
+    }
+    const auto& decode_ids = decode_of == "ids" ? want_ids : want_special;
+    std::string want_decoded = c.value("decoded", text);
+    std::string want_skip = c.value("decoded_skip", want_decoded);
+    for (auto [key, skip, want] : {std::tuple{"decoded", false, want_decoded},
+                                   std::tuple{"decoded_skip", true, want_skip}}) {
+      std::string got = tokenizer->decode(decode_ids, skip);
       if (got != want) {
         ++failures;
         if (failures <= 10)
-          ADD_FAILURE() << label << " " << key << ": got " << json(got).dump() << " want "
-                        << json(want).dump();
+          ADD_FAILURE() << label << " " << key << ": got " << quoted(got) << " want "
+                        << quoted(want);
       }
     }
     ++cases;
   }
   EXPECT_GT(cases, 500);
+  EXPECT_LT(undecoded, cases / 10) << "too few decodes recorded";
   EXPECT_EQ(failures, 0) << failures << " mismatches over " << cases << " cases of " << file;
 }
 
 TEST(TokenizerCorpus, Gpt2) { check_corpus("gpt2"); }
 TEST(TokenizerCorpus, Llama2) { check_corpus("llama2"); }
 TEST(TokenizerCorpus, Llama3Style) { check_corpus("llama3style"); }
+TEST(TokenizerCorpus, Metaspace) { check_corpus("metaspace"); }
 
 TEST(TokenizerConfig, SpecialTokens) {
   auto llama = lt::Tokenizer::load(kShared / "llama2");
@@ -171,16 +192,17 @@ TEST(TokenizerErrors, BadFiles) {
   expect_load_error("no_model", R"({"added_tokens": []})", {"model"});
   expect_load_error("unigram", R"({"model": {"type": "Unigram", "vocab": []}})",
                     {"Unigram", "model"});
-  expect_load_error("wordpiece", R"({"model": {"type": "WordPiece", "vocab": {}}})",
-                    {"WordPiece"});
+  expect_load_error("wordpiece", R"({"model": {"type": "WordPiece", "vocab": {}}})", {"WordPiece"});
   expect_load_error("no_vocab", R"({"model": {"type": "BPE", "merges": []}})", {"vocab"});
   expect_load_error("bad_merge",
                     R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}})",
                     {"merges[0]"});
   const std::string ok_model = R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []})";
-  expect_load_error("bad_normalizer", "{" + ok_model + R"(, "normalizer": {"type": "Precompiled"}})",
+  expect_load_error("bad_normalizer",
+                    "{" + ok_model + R"(, "normalizer": {"type": "Precompiled"}})",
                     {"normalizer", "Precompiled"});
-  expect_load_error("bad_pretok", "{" + ok_model + R"(, "pre_tokenizer": {"type": "BertPreTokenizer"}})",
+  expect_load_error("bad_pretok",
+                    "{" + ok_model + R"(, "pre_tokenizer": {"type": "BertPreTokenizer"}})",
                     {"pre_tokenizer", "BertPreTokenizer"});
   expect_load_error("bad_decoder", "{" + ok_model + R"(, "decoder": {"type": "CTC"}})",
                     {"decoder", "CTC"});
@@ -194,6 +216,63 @@ TEST(TokenizerErrors, BadFiles) {
     ADD_FAILURE() << "missing path did not fail";
   } catch (const lt::UserError& e) {
     EXPECT_NE(std::string(e.what()).find("does not exist"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// Runs `longtune tokenize` with `input` on stdin; returns stdout.
+std::string run_tokenize(std::vector<std::string> args, const std::string& input) {
+  args.insert(args.begin(), "tokenize");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::istringstream in(input);
+  std::ostringstream out;
+  auto* old_in = std::cin.rdbuf(in.rdbuf());
+  auto* old_out = std::cout.rdbuf(out.rdbuf());
+  struct Restore {
+    std::streambuf *i, *o;
+    ~Restore() {
+      std::cin.rdbuf(i);
+      std::cout.rdbuf(o);
+    }
+  } restore{old_in, old_out};
+  int rc = lt::cmd_tokenize(static_cast<int>(argv.size()), argv.data());
+  EXPECT_EQ(rc, 0);
+  return out.str();
+}
+
+TEST(TokenizeCommand, EncodeDecode) {
+  std::string llama = (kShared / "llama2").string();
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama}, R"(["a", ""])")),
+            json::parse("[[263], []]"));
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens"}, R"(["a"])")),
+            json::parse("[[1, 263]]"));
+  EXPECT_EQ(json::parse(
+                run_tokenize({"--tokenizer", llama, "--add_special_tokens", "False"}, R"(["a"])")),
+            json::parse("[[263]]"));
+  EXPECT_EQ(
+      json::parse(run_tokenize({"--tokenizer", llama, "--add_special_tokens", "True"}, R"(["a"])")),
+      json::parse("[[1, 263]]"));
+  EXPECT_EQ(json::parse(run_tokenize({"--tokenizer", llama, "--decode"}, "[[1, 263], []]")),
+            json::parse(R"(["<s> a", ""])"));
+  for (auto [args, input] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--tokenizer", llama}, "not json"},
+           {{"--tokenizer", llama}, R"({"a": 1})"},
+           {{"--tokenizer", llama}, R"(["a", 3])"},
+           {{"--tokenizer", llama, "--decode"}, R"([["a"]])"},
+           {{"--tokenizer", llama, "--decode"}, R"([[-1]])"},
+           {{"--tokenizer", llama, "--add_special_tokens", "maybe"}, R"(["a"])"},
+           {{"--tokenizer", (kRoot / "nowhere").string()}, R"(["a"])"},
+           {{"--no-such-flag"}, R"(["a"])"}}) {
+    try {
+      run_tokenize(args, input);
+      ADD_FAILURE() << "no UserError for input " << input;
+    } catch (const lt::UserError& e) {
+      SUCCEED() << e.what();
+    }
   }
 }
 

@@ -100,9 +100,10 @@ std::vector<std::string> builtin_chat_template_names() {
 std::string resolve_chat_template(const std::string& option, const Tokenizer* tokenizer) {
   if (option.empty()) {
     if (tokenizer && !tokenizer->chat_template().empty()) return tokenizer->chat_template();
-    fail("the tokenizer has no chat_template (tokenizer_config.json) to render conversations; "
-         "pass --chat_template {} or a Jinja template file",
-         names_joined());
+    fail(
+        "the tokenizer has no chat_template (tokenizer_config.json) to render conversations; "
+        "pass --chat_template {} or a Jinja template file",
+        names_joined());
   }
   if (const std::string* t = builtin_chat_template(option)) return *t;
   std::error_code ec;

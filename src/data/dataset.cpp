@@ -2,14 +2,14 @@
 // text / pre-tokenized rows turned into input_ids and labels, truncation and packing.
 #include "data/dataset.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
-
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "data/chat_template.h"
@@ -148,9 +148,10 @@ std::vector<RawRow> read_rows(const std::filesystem::path& path, const std::stri
       fail_parse(file, text, 1, err);
     }
     if (!v.is_array())
-      fail("{}: expected a JSON array of objects (one per row), found a {}; use .jsonl for one "
-           "object per line",
-           file, v.type_name());
+      fail(
+          "{}: expected a JSON array of objects (one per row), found a {}; use .jsonl for one "
+          "object per line",
+          file, v.type_name());
     for (auto& r : v) {
       if (max_rows > 0 && static_cast<int64_t>(rows.size()) >= max_rows) break;
       add(std::move(r), 0);
@@ -182,13 +183,20 @@ std::optional<std::string> get_string(const Json& row, const char* field, const 
 
 std::string format_name(DatasetFormat f) {
   switch (f) {
-    case DatasetFormat::kAuto: return "auto";
-    case DatasetFormat::kAlpaca: return "alpaca";
-    case DatasetFormat::kMessages: return "messages";
-    case DatasetFormat::kShareGpt: return "sharegpt";
-    case DatasetFormat::kCompletion: return "completion";
-    case DatasetFormat::kText: return "text";
-    case DatasetFormat::kTokenized: return "tokenized";
+    case DatasetFormat::kAuto:
+      return "auto";
+    case DatasetFormat::kAlpaca:
+      return "alpaca";
+    case DatasetFormat::kMessages:
+      return "messages";
+    case DatasetFormat::kShareGpt:
+      return "sharegpt";
+    case DatasetFormat::kCompletion:
+      return "completion";
+    case DatasetFormat::kText:
+      return "text";
+    case DatasetFormat::kTokenized:
+      return "tokenized";
   }
   return "?";
 }
@@ -203,10 +211,11 @@ DatasetFormat detect_format(const RawRow& first) {
   if (r.contains("text")) return DatasetFormat::kText;
   std::string keys;
   for (auto it = r.begin(); it != r.end(); ++it) keys += (keys.empty() ? "" : ", ") + it.key();
-  fail("{}: cannot detect the dataset format from the keys of the first row ({}); expected "
-       "instruction/output (alpaca), messages, conversations (sharegpt), prompt/completion, "
-       "text or input_ids, or pass --dataset_format",
-       first.ref.str(), keys.empty() ? "none" : keys);
+  fail(
+      "{}: cannot detect the dataset format from the keys of the first row ({}); expected "
+      "instruction/output (alpaca), messages, conversations (sharegpt), prompt/completion, "
+      "text or input_ids, or pass --dataset_format",
+      first.ref.str(), keys.empty() ? "none" : keys);
 }
 
 class Loader {
@@ -338,24 +347,22 @@ class Loader {
         fail("{}: {} needs a string 'role' (or 'from')", r.ref.str(), field);
       auto role = canonical_role(role_it->get<std::string>());
       if (!role)
-        fail("{}: {}.{} is '{}'; allowed: system, user/human, assistant/gpt, function_call, "
-             "tool/observation",
-             r.ref.str(), field, role_key, role_it->get<std::string>());
+        fail(
+            "{}: {}.{} is '{}'; allowed: system, user/human, assistant/gpt, function_call, "
+            "tool/observation",
+            r.ref.str(), field, role_key, role_it->get<std::string>());
       auto content_it = m.find("content");
       const char* content_key = "content";
       if (content_it == m.end()) {
         content_it = m.find("value");
         content_key = "value";
       }
-      if (content_it == m.end())
-        fail("{}: {} needs 'content' (or 'value')", r.ref.str(), field);
-      std::string content =
-          message_content(*content_it, r.ref, field + "." + content_key);
+      if (content_it == m.end()) fail("{}: {} needs 'content' (or 'value')", r.ref.str(), field);
+      std::string content = message_content(*content_it, r.ref, field + "." + content_key);
       bool train = *role == "assistant";
       if (auto w = m.find("loss_weight"); w != m.end() && !w->is_null()) {
         if (!w->is_number())
-          fail("{}: {}.loss_weight must be a number, found {}", r.ref.str(), field,
-               w->type_name());
+          fail("{}: {}.loss_weight must be a number, found {}", r.ref.str(), field, w->type_name());
         train = w->get<double>() > 0;  // weights are 0/1 in practice; any positive = trained
       }
       messages.push_back({{"role", *role}, {"content", content}});
@@ -467,13 +474,13 @@ class Loader {
   }
 
   void flush_text_stream() {
-    const size_t block = opt_.model_max_length > 0 ? static_cast<size_t>(opt_.model_max_length)
-                                                   : stream_.size();
+    const size_t block =
+        opt_.model_max_length > 0 ? static_cast<size_t>(opt_.model_max_length) : stream_.size();
     for (size_t b = 0; b < stream_.size(); b += block) {
       Example ex;
-      ex.input_ids.assign(stream_.begin() + static_cast<std::ptrdiff_t>(b),
-                          stream_.begin() + static_cast<std::ptrdiff_t>(
-                                                std::min(b + block, stream_.size())));
+      ex.input_ids.assign(
+          stream_.begin() + static_cast<std::ptrdiff_t>(b),
+          stream_.begin() + static_cast<std::ptrdiff_t>(std::min(b + block, stream_.size())));
       ex.labels = ex.input_ids;
       out_.push_back(std::move(ex));
     }
@@ -532,21 +539,30 @@ class Loader {
       if (ds.format == DatasetFormat::kAuto) ds.format = detect_format(rows[0]);
       if (ds.format != DatasetFormat::kTokenized) tokenizer(ds.format);
       if (ds.format == DatasetFormat::kMessages || ds.format == DatasetFormat::kShareGpt) {
-        template_ = std::make_unique<jinja::Template>(
-            resolve_chat_template(opt_.chat_template, tok_));
+        template_ =
+            std::make_unique<jinja::Template>(resolve_chat_template(opt_.chat_template, tok_));
       }
       for (const RawRow& r : rows) {
         std::optional<Example> ex;
         switch (ds.format) {
-          case DatasetFormat::kAlpaca: ex = alpaca(r); break;
-          case DatasetFormat::kCompletion: ex = completion(r); break;
+          case DatasetFormat::kAlpaca:
+            ex = alpaca(r);
+            break;
+          case DatasetFormat::kCompletion:
+            ex = completion(r);
+            break;
           case DatasetFormat::kMessages:
-          case DatasetFormat::kShareGpt: ex = conversation(r, ds.format); break;
-          case DatasetFormat::kTokenized: ex = tokenized(r); break;
+          case DatasetFormat::kShareGpt:
+            ex = conversation(r, ds.format);
+            break;
+          case DatasetFormat::kTokenized:
+            ex = tokenized(r);
+            break;
           case DatasetFormat::kText:
             text_document(*get_string(r.value, "text", r.ref, true), r.ref);
             break;
-          case DatasetFormat::kAuto: break;
+          case DatasetFormat::kAuto:
+            break;
         }
         if (ex) keep(std::move(*ex), r.ref);
       }
@@ -612,15 +628,19 @@ Dataset load_dataset(const std::filesystem::path& path, const Tokenizer* tokeniz
 
 DatasetFormat parse_dataset_format(const std::string& name) {
   static const std::map<std::string, DatasetFormat> kNames = {
-      {"auto", DatasetFormat::kAuto},           {"alpaca", DatasetFormat::kAlpaca},
-      {"messages", DatasetFormat::kMessages},   {"sharegpt", DatasetFormat::kShareGpt},
-      {"completion", DatasetFormat::kCompletion}, {"text", DatasetFormat::kText},
+      {"auto", DatasetFormat::kAuto},
+      {"alpaca", DatasetFormat::kAlpaca},
+      {"messages", DatasetFormat::kMessages},
+      {"sharegpt", DatasetFormat::kShareGpt},
+      {"completion", DatasetFormat::kCompletion},
+      {"text", DatasetFormat::kText},
       {"tokenized", DatasetFormat::kTokenized}};
   auto it = kNames.find(name);
   if (it == kNames.end())
-    fail("--dataset_format '{}' is unknown; allowed: auto, alpaca, messages, sharegpt, "
-         "completion, text, tokenized",
-         name);
+    fail(
+        "--dataset_format '{}' is unknown; allowed: auto, alpaca, messages, sharegpt, "
+        "completion, text, tokenized",
+        name);
   return it->second;
 }
 

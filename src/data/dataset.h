@@ -35,7 +35,7 @@ struct DatasetOptions {
 // (packing) or more (text cut into blocks) examples than rows_kept.
 struct DatasetStats {
   int64_t rows_read = 0, rows_kept = 0, rows_truncated = 0, rows_skipped = 0;
-  std::vector<std::string> skip_reasons;  // first few, "file:line: why"
+  std::vector<std::string> skip_reasons;                     // first few, "file:line: why"
   std::vector<std::pair<std::string, int64_t>> skip_counts;  // (reason, rows) for every reason
 };
 

@@ -2,291 +2,20 @@
 // recursive-descent expression parser following jinja2/parser.py precedence, and a renderer.
 #include "data/jinja.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
-#include <cmath>
 #include <cctype>
+#include <cmath>
 #include <optional>
 #include <vector>
 
-#include <fmt/format.h>
-
 #include "core/error.h"
+#include "data/jinja_value.h"
 
 namespace lt::jinja {
+using namespace detail;  // NOLINT: the value helpers are this file's vocabulary
 namespace {
-
-// ---------------------------------------------------------------- UTF-8 and Python strings
-
-// Decodes one code point at s[i] (advancing i); invalid bytes decode as themselves.
-uint32_t next_code_point(std::string_view s, size_t& i) {
-  unsigned char c = s[i];
-  int n = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
-  if (n <= 0 || i + n >= s.size()) {
-    ++i;
-    return c;
-  }
-  uint32_t cp = c & (0x3f >> n);
-  for (int k = 1; k <= n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3f);
-  i += n + 1;
-  return cp;
-}
-
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xc0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3f));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xe0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-    out += static_cast<char>(0x80 | (cp & 0x3f));
-  } else {
-    out += static_cast<char>(0xf0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3f));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3f));
-    out += static_cast<char>(0x80 | (cp & 0x3f));
-  }
-}
-
-std::vector<uint32_t> code_points(std::string_view s) {
-  std::vector<uint32_t> out;
-  for (size_t i = 0; i < s.size();) out.push_back(next_code_point(s, i));
-  return out;
-}
-
-std::string from_code_points(const std::vector<uint32_t>& cps, size_t begin, size_t end) {
-  std::string out;
-  for (size_t i = begin; i < end; ++i) append_utf8(out, cps[i]);
-  return out;
-}
-
-// Python str.isspace() for one code point.
-bool py_isspace(uint32_t c) {
-  return (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20) || c == 0x85 || c == 0xa0 ||
-         c == 0x1680 || (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 ||
-         c == 0x202f || c == 0x205f || c == 0x3000;
-}
-
-// Python str.strip / lstrip / rstrip (chars empty = whitespace).
-std::string py_strip(std::string_view s, bool left, bool right, const std::string* chars) {
-  std::vector<uint32_t> cps = code_points(s);
-  std::vector<uint32_t> set;
-  if (chars) set = code_points(*chars);
-  auto strip_it = [&](uint32_t c) {
-    return chars ? std::find(set.begin(), set.end(), c) != set.end() : py_isspace(c);
-  };
-  size_t b = 0, e = cps.size();
-  if (left) while (b < e && strip_it(cps[b])) ++b;
-  if (right) while (e > b && strip_it(cps[e - 1])) --e;
-  return from_code_points(cps, b, e);
-}
-
-std::string ascii_case(std::string s, bool upper) {
-  for (char& c : s) {
-    if (upper && c >= 'a' && c <= 'z') c = static_cast<char>(c - 32);
-    if (!upper && c >= 'A' && c <= 'Z') c = static_cast<char>(c + 32);
-  }
-  return s;
-}
-
-// Python repr of a string: single quotes unless it holds ' and no ".
-std::string py_repr_string(const std::string& s) {
-  char q = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    if (c == q || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
-      out += fmt::format("\\x{:02x}", static_cast<unsigned char>(c));
-    } else {
-      out += c;
-    }
-  }
-  out += q;
-  return out;
-}
-
-// Python repr(float).
-std::string py_float(double d) {
-  if (std::isnan(d)) return "nan";
-  if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
-  std::string s = fmt::format("{}", d);
-  if (s.find_first_of(".en") == std::string::npos) s += ".0";
-  return s;
-}
-
-bool is_undefined(const Value& v) { return v.is_discarded(); }
-Value undefined() { return Value(Value::value_t::discarded); }
-
-std::string py_str(const Value& v, bool repr);
-
-std::string py_str(const Value& v, bool repr) {
-  switch (v.type()) {
-    case Value::value_t::string: return repr ? py_repr_string(v.get<std::string>())
-                                             : v.get<std::string>();
-    case Value::value_t::boolean: return v.get<bool>() ? "True" : "False";
-    case Value::value_t::null: return "None";
-    case Value::value_t::number_integer: return std::to_string(v.get<int64_t>());
-    case Value::value_t::number_unsigned: return std::to_string(v.get<uint64_t>());
-    case Value::value_t::number_float: return py_float(v.get<double>());
-    case Value::value_t::discarded: return "";
-    case Value::value_t::array: {
-      std::string out = "[";
-      for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + py_str(v[i], true);
-      return out + "]";
-    }
-    case Value::value_t::object: {
-      std::string out = "{";
-      bool first = true;
-      for (auto it = v.begin(); it != v.end(); ++it) {
-        out += (first ? "" : ", ") + py_repr_string(it.key()) + ": " + py_str(it.value(), true);
-        first = false;
-      }
-      return out + "}";
-    }
-    default: return "";
-  }
-}
-
-void json_string(std::string& out, const std::string& s) {
-  out += '"';
-  for (char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          out += fmt::format("\\u{:04x}", static_cast<unsigned char>(c));
-        } else {
-          out += c;
-        }
-    }
-  }
-  out += '"';
-}
-
-void dumps(std::string& out, const Value& v, int indent, int depth) {
-  auto newline = [&](int d) {
-    if (indent >= 0) {
-      out += '\n';
-      out += std::string(static_cast<size_t>(indent * d), ' ');
-    }
-  };
-  const char* item_sep = indent >= 0 ? "," : ", ";
-  switch (v.type()) {
-    case Value::value_t::string: json_string(out, v.get<std::string>()); return;
-    case Value::value_t::boolean: out += v.get<bool>() ? "true" : "false"; return;
-    case Value::value_t::null:
-    case Value::value_t::discarded: out += "null"; return;
-    case Value::value_t::number_float: {
-      double d = v.get<double>();
-      out += std::isnan(d) ? "NaN" : std::isinf(d) ? (d > 0 ? "Infinity" : "-Infinity")
-                                                     : py_float(d);
-      return;
-    }
-    case Value::value_t::array:
-      if (v.empty()) {
-        out += "[]";
-        return;
-      }
-      out += '[';
-      for (size_t i = 0; i < v.size(); ++i) {
-        if (i) out += item_sep;
-        newline(depth + 1);
-        dumps(out, v[i], indent, depth + 1);
-      }
-      newline(depth);
-      out += ']';
-      return;
-    case Value::value_t::object: {
-      if (v.empty()) {
-        out += "{}";
-        return;
-      }
-      out += '{';
-      bool first = true;
-      for (auto it = v.begin(); it != v.end(); ++it) {
-        if (!first) out += item_sep;
-        first = false;
-        newline(depth + 1);
-        json_string(out, it.key());
-        out += ": ";
-        dumps(out, it.value(), indent, depth + 1);
-      }
-      newline(depth);
-      out += '}';
-      return;
-    }
-    default: out += v.dump(); return;
-  }
-}
-
-bool truthy(const Value& v) {
-  switch (v.type()) {
-    case Value::value_t::null:
-    case Value::value_t::discarded: return false;
-    case Value::value_t::boolean: return v.get<bool>();
-    case Value::value_t::number_integer:
-    case Value::value_t::number_unsigned: return v.get<int64_t>() != 0;
-    case Value::value_t::number_float: return v.get<double>() != 0.0;
-    case Value::value_t::string: return !v.get_ref<const std::string&>().empty();
-    case Value::value_t::array:
-    case Value::value_t::object: return !v.empty();
-    default: return true;
-  }
-}
-
-std::string type_name(const Value& v) {
-  switch (v.type()) {
-    case Value::value_t::null: return "NoneType";
-    case Value::value_t::discarded: return "Undefined";
-    case Value::value_t::boolean: return "bool";
-    case Value::value_t::number_integer:
-    case Value::value_t::number_unsigned: return "int";
-    case Value::value_t::number_float: return "float";
-    case Value::value_t::string: return "str";
-    case Value::value_t::array: return "list";
-    case Value::value_t::object: return "dict";
-    default: return "object";
-  }
-}
-
-bool is_int(const Value& v) { return v.is_number_integer() || v.is_boolean(); }
-int64_t as_int(const Value& v) { return v.is_boolean() ? v.get<bool>() : v.get<int64_t>(); }
-double as_double(const Value& v) {
-  return v.is_boolean() ? v.get<bool>() : v.get<double>();
-}
-bool is_num(const Value& v) { return v.is_number() || v.is_boolean(); }
-
-// Python == (True == 1, 1 == 1.0; Undefined equals only Undefined).
-bool py_equal(const Value& a, const Value& b) {
-  if (is_undefined(a) || is_undefined(b)) return is_undefined(a) && is_undefined(b);
-  if (is_num(a) && is_num(b)) {
-    if (is_int(a) && is_int(b)) return as_int(a) == as_int(b);
-    return as_double(a) == as_double(b);
-  }
-  if (a.type() != b.type()) return false;
-  if (a.is_array()) {
-    if (a.size() != b.size()) return false;
-    for (size_t i = 0; i < a.size(); ++i)
-      if (!py_equal(a[i], b[i])) return false;
-    return true;
-  }
-  return a == b;
-}
 
 // ------------------------------------------------------------------------------ lexing
 
@@ -312,28 +41,59 @@ std::string unescape(std::string_view body) {
       for (int k = 0; k < n && i + 1 < body.size(); ++k) {
         char h = body[++i];
         cp = cp * 16 + static_cast<uint32_t>(std::isdigit(static_cast<unsigned char>(h))
-                                                  ? h - '0'
-                                                  : (std::tolower(h) - 'a' + 10));
+                                                 ? h - '0'
+                                                 : (std::tolower(h) - 'a' + 10));
       }
       append_utf8(out, cp);
     };
     switch (e) {
-      case 'n': out += '\n'; break;
-      case 't': out += '\t'; break;
-      case 'r': out += '\r'; break;
-      case 'b': out += '\b'; break;
-      case 'f': out += '\f'; break;
-      case 'v': out += '\v'; break;
-      case 'a': out += '\a'; break;
-      case '0': out += '\0'; break;
-      case '\\': out += '\\'; break;
-      case '\'': out += '\''; break;
-      case '"': out += '"'; break;
-      case '\n': break;
-      case 'x': hex(2); break;
-      case 'u': hex(4); break;
-      case 'U': hex(8); break;
-      default: out += '\\'; out += e;
+      case 'n':
+        out += '\n';
+        break;
+      case 't':
+        out += '\t';
+        break;
+      case 'r':
+        out += '\r';
+        break;
+      case 'b':
+        out += '\b';
+        break;
+      case 'f':
+        out += '\f';
+        break;
+      case 'v':
+        out += '\v';
+        break;
+      case 'a':
+        out += '\a';
+        break;
+      case '0':
+        out += '\0';
+        break;
+      case '\\':
+        out += '\\';
+        break;
+      case '\'':
+        out += '\'';
+        break;
+      case '"':
+        out += '"';
+        break;
+      case '\n':
+        break;
+      case 'x':
+        hex(2);
+        break;
+      case 'u':
+        hex(4);
+        break;
+      case 'U':
+        hex(8);
+        break;
+      default:
+        out += '\\';
+        out += e;
     }
   }
   return out;
@@ -369,9 +129,9 @@ std::vector<Tok> lex_expression(std::string_view s, int line) {
       toks.push_back({TokKind::kString, unescape(s.substr(b, i - b))});
       ++i;
     } else {
-      static const char* kOps[] = {"//", "**", "==", "!=", "<=", ">=", "+", "-", "*", "/",
-                                   "%",  "~",  "<",  ">",  "(",  ")",  "[", "]", "{", "}",
-                                   ".",  ",",  ":",  "|",  "="};
+      static const char* kOps[] = {"//", "**", "==", "!=", "<=", ">=", "+", "-", "*",
+                                   "/",  "%",  "~",  "<",  ">",  "(",  ")", "[", "]",
+                                   "{",  "}",  ".",  ",",  ":",  "|",  "="};
       bool found = false;
       for (const char* op : kOps) {
         size_t n = std::char_traits<char>::length(op);
@@ -395,8 +155,19 @@ struct Expr;
 using ExprPtr = std::unique_ptr<Expr>;
 
 enum class ExprKind {
-  kLiteral, kName, kList, kDict, kAttr, kItem, kSlice, kCall, kFilter, kTest,
-  kUnary, kBinary, kTernary
+  kLiteral,
+  kName,
+  kList,
+  kDict,
+  kAttr,
+  kItem,
+  kSlice,
+  kCall,
+  kFilter,
+  kTest,
+  kUnary,
+  kBinary,
+  kTernary
 };
 
 struct Expr {
@@ -422,13 +193,13 @@ enum class NodeKind { kBody, kText, kOutput, kIf, kFor, kSet, kBreak, kContinue 
 struct Node {
   NodeKind kind = NodeKind::kBody;
   std::string text;
-  ExprPtr expr;                                // output; set value; for iterable
+  ExprPtr expr;                                    // output; set value; for iterable
   std::vector<std::pair<ExprPtr, Node>> branches;  // if: (condition or null for else, body)
-  std::vector<std::string> targets;            // for / set: names
-  std::string attribute;                       // set ns.attribute
-  ExprPtr condition;                           // for ... if condition
-  std::vector<Node> children;                  // body
-  std::vector<Node> else_children;             // for-else
+  std::vector<std::string> targets;                // for / set: names
+  std::string attribute;                           // set ns.attribute
+  ExprPtr condition;                               // for ... if condition
+  std::vector<Node> children;                      // body
+  std::vector<Node> else_children;                 // for-else
   int line = 0;
 };
 
@@ -730,8 +501,7 @@ class ExprParser {
   }
   void expect_end() {
     if (!at_end())
-      fail("chat template line {}: unexpected '{}' at the end of the tag", line_,
-           toks_[pos_].text);
+      fail("chat template line {}: unexpected '{}' at the end of the tag", line_, toks_[pos_].text);
   }
 
  private:
@@ -783,8 +553,8 @@ std::vector<Segment> segment(const std::string& src) {
       break;
     }
     if (open > i) {
-      segs.push_back({SegKind::kText, src.substr(i, open - i), false, false, false, false, i,
-                      line});
+      segs.push_back(
+          {SegKind::kText, src.substr(i, open - i), false, false, false, false, i, line});
       count_lines(i, open);
     }
     char type = src[open + 1];
@@ -1004,9 +774,10 @@ class BodyParser {
       n.kind = NodeKind::kBody;
       parse_body(n.children, {"endgeneration"}, nullptr);
     } else {
-      fail("chat template line {}: unsupported tag '{}' (supported: if, for, set, break, "
-           "continue, generation)",
-           line, word);
+      fail(
+          "chat template line {}: unsupported tag '{}' (supported: if, for, set, break, "
+          "continue, generation)",
+          line, word);
     }
     out.push_back(std::move(n));
   }
@@ -1033,15 +804,21 @@ class Renderer {
 
   Flow render(const Node& n, std::string& out) {
     switch (n.kind) {
-      case NodeKind::kBody: return render(n.children, out);
-      case NodeKind::kText: out += n.text; return Flow::kNormal;
-      case NodeKind::kOutput: out += py_str(eval(*n.expr), false); return Flow::kNormal;
+      case NodeKind::kBody:
+        return render(n.children, out);
+      case NodeKind::kText:
+        out += n.text;
+        return Flow::kNormal;
+      case NodeKind::kOutput:
+        out += py_str(eval(*n.expr), false);
+        return Flow::kNormal;
       case NodeKind::kIf:
         for (const auto& [cond, body] : n.branches) {
           if (!cond || truthy(eval(*cond))) return render(body.children, out);
         }
         return Flow::kNormal;
-      case NodeKind::kFor: return render_for(n, out);
+      case NodeKind::kFor:
+        return render_for(n, out);
       case NodeKind::kSet: {
         Value v = eval(*n.expr);
         if (!n.attribute.empty()) {
@@ -1054,14 +831,15 @@ class Renderer {
           scopes_.back()[n.targets[0]] = std::move(v);
         } else {
           if (!v.is_array() || v.size() != n.targets.size())
-            fail("template error: line {}: cannot unpack into {} names", n.line,
-                 n.targets.size());
+            fail("template error: line {}: cannot unpack into {} names", n.line, n.targets.size());
           for (size_t i = 0; i < n.targets.size(); ++i) scopes_.back()[n.targets[i]] = v[i];
         }
         return Flow::kNormal;
       }
-      case NodeKind::kBreak: return Flow::kBreak;
-      case NodeKind::kContinue: return Flow::kContinue;
+      case NodeKind::kBreak:
+        return Flow::kBreak;
+      case NodeKind::kContinue:
+        return Flow::kContinue;
     }
     return Flow::kNormal;
   }
@@ -1140,7 +918,8 @@ class Renderer {
 
   Value eval(const Expr& e) {
     switch (e.kind) {
-      case ExprKind::kLiteral: return e.value;
+      case ExprKind::kLiteral:
+        return e.value;
       case ExprKind::kName: {
         Value* v = lookup(e.name);
         return v ? *v : undefined();
@@ -1158,11 +937,16 @@ class Renderer {
         }
         return dict;
       }
-      case ExprKind::kAttr: return get_attr(eval(*e.args[0]), e.name, *e.args[0]);
-      case ExprKind::kItem: return get_item(eval(*e.args[0]), eval(*e.args[1]), *e.args[0]);
-      case ExprKind::kSlice: return slice(e);
-      case ExprKind::kCall: return call(e);
-      case ExprKind::kFilter: return filter(e);
+      case ExprKind::kAttr:
+        return get_attr(eval(*e.args[0]), e.name, *e.args[0]);
+      case ExprKind::kItem:
+        return get_item(eval(*e.args[0]), eval(*e.args[1]), *e.args[0]);
+      case ExprKind::kSlice:
+        return slice(e);
+      case ExprKind::kCall:
+        return call(e);
+      case ExprKind::kFilter:
+        return filter(e);
       case ExprKind::kTest: {
         bool r = test(e);
         return e.negated ? !r : r;
@@ -1170,15 +954,16 @@ class Renderer {
       case ExprKind::kUnary: {
         Value v = eval(*e.args[0]);
         if (e.name == "not") return !truthy(v);
-        if (!is_num(v)) fail("template error: bad operand type for unary {}: '{}'", e.name,
-                             type_name(v));
+        if (!is_num(v))
+          fail("template error: bad operand type for unary {}: '{}'", e.name, type_name(v));
         if (e.name == "+") return v;
         if (is_int(v)) return -as_int(v);
         return -as_double(v);
       }
       case ExprKind::kTernary:
         return truthy(eval(*e.args[1])) ? eval(*e.args[0]) : eval(*e.args[2]);
-      case ExprKind::kBinary: return binary(e);
+      case ExprKind::kBinary:
+        return binary(e);
     }
     return undefined();
   }
@@ -1192,8 +977,7 @@ class Renderer {
 
   Value get_attr(const Value& obj, const std::string& name, const Expr& obj_expr) {
     if (is_undefined(obj))
-      fail("template error: '{}' is undefined (reading attribute '{}')", describe(obj_expr),
-           name);
+      fail("template error: '{}' is undefined (reading attribute '{}')", describe(obj_expr), name);
     if (obj.is_object()) {
       auto it = obj.find(name);
       return it != obj.end() ? *it : undefined();
@@ -1392,7 +1176,8 @@ class Renderer {
         if (py_equal(v, item)) return true;
       return false;
     }
-    if (container.is_object()) return item.is_string() && container.contains(item.get<std::string>());
+    if (container.is_object())
+      return item.is_string() && container.contains(item.get<std::string>());
     if (is_undefined(container)) fail("template error: 'in' on an undefined value");
     fail("template error: argument of type '{}' is not iterable", type_name(container));
   }
@@ -1443,16 +1228,18 @@ class Renderer {
       for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) out.push_back(i);
       return out;
     }
-    if (f == "strftime_now") fail("template error: strftime_now() is not supported (the "
-                                  "rendering would not be reproducible)");
+    if (f == "strftime_now")
+      fail(
+          "template error: strftime_now() is not supported (the "
+          "rendering would not be reproducible)");
     Value* v = lookup(f);
-    fail("template error: '{}' is {} and cannot be called", f,
-         v ? "not a function" : "undefined");
+    fail("template error: '{}' is {} and cannot be called", f, v ? "not a function" : "undefined");
   }
 
   Value method(const Expr& e, const Value& obj, const std::string& name) {
-    auto arg = [&](size_t i) -> Value { return i + 1 < e.args.size() ? eval(*e.args[i + 1])
-                                                                     : undefined(); };
+    auto arg = [&](size_t i) -> Value {
+      return i + 1 < e.args.size() ? eval(*e.args[i + 1]) : undefined();
+    };
     if (obj.is_string()) {
       const std::string& s = obj.get_ref<const std::string&>();
       if (name == "strip" || name == "lstrip" || name == "rstrip") {
@@ -1541,8 +1328,10 @@ class Renderer {
     bool start = true;
     for (char& c : out) {
       bool alpha = std::isalpha(static_cast<unsigned char>(c));
-      if (start && alpha) c = static_cast<char>(std::toupper(c));
-      else if (alpha && !capitalize_only) c = static_cast<char>(std::tolower(c));
+      if (start && alpha)
+        c = static_cast<char>(std::toupper(c));
+      else if (alpha && !capitalize_only)
+        c = static_cast<char>(std::tolower(c));
       if (capitalize_only) {
         start = false;
       } else {
@@ -1619,8 +1408,8 @@ class Renderer {
       for (const auto& x : v) {
         if (!first) out += sep;
         first = false;
-        out += py_str(attr.is_string() ? get_attr(x, attr.get<std::string>(), *e.args[0]) : x,
-                      false);
+        out +=
+            py_str(attr.is_string() ? get_attr(x, attr.get<std::string>(), *e.args[0]) : x, false);
       }
       return out;
     }
@@ -1685,8 +1474,8 @@ class Renderer {
       if (!is_int(v)) fail("template error: test '{}' needs an integer", t);
       return (as_int(v) % 2 != 0) == (t == "odd");
     }
-    if (t == "divisibleby") return is_int(v) && is_int(arg) && as_int(arg) != 0 &&
-                                   as_int(v) % as_int(arg) == 0;
+    if (t == "divisibleby")
+      return is_int(v) && is_int(arg) && as_int(arg) != 0 && as_int(v) % as_int(arg) == 0;
     fail("template error: unsupported test '{}'", t);
   }
 
@@ -1719,9 +1508,8 @@ Template::Template(std::string_view source) {
   root_ = std::make_unique<Node>();
   BodyParser parser(std::move(segs));
   std::vector<Tok> end;
-  std::string w = parser.parse_body(root_->children, {"endif", "endfor", "elif", "else",
-                                                      "endgeneration"},
-                                    &end, true);
+  std::string w = parser.parse_body(
+      root_->children, {"endif", "endfor", "elif", "else", "endgeneration"}, &end, true);
   if (!w.empty()) fail("chat template: unexpected {{% {} %}}", w);
 }
 
@@ -1733,12 +1521,6 @@ std::string Template::render(const Value& context) const {
   Renderer r(context.is_object() ? context : Value::object());
   std::string out;
   r.render(root_->children, out);
-  return out;
-}
-
-std::string python_json_dumps(const Value& value, int indent) {
-  std::string out;
-  dumps(out, value, indent, 0);
   return out;
 }
 

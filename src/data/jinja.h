@@ -2,10 +2,9 @@
 // apply_chat_template environment does (trim_blocks, lstrip_blocks, Python value semantics).
 #pragma once
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
-
-#include <nlohmann/json.hpp>
 
 namespace lt::jinja {
 

@@ -253,7 +253,8 @@ void HfTokenizer::load_config(const std::filesystem::path& file) {
   json config = json::object();
   if (std::filesystem::exists(config_path)) {
     config = parse_json_file(config_path);
-    if (!config.is_object()) fail("tokenizer file {}: expected a JSON object", config_path.string());
+    if (!config.is_object())
+      fail("tokenizer file {}: expected a JSON object", config_path.string());
   }
   bos_token_ = config_token(config, "bos_token");
   eos_token_ = config_token(config, "eos_token");

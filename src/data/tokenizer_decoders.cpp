@@ -207,7 +207,8 @@ std::unique_ptr<Decoder> make_decoder(const json& j, const Origin& where) {
     std::string content = j.value("content", std::string(" "));
     size_t i = 0;
     char32_t c = content.empty() ? U' ' : utf8_next(content, i);
-    return std::make_unique<StripDecoder>(c, j.value("start", size_t{0}), j.value("stop", size_t{0}));
+    return std::make_unique<StripDecoder>(c, j.value("start", size_t{0}),
+                                          j.value("stop", size_t{0}));
   }
   if (type == "Replace") {
     if (!j.contains("pattern") || !j.contains("content") || !j["content"].is_string())

@@ -52,10 +52,18 @@ class UnicodeNormalizer : public Normalizer {
   UnicodeNormalizer(UnicodeForm form, const Origin& where) {
     UErrorCode err = U_ZERO_ERROR;
     switch (form) {
-      case UnicodeForm::kNfc: norm_ = icu::Normalizer2::getNFCInstance(err); break;
-      case UnicodeForm::kNfd: norm_ = icu::Normalizer2::getNFDInstance(err); break;
-      case UnicodeForm::kNfkc: norm_ = icu::Normalizer2::getNFKCInstance(err); break;
-      case UnicodeForm::kNfkd: norm_ = icu::Normalizer2::getNFKDInstance(err); break;
+      case UnicodeForm::kNfc:
+        norm_ = icu::Normalizer2::getNFCInstance(err);
+        break;
+      case UnicodeForm::kNfd:
+        norm_ = icu::Normalizer2::getNFDInstance(err);
+        break;
+      case UnicodeForm::kNfkc:
+        norm_ = icu::Normalizer2::getNFKCInstance(err);
+        break;
+      case UnicodeForm::kNfkd:
+        norm_ = icu::Normalizer2::getNFKDInstance(err);
+        break;
     }
     if (U_FAILURE(err) || !norm_) fail_at(where, "ICU normalizer is not available");
   }

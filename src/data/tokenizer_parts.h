@@ -5,14 +5,13 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace lt::tok {
 
@@ -48,8 +47,8 @@ std::string component_type(const json& j, const Origin& where);
 // ---- Regex (PCRE2, UTF + UCP, JIT) ----
 class Regex {
  public:
-  // pattern in Oniguruma/Rust syntax as tokenizer.json stores it; \s is widened to Unicode
-  // White_Space (U+0085 too) as Oniguruma does. UserError (naming where) if it does not compile.
+  // pattern in Oniguruma syntax as tokenizer.json stores it (the subset used by tokenizers is
+  // PCRE2-compatible). UserError (naming where) if it does not compile.
   Regex(std::string_view pattern, const Origin& where);
   // Appends the [start, end) byte ranges of all non-overlapping, non-empty matches in text.
   void find_all(std::string_view text, std::vector<std::pair<size_t, size_t>>& out) const;
@@ -60,7 +59,7 @@ class Regex {
 
 // A pattern field {"String": s} or {"Regex": r}.
 struct Pattern {
-  std::string literal;          // when !regex
+  std::string literal;           // when !regex
   std::shared_ptr<Regex> regex;  // when set
   static Pattern parse(const json& j, const Origin& where);
   void find_all(std::string_view text, std::vector<std::pair<size_t, size_t>>& out) const;
@@ -117,8 +116,8 @@ class BpeModel {
 
   StringMap<int32_t> vocab_;
   std::vector<std::string> id_to_token_;  // dense by id ("" for holes)
-  std::vector<uint64_t> merge_keys_;       // open addressing: (a << 32 | b), ~0 = empty
-  std::vector<uint64_t> merge_values_;     // (rank << 32 | new_id)
+  std::vector<uint64_t> merge_keys_;      // open addressing: (a << 32 | b), ~0 = empty
+  std::vector<uint64_t> merge_values_;    // (rank << 32 | new_id)
   uint64_t merge_mask_ = 0;
   std::optional<int32_t> unk_id_;
   bool byte_fallback_ = false;

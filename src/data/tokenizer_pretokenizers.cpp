@@ -46,7 +46,8 @@ SplitBehavior parse_behavior(const json& j, const Origin& where) {
   if (b == "MergedWithNext") return SplitBehavior::kMergedWithNext;
   if (b == "Contiguous") return SplitBehavior::kContiguous;
   fail_at(where, fmt::format("unsupported split behavior '{}' (Removed, Isolated, "
-                             "MergedWithPrevious, MergedWithNext, Contiguous)", b));
+                             "MergedWithPrevious, MergedWithNext, Contiguous)",
+                             b));
 }
 
 struct Segment {
@@ -241,8 +242,7 @@ class DigitsPreTokenizer : public PreTokenizer {
   void pre_tokenize(std::vector<Piece>& pieces) const override {
     split_each(pieces, [&](const Piece& p, std::vector<Piece>& out) {
       auto m = char_matches(p.text, [](char32_t c) { return c >= '0' && c <= '9'; });
-      split_piece(p, m,
-                  individual_ ? SplitBehavior::kIsolated : SplitBehavior::kContiguous, false,
+      split_piece(p, m, individual_ ? SplitBehavior::kIsolated : SplitBehavior::kContiguous, false,
                   out);
     });
   }
@@ -257,9 +257,8 @@ class CharSplitPreTokenizer : public PreTokenizer {
   explicit CharSplitPreTokenizer(std::optional<char32_t> delimiter) : delimiter_(delimiter) {}
   void pre_tokenize(std::vector<Piece>& pieces) const override {
     split_each(pieces, [&](const Piece& p, std::vector<Piece>& out) {
-      auto m = char_matches(p.text, [&](char32_t c) {
-        return delimiter_ ? c == *delimiter_ : is_whitespace(c);
-      });
+      auto m = char_matches(
+          p.text, [&](char32_t c) { return delimiter_ ? c == *delimiter_ : is_whitespace(c); });
       split_piece(p, m, SplitBehavior::kRemoved, false, out);
     });
   }
@@ -327,7 +326,8 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const Origin& wh
     }
     return std::make_unique<MetaspacePreTokenizer>(replacement, scheme, j.value("split", true));
   }
-  if (type == "Digits") return std::make_unique<DigitsPreTokenizer>(j.value("individual_digits", false));
+  if (type == "Digits")
+    return std::make_unique<DigitsPreTokenizer>(j.value("individual_digits", false));
   if (type == "WhitespaceSplit") return std::make_unique<CharSplitPreTokenizer>(std::nullopt);
   if (type == "CharDelimiterSplit") {
     std::string d = j.value("delimiter", std::string());
@@ -339,8 +339,8 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const Origin& wh
     // HF: splits on \w+|[^\w\s]+ keeping only the matches (Oniguruma \w: letters, marks,
     // decimal digits, connector punctuation).
     Pattern p;
-    p.regex = std::make_shared<Regex>(R"([\p{L}\p{M}\p{Nd}\p{Pc}]+|[^\p{L}\p{M}\p{Nd}\p{Pc}\s]+)",
-                                      where);
+    p.regex =
+        std::make_shared<Regex>(R"([\p{L}\p{M}\p{Nd}\p{Pc}]+|[^\p{L}\p{M}\p{Nd}\p{Pc}\s]+)", where);
     return std::make_unique<SplitPreTokenizer>(std::move(p), SplitBehavior::kRemoved, true);
   }
   fail_at(where, fmt::format("unsupported pre_tokenizer type \"{}\" (supported: ByteLevel, Split, "

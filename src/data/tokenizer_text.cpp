@@ -129,39 +129,6 @@ std::string component_type(const json& j, const Origin& where) {
 }
 
 namespace {
-// Oniguruma's \s is Unicode White_Space, which includes U+0085; PCRE2's (with UCP) does not.
-std::string widen_whitespace_class(std::string_view p) {
-  std::string out;
-  bool in_class = false;
-  for (size_t i = 0; i < p.size(); ++i) {
-    char c = p[i];
-    if (c == '\\' && i + 1 < p.size()) {
-      char e = p[i + 1];
-      ++i;
-      if (e == 's') {
-        out += in_class ? "\\s\\x{85}" : "[\\s\\x{85}]";
-      } else if (e == 'S' && !in_class) {
-        out += "[^\\s\\x{85}]";
-      } else {
-        out += c;
-        out += e;
-      }
-      continue;
-    }
-    if (c == '[' && !in_class) {
-      in_class = true;
-      out += c;
-      // A ']' right after '[' or '[^' is a literal.
-      if (i + 1 < p.size() && p[i + 1] == '^') out += p[++i];
-      if (i + 1 < p.size() && p[i + 1] == ']') out += p[++i];
-      continue;
-    }
-    if (c == ']' && in_class) in_class = false;
-    out += c;
-  }
-  return out;
-}
-
 pcre2_match_data* thread_match_data() {
   // One ovector pair is enough: only the whole match is read (rc == 0 still fills pair 0).
   thread_local std::unique_ptr<pcre2_match_data, void (*)(pcre2_match_data*)> md(
@@ -171,7 +138,9 @@ pcre2_match_data* thread_match_data() {
 }  // namespace
 
 Regex::Regex(std::string_view pattern, const Origin& where) {
-  std::string p = widen_whitespace_class(pattern);
+  // PCRE2 with UCP gives \s, \p{L}, \p{N} the Unicode meaning Oniguruma gives them (its \s
+  // includes U+0085 like Oniguruma's; the corpora hold such cases).
+  std::string p(pattern);
   int err = 0;
   PCRE2_SIZE err_off = 0;
   pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(p.data()), p.size(),
@@ -183,7 +152,8 @@ Regex::Regex(std::string_view pattern, const Origin& where) {
                                reinterpret_cast<const char*>(msg)));
   }
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter if JIT is absent
-  code_ = std::shared_ptr<void>(code, [](void* c) { pcre2_code_free(static_cast<pcre2_code*>(c)); });
+  code_ =
+      std::shared_ptr<void>(code, [](void* c) { pcre2_code_free(static_cast<pcre2_code*>(c)); });
 }
 
 void Regex::find_all(std::string_view text, std::vector<std::pair<size_t, size_t>>& out) const {

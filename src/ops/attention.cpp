@@ -68,7 +68,8 @@ inline v16 vexp(v16 x) {
 // Tile GEMM: C[M x N] (+)= A[M x K] * B[K x N]; A(m, k) = a[m * a_m + k * a_k] (so A or A^T of
 // a stored matrix), B row-major with row stride ldb, C row stride ldc. Register-blocked
 // broadcast-FMA kernel: MR rows of C times NV 16-float vectors stay in registers while k runs.
-// No packing, so it beats cblas_sgemm on 64-sized tiles (measured in bench_attention).
+// No packing or call overhead: on 64-sized tiles it is faster than cblas_sgemm (see
+// bench_attention, which measures both).
 
 template <int NV, int MR>
 inline void gemm_block(float* c, int64_t ldc, const float* a, int64_t a_m, int64_t a_k,
@@ -143,6 +144,16 @@ void tile_gemm(float* c, int64_t ldc, const float* a, int64_t a_m, int64_t a_k, 
   }
 }
 
+}  // namespace
+
+void detail::attention_tile_gemm(float* c, int64_t ldc, const float* a, int64_t a_m, int64_t a_k,
+                                 const float* b, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                                 bool accumulate) {
+  tile_gemm(c, ldc, a, a_m, a_k, b, ldb, M, N, K, accumulate);
+}
+
+namespace {
+
 // Copies rows x[i * ld + d] (i < rows, d < HD) into xt[d * kTile + i] times mul; columns
 // i >= rows are zero, so a tile GEMM over the full kTile width reads no garbage.
 void transpose_tile(float* xt, const float* x, int64_t ld, int64_t rows, int64_t HD, float mul) {
@@ -158,8 +169,8 @@ struct Scratch {
   };
   std::unique_ptr<float[], Free> p;
   explicit Scratch(int64_t n)
-      : p(static_cast<float*>(::operator new[](sizeof(float) * std::max<int64_t>(n, 1),
-                                               std::align_val_t(64)))) {}
+      : p(static_cast<float*>(
+            ::operator new[](sizeof(float) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
   float* get() { return p.get(); }
 };
 
@@ -197,6 +208,9 @@ class Mask {
     if (s_.doc_ids && s_.doc_ids[b * s_.T + j] != s_.doc_ids[b * s_.T + i]) return false;
     return true;
   }
+  // Whether the keys visible from a query form the interval [first_key, i] and the queries that
+  // see a key the interval [j, last_query] (no doc ids, or each doc id in one run).
+  bool intervals(int64_t b) const { return !s_.doc_ids || contiguous_[b]; }
   // First key that query i may see (every key before it is masked).
   int64_t first_key(int64_t b, int64_t i) const {
     int64_t lo = s_.window > 0 ? std::max<int64_t>(0, i - s_.window + 1) : 0;
@@ -229,6 +243,8 @@ void check_shape(const AttentionShape& s) {
            s.B, s.T, s.H, s.KVH, s.HD);
   LT_CHECK(s.H % s.KVH == 0, "H={} is not a multiple of KVH={}", s.H, s.KVH);
   LT_CHECK(s.window >= 0, "window={}", s.window);
+  LT_CHECK(s.scale > 0 && std::isfinite(s.scale), "softmax scale={} (set it, e.g. 1/sqrt(HD))",
+           s.scale);
 }
 
 // D[b,h,i] = sum_d dout[b,i,h,d] * out[b,i,h,d] (FlashAttention-2's rowsum(dO * O)).
@@ -300,9 +316,20 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         // S^T (kn, kTile) = K (kn, HD) * Q^T (HD, kTile)
         tile_gemm(st, kTile, kp, ldk, 1, qt, kTile, kn, kTile, HD, false);
         if (!mask.all_visible(b, q0, qn, k0, kn)) {
-          for (int64_t j = 0; j < kn; ++j)
-            for (int64_t i = 0; i < qn; ++i)
-              if (!mask.visible(b, q0 + i, k0 + j)) st[j * kTile + i] = kNegInf;
+          if (mask.intervals(b)) {  // key j is seen by queries [j, last_query(j)]
+            for (int64_t j = 0; j < kn; ++j) {
+              float* row = st + j * kTile;
+              const int64_t lo = std::clamp<int64_t>(k0 + j - q0, 0, kTile);
+              const int64_t hi =
+                  std::clamp<int64_t>(mask.last_query(b, k0 + j) + 1 - q0, lo, kTile);
+              std::fill(row, row + lo, kNegInf);
+              std::fill(row + hi, row + kTile, kNegInf);
+            }
+          } else {
+            for (int64_t j = 0; j < kn; ++j)
+              for (int64_t i = 0; i < qn; ++i)
+                if (!mask.visible(b, q0 + i, k0 + j)) st[j * kTile + i] = kNegInf;
+          }
         }
         // Online softmax (FlashAttention-2, Alg. 1): m' = max(m, rowmax S), P = exp(S - m'),
         // l' = exp(m - m') l + rowsum P, O' = exp(m - m') O + P V.
@@ -343,131 +370,215 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 }
 
 // ---------------------------------------------------------------------------------------------
-// Flash backward (FlashAttention-2, Alg. 2), race-free scheme:
-//   one task = (b, kv head, slice of key tiles). For each key tile the task accumulates dK and
-//   dV in local (kTile, HD) buffers over all query heads of the group and all query tiles that
-//   see the tile, then writes them: dk/dv rows have exactly one owner. dQ rows receive
-//   contributions from every key tile, so each slice adds into its own dQ copy: slice 0 into dq
-//   itself, slice s > 0 into scratch copy s-1, summed into dq at the end in a fixed order
-//   (deterministic). Slices = ceil(threads / (B * KVH)): with B * KVH >= threads there is one
-//   slice and no extra memory; otherwise (slices - 1) copies of dq, O(T * H * HD), never T*T.
-//   Slices cut the key tiles into contiguous ranges of equal work (visible tile pairs).
+// Flash backward (FlashAttention-2, Alg. 2): D = rowsum(dO * O); per tile pair P = exp(S - lse),
+// dV += P^T dO, dP = dO V^T, dS = P (dP - D), dQ += scale dS K, dK += scale dS^T Q.
+//
+// Race-free, deterministic work split. dk/dv rows of a kv head receive contributions from all
+// query heads of its group; dq rows from all key tiles. Key-tile tasks own dK/dV: a task
+// accumulates dK and dV of one key tile in local (kTile, HD) buffers over all query heads of the
+// group and all query tiles that see the tile, then writes them (one owner per dk/dv row).
+//  - One pass, when B * KVH >= threads: one task = (b, kv head) walking all its key tiles in
+//    order, so it also owns dq of the group's heads and adds dS K into it directly. 5 tile
+//    GEMMs per tile pair, no memory beyond the tiles.
+//  - Two passes, when B * KVH < threads (too few groups to fill the machine): pass 1, one task
+//    = (b, kv head, key tile), computes dK and dV only (4 GEMMs per pair); pass 2, one task =
+//    (b, h, query tile), recomputes S and dP and accumulates its dQ tile locally (3 GEMMs per
+//    pair). 40% more arithmetic, but every thread busy and still no T*T or per-thread dq copy.
+
+namespace {
+
+struct BackwardBuffers {
+  Scratch a, b, s, dp, acc1, acc2;
+  explicit BackwardBuffers(int64_t HD)
+      : a(HD * kTile),
+        b(HD * kTile),
+        s(kTile * kTile),
+        dp(kTile * kTile),
+        acc1(kTile * HD),
+        acc2(kTile * HD) {}
+};
+
+struct BackwardArgs {
+  float *dq, *dk, *dv;
+  const float *dout, *lse, *q, *k, *v, *D;  // D (B,H,T)
+  const AttentionShape& s;
+  const Mask& mask;
+  const int64_t* q_last;  // (B, key tiles) last query that sees any key of the tile
+};
+
+// dK, dV of key tile `ktile` of (b, kvh), summed over the group's query heads; with
+// `with_dq`, also dq += scale dS K for every visible query tile.
+void backward_key_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b, int64_t kvh,
+                       int64_t ktile, bool with_dq) {
+  const AttentionShape& s = x.s;
+  const int64_t T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, G = H / KVH;
+  const int64_t ldq = H * HD, ldk = KVH * HD, n_kt = (T + kTile - 1) / kTile;
+  float* kt_tile = buf.a.get();  // (HD, kTile) K^T
+  float* vt_tile = buf.b.get();  // (HD, kTile) V^T
+  float* sp = buf.s.get();       // (kTile, kTile) S, then P
+  float* dps = buf.dp.get();     // (kTile, kTile) dP, then scale * dS
+  float* dk_acc = buf.acc1.get();
+  float* dv_acc = buf.acc2.get();
+  const int64_t k0 = ktile * kTile, kn = std::min(kTile, T - k0);
+  const float* kp = x.k + ((b * T + k0) * KVH + kvh) * HD;
+  const float* vp = x.v + ((b * T + k0) * KVH + kvh) * HD;
+  transpose_tile(kt_tile, kp, ldk, kn, HD, 1.0f);
+  transpose_tile(vt_tile, vp, ldk, kn, HD, 1.0f);
+  std::fill(dk_acc, dk_acc + kn * HD, 0.0f);
+  std::fill(dv_acc, dv_acc + kn * HD, 0.0f);
+  const int64_t q_end = x.q_last[b * n_kt + ktile] + 1;
+  for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
+    for (int64_t q0 = k0; q0 < q_end; q0 += kTile) {
+      const int64_t qn = std::min(kTile, q_end - q0);
+      const int64_t row0 = (b * T + q0) * H + h;
+      const float* qp = x.q + row0 * HD;
+      const float* dop = x.dout + row0 * HD;
+      // S (qn, kTile) = Q K^T; dP (qn, kTile) = dO V^T.
+      tile_gemm(sp, kTile, qp, ldq, 1, kt_tile, kTile, qn, kTile, HD, false);
+      tile_gemm(dps, kTile, dop, ldq, 1, vt_tile, kTile, qn, kTile, HD, false);
+      const float* lse_row = x.lse + (b * H + h) * T + q0;
+      const float* d_row = x.D + (b * H + h) * T + q0;
+      for (int64_t i = 0; i < qn; ++i) {
+        // A row that saw no key (lse = -inf) gets P = 0.
+        const v16 li = splat(lse_row[i] == kNegInf ? -kNegInf : lse_row[i]);
+        const v16 di = splat(d_row[i]);
+        for (int64_t j = 0; j < kTile; j += 16) {
+          const v16 p = vexp(load16(sp + i * kTile + j) * s.scale - li);
+          store16(sp + i * kTile + j, p);
+          store16(dps + i * kTile + j, p * (load16(dps + i * kTile + j) - di) * s.scale);
+        }
+      }
+      if (kn < kTile || !x.mask.all_visible(b, q0, qn, k0, kn)) {
+        for (int64_t i = 0; i < qn; ++i) {
+          float* p_row = sp + i * kTile;
+          float* ds_row = dps + i * kTile;
+          if (x.mask.intervals(b)) {  // query i sees keys [first_key(i), i]
+            const int64_t lo = std::clamp<int64_t>(x.mask.first_key(b, q0 + i) - k0, 0, kn);
+            const int64_t hi = std::clamp<int64_t>(q0 + i + 1 - k0, lo, kn);
+            std::fill(p_row, p_row + lo, 0.0f);
+            std::fill(ds_row, ds_row + lo, 0.0f);
+            std::fill(p_row + hi, p_row + kTile, 0.0f);
+            std::fill(ds_row + hi, ds_row + kTile, 0.0f);
+          } else {
+            for (int64_t j = 0; j < kTile; ++j)
+              if (j >= kn || !x.mask.visible(b, q0 + i, k0 + j)) p_row[j] = ds_row[j] = 0.0f;
+          }
+        }
+      }
+      // dV (kn, HD) += P^T dO; dK (kn, HD) += dS^T Q; dQ (qn, HD) += dS K.
+      tile_gemm(dv_acc, HD, sp, 1, kTile, dop, ldq, kn, HD, qn, true);
+      tile_gemm(dk_acc, HD, dps, 1, kTile, qp, ldq, kn, HD, qn, true);
+      if (with_dq) tile_gemm(x.dq + row0 * HD, ldq, dps, kTile, 1, kp, ldk, qn, HD, kn, true);
+    }
+  }
+  for (int64_t j = 0; j < kn; ++j) {
+    const int64_t row = ((b * T + k0 + j) * KVH + kvh) * HD;
+    std::memcpy(x.dk + row, dk_acc + j * HD, HD * sizeof(float));
+    std::memcpy(x.dv + row, dv_acc + j * HD, HD * sizeof(float));
+  }
+}
+
+// dq of query tile `qtile` of (b, h), overwritten: sum over visible key tiles of scale dS K.
+// Works in the transposed layout of the forward (S^T = K Q^T, dP^T = V dO^T) so that Q^T and
+// dO^T are built once per query tile.
+void backward_query_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b, int64_t h,
+                         int64_t qtile) {
+  const AttentionShape& s = x.s;
+  const int64_t T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, kvh = h / (H / KVH);
+  const int64_t ldq = H * HD, ldk = KVH * HD;
+  float* qt = buf.a.get();    // (HD, kTile) Q^T
+  float* dot = buf.b.get();   // (HD, kTile) dO^T
+  float* st = buf.s.get();    // (kTile keys, kTile queries) S^T, then P^T
+  float* dst = buf.dp.get();  // (kTile, kTile) dP^T, then scale * dS^T
+  float* dq_acc = buf.acc1.get();
+  float* ld = buf.acc2.get();  // (kTile) lse, then (kTile) D
+  const int64_t q0 = qtile * kTile, qn = std::min(kTile, T - q0);
+  const int64_t row0 = (b * T + q0) * H + h;
+  transpose_tile(qt, x.q + row0 * HD, ldq, qn, HD, 1.0f);
+  transpose_tile(dot, x.dout + row0 * HD, ldq, qn, HD, 1.0f);
+  for (int64_t i = 0; i < kTile; ++i) {
+    const float l = i < qn ? x.lse[(b * H + h) * T + q0 + i] : kNegInf;
+    ld[i] = l == kNegInf ? -kNegInf : l;  // no key seen: P = 0
+    ld[kTile + i] = i < qn ? x.D[(b * H + h) * T + q0 + i] : 0.0f;
+  }
+  std::fill(dq_acc, dq_acc + qn * HD, 0.0f);
+  int64_t k_first = q0;
+  for (int64_t i = q0; i < q0 + qn; ++i) k_first = std::min(k_first, x.mask.first_key(b, i));
+  const int64_t k_end = q0 + qn;
+  for (int64_t k0 = k_first / kTile * kTile; k0 < k_end; k0 += kTile) {
+    const int64_t kn = std::min(kTile, k_end - k0);
+    const float* kp = x.k + ((b * T + k0) * KVH + kvh) * HD;
+    const float* vp = x.v + ((b * T + k0) * KVH + kvh) * HD;
+    tile_gemm(st, kTile, kp, ldk, 1, qt, kTile, kn, kTile, HD, false);
+    tile_gemm(dst, kTile, vp, ldk, 1, dot, kTile, kn, kTile, HD, false);
+    for (int64_t j = 0; j < kn; ++j) {
+      for (int64_t i = 0; i < kTile; i += 16) {
+        const v16 p = vexp(load16(st + j * kTile + i) * s.scale - load16(ld + i));
+        store16(dst + j * kTile + i,
+                p * (load16(dst + j * kTile + i) - load16(ld + kTile + i)) * s.scale);
+      }
+    }
+    if (!x.mask.all_visible(b, q0, qn, k0, kn)) {
+      for (int64_t j = 0; j < kn; ++j) {
+        float* row = dst + j * kTile;
+        if (x.mask.intervals(b)) {  // key j is seen by queries [j, last_query(j)]
+          const int64_t lo = std::clamp<int64_t>(k0 + j - q0, 0, kTile);
+          const int64_t hi = std::clamp<int64_t>(x.mask.last_query(b, k0 + j) + 1 - q0, lo, kTile);
+          std::fill(row, row + lo, 0.0f);
+          std::fill(row + hi, row + kTile, 0.0f);
+        } else {
+          for (int64_t i = 0; i < qn; ++i)
+            if (!x.mask.visible(b, q0 + i, k0 + j)) row[i] = 0.0f;
+        }
+      }
+    }
+    // dQ (qn, HD) += dS (qn, kn) K (kn, HD), dS read from dS^T.
+    tile_gemm(dq_acc, HD, dst, 1, kTile, kp, ldk, qn, HD, kn, true);
+  }
+  for (int64_t i = 0; i < qn; ++i)
+    std::memcpy(x.dq + (row0 + i * H) * HD, dq_acc + i * HD, HD * sizeof(float));
+}
+
+}  // namespace
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v,
                         const AttentionShape& s) {
   check_shape(s);
-  const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, G = H / KVH;
+  const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
   if (B == 0 || T == 0) return;
   const Mask mask(s);
-  const int64_t ldq = H * HD, ldk = KVH * HD;
   const int64_t n_kt = (T + kTile - 1) / kTile;
   const std::vector<float> D = dout_dot_out(dout, out, s);
-
-  const int64_t threads = omp_get_max_threads();
-  const int64_t slices = std::min(n_kt, std::max<int64_t>(1, (threads + B * KVH - 1) / (B * KVH)));
-  // slice_begin[(b * KVH + kvh) * (slices + 1) + sl]: first key tile of each slice.
-  std::vector<int64_t> slice_begin(B * KVH * (slices + 1));
-  std::vector<int64_t> q_last(B * n_kt);  // last query that sees any key of the tile
-  for (int64_t b = 0; b < B; ++b) {
-    std::vector<double> work(n_kt);
+  std::vector<int64_t> q_last(B * n_kt);
+  for (int64_t b = 0; b < B; ++b)
     for (int64_t kt = 0; kt < n_kt; ++kt) {
-      const int64_t k0 = kt * kTile, kn = std::min(kTile, T - k0);
-      int64_t hi = k0;
-      for (int64_t j = k0; j < k0 + kn; ++j) hi = std::max(hi, mask.last_query(b, j));
+      int64_t hi = kt * kTile;
+      for (int64_t j = kt * kTile; j < std::min(T, (kt + 1) * kTile); ++j)
+        hi = std::max(hi, mask.last_query(b, j));
       q_last[b * n_kt + kt] = hi;
-      work[kt] = static_cast<double>(hi / kTile - kt + 1);
     }
-    double total = 0;
-    for (double w : work) total += w;
-    for (int64_t kvh = 0; kvh < KVH; ++kvh) {
-      int64_t* sb = slice_begin.data() + (b * KVH + kvh) * (slices + 1);
-      double acc = 0;
-      int64_t sl = 1;
-      sb[0] = 0;
-      for (int64_t kt = 0; kt < n_kt && sl < slices; ++kt) {
-        acc += work[kt];
-        while (sl < slices && acc >= total * sl / slices) sb[sl++] = kt + 1;
-      }
-      while (sl < slices) sb[sl++] = n_kt;
-      sb[slices] = n_kt;
-    }
-  }
-
-  std::fill(dq, dq + B * T * H * HD, 0.0f);
-  std::vector<float> dq_extra((slices - 1) * B * T * H * HD, 0.0f);
+  const BackwardArgs args{dq, dk, dv, dout, lse, q, k, v, D.data(), s, mask, q_last.data()};
+  const bool one_pass = B * KVH >= omp_get_max_threads();
+  if (one_pass) std::fill(dq, dq + B * T * H * HD, 0.0f);
 
 #pragma omp parallel
   {
-    Scratch kt_buf(HD * kTile), vt_buf(HD * kTile), s_buf(kTile * kTile), dp_buf(kTile * kTile),
-        dk_buf(kTile * HD), dv_buf(kTile * HD);
-    float* kt_tile = kt_buf.get();  // (HD, kTile) K^T
-    float* vt_tile = vt_buf.get();  // (HD, kTile) V^T
-    float* sp = s_buf.get();        // (kTile, kTile) S, then P
-    float* dps = dp_buf.get();      // (kTile, kTile) dP, then dS * scale
-    float* dk_acc = dk_buf.get();   // (kTile, HD)
-    float* dv_acc = dv_buf.get();   // (kTile, HD)
-    const int64_t n_tasks = B * KVH * slices;
-
+    BackwardBuffers buf(HD);
+    if (one_pass) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t sl = task % slices, bk = task / slices, b = bk / KVH, kvh = bk % KVH;
-      const int64_t* sb = slice_begin.data() + bk * (slices + 1);
-      float* dq_dst = sl == 0 ? dq : dq_extra.data() + (sl - 1) * B * T * H * HD;
-      for (int64_t ktile = sb[sl]; ktile < sb[sl + 1]; ++ktile) {
-        const int64_t k0 = ktile * kTile, kn = std::min(kTile, T - k0);
-        const float* kp = k + ((b * T + k0) * KVH + kvh) * HD;
-        const float* vp = v + ((b * T + k0) * KVH + kvh) * HD;
-        transpose_tile(kt_tile, kp, ldk, kn, HD, 1.0f);
-        transpose_tile(vt_tile, vp, ldk, kn, HD, 1.0f);
-        std::fill(dk_acc, dk_acc + kn * HD, 0.0f);
-        std::fill(dv_acc, dv_acc + kn * HD, 0.0f);
-        const int64_t q_end = q_last[b * n_kt + ktile] + 1;
-        for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-          for (int64_t q0 = k0; q0 < q_end; q0 += kTile) {
-            const int64_t qn = std::min(kTile, q_end - q0);
-            const int64_t row0 = (b * T + q0) * H + h;
-            const float* qp = q + row0 * HD;
-            const float* dop = dout + row0 * HD;
-            // S (qn, kTile) = Q K^T; dP (qn, kTile) = dO V^T.
-            tile_gemm(sp, kTile, qp, ldq, 1, kt_tile, kTile, qn, kTile, HD, false);
-            tile_gemm(dps, kTile, dop, ldq, 1, vt_tile, kTile, qn, kTile, HD, false);
-            const float* lse_row = lse + (b * H + h) * T + q0;
-            const float* d_row = D.data() + (b * H + h) * T + q0;
-            // P = exp(S * scale - lse); dS = P * (dP - D), times scale for dQ and dK.
-            for (int64_t i = 0; i < qn; ++i) {
-              const v16 li = splat(lse_row[i] == kNegInf ? std::numeric_limits<float>::infinity()
-                                                         : lse_row[i]);
-              const v16 di = splat(d_row[i]);
-              for (int64_t j = 0; j < kTile; j += 16) {
-                const v16 p = vexp(load16(sp + i * kTile + j) * s.scale - li);
-                store16(sp + i * kTile + j, p);
-                store16(dps + i * kTile + j, p * (load16(dps + i * kTile + j) - di) * s.scale);
-              }
-            }
-            if (kn < kTile || !mask.all_visible(b, q0, qn, k0, kn)) {
-              for (int64_t i = 0; i < qn; ++i)
-                for (int64_t j = 0; j < kTile; ++j)
-                  if (j >= kn || !mask.visible(b, q0 + i, k0 + j))
-                    sp[i * kTile + j] = dps[i * kTile + j] = 0.0f;
-            }
-            // dV (kn, HD) += P^T dO; dK (kn, HD) += dS^T Q; dQ (qn, HD) += dS K.
-            tile_gemm(dv_acc, HD, sp, 1, kTile, dop, ldq, kn, HD, qn, true);
-            tile_gemm(dk_acc, HD, dps, 1, kTile, qp, ldq, kn, HD, qn, true);
-            tile_gemm(dq_dst + row0 * HD, ldq, dps, kTile, 1, kp, ldk, qn, HD, kn, true);
-          }
-        }
-        for (int64_t j = 0; j < kn; ++j) {
-          const int64_t row = ((b * T + k0 + j) * KVH + kvh) * HD;
-          std::memcpy(dk + row, dk_acc + j * HD, HD * sizeof(float));
-          std::memcpy(dv + row, dv_acc + j * HD, HD * sizeof(float));
-        }
-      }
-    }
-    if (slices > 1) {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < B * T * H * HD; ++i)
-        for (int64_t sl = 1; sl < slices; ++sl) dq[i] += dq_extra[(sl - 1) * B * T * H * HD + i];
+      for (int64_t task = 0; task < B * KVH; ++task)
+        for (int64_t kt = 0; kt < n_kt; ++kt)
+          backward_key_tile(args, buf, task / KVH, task % KVH, kt, true);
+    } else {
+      // Pass 1 then pass 2 without a barrier between them (they write disjoint outputs and
+      // read only inputs); heaviest tiles first (early key tiles, late query tiles).
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t task = 0; task < B * KVH * n_kt; ++task)
+        backward_key_tile(args, buf, (task % (B * KVH)) / KVH, task % KVH, task / (B * KVH), false);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < B * H * n_kt; ++task)
+        backward_query_tile(args, buf, (task % (B * H)) / H, task % H, n_kt - 1 - task / (B * H));
     }
   }
 }
@@ -483,9 +594,8 @@ namespace {
 void naive_scores(float* S, const float* q, const float* k, const AttentionShape& s,
                   const Mask& mask, int64_t b, int64_t h) {
   const int64_t T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, kvh = h / (H / KVH);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, HD, s.scale,
-              q + (b * T * H + h) * HD, H * HD, k + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, S,
-              T);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, HD, s.scale, q + (b * T * H + h) * HD,
+              H * HD, k + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, S, T);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < T; ++i)
     for (int64_t j = 0; j < T; ++j)
@@ -494,8 +604,8 @@ void naive_scores(float* S, const float* q, const float* k, const AttentionShape
 
 }  // namespace
 
-void attention_forward_naive(float* out, float* lse, const float* q, const float* k,
-                             const float* v, const AttentionShape& s) {
+void attention_forward_naive(float* out, float* lse, const float* q, const float* k, const float* v,
+                             const AttentionShape& s) {
   check_shape(s);
   const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
   if (B == 0 || T == 0) return;
@@ -521,15 +631,14 @@ void attention_forward_naive(float* out, float* lse, const float* q, const float
       }
       const int64_t kvh = h / (H / KVH);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HD, T, 1.0f, S.data(), T,
-                  v + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, out + (b * T * H + h) * HD,
-                  H * HD);
+                  v + (b * T * KVH + kvh) * HD, KVH * HD, 0.0f, out + (b * T * H + h) * HD, H * HD);
     }
   }
 }
 
-void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout,
-                              const float* out, const float* lse, const float* q, const float* k,
-                              const float* v, const AttentionShape& s) {
+void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                              const float* lse, const float* q, const float* k, const float* v,
+                              const AttentionShape& s) {
   check_shape(s);
   const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
   if (B == 0 || T == 0) return;
@@ -562,10 +671,10 @@ void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout
       // dQ = dS K (overwrites), dK += dS^T Q, dV += P^T dO.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HD, T, 1.0f, dP.data(), T, kb,
                   KVH * HD, 0.0f, dq + (b * T * H + h) * HD, H * HD);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, dP.data(), T, qb,
-                  H * HD, 1.0f, dk + (b * T * KVH + kvh) * HD, KVH * HD);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, P.data(), T, dob,
-                  H * HD, 1.0f, dv + (b * T * KVH + kvh) * HD, KVH * HD);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, dP.data(), T, qb, H * HD,
+                  1.0f, dk + (b * T * KVH + kvh) * HD, KVH * HD);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HD, T, 1.0f, P.data(), T, dob, H * HD,
+                  1.0f, dv + (b * T * KVH + kvh) * HD, KVH * HD);
     }
   }
 }

@@ -31,4 +31,13 @@ void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout
                               const float* out, const float* lse, const float* q, const float* k,
                               const float* v, const AttentionShape& s);
 
+namespace detail {
+// The tile GEMM inside the flash kernels: C (M,N) (+)= A (M,K) B (K,N), A(m,k) = a[m*a_m + k*a_k],
+// B and C row-major with row strides ldb, ldc. Exported for bench_attention's comparison with
+// cblas_sgemm on the same tiles.
+void attention_tile_gemm(float* c, int64_t ldc, const float* a, int64_t a_m, int64_t a_k,
+                         const float* b, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                         bool accumulate);
+}  // namespace detail
+
 }  // namespace lt
