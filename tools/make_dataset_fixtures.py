@@ -356,10 +356,31 @@ def make_datasets(tokenizers):
     return cases
 
 
+def load_tokenizer(folder):
+    """The tokenizer.json pipeline verbatim, as the `tokenizers` library runs it (and as
+    transformers 4.x did). transformers 5's LlamaTokenizerFast rebuilds the Llama-2 pipeline
+    instead of reading tokenizer.json, which changes ids such as ' </s>'; longtune follows the
+    file, like the tokenizer conformance vectors."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+
+    def tok_str(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    kwargs = {k: tok_str(cfg[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+              if cfg.get(k) is not None}
+    t = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(os.path.join(folder, "tokenizer.json")), **kwargs)
+    if cfg.get("chat_template"):
+        t.chat_template = cfg["chat_template"]
+    return t
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
-    tokenizers = {k: AutoTokenizer.from_pretrained(os.path.join(DATA, "tokenizers", k))
-                  for k in ("llama2", "gpt2")}
+    tokenizers = {k: load_tokenizer(os.path.join(DATA, "tokenizers", k)) for k in ("llama2", "gpt2")}
     meta = {"generator": "tools/make_dataset_fixtures.py",
             "transformers": transformers.__version__}
     with open(os.path.join(OUT, "jinja_features.json"), "w", encoding="utf-8") as f:

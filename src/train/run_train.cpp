@@ -10,6 +10,7 @@
 #include "data/tokenizer.h"
 #include "io/safetensors.h"
 #include "model/model_io.h"
+#include "plan/planner.h"
 #include "train/batching.h"
 #include "train/trainer.h"
 
@@ -35,10 +36,7 @@ void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t 
   s->checkpointing = o.gradient_checkpointing;
   s->flash_attention = o.use_flash_attn;
   if (o.mini_sequence == "auto") {
-    // MST's published rule: chunks of about hidden_size tokens for the MLP; ceil(V/D) chunks
-    // for the LM head.
-    s->mlp_chunks = std::max<int64_t>(1, (max_tokens + c.hidden_size - 1) / c.hidden_size);
-    s->lm_head_chunks = std::max<int64_t>(1, (c.vocab_size + c.hidden_size - 1) / c.hidden_size);
+    mini_sequence_auto(c, max_tokens, s);
   } else {
     char* end = nullptr;
     const long long m = std::strtoll(o.mini_sequence.c_str(), &end, 10);
@@ -74,7 +72,11 @@ void run_train(const TrainOptions& o) {
   const std::filesystem::path model_dir = o.model_name_or_path;
   if (!std::filesystem::is_directory(model_dir))
     fail("--model_name_or_path '{}' is not a folder", model_dir.string());
-  const ModelConfig config = load_model_config(model_dir / "config.json");
+  ModelConfig config = load_model_config(model_dir / "config.json");
+  if (o.model_max_length > 0 && apply_position_interpolation(&config, o.model_max_length))
+    fmt::print("context extension: model_max_length {} > max_position_embeddings {}: linear "
+               "position interpolation with factor {} (saved in config.json)\n",
+               o.model_max_length, config.max_position_embeddings, config.rope_scaling.factor);
   CheckpointReader reader(model_dir);
   const DType save_dtype = parse_save_dtype(o.save_dtype, reader.stored_dtype());
 
