@@ -108,6 +108,8 @@ TEST(ModelPaths, MiniSequenceCheckpointingAndAttentionAreExact) {
   expect_same(ref, run(c, ck, micro), 2e-6, "checkpointing");
   ck.mlp_chunks = ck.lm_head_chunks = 8;
   expect_same(ref, run(c, ck, micro), 2e-6, "checkpointing + mini_sequence 8");
+  ck.offload_checkpoints = true;
+  expect_same(ref, run(c, ck, micro), 2e-6, "checkpointing + offload + mini_sequence 8");
   RunSettings naive;
   naive.flash_attention = false;
   expect_same(ref, run(c, naive, micro), 2e-5, "naive attention");

@@ -11,11 +11,11 @@
 namespace lt {
 
 namespace {
-std::string settings_text(const RunSettings& s, bool offload) {
+std::string settings_text(const RunSettings& s) {
   return fmt::format("mini-sequence MLP {} / LM head {} chunks, checkpointing {}, offload {}, "
                      "flash attention {}",
                      s.mlp_chunks, s.lm_head_chunks, s.checkpointing ? "on" : "off",
-                     offload ? "on" : "off", s.flash_attention ? "on" : "off");
+                     s.offload_checkpoints ? "on" : "off", s.flash_attention ? "on" : "off");
 }
 }  // namespace
 
@@ -48,7 +48,7 @@ int cmd_plan(int argc, char** argv) {
   r.batch = batch;
   r.device = device == "cuda" ? PlanDevice::kCudaBf16 : PlanDevice::kCpuF32;
   r.settings.flash_attention = flash;
-  r.offload_checkpoints = offload;
+  r.settings.offload_checkpoints = offload;
   const bool auto_ms = mini == "auto", auto_ck = ckpt == "auto";
   if (!auto_ms) {
     char* end = nullptr;
@@ -73,7 +73,6 @@ int cmd_plan(int argc, char** argv) {
     const AutoChoice c = choose_settings(r, *budget_bytes, auto_ms, auto_ck);
     r.settings = c.settings;
     r.mini_sequence_auto = false;
-    r.offload_checkpoints = c.offload;
     fmt::print("auto: {}\n", c.why);
   } else if (auto_ck) {
     r.settings.checkpointing = true;
@@ -82,7 +81,7 @@ int cmd_plan(int argc, char** argv) {
   fmt::print("plan: {} ({} layers, hidden {}, vocab {}) at {} tokens x batch {} on {}\n",
              r.config.architecture, r.config.num_hidden_layers, r.config.hidden_size,
              r.config.vocab_size, seq, batch, device == "cuda" ? "cuda (bf16)" : "cpu (f32)");
-  fmt::print("settings: {}\n{}\n", settings_text(r.settings, r.offload_checkpoints), p.describe());
+  fmt::print("settings: {}\n{}\n", settings_text(r.settings), p.describe());
   if (budget_bytes) {
     fmt::print("budget {}: {}\n", format_bytes(*budget_bytes),
                p.device_bytes <= *budget_bytes ? "fits" : "does NOT fit");
@@ -100,7 +99,7 @@ int cmd_plan(int argc, char** argv) {
       q.settings.mlp_chunks = q.settings.lm_head_chunks = 1;
       q.mini_sequence_auto = row.mini;
       q.settings.checkpointing = row.ckpt;
-      q.offload_checkpoints = row.off;
+      q.settings.offload_checkpoints = row.off;
       fmt::print("  {:<18} {}\n", row.name, longest_sequence(q, *budget_bytes));
     }
   }

@@ -36,6 +36,8 @@ int cmd_train(int argc, char** argv) {
   app.add_option("--mini_sequence", o.mini_sequence, "MLP / LM-head chunks: M or auto");
   add_bool_flag(app, "--gradient_checkpointing", &o.gradient_checkpointing,
                 "keep only layer inputs; recompute in backward");
+  add_bool_flag(app, "--offload_activations", &o.offload_activations,
+                "keep layer checkpoints in a memory-mapped file (implies checkpointing)");
   add_bool_flag(app, "--use_flash_attn", &o.use_flash_attn, "tiled attention (default True)");
   app.add_option("--dataset_format", o.dataset_format,
                  "auto, alpaca, messages, sharegpt, completion, text, tokenized");

@@ -2,6 +2,9 @@
 #include "core/memory.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <cstdio>
@@ -82,8 +85,40 @@ Arena::Arena(std::string name, size_t bytes) : name_(std::move(name)), capacity_
   base_ = static_cast<char*>(p);
 }
 
+Arena Arena::file_backed(std::string name, size_t bytes, const std::string& dir) {
+  Arena a;
+  a.name_ = std::move(name);
+  a.capacity_ = bytes;
+  if (bytes == 0) return a;
+  std::string tmpl = (dir.empty() ? std::string("/tmp") : dir) + "/longtune-offload-XXXXXX";
+  a.fd_ = mkstemp(tmpl.data());
+  if (a.fd_ < 0) fail("activation offload: cannot create a file in '{}': {}", dir, std::strerror(errno));
+  unlink(tmpl.c_str());  // the file lives as long as the mapping
+  if (ftruncate(a.fd_, static_cast<off_t>(bytes)) != 0)
+    fail("activation offload: cannot size the file in '{}' to {}: {}", dir, format_bytes(bytes),
+         std::strerror(errno));
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, a.fd_, 0);
+  if (p == MAP_FAILED)
+    fail("activation offload: cannot map {} in '{}': {}", format_bytes(bytes), dir, std::strerror(errno));
+  a.base_ = static_cast<char*>(p);
+  return a;
+}
+
 Arena::~Arena() {
   if (base_) munmap(base_, capacity_);
+  if (fd_ >= 0) close(fd_);
+}
+
+void Arena::release(void* p, size_t bytes) {
+  auto start = (reinterpret_cast<uintptr_t>(p) + kPageSize - 1) & ~(kPageSize - 1);
+  auto end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kPageSize - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
+}
+
+void Arena::prefetch(void* p, size_t bytes) {
+  auto start = reinterpret_cast<uintptr_t>(p) & ~(kPageSize - 1);
+  auto end = reinterpret_cast<uintptr_t>(p) + bytes;
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_WILLNEED);
 }
 
 Arena::Arena(Arena&& o) noexcept { *this = std::move(o); }
@@ -92,7 +127,10 @@ Arena& Arena::operator=(Arena&& o) noexcept {
   if (this != &o) {
     if (base_) munmap(base_, capacity_);
     name_ = std::move(o.name_);
+    if (fd_ >= 0) close(fd_);
     base_ = o.base_;
+    fd_ = o.fd_;
+    o.fd_ = -1;
     capacity_ = o.capacity_;
     used_ = o.used_;
     high_water_ = o.high_water_;

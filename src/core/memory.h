@@ -32,6 +32,7 @@ struct BufferPlan {
 
 // Bytes are rounded up to this alignment for every buffer.
 inline constexpr size_t kArenaAlignment = 64;
+inline constexpr size_t kPageSize = 4096;
 inline size_t align_up(size_t n) { return (n + kArenaAlignment - 1) & ~(kArenaAlignment - 1); }
 
 class MemoryPlan {
@@ -55,6 +56,10 @@ class Arena {
  public:
   Arena() = default;
   Arena(std::string name, size_t bytes);
+  // An arena backed by an unlinked temporary file in `dir` (MAP_SHARED): pages released with
+  // release() leave the process's resident memory and live on in the file (activation offload
+  // on CPU runs); prefetch() asks the kernel to read them back ahead of use.
+  static Arena file_backed(std::string name, size_t bytes, const std::string& dir);
   ~Arena();
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
@@ -68,6 +73,12 @@ class Arena {
   void* take_bytes(const std::string& buffer, size_t bytes);
   // Releases every buffer taken (the allocation stays).
   void reset() { used_ = 0; }
+  // Drops [p, p+bytes) from resident memory (whole pages inside the range); file-backed arenas
+  // keep the contents, anonymous ones lose them.
+  void release(void* p, size_t bytes);
+  // Starts reading [p, p+bytes) back in (whole pages covering the range).
+  void prefetch(void* p, size_t bytes);
+  bool is_file_backed() const { return fd_ >= 0; }
   size_t used() const { return used_; }
   size_t capacity() const { return capacity_; }
   size_t high_water() const { return high_water_; }
@@ -77,6 +88,7 @@ class Arena {
   std::string name_;
   char* base_ = nullptr;
   size_t capacity_ = 0, used_ = 0, high_water_ = 0;
+  int fd_ = -1;
 };
 
 // Peak resident set size of this process so far (VmHWM), in bytes.

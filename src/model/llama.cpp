@@ -94,9 +94,13 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   // layers are recomputed); without training two buffers alternate.
   const size_t num_res = s.train ? L + 1 : 2;
   const MemCategory res_cat = s.checkpointing ? MemCategory::kCheckpoints : MemCategory::kActivations;
+  const bool offload = s.train && s.offload_checkpoints;
+  // Offloaded checkpoints are whole pages so that releasing one never touches its neighbour.
+  const size_t res_count = offload ? (N * D * 4 + kPageSize - 1) / kPageSize * kPageSize / 4 : N * D;
   out->res.clear();
   for (size_t l = 0; l < num_res; ++l)
-    out->res.push_back(b.take(fmt::format("res.{}", l), N * D, res_cat, "activations"));
+    out->res.push_back(b.take(fmt::format("res.{}", l), res_count, res_cat,
+                              offload ? "offload" : "activations"));
 
   const size_t num_sets = (s.train && !s.checkpointing) ? L : 1;
   out->acts.clear();
@@ -156,12 +160,17 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
 LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSettings& settings)
     : config_(config), be_(backend), settings_(settings), table_(config) {
   LT_CHECK(settings_.max_tokens > 0 && settings_.mlp_chunks >= 1 && settings_.lm_head_chunks >= 1);
+  LT_CHECK(!settings_.offload_checkpoints || settings_.checkpointing,
+           "checkpoint offload needs checkpointing");
   MemoryPlan plan;
   PlanBinder planner(&plan);
   Bound sizes;
   declare_buffers(config_, settings_, planner, &sizes);
-  for (const auto& name : plan.arena_names())
-    arenas_.emplace(name, Arena(name, plan.arena_bytes(name)));
+  for (const auto& name : plan.arena_names()) {
+    const size_t bytes = plan.arena_bytes(name);
+    arenas_.emplace(name, name == "offload" ? Arena::file_backed(name, bytes, settings_.offload_dir)
+                                            : Arena(name, bytes));
+  }
   ArenaBinder binder(&arenas_);
   Bound bound;
   declare_buffers(config_, settings_, binder, &bound);
@@ -188,6 +197,18 @@ LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
 
 void LlamaModel::dump(const std::string& name, const float* data, size_t n) const {
   if (dump_) dump_(dump_user_, name, data, n);
+}
+
+void LlamaModel::offload_release(int64_t l) {
+  auto it = arenas_.find("offload");
+  if (it == arenas_.end() || !settings_.train) return;
+  it->second.release(res(l), size_t(n_) * config_.hidden_size * 4);
+}
+
+void LlamaModel::offload_prefetch(int64_t l) {
+  auto it = arenas_.find("offload");
+  if (it == arenas_.end() || !settings_.train) return;
+  it->second.prefetch(res(l), size_t(n_) * config_.hidden_size * 4);
 }
 
 void LlamaModel::prepare(const MicroBatch& mb) {
@@ -319,7 +340,10 @@ void LlamaModel::forward_layers() {
   Work& k = *work_;
   be_.embedding_forward(res(0), k.ids, w_.embed, N, D);
   dump("embed", res(0), N * D);
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) layer_forward(l, acts_for(l), Pass::kForward);
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    layer_forward(l, acts_for(l), Pass::kForward);
+    offload_release(l);  // res(l) is not needed again until layer l's backward
+  }
   be_.rmsnorm_forward(k.final_in, k.final_rstd, res(config_.num_hidden_layers), w_.final_norm, N,
                       D, config_.rms_norm_eps);
   dump("final_norm", k.final_in, N * D);
@@ -340,8 +364,10 @@ double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
                        Accumulate::kNo);
   for (int64_t l = L - 1; l >= 0; --l) {
     LayerActs& a = acts_for(l);
+    if (l > 0) offload_prefetch(l - 1);  // the next layer's checkpoint, read ahead
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
     layer_backward(l, a, k.dres);
+    offload_release(l + 1);
   }
   be_.embedding_backward(g_.embed, k.dres, k.ids, N, D);
   return loss;

@@ -21,6 +21,10 @@ struct RunSettings {
   int64_t mlp_chunks = 1;      // M: the MLP runs over ceil(N/M)-token chunks (1 = whole)
   int64_t lm_head_chunks = 1;  // the LM head + loss runs over ceil(N/M)-token chunks
   bool checkpointing = false;  // keep only each layer's input; recompute in backward
+  // Layer inputs live in a memory-mapped file (dir below) and leave resident memory between
+  // their forward use and their backward use; the next one is prefetched (needs checkpointing).
+  bool offload_checkpoints = false;
+  std::string offload_dir;
   bool flash_attention = true; // tiled attention; false = plain O(T^2) attention
   bool train = true;           // false: no gradients, no backward buffers (eval, generate)
 };
@@ -92,6 +96,9 @@ class LlamaModel {
   void layer_forward(int64_t l, LayerActs& a, Pass pass);
   void layer_backward(int64_t l, LayerActs& a, float* dres);
   LayerActs& acts_for(int64_t l);
+  // Activation offload hooks (no-ops unless settings.offload_checkpoints).
+  void offload_release(int64_t l);
+  void offload_prefetch(int64_t l);
   void dump(const std::string& name, const float* data, size_t n) const;
 
   ModelConfig config_;

@@ -45,7 +45,7 @@ PlanResult plan_memory(const PlanRequest& r) {
   }
   for (MemCategory c : kAllCategories) {
     size_t bytes = out.plan.category_bytes(c);
-    if (c == MemCategory::kCheckpoints && r.offload_checkpoints) {
+    if (c == MemCategory::kCheckpoints && r.settings.offload_checkpoints) {
       out.offloaded_bytes = bytes;
       // Two layers' checkpoints stay resident: the one in use and the one being prefetched.
       const size_t per_layer = bytes / std::max<int64_t>(1, r.config.num_hidden_layers + 1);
@@ -116,12 +116,11 @@ AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms,
     }
     if (auto_ck) r.settings.checkpointing = c.ckpt;
     else if (c.ckpt != r.settings.checkpointing) continue;
-    r.offload_checkpoints = c.offload;
+    r.settings.offload_checkpoints = c.offload;
     if (c.offload && !r.settings.checkpointing) continue;
     const PlanResult p = plan_memory(r);
     best.settings = r.settings;
     if (r.mini_sequence_auto) mini_sequence_auto(r.config, r.seq_len * r.batch, &best.settings);
-    best.offload = c.offload;
     if (p.device_bytes <= budget) {
       best.fits = true;
       best.why = fmt::format("{}: predicted {} fits the budget of {}", c.what,

@@ -23,7 +23,6 @@ struct PlanRequest {
   int64_t batch = 1;       // rows per micro-batch
   RunSettings settings;    // max_tokens is filled from seq_len * batch
   bool mini_sequence_auto = false;   // chunks from MST's rule for the sequence (overrides)
-  bool offload_checkpoints = false;  // layer checkpoints leave device memory
   PlanDevice device = PlanDevice::kCpuF32;
 };
 
@@ -45,7 +44,6 @@ int64_t longest_sequence(PlanRequest r, size_t budget_bytes, int64_t granularity
 // + offload. With auto flags, the first that fits the budget is chosen; `why` says why.
 struct AutoChoice {
   RunSettings settings;
-  bool offload = false;
   bool fits = false;
   std::string why;
 };

@@ -33,7 +33,9 @@ DType parse_save_dtype(const std::string& s, DType loaded) {
 void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t max_tokens,
                            RunSettings* s) {
   s->max_tokens = max_tokens;
-  s->checkpointing = o.gradient_checkpointing;
+  s->checkpointing = o.gradient_checkpointing || o.offload_activations;
+  s->offload_checkpoints = o.offload_activations;
+  s->offload_dir = o.output_dir.parent_path().empty() ? "." : o.output_dir.parent_path().string();
   s->flash_attention = o.use_flash_attn;
   if (o.mini_sequence == "auto") {
     mini_sequence_auto(c, max_tokens, s);
@@ -117,9 +119,9 @@ void run_train(const TrainOptions& o) {
              config.architecture, config.num_hidden_layers, config.hidden_size, config.vocab_size,
              static_cast<double>(table.total_numel()) / 1e6);
   fmt::print("settings: micro-batch up to {} tokens, mini-sequence MLP {} / LM head {} chunks, "
-             "checkpointing {}, flash attention {}\n",
+             "checkpointing {}, offload {}, flash attention {}\n",
              rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
-             rs.flash_attention ? "on" : "off");
+             rs.offload_checkpoints ? "on" : "off", rs.flash_attention ? "on" : "off");
   fmt::print("{}\n", plan.describe());
 
   auto backend = make_backend(o.device);

@@ -57,6 +57,7 @@ struct TrainOptions {
   std::string device = "cpu";
   std::string mini_sequence = "1";  // M or "auto"
   bool gradient_checkpointing = false;
+  bool offload_activations = false;
   bool use_flash_attn = true;
   std::string dataset_format = "auto";
   bool train_on_inputs = false;
