@@ -78,8 +78,8 @@ int main(int argc, char** argv) {
     auto A = random_vec(n * n, 1), B = random_vec(n * n, 2);
     std::vector<float> C(static_cast<size_t>(n * n));
     const double t = time_it(reps, [&] {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, A.data(), n, B.data(),
-                  n, 0.0f, C.data(), n);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, A.data(), n, B.data(), n,
+                  0.0f, C.data(), n);
     });
     ok &= check_abt(C.data(), A.data(), B.data(), n, n, n, "sgemm");
     const double gflops = 2.0 * n * n * n / t / 1e9;
@@ -97,9 +97,8 @@ int main(int argc, char** argv) {
     std::vector<float> y(static_cast<size_t>(s.N * s.OUT)), dx(static_cast<size_t>(s.N * s.IN)),
         dW(static_cast<size_t>(s.OUT * s.IN), 0.0f);
     const double flops = 2.0 * s.N * s.IN * s.OUT;
-    const double tf = time_it(reps, [&] {
-      lt::linear_forward(y.data(), x.data(), W.data(), nullptr, s.N, s.IN, s.OUT);
-    });
+    const double tf = time_it(
+        reps, [&] { lt::linear_forward(y.data(), x.data(), W.data(), nullptr, s.N, s.IN, s.OUT); });
     ok &= check_abt(y.data(), x.data(), W.data(), s.N, s.OUT, s.IN, "linear_forward");
     // dx = dy @ W: validate against W^T stored as (IN,OUT).
     lt::linear_backward(dx.data(), nullptr, nullptr, dy.data(), x.data(), W.data(), s.N, s.IN,
@@ -130,8 +129,8 @@ int main(int argc, char** argv) {
         scratch(static_cast<size_t>(chunk * V));
     double loss = 0;
     const double t = time_it(std::max(1, reps / 2), [&] {
-      loss = lt::lm_head_cross_entropy(dh.data(), dW.data(), h.data(), W.data(), y.data(), N, D,
-                                       V, chunk, 1.0f / N, scratch.data());
+      loss = lt::lm_head_cross_entropy(dh.data(), dW.data(), h.data(), W.data(), y.data(), N, D, V,
+                                       chunk, 1.0f / N, scratch.data());
     });
     if (!std::isfinite(loss) || loss / N < 5 || loss / N > 20) {
       fmt::print(stderr, "lm_head_cross_entropy: implausible mean loss {}\n", loss / N);
