@@ -1,9 +1,11 @@
 // Test helpers shared by the op tests (header-only, namespace lt::test): plain double-precision
-// reference ops, seeded random fills, tolerance comparisons, guard-byte buffers, finite differences.
-// The references are deliberately naive loops written from the formulas, not from src/ops.
+// reference ops, seeded random fills, tolerance comparisons, guard-byte buffers, finite
+// differences. The references are deliberately naive loops written from the formulas, not from
+// src/ops.
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,10 +75,10 @@ template <typename G, typename W>
   if (bad == 0) return ::testing::AssertionSuccess();
   std::ostringstream os;
   os.precision(9);
-  os << what << ": " << bad << " of " << n << " elements outside atol=" << atol
-     << " rtol=" << rtol << "; worst at index " << worst << ": got " << double(got[worst])
-     << ", want " << double(want[worst]) << " (|diff| " << std::fabs(double(got[worst]) -
-     double(want[worst])) << "); max finite |diff| " << max_abs_err;
+  os << what << ": " << bad << " of " << n << " elements outside atol=" << atol << " rtol=" << rtol
+     << "; worst at index " << worst << ": got " << double(got[worst]) << ", want "
+     << double(want[worst]) << " (|diff| " << std::fabs(double(got[worst]) - double(want[worst]))
+     << "); max finite |diff| " << max_abs_err;
   return ::testing::AssertionFailure() << os.str();
 }
 
@@ -93,7 +95,8 @@ template <typename G, typename W>
 // Largest |a - b| / (|b| + floor): a quick figure for messages.
 inline double max_rel_diff(const float* a, const double* b, int64_t n, double floor = 1e-30) {
   double m = 0;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(a[i] - b[i]) / (std::fabs(b[i]) + floor));
+  for (int64_t i = 0; i < n; ++i)
+    m = std::max(m, std::fabs(a[i] - b[i]) / (std::fabs(b[i]) + floor));
   return m;
 }
 
@@ -114,7 +117,7 @@ class Guarded {
     for (auto& x : buf_) x = s;
     for (int64_t i = 0; i < n; ++i) data()[i] = fill;
   }
-  Guarded(const Vec& init) : Guarded(int64_t(init.size()), 0.0f) {
+  explicit Guarded(const Vec& init) : Guarded(int64_t(init.size()), 0.0f) {
     std::memcpy(data(), init.data(), init.size() * sizeof(float));
   }
   float* data() { return buf_.data() + kGuard; }
@@ -344,8 +347,8 @@ inline double ref_cross_entropy(DVec* dh, DVec* dW, const DVec& h, const DVec& W
 }
 
 // One torch.optim.AdamW step in double (decoupled decay, bias-corrected moments), step 1-based.
-inline void ref_adamw_step(DVec& param, DVec& m, DVec& v, const DVec& grad, double lr,
-                           double b1, double b2, double eps, double wd, int64_t step) {
+inline void ref_adamw_step(DVec& param, DVec& m, DVec& v, const DVec& grad, double lr, double b1,
+                           double b2, double eps, double wd, int64_t step) {
   const double bc1 = 1 - std::pow(b1, double(step)), bc2 = 1 - std::pow(b2, double(step));
   for (size_t i = 0; i < param.size(); ++i) {
     param[i] *= 1 - lr * wd;

@@ -52,7 +52,8 @@ TEST(Rope, DynamicOnlyChangesAboveMax) {
   j["max_position_embeddings"] = 128;
   const ModelConfig c = parse_model_config(j, "mem");
   EXPECT_EQ(compute_rope_params(c, 128).inv_freq, compute_rope_params(c, 1).inv_freq);
-  EXPECT_LT(compute_rope_params(c, 129).inv_freq.back(), compute_rope_params(c, 128).inv_freq.back());
+  EXPECT_LT(compute_rope_params(c, 129).inv_freq.back(),
+            compute_rope_params(c, 128).inv_freq.back());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -92,9 +93,12 @@ TEST_P(ConfigFixture, MatchesTransformers) {
   const RopeScaling& s = c.rope_scaling;
   const char* names[] = {"default", "linear", "dynamic", "llama3", "yarn"};
   EXPECT_EQ(names[static_cast<int>(s.type)], type);
-  if (r.contains("factor")) EXPECT_EQ(s.factor, r["factor"].get<double>());
-  if (r.contains("original_max_position_embeddings"))
+  if (r.contains("factor")) {
+    EXPECT_EQ(s.factor, r["factor"].get<double>());
+  }
+  if (r.contains("original_max_position_embeddings")) {
     EXPECT_EQ(s.original_max_position_embeddings, r["original_max_position_embeddings"]);
+  }
   if (type == "llama3") {
     EXPECT_EQ(s.low_freq_factor, r["low_freq_factor"].get<double>());
     EXPECT_EQ(s.high_freq_factor, r["high_freq_factor"].get<double>());
@@ -113,10 +117,9 @@ TEST_P(ConfigFixture, MatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(All, ConfigFixture,
-                         ::testing::Values("llama_v5_llama3_rope", "mistral_v5",
-                                           "qwen2_v5_sliding", "llama_legacy_4x",
-                                           "mistral_legacy_4x", "qwen2_legacy_4x",
-                                           "qwen2_legacy_sliding"));
+                         ::testing::Values("llama_v5_llama3_rope", "mistral_v5", "qwen2_v5_sliding",
+                                           "llama_legacy_4x", "mistral_legacy_4x",
+                                           "qwen2_legacy_4x", "qwen2_legacy_sliding"));
 
 TEST(Config, ModelTypeWithoutArchitectures) {
   json j = load_json(kFixtures / "configs/mistral_v5.json");
@@ -191,12 +194,24 @@ TEST(Config, BadConfigsNameFileAndField) {
       {"arch not a list", [](json& j) { j["architectures"] = "LlamaForCausalLM"; },
        "architectures"},
       {"no arch no model_type",
-       [](json& j) { j.erase("architectures"); j.erase("model_type"); }, "architectures"},
-      {"bad model_type", [](json& j) { j.erase("architectures"); j["model_type"] = "gpt2"; },
+       [](json& j) {
+         j.erase("architectures");
+         j.erase("model_type");
+       },
+       "architectures"},
+      {"bad model_type",
+       [](json& j) {
+         j.erase("architectures");
+         j["model_type"] = "gpt2";
+       },
        "model_type"},
       {"heads not dividing", [](json& j) { j["num_key_value_heads"] = 3; }, "num_key_value_heads"},
       {"hidden not dividing",
-       [](json& j) { j.erase("head_dim"); j["hidden_size"] = 66; }, "num_attention_heads"},
+       [](json& j) {
+         j.erase("head_dim");
+         j["hidden_size"] = 66;
+       },
+       "num_attention_heads"},
       {"odd head_dim", [](json& j) { j["head_dim"] = 15; }, "head_dim"},
       {"zero eps", [](json& j) { j["rms_norm_eps"] = 0.0; }, "rms_norm_eps"},
       {"eps string", [](json& j) { j["rms_norm_eps"] = "1e-5"; }, "rms_norm_eps"},

@@ -72,7 +72,7 @@ TEST(Embedding, ForwardGathersExactRows) {
 TEST(Embedding, BackwardAccumulatesWithDuplicateIds) {
   for (int64_t D : {5, 64, 129}) {
     for (int64_t N : {1, 33, 400}) {  // 400*129 crosses the OpenMP threshold
-      const int64_t V = 11;            // few ids: many duplicates
+      const int64_t V = 11;           // few ids: many duplicates
       auto ids = random_ids(N, V, 3);
       Vec dout = random_vec(N * D, 4);
       Vec init = random_vec(V * D, 5);
@@ -151,7 +151,8 @@ TEST(RmsNorm, BackwardMatchesFiniteDifferences) {
   DVec fd_w = fd_gradient(
       [&](const DVec& ww) { return dot(ref_rmsnorm_forward(to_double(x), ww, N, D, eps), R); },
       to_double(w));
-  Vec y(static_cast<size_t>(N * D)), rstd(static_cast<size_t>(N)), dx(static_cast<size_t>(N * D)), dw(static_cast<size_t>(D), 0.0f);
+  Vec y(static_cast<size_t>(N * D)), rstd(static_cast<size_t>(N)), dx(static_cast<size_t>(N * D)),
+      dw(static_cast<size_t>(D), 0.0f);
   Vec Rf(R.begin(), R.end());
   rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, D, float(eps));
   rmsnorm_backward(dx.data(), dw.data(), Rf.data(), x.data(), w.data(), rstd.data(), N, D,
@@ -176,7 +177,8 @@ TEST(RmsNorm, MatchesTransformersLlamaRMSNorm) {
 
 TEST(RmsNorm, NanRowGivesNanRowOnly) {
   const int64_t N = 3, D = 9;
-  Vec x = random_vec(N * D, 20), w = random_vec(D, 21), out(static_cast<size_t>(N * D)), rstd(static_cast<size_t>(N));
+  Vec x = random_vec(N * D, 20), w = random_vec(D, 21), out(static_cast<size_t>(N * D)),
+      rstd(static_cast<size_t>(N));
   x[1 * D + 4] = NAN;
   rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, D, 1e-6f);
   EXPECT_TRUE(row_all_nan(out.data() + D, D));
@@ -201,8 +203,8 @@ TEST(Linear, ForwardMatchesReference) {
       linear_forward(out.data(), x.data(), W.data(), with_bias ? b.data() : nullptr, N, IN, OUT);
       DVec want = ref_linear_forward(to_double(x), to_double(W), with_bias ? to_double(b) : DVec{},
                                      N, IN, OUT);
-      EXPECT_TRUE(all_close(out.data(), want.data(), N * OUT, 1e-5 * std::sqrt(IN), 1e-5,
-                            "linear fwd"))
+      EXPECT_TRUE(
+          all_close(out.data(), want.data(), N * OUT, 1e-5 * std::sqrt(IN), 1e-5, "linear fwd"))
           << "N=" << N << " IN=" << IN << " OUT=" << OUT << " bias=" << with_bias;
       EXPECT_TRUE(out.guards_intact("linear out"));
     }
@@ -221,10 +223,10 @@ TEST(Linear, BackwardMatchesReferenceAndAccumulates) {
                     Accumulate::kNo);
     const double atol_in = 1e-5 * std::sqrt(OUT), atol_w = 1e-5 * std::sqrt(N);
     EXPECT_TRUE(all_close(dx.data(), dx_ref.data(), N * IN, atol_in, 1e-5, "linear dx"));
-    EXPECT_TRUE(all_close(dW.data(), add(dW_ref, dW_init).data(), OUT * IN, atol_w, 1e-5,
-                          "linear dW +="));
-    EXPECT_TRUE(all_close(db.data(), add(db_ref, db_init).data(), OUT, atol_w, 1e-5,
-                          "linear db +="));
+    EXPECT_TRUE(
+        all_close(dW.data(), add(dW_ref, dW_init).data(), OUT * IN, atol_w, 1e-5, "linear dW +="));
+    EXPECT_TRUE(
+        all_close(db.data(), add(db_ref, db_init).data(), OUT, atol_w, 1e-5, "linear db +="));
     EXPECT_TRUE(dx.guards_intact("dx") && dW.guards_intact("dW") && db.guards_intact("db"));
 
     // kYes adds into dinp; null dweight/dbias are skipped.
@@ -254,7 +256,8 @@ TEST(Linear, BackwardMatchesFiniteDifferences) {
   DVec fd_x = fd_gradient([&](const DVec& v) { return loss(v, Wd, bd); }, xd);
   DVec fd_W = fd_gradient([&](const DVec& v) { return loss(xd, v, bd); }, Wd);
   DVec fd_b = fd_gradient([&](const DVec& v) { return loss(xd, Wd, v); }, bd);
-  Vec dx(static_cast<size_t>(N * IN)), dW(static_cast<size_t>(OUT * IN), 0.0f), db(static_cast<size_t>(OUT), 0.0f);
+  Vec dx(static_cast<size_t>(N * IN)), dW(static_cast<size_t>(OUT * IN), 0.0f),
+      db(static_cast<size_t>(OUT), 0.0f);
   linear_backward(dx.data(), dW.data(), db.data(), Rf.data(), x.data(), W.data(), N, IN, OUT,
                   Accumulate::kNo);
   EXPECT_TRUE(all_close(dx, fd_x, 1e-5, 1e-5, "linear dx vs finite differences"));
@@ -325,11 +328,12 @@ TEST(Rope, TablesMatchReference) {
 }
 
 TEST(Rope, ForwardBackwardMatchReferenceAndWorkInPlace) {
-  for (auto [N, H, HD] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 2}, {7, 3, 64},
-                          {33, 5, 128}, {40, 8, 128}}) {
+  for (auto [N, H, HD] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 1, 2}, {7, 3, 64}, {33, 5, 128}, {40, 8, 128}}) {
     std::vector<int32_t> pos(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) pos[n] = int32_t(n * 37 % 5000);
-    Vec inv = llama_inv_freq(HD, 10000.0), c(static_cast<size_t>(N * HD / 2)), s(static_cast<size_t>(N * HD / 2));
+    Vec inv = llama_inv_freq(HD, 10000.0), c(static_cast<size_t>(N * HD / 2)),
+        s(static_cast<size_t>(N * HD / 2));
     rope_tables(c.data(), s.data(), pos.data(), inv.data(), 1.0f, N, HD);
     DVec cd = to_double(c), sd = to_double(s);
     Vec x = random_vec(N * H * HD, 60);
@@ -357,13 +361,13 @@ TEST(Rope, ForwardBackwardMatchReferenceAndWorkInPlace) {
 TEST(Rope, BackwardMatchesFiniteDifferences) {
   const int64_t N = 3, H = 2, HD = 6;
   std::vector<int32_t> pos = {0, 5, 1000};
-  Vec inv = llama_inv_freq(HD, 10000.0), c(static_cast<size_t>(N * HD / 2)), s(static_cast<size_t>(N * HD / 2));
+  Vec inv = llama_inv_freq(HD, 10000.0), c(static_cast<size_t>(N * HD / 2)),
+      s(static_cast<size_t>(N * HD / 2));
   rope_tables(c.data(), s.data(), pos.data(), inv.data(), 1.3f, N, HD);  // scaling != 1
   DVec cd = to_double(c), sd = to_double(s), R = to_double(random_vec(N * H * HD, 62));
   Vec x = random_vec(N * H * HD, 63);
   DVec fd = fd_gradient(
-      [&](const DVec& xx) { return dot(ref_rope_forward(xx, cd, sd, N, H, HD), R); },
-      to_double(x));
+      [&](const DVec& xx) { return dot(ref_rope_forward(xx, cd, sd, N, H, HD), R); }, to_double(x));
   Vec Rf(R.begin(), R.end()), dx(static_cast<size_t>(N * H * HD));
   rope_backward(dx.data(), Rf.data(), c.data(), s.data(), N, H, HD);
   EXPECT_TRUE(all_close(dx, fd, 1e-6, 1e-5, "rope dx vs finite differences"));
@@ -446,7 +450,11 @@ struct CeCase {
 };
 
 CeCase make_ce(int64_t N, int64_t D, int64_t V, uint64_t seed, float hscale = 1.0f) {
-  CeCase c{N, D, V, random_vec(N * D, seed, -hscale, hscale), random_vec(V * D, seed + 1),
+  CeCase c{N,
+           D,
+           V,
+           random_vec(N * D, seed, -hscale, hscale),
+           random_vec(V * D, seed + 1),
            random_ids(N, V, seed + 2)};
   for (int64_t n = 0; n < N; n += 5) c.y[n] = kIgnoreIndex;  // some unlabelled rows
   return c;
@@ -461,22 +469,22 @@ CeResult run_ce(const CeCase& c, int64_t chunk, float scale, const Vec* dW_init 
   Guarded dh(c.N * c.D);  // NaN-filled: every row must be written
   Guarded dW(dW_init ? *dW_init : Vec(static_cast<size_t>(c.V * c.D), 0.0f));
   Vec scratch(static_cast<size_t>(chunk * c.V));
-  double loss = lm_head_cross_entropy(dh.data(), dW.data(), c.h.data(), c.W.data(), c.y.data(),
-                                      c.N, c.D, c.V, chunk, scale, scratch.data());
+  double loss = lm_head_cross_entropy(dh.data(), dW.data(), c.h.data(), c.W.data(), c.y.data(), c.N,
+                                      c.D, c.V, chunk, scale, scratch.data());
   EXPECT_TRUE(dh.guards_intact("ce dhidden"));
   EXPECT_TRUE(dW.guards_intact("ce dweight"));
   return {loss, dh.vec(), dW.vec()};
 }
 
 TEST(CrossEntropy, MatchesUnchunkedReferenceForAnyChunk) {
-  for (auto [N, D, V] : {std::tuple<int64_t, int64_t, int64_t>{1, 5, 97}, {70, 16, 97},
-                         {33, 64, 1000}}) {
+  for (auto [N, D, V] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 5, 97}, {70, 16, 97}, {33, 64, 1000}}) {
     CeCase c = make_ce(N, D, V, 80);
     if (N == 1) c.y[0] = 3;
     const float scale = 1.0f / float(c.labelled());
     DVec rdh, rdW;
-    const double ref = ref_cross_entropy(&rdh, &rdW, to_double(c.h), to_double(c.W), c.y, N, D,
-                                         V, scale);
+    const double ref =
+        ref_cross_entropy(&rdh, &rdW, to_double(c.h), to_double(c.W), c.y, N, D, V, scale);
     Vec dW_init = random_vec(V * D, 81);
     for (int64_t chunk : {int64_t(1), int64_t(3), int64_t(8), N, N + 5}) {
       CeResult r = run_ce(c, chunk, scale, &dW_init);
@@ -511,8 +519,8 @@ TEST(CrossEntropy, ChunksWithoutLabelsIncludingTheFirst) {
   for (int64_t n = 16; n < 24; ++n) c.y[n] = kIgnoreIndex;
   const float scale = 1.0f / float(c.labelled());
   DVec rdh, rdW;
-  const double ref = ref_cross_entropy(&rdh, &rdW, to_double(c.h), to_double(c.W), c.y, c.N,
-                                       c.D, c.V, scale);
+  const double ref =
+      ref_cross_entropy(&rdh, &rdW, to_double(c.h), to_double(c.W), c.y, c.N, c.D, c.V, scale);
   CeResult r = run_ce(c, 8, scale);
   EXPECT_NEAR(r.loss, ref, 1e-5 * ref);
   EXPECT_TRUE(all_close(r.dh, rdh, 1e-7, 1e-4, "dhidden"));  // rows 0..7, 16..23 exactly 0
@@ -548,7 +556,8 @@ TEST(CrossEntropy, TwoCallsAccumulateWeightGradientOnce) {
 
 TEST(CrossEntropy, OptionalOutputsGiveTheSameLoss) {
   CeCase c = make_ce(19, 8, 97, 130);
-  Vec scratch(static_cast<size_t>(6 * c.V)), dh(static_cast<size_t>(c.N * c.D)), dW(static_cast<size_t>(c.V * c.D), 0.0f);
+  Vec scratch(static_cast<size_t>(6 * c.V)), dh(static_cast<size_t>(c.N * c.D)),
+      dW(static_cast<size_t>(c.V * c.D), 0.0f);
   const double full = run_ce(c, 6, 0.5f).loss;
   const double fwd = lm_head_cross_entropy(nullptr, nullptr, c.h.data(), c.W.data(), c.y.data(),
                                            c.N, c.D, c.V, 6, 0.5f, scratch.data());
@@ -578,8 +587,8 @@ TEST(CrossEntropy, BackwardMatchesFiniteDifferences) {
 TEST(CrossEntropy, StableForLargeLogits) {
   CeCase c = make_ce(9, 8, 97, 150, 300.0f);  // logits of order 1e3: exp would overflow
   DVec rdh, rdW;
-  const double ref = ref_cross_entropy(&rdh, &rdW, to_double(c.h), to_double(c.W), c.y, c.N, c.D,
-                                       c.V, 1.0);
+  const double ref =
+      ref_cross_entropy(&rdh, &rdW, to_double(c.h), to_double(c.W), c.y, c.N, c.D, c.V, 1.0);
   CeResult r = run_ce(c, 4, 1.0f);
   EXPECT_TRUE(std::isfinite(r.loss));
   EXPECT_NEAR(r.loss, ref, 1e-5 * ref);
@@ -599,7 +608,11 @@ TEST(CrossEntropy, NanHiddenRowPropagates) {
 
 TEST(CrossEntropy, MatchesTorchCrossEntropy) {
   const json& j = fixtures()["cross_entropy"];
-  CeCase c{j["N"], j["D"], j["V"], jvec(j["hidden"]), jvec(j["weight"]),
+  CeCase c{j["N"],
+           j["D"],
+           j["V"],
+           jvec(j["hidden"]),
+           jvec(j["weight"]),
            j["targets"].get<std::vector<int32_t>>()};
   for (int64_t chunk : {1, 4, 11}) {
     CeResult r = run_ce(c, chunk, 1.0f);
@@ -626,14 +639,14 @@ TEST(AdamW, SeveralStepsMatchDoubleReference) {
   for (int64_t n : {1, 7, 1000, 100003}) {
     AdamWParams p;
     p.lr = 1e-2f, p.weight_decay = 0.1f;
-    Vec param = random_vec(n, 200), m(static_cast<size_t>(n), 0.0f), v(static_cast<size_t>(n), 0.0f);
+    Vec param = random_vec(n, 200), m(static_cast<size_t>(n), 0.0f),
+        v(static_cast<size_t>(n), 0.0f);
     DVec rp = to_double(param), rm(static_cast<size_t>(n), 0.0), rv(static_cast<size_t>(n), 0.0);
     for (int64_t step = 1; step <= 5; ++step) {
       Vec g = random_vec(n, 200 + step, -step, step);
       p.step = step;
       adamw_update(param.data(), g.data(), m.data(), v.data(), n, p);
-      ref_adamw_step(rp, rm, rv, to_double(g), p.lr, p.beta1, p.beta2, p.eps, p.weight_decay,
-                     step);
+      ref_adamw_step(rp, rm, rv, to_double(g), p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, step);
     }
     EXPECT_TRUE(all_close(param, rp, 1e-6, 1e-6, "adamw param")) << "n=" << n;
     EXPECT_TRUE(all_close(m, rm, 1e-6, 1e-5, "adamw exp_avg")) << "n=" << n;
@@ -658,8 +671,8 @@ TEST(AdamW, MatchesTorchOptimAdamW) {
       p.step = int64_t(k) + 1;
       Vec g = jvec(c["grads"][k]);
       adamw_update(param.data(), g.data(), m.data(), v.data(), n, p);
-      const std::string tag = "torch foreach=" + c["foreach"].dump() + " step " +
-                              std::to_string(k + 1);
+      const std::string tag =
+          "torch foreach=" + c["foreach"].dump() + " step " + std::to_string(k + 1);
       EXPECT_TRUE(all_close(param, jvec(c["params"][k]), 0, 2.4e-7, tag + " param"));
       EXPECT_TRUE(all_close(m, jvec(c["exp_avg"][k]), 0, 0, tag + " exp_avg"));
       EXPECT_TRUE(all_close(v, jvec(c["exp_avg_sq"][k]), 0, 0, tag + " exp_avg_sq"));

@@ -9,9 +9,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "core/error.h"
 #include "io/atomic_file.h"
@@ -49,7 +48,7 @@ std::vector<float> test_values(size_t n, uint32_t seed) {
   for (float& x : v) x = dist(rng);
   // Special values: ties for bf16 rounding, f16 overflow and subnormals, signed zero, inf.
   const float specials[] = {1.0f + 1.0f / 256, 1.0f + 3.0f / 256, 70000.0f, 1e-7f, -0.0f,
-                            INFINITY, -INFINITY, 65504.0f};
+                            INFINITY,          -INFINITY,         65504.0f};
   for (size_t i = 0; i < std::size(specials) && i < n; ++i) v[i] = specials[i];
   return v;
 }
@@ -67,9 +66,10 @@ TEST(Safetensors, RoundTripF32Bf16F16) {
   TempDir tmp;
   const std::vector<float> a = test_values(3 * 5, 1), b = test_values(7, 2);
   const float scalar = 2.5f;
-  const std::vector<TensorToSave> tensors = {
-      {"layer.a", {3, 5}, a.data()}, {"b", {7}, b.data()}, {"scalar", {}, &scalar},
-      {"empty", {0, 3}, nullptr}};
+  const std::vector<TensorToSave> tensors = {{"layer.a", {3, 5}, a.data()},
+                                             {"b", {7}, b.data()},
+                                             {"scalar", {}, &scalar},
+                                             {"empty", {0, 3}, nullptr}};
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
     SCOPED_TRACE(std::string(dtype_name(dt)));
     const fs::path path = tmp.path() / fmt::format("t_{}.safetensors", dtype_name(dt));
@@ -100,8 +100,7 @@ TEST(Safetensors, RoundTripF32Bf16F16) {
           ASSERT_EQ(std::memcmp(&got, &t.data[i], 4), 0) << t.name << "[" << i << "]";
         } else {
           const uint16_t want = dt == DType::kBF16 ? f32_to_bf16(t.data[i]) : f32_to_f16(t.data[i]);
-          ASSERT_EQ(load_u16(info->data, i), want)
-              << t.name << "[" << i << "] from " << t.data[i];
+          ASSERT_EQ(load_u16(info->data, i), want) << t.name << "[" << i << "] from " << t.data[i];
         }
       }
     }
@@ -115,8 +114,10 @@ TEST(Safetensors, ReadsFileWrittenByPythonLibrary) {
   EXPECT_EQ(f->metadata().at("format"), "pt");
   EXPECT_EQ(f->metadata().at("note"), "made by make_safetensors_fixtures");
   ASSERT_EQ(f->tensors().size(), want.size());
-  const std::map<std::string, DType> dtypes = {{"float32", DType::kF32}, {"bfloat16", DType::kBF16},
-                                               {"float16", DType::kF16}, {"float64", DType::kF64},
+  const std::map<std::string, DType> dtypes = {{"float32", DType::kF32},
+                                               {"bfloat16", DType::kBF16},
+                                               {"float16", DType::kF16},
+                                               {"float64", DType::kF64},
                                                {"int64", DType::kI64}};
   for (auto it = want.begin(); it != want.end(); ++it) {
     SCOPED_TRACE(it.key());
@@ -218,8 +219,8 @@ TEST(Checkpoint, ShardedWriteAndRead) {
 TEST(Checkpoint, MissingShardAndFolderErrors) {
   TempDir tmp;
   const std::vector<float> x(64, 1.0f);
-  write_model_safetensors(tmp.path(), {{"a", {64}, x.data()}, {"b", {64}, x.data()}},
-                          DType::kF32, 256);
+  write_model_safetensors(tmp.path(), {{"a", {64}, x.data()}, {"b", {64}, x.data()}}, DType::kF32,
+                          256);
   fs::remove(tmp.path() / "model-00002-of-00002.safetensors");
   try {
     CheckpointReader r(tmp.path());
@@ -275,24 +276,32 @@ TEST(Safetensors, EveryCorruptionIsAUserErrorNamingFileAndProblem) {
       {"header not JSON", make_file("{\"w\": [1, 2", 0), {"not valid JSON"}},
       {"header not object", make_file("[1,2,3]  ", 0), {"must be a JSON object"}},
       {"entry not object", make_file(R"({"w": 3})", 0), {"'w'", "must be an object"}},
-      {"missing dtype", make_file(R"({"w":{"shape":[2],"data_offsets":[0,8]}})", 8),
+      {"missing dtype",
+       make_file(R"({"w":{"shape":[2],"data_offsets":[0,8]}})", 8),
        {"'w'", "missing 'dtype'"}},
-      {"missing shape", make_file(R"({"w":{"dtype":"F32","data_offsets":[0,8]}})", 8),
+      {"missing shape",
+       make_file(R"({"w":{"dtype":"F32","data_offsets":[0,8]}})", 8),
        {"'w'", "missing 'shape'"}},
-      {"missing offsets", make_file(R"({"w":{"dtype":"F32","shape":[2]}})", 8),
+      {"missing offsets",
+       make_file(R"({"w":{"dtype":"F32","shape":[2]}})", 8),
        {"'w'", "missing 'data_offsets'"}},
-      {"dtype not string", make_file(R"({"w":{"dtype":4,"shape":[2],"data_offsets":[0,8]}})", 8),
+      {"dtype not string",
+       make_file(R"({"w":{"dtype":4,"shape":[2],"data_offsets":[0,8]}})", 8),
        {"'w'", "dtype must be a string"}},
-      {"unknown dtype", make_file(R"({"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8),
+      {"unknown dtype",
+       make_file(R"({"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8),
        {"'w'", "unsupported dtype 'Q4'"}},
       {"negative shape",
        make_file(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8),
        {"'w'", "negative"}},
-      {"shape not array", make_file(R"({"w":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", 8),
+      {"shape not array",
+       make_file(R"({"w":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", 8),
        {"'w'", "shape must be an array"}},
-      {"shape float", make_file(R"({"w":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", 8),
+      {"shape float",
+       make_file(R"({"w":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", 8),
        {"'w'", "integers"}},
-      {"offsets one number", make_file(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8]}})", 8),
+      {"offsets one number",
+       make_file(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8]}})", 8),
        {"'w'", "data_offsets must be [begin, end]"}},
       {"offsets negative",
        make_file(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[-8,0]}})", 8),
@@ -308,15 +317,18 @@ TEST(Safetensors, EveryCorruptionIsAUserErrorNamingFileAndProblem) {
        {"'w'", "needs 12"}},
       {"overlap",
        make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-                 R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+                 R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                 12),
        {"'b'", "overlaps tensor 'a'"}},
       {"hole",
        make_file(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                 R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})", 12),
+                 R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+                 12),
        {"'b'", "hole"}},
       {"trailing bytes", make_file("{" + ok_entry + "}", 12), {"trailing"}},
       {"metadata not object", make_file(R"({"__metadata__":[1]})", 0), {"__metadata__"}},
-      {"metadata value not string", make_file(R"({"__metadata__":{"format":1}})", 0),
+      {"metadata value not string",
+       make_file(R"({"__metadata__":{"format":1}})", 0),
        {"__metadata__", "'format'", "must be a string"}},
   };
   for (const Corruption& c : cases) {

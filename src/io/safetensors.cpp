@@ -3,6 +3,7 @@
 #include "io/safetensors.h"
 
 #include <fcntl.h>
+#include <fmt/ranges.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,11 +11,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <system_error>
-
-#include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
 
 #include "core/check.h"
 #include "core/error.h"
@@ -36,7 +35,9 @@ bool is_float_dtype(DType t) {
   return t == DType::kF32 || t == DType::kF64 || t == DType::kBF16 || t == DType::kF16;
 }
 
-std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+std::string shape_str(const std::vector<int64_t>& s) {
+  return fmt::format("[{}]", fmt::join(s, ", "));
+}
 
 // Non-negative integer from a JSON value (numbers only; 3.0 is not accepted as an integer).
 bool json_to_u64(const json& v, uint64_t* out) {
@@ -91,12 +92,16 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];  // little-endian
   if (header_len > kMaxHeaderBytes) {
-    fail("safetensors file '{}': header length {} is absurd (limit {} bytes); not a safetensors "
-         "file?", p, header_len, kMaxHeaderBytes);
+    fail(
+        "safetensors file '{}': header length {} is absurd (limit {} bytes); not a safetensors "
+        "file?",
+        p, header_len, kMaxHeaderBytes);
   }
   if (header_len > size - 8) {
-    fail("safetensors file '{}': header length {} runs past the end of the file ({} bytes); the "
-         "file is truncated or not a safetensors file", p, header_len, size);
+    fail(
+        "safetensors file '{}': header length {} runs past the end of the file ({} bytes); the "
+        "file is truncated or not a safetensors file",
+        p, header_len, size);
   }
   const char* header_begin = reinterpret_cast<const char*>(bytes + 8);
   json header;
@@ -129,8 +134,10 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
       continue;
     }
     if (!e.is_object()) {
-      fail("safetensors file '{}': tensor '{}': entry must be an object with dtype, shape and "
-           "data_offsets, found {}", p, name, e.type_name());
+      fail(
+          "safetensors file '{}': tensor '{}': entry must be an object with dtype, shape and "
+          "data_offsets, found {}",
+          p, name, e.type_name());
     }
     for (const char* key : {"dtype", "shape", "data_offsets"}) {
       if (!e.contains(key)) fail("safetensors file '{}': tensor '{}': missing '{}'", p, name, key);
@@ -143,8 +150,10 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
            dt.type_name());
     }
     if (!dtype_from_string(dt.get<std::string>(), &t.dtype)) {
-      fail("safetensors file '{}': tensor '{}': unsupported dtype '{}' (supported: F64, F32, "
-           "BF16, F16, I64, I32, I16, I8, U8, BOOL)", p, name, dt.get<std::string>());
+      fail(
+          "safetensors file '{}': tensor '{}': unsupported dtype '{}' (supported: F64, F32, "
+          "BF16, F16, I64, I32, I16, I8, U8, BOOL)",
+          p, name, dt.get<std::string>());
     }
     const json& sh = e["shape"];
     if (!sh.is_array()) {
@@ -173,22 +182,28 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
     uint64_t begin = 0, end = 0;
     if (!off.is_array() || off.size() != 2 || !json_to_u64(off[0], &begin) ||
         !json_to_u64(off[1], &end)) {
-      fail("safetensors file '{}': tensor '{}': data_offsets must be [begin, end] with "
-           "non-negative integers, found {}", p, name, off.dump());
+      fail(
+          "safetensors file '{}': tensor '{}': data_offsets must be [begin, end] with "
+          "non-negative integers, found {}",
+          p, name, off.dump());
     }
     if (end < begin) {
       fail("safetensors file '{}': tensor '{}': data_offsets [{}, {}] end before begin", p, name,
            begin, end);
     }
     if (end > data_size) {
-      fail("safetensors file '{}': tensor '{}': data_offsets [{}, {}] out of range of the data "
-           "section ({} bytes); the file is truncated or corrupt", p, name, begin, end, data_size);
+      fail(
+          "safetensors file '{}': tensor '{}': data_offsets [{}, {}] out of range of the data "
+          "section ({} bytes); the file is truncated or corrupt",
+          p, name, begin, end, data_size);
     }
     const unsigned __int128 want = numel * dtype_size(t.dtype);
     if (want != end - begin) {
-      fail("safetensors file '{}': tensor '{}': {} bytes in data_offsets [{}, {}] but shape {} of "
-           "{} needs {}", p, name, end - begin, begin, end, sh.dump(), dtype_name(t.dtype),
-           static_cast<uint64_t>(want));
+      fail(
+          "safetensors file '{}': tensor '{}': {} bytes in data_offsets [{}, {}] but shape {} of "
+          "{} needs {}",
+          p, name, end - begin, begin, end, sh.dump(), dtype_name(t.dtype),
+          static_cast<uint64_t>(want));
     }
     t.data = bytes + data_begin + begin;
     t.nbytes = end - begin;
@@ -213,19 +228,25 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
     const TensorInfo& t = f->tensors_[i];
     const uint64_t b = begin_of(i);
     if (b < cursor) {
-      fail("safetensors file '{}': tensor '{}' (bytes [{}, {})) overlaps tensor '{}' (ending at "
-           "{})", p, t.name, b, b + t.nbytes, prev ? prev->name : "?", cursor);
+      fail(
+          "safetensors file '{}': tensor '{}' (bytes [{}, {})) overlaps tensor '{}' (ending at "
+          "{})",
+          p, t.name, b, b + t.nbytes, prev ? prev->name : "?", cursor);
     }
     if (b > cursor) {
-      fail("safetensors file '{}': tensor '{}' starts at byte {} but the previous tensor ends at "
-           "{}: a hole in the data section", p, t.name, b, cursor);
+      fail(
+          "safetensors file '{}': tensor '{}' starts at byte {} but the previous tensor ends at "
+          "{}: a hole in the data section",
+          p, t.name, b, cursor);
     }
     cursor = b + t.nbytes;
     prev = &t;
   }
   if (cursor != data_size) {
-    fail("safetensors file '{}': tensors cover {} bytes of the {}-byte data section: trailing "
-         "bytes", p, cursor, data_size);
+    fail(
+        "safetensors file '{}': tensors cover {} bytes of the {}-byte data section: trailing "
+        "bytes",
+        p, cursor, data_size);
   }
   return f;
 }
@@ -245,12 +266,16 @@ const TensorInfo* SafetensorsFile::find(const std::string& name) const {
 
 CheckpointReader::CheckpointReader(const fs::path& dir) : dir_(dir) {
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) fail("model folder '{}' does not exist or is not a folder", dir.string());
+  if (!fs::is_directory(dir, ec))
+    fail("model folder '{}' does not exist or is not a folder", dir.string());
   const fs::path single = dir / "model.safetensors";
   const fs::path index = dir / "model.safetensors.index.json";
   std::vector<std::string> files;
   std::map<std::string, std::string> expected_owner;  // tensor -> shard named in the index
-  if (fs::exists(index, ec)) {
+  // Like transformers' from_pretrained: model.safetensors first, else the index.
+  if (fs::exists(single, ec)) {
+    files.push_back("model.safetensors");
+  } else if (fs::exists(index, ec)) {
     json j;
     try {
       j = json::parse(read_file(index));
@@ -279,8 +304,6 @@ CheckpointReader::CheckpointReader(const fs::path& dir) : dir_(dir) {
              (dir / file).string());
       }
     }
-  } else if (fs::exists(single, ec)) {
-    files.push_back("model.safetensors");
   } else {
     fail("model folder '{}' has neither model.safetensors nor model.safetensors.index.json",
          dir.string());
@@ -298,7 +321,7 @@ CheckpointReader::CheckpointReader(const fs::path& dir) : dir_(dir) {
   }
   for (const auto& [name, file] : expected_owner) {
     auto it = owner_.find(name);
-    if (it == owner_.end()) {
+    if (it == owner_.end() || it->second != file) {
       fail("'{}' maps tensor '{}' to '{}', but that file does not hold it", index.string(), name,
            file);
     }
@@ -313,7 +336,8 @@ const TensorInfo* CheckpointReader::find(const std::string& name) const {
 void CheckpointReader::read_f32(const std::string& name, const std::vector<int64_t>& shape,
                                 float* dst) const {
   const TensorInfo* t = find(name);
-  if (!t) fail("model folder '{}': tensor '{}' is missing from the checkpoint", dir_.string(), name);
+  if (!t)
+    fail("model folder '{}': tensor '{}' is missing from the checkpoint", dir_.string(), name);
   const std::string where = (dir_ / owner_.at(name)).string();
   if (t->shape != shape) {
     fail("{}: tensor '{}' has shape {}, expected {} for this config", where, name,
@@ -366,7 +390,8 @@ std::string make_header(const std::vector<TensorToSave>& tensors, DType dtype,
   for (const TensorToSave& t : tensors) {
     LT_CHECK(t.name != "__metadata__" && !h.contains(t.name), "duplicate tensor name '{}'", t.name);
     const uint64_t bytes = static_cast<uint64_t>(numel_of(t)) * dtype_size(dtype);
-    h[t.name] = {{"dtype", dtype_name(dtype)}, {"shape", t.shape},
+    h[t.name] = {{"dtype", dtype_name(dtype)},
+                 {"shape", t.shape},
                  {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
@@ -381,8 +406,8 @@ size_t tensor_bytes(const TensorToSave& t, DType dtype) {
 
 }  // namespace
 
-void write_safetensors(const fs::path& path, const std::vector<TensorToSave>& tensors,
-                       DType dtype, const std::map<std::string, std::string>& metadata) {
+void write_safetensors(const fs::path& path, const std::vector<TensorToSave>& tensors, DType dtype,
+                       const std::map<std::string, std::string>& metadata) {
   LT_CHECK(is_float_dtype(dtype), "write_safetensors: dtype {} is not a float type",
            dtype_name(dtype));
   std::map<std::string, std::string> meta = metadata;
@@ -451,9 +476,10 @@ void write_model_safetensors(const fs::path& dir, const std::vector<TensorToSave
   // transformers 5 writes both totals in "metadata".
   json index = {{"metadata", {{"total_parameters", total_parameters}, {"total_size", total}}},
                 {"weight_map", weight_map}};
-  // Written last: a folder whose index exists has all its shards.
+  // A stale single-file save would take precedence over the index when loading; remove it
+  // before the index appears. The index is written last: when it exists, all shards do.
+  fs::remove(dir / "model.safetensors", ec);
   write_file_atomic(index_path, index.dump(2) + "\n");
-  fs::remove(dir / "model.safetensors", ec);  // stale single-file save would confuse loaders
 }
 
 }  // namespace lt

@@ -2,10 +2,10 @@
 // rotary-embedding parameters computed exactly as transformers' ROPE_INIT_FUNCTIONS do.
 #include "model/config.h"
 
+#include <fmt/ranges.h>
+
 #include <cmath>
 #include <numbers>
-
-#include <fmt/ranges.h>
 
 #include "core/check.h"
 #include "core/error.h"
@@ -92,11 +92,16 @@ class Fields {
 
 const char* rope_type_name(RopeType t) {
   switch (t) {
-    case RopeType::kDefault: return "default";
-    case RopeType::kLinear: return "linear";
-    case RopeType::kDynamic: return "dynamic";
-    case RopeType::kLlama3: return "llama3";
-    case RopeType::kYarn: return "yarn";
+    case RopeType::kDefault:
+      return "default";
+    case RopeType::kLinear:
+      return "linear";
+    case RopeType::kDynamic:
+      return "dynamic";
+    case RopeType::kLlama3:
+      return "llama3";
+    case RopeType::kYarn:
+      return "yarn";
   }
   return "default";
 }
@@ -106,8 +111,10 @@ const char* rope_type_name(RopeType t) {
 void parse_rope(const json& j, const std::string& source, ModelConfig* c) {
   Fields top(j, source);
   const char* key = nullptr;
-  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) key = "rope_parameters";
-  else if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) key = "rope_scaling";
+  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null())
+    key = "rope_parameters";
+  else if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
+    key = "rope_scaling";
   const double top_theta = top.number_or("rope_theta", 10000.0);
   c->rope_theta = top_theta;
   c->rope_scaling = RopeScaling{};
@@ -125,17 +132,24 @@ void parse_rope(const json& j, const std::string& source, ModelConfig* c) {
   if (f.present("partial_rotary_factor") && f.number("partial_rotary_factor") != 1.0) {
     f.error("partial_rotary_factor", "only 1.0 is supported for Llama, Mistral and Qwen2");
   }
-  std::string type = f.present("rope_type") ? f.string_or("rope_type", "default")
-                                            : f.string_or("type", "default");
+  std::string type =
+      f.present("rope_type") ? f.string_or("rope_type", "default") : f.string_or("type", "default");
   const std::string type_key = f.present("rope_type") ? "rope_type" : "type";
   RopeScaling& s = c->rope_scaling;
-  if (type == "default") s.type = RopeType::kDefault;
-  else if (type == "linear") s.type = RopeType::kLinear;
-  else if (type == "dynamic") s.type = RopeType::kDynamic;
-  else if (type == "llama3") s.type = RopeType::kLlama3;
-  else if (type == "yarn") s.type = RopeType::kYarn;
-  else f.error(type_key, fmt::format("unsupported rope type '{}' (supported: default, linear, "
-                                     "dynamic, llama3, yarn)", type));
+  if (type == "default")
+    s.type = RopeType::kDefault;
+  else if (type == "linear")
+    s.type = RopeType::kLinear;
+  else if (type == "dynamic")
+    s.type = RopeType::kDynamic;
+  else if (type == "llama3")
+    s.type = RopeType::kLlama3;
+  else if (type == "yarn")
+    s.type = RopeType::kYarn;
+  else
+    f.error(type_key, fmt::format("unsupported rope type '{}' (supported: default, linear, "
+                                  "dynamic, llama3, yarn)",
+                                  type));
   if (s.type == RopeType::kDefault) return;
 
   // original_max_position_embeddings (llama3, yarn): a top-level key overrides, else the dict's,
@@ -159,8 +173,8 @@ void parse_rope(const json& j, const std::string& source, ModelConfig* c) {
     s.high_freq_factor = f.number("high_freq_factor");
     if (!(s.high_freq_factor > s.low_freq_factor) || !(s.low_freq_factor > 0)) {
       f.error("high_freq_factor", fmt::format("must be greater than low_freq_factor > 0, found "
-                                              "high {} and low {}", s.high_freq_factor,
-                                              s.low_freq_factor));
+                                              "high {} and low {}",
+                                              s.high_freq_factor, s.low_freq_factor));
     }
   }
   if (s.type == RopeType::kYarn) {
@@ -172,7 +186,8 @@ void parse_rope(const json& j, const std::string& source, ModelConfig* c) {
     if (s.beta_fast == 0) s.beta_fast = 32.0;
     s.beta_slow = f.number_or("beta_slow", 0.0);
     if (s.beta_slow == 0) s.beta_slow = 1.0;
-    if (!(s.beta_fast > 0) || !(s.beta_slow > 0)) f.error("beta_fast", "beta_fast and beta_slow must be > 0");
+    if (!(s.beta_fast > 0) || !(s.beta_slow > 0))
+      f.error("beta_fast", "beta_fast and beta_slow must be > 0");
     s.mscale = f.number_or("mscale", 0.0);
     s.mscale_all_dim = f.number_or("mscale_all_dim", 0.0);
     s.truncate = f.boolean_or("truncate", true);
@@ -188,15 +203,20 @@ DType parse_torch_dtype(const json& j, const std::string& source) {
   if (s == "float16") return DType::kF16;
   if (s == "float64") return DType::kF64;
   f.error(key, fmt::format("unsupported dtype '{}' (supported: float32, bfloat16, float16, "
-                           "float64)", s));
+                           "float64)",
+                           s));
 }
 
 const char* torch_dtype_name(DType t) {
   switch (t) {
-    case DType::kBF16: return "bfloat16";
-    case DType::kF16: return "float16";
-    case DType::kF64: return "float64";
-    default: return "float32";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kF16:
+      return "float16";
+    case DType::kF64:
+      return "float64";
+    default:
+      return "float32";
   }
 }
 
@@ -206,11 +226,14 @@ int64_t ModelConfig::layer_window(int64_t layer) const {
   LT_CHECK(layer >= 0 && layer < num_hidden_layers, "layer {} of {}", layer, num_hidden_layers);
   if (sliding_window <= 0) return 0;
   switch (arch) {
-    case Arch::kLlama: return 0;
-    case Arch::kMistral: return sliding_window;  // every layer (MistralAttention)
+    case Arch::kLlama:
+      return 0;
+    case Arch::kMistral:
+      return sliding_window;  // every layer (MistralAttention)
     case Arch::kQwen2:
       // Qwen2Config: layer_types[i] == "sliding_attention" (default: i >= max_window_layers).
-      if (!layer_types.empty()) return layer_types[layer] == "sliding_attention" ? sliding_window : 0;
+      if (!layer_types.empty())
+        return layer_types[layer] == "sliding_attention" ? sliding_window : 0;
       return layer >= max_window_layers ? sliding_window : 0;
   }
   return 0;
@@ -226,8 +249,8 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   if (f.present("architectures")) {
     const json& a = j["architectures"];
     if (!a.is_array() || a.empty() || !a[0].is_string()) {
-      f.error("architectures", fmt::format("must be a non-empty list of strings, found {}",
-                                           a.dump()));
+      f.error("architectures",
+              fmt::format("must be a non-empty list of strings, found {}", a.dump()));
     }
     c.architecture = a[0].get<std::string>();
     for (const ArchInfo& i : kArchs)
@@ -239,14 +262,15 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
   } else {
     const std::string mt = f.string_or("model_type", "");
     if (mt.empty()) {
-      f.error("architectures", fmt::format("missing, and no model_type either (supported: {})",
-                                           kAllowedArchs));
+      f.error("architectures",
+              fmt::format("missing, and no model_type either (supported: {})", kAllowedArchs));
     }
     for (const ArchInfo& i : kArchs)
       if (mt == i.model_type) info = &i;
     if (!info) {
       f.error("model_type", fmt::format("unsupported model_type '{}' (supported: llama, mistral, "
-                                        "qwen2)", mt));
+                                        "qwen2)",
+                                        mt));
     }
     c.architecture = info->architecture;
   }
@@ -275,13 +299,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
     if (c.hidden_size % c.num_attention_heads != 0) {
       f.error("num_attention_heads", fmt::format("hidden_size ({}) must be a multiple of "
                                                  "num_attention_heads ({}) when head_dim is not "
-                                                 "given", c.hidden_size, c.num_attention_heads));
+                                                 "given",
+                                                 c.hidden_size, c.num_attention_heads));
     }
     c.head_dim = c.hidden_size / c.num_attention_heads;
   }
   if (c.head_dim % 2 != 0) {
-    f.error("head_dim", fmt::format("rotary embeddings need an even head dimension, found {}",
-                                    c.head_dim));
+    f.error("head_dim",
+            fmt::format("rotary embeddings need an even head dimension, found {}", c.head_dim));
   }
   c.max_position_embeddings =
       f.positive_or("max_position_embeddings", info->default_max_position_embeddings);
@@ -311,13 +336,14 @@ ModelConfig parse_model_config(const json& j, const std::string& source_name) {
       if (f.present("layer_types")) {
         const json& lt = j["layer_types"];
         if (!lt.is_array() || static_cast<int64_t>(lt.size()) != c.num_hidden_layers) {
-          f.error("layer_types", fmt::format("must be a list of {} strings (one per layer)",
-                                             c.num_hidden_layers));
+          f.error("layer_types",
+                  fmt::format("must be a list of {} strings (one per layer)", c.num_hidden_layers));
         }
         for (const json& t : lt) {
           if (!t.is_string() || (t != "full_attention" && t != "sliding_attention")) {
             f.error("layer_types", fmt::format("entries must be \"full_attention\" or "
-                                               "\"sliding_attention\", found {}", t.dump()));
+                                               "\"sliding_attention\", found {}",
+                                               t.dump()));
           }
           c.layer_types.push_back(t.get<std::string>());
         }
@@ -352,7 +378,7 @@ json rope_dict(const ModelConfig& c, bool with_theta, bool legacy) {
   if (s.type == RopeType::kDefault) return r;
   r["factor"] = s.factor;
   const int64_t orig = s.original_max_position_embeddings > 0 ? s.original_max_position_embeddings
-                                                               : c.max_position_embeddings;
+                                                              : c.max_position_embeddings;
   if (s.type == RopeType::kLlama3) {
     r["low_freq_factor"] = s.low_freq_factor;
     r["high_freq_factor"] = s.high_freq_factor;
@@ -410,15 +436,15 @@ json model_config_to_json(const ModelConfig& c) {
   }
   // Spelling family: transformers 5 writes rope_parameters and dtype, 4.x rope_theta,
   // rope_scaling and torch_dtype. Keep the one the file used.
-  const bool legacy = !j.contains("rope_parameters") &&
-                      (j.contains("rope_scaling") || j.contains("rope_theta") ||
-                       j.contains("torch_dtype"));
+  const bool legacy =
+      !j.contains("rope_parameters") &&
+      (j.contains("rope_scaling") || j.contains("rope_theta") || j.contains("torch_dtype"));
   if (!have_before || !(c.rope_scaling == before.rope_scaling) ||
       c.rope_theta != before.rope_theta) {
     if (legacy) {
       j["rope_theta"] = c.rope_theta;
-      j["rope_scaling"] = c.rope_scaling.type == RopeType::kDefault ? json(nullptr)
-                                                                     : rope_dict(c, false, true);
+      j["rope_scaling"] =
+          c.rope_scaling.type == RopeType::kDefault ? json(nullptr) : rope_dict(c, false, true);
     } else {
       j["rope_parameters"] = rope_dict(c, true, false);
       j.erase("rope_scaling");
@@ -473,7 +499,7 @@ RopeParams compute_rope_params(const ModelConfig& c, int64_t seq_len) {
   LT_CHECK(dim > 0 && dim % 2 == 0, "head_dim {} must be positive and even", dim);
   const int64_t half = dim / 2;
   const int64_t orig = s.original_max_position_embeddings > 0 ? s.original_max_position_embeddings
-                                                               : c.max_position_embeddings;
+                                                              : c.max_position_embeddings;
   RopeParams p;
   p.attention_scaling = 1.0f;
   switch (s.type) {
@@ -535,10 +561,10 @@ RopeParams compute_rope_params(const ModelConfig& c, int64_t seq_len) {
       const double factor = s.factor;
       double attention = s.attention_factor;
       if (attention < 0) {
-        attention = (s.mscale != 0 && s.mscale_all_dim != 0)
-                        ? yarn_get_mscale(factor, s.mscale) /
-                              yarn_get_mscale(factor, s.mscale_all_dim)
-                        : yarn_get_mscale(factor, 1.0);
+        attention =
+            (s.mscale != 0 && s.mscale_all_dim != 0)
+                ? yarn_get_mscale(factor, s.mscale) / yarn_get_mscale(factor, s.mscale_all_dim)
+                : yarn_get_mscale(factor, 1.0);
       }
       auto correction_dim = [&](double rotations) {
         return (double(dim) * std::log(double(orig) / (rotations * 2 * std::numbers::pi))) /
@@ -558,13 +584,14 @@ RopeParams compute_rope_params(const ModelConfig& c, int64_t seq_len) {
       const float base_f = static_cast<float>(base);
       p.inv_freq.resize(half);
       for (int64_t i = 0; i < half; ++i) {
-        const float pos_freq = std::pow(base_f, static_cast<float>(2 * i) / static_cast<float>(dim));
+        const float pos_freq =
+            std::pow(base_f, static_cast<float>(2 * i) / static_cast<float>(dim));
         const float extrapolation = 1.0f / pos_freq;
         const float interpolation = 1.0f / (factor_f * pos_freq);
         const float ramp = std::clamp((static_cast<float>(i) - low_f) / range_f, 0.0f, 1.0f);
         const float extrapolation_factor = 1.0f - ramp;
-        p.inv_freq[i] = interpolation * (1.0f - extrapolation_factor) +
-                        extrapolation * extrapolation_factor;
+        p.inv_freq[i] =
+            interpolation * (1.0f - extrapolation_factor) + extrapolation * extrapolation_factor;
       }
       p.attention_scaling = static_cast<float>(attention);
       break;

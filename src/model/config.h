@@ -41,7 +41,7 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6, rope_theta = 10000.0;
   RopeScaling rope_scaling;  // type kDefault when absent
   bool tie_word_embeddings = false;
-  int64_t sliding_window = 0;   // 0 = none (Qwen2 only when use_sliding_window)
+  int64_t sliding_window = 0;     // 0 = none (Qwen2 only when use_sliding_window)
   int64_t max_window_layers = 0;  // Qwen2: layers >= this use the sliding window
   // Qwen2 "layer_types" when the file gives it ("full_attention" / "sliding_attention" per
   // layer); empty = derived from max_window_layers as transformers does.

@@ -18,15 +18,15 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
   // torch computes the scalars from python floats (double) and casts them to f32 at each op.
   const double lr = p.lr, b1 = p.beta1, b2 = p.beta2, wd = p.weight_decay;
   const double step = double(p.step);
-  const float decay = float(1.0 - lr * wd);                    // param.mul_(1 - lr*wd)
-  const float w1 = float(1.0 - b1);                            // exp_avg.lerp_(grad, 1 - b1)
-  const float b2f = float(b2), w2 = float(1.0 - b2);           // exp_avg_sq.mul_(b2).addcmul_
-  const double bc1 = 1.0 - std::pow(b1, step);                 // 1 - beta1**step
-  const double bc2 = 1.0 - std::pow(b2, step);                 // 1 - beta2**step
-  const float neg_step_size = float(-(lr / bc1));              // addcdiv_(value=-step_size)
-  const float bc2_sqrt = float(std::sqrt(bc2));                // bias_correction2**0.5
+  const float decay = float(1.0 - lr * wd);           // param.mul_(1 - lr*wd)
+  const float w1 = float(1.0 - b1);                   // exp_avg.lerp_(grad, 1 - b1)
+  const float b2f = float(b2), w2 = float(1.0 - b2);  // exp_avg_sq.mul_(b2).addcmul_
+  const double bc1 = 1.0 - std::pow(b1, step);        // 1 - beta1**step
+  const double bc2 = 1.0 - std::pow(b2, step);        // 1 - beta2**step
+  const float neg_step_size = float(-(lr / bc1));     // addcdiv_(value=-step_size)
+  const float bc2_sqrt = float(std::sqrt(bc2));       // bias_correction2**0.5
   const float eps = p.eps;
-  const bool weight_small = std::fabs(w1) < 0.5f;              // torch's lerp branch
+  const bool weight_small = std::fabs(w1) < 0.5f;  // torch's lerp branch
   const bool decays = p.weight_decay != 0;
 #pragma omp parallel for simd schedule(static) if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) {

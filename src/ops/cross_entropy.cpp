@@ -51,18 +51,20 @@ double lm_head_cross_entropy(float* dhidden, float* dweight, const float* hidden
       }
       // Stable log-softmax: lse = m + log(sum exp(z - m)), the sum in double. A NaN logit makes
       // the sum, the loss and the whole gradient row NaN (it is never silently dropped).
+      const float z_target = z[y[i]];
       float m = z[0];
       for (int64_t j = 1; j < V; ++j) m = z[j] > m ? z[j] : m;
       double sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < V; ++j) sum += double(std::exp(z[j] - m));
-      const double lse = double(m) + std::log(sum);
-      row_loss[size_t(i)] = lse - double(z[y[i]]);
+      for (int64_t j = 0; j < V; ++j) {  // e = exp(z - m) kept in place: one exp per logit
+        z[j] = std::exp(z[j] - m);
+        sum += double(z[j]);
+      }
+      row_loss[size_t(i)] = double(m) + std::log(sum) - double(z_target);
       if (want_grad) {
-        // g = grad_scale * (softmax(z) - onehot(y)), written over the logits.
-        const float lse_f = float(lse);
+        // g = grad_scale * (softmax(z) - onehot(y)) = e * (grad_scale / sum) - grad_scale [y].
+        const float f = float(double(grad_scale) / sum);
 #pragma omp simd
-        for (int64_t j = 0; j < V; ++j) z[j] = std::exp(z[j] - lse_f) * grad_scale;
+        for (int64_t j = 0; j < V; ++j) z[j] *= f;
         z[y[i]] -= grad_scale;
       }
     }

@@ -6,8 +6,7 @@
 
 namespace lt {
 
-void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N,
-                       int64_t D) {
+void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N, int64_t D) {
 #pragma omp parallel for schedule(static) if (N * D > (1 << 15))
   for (int64_t n = 0; n < N; ++n) {
     std::memcpy(out + n * D, weight + int64_t(ids[n]) * D, size_t(D) * sizeof(float));

@@ -22,8 +22,8 @@ void gemm(float* C, const float* A, const float* B, int64_t M, int64_t N, int64_
               blasint(trans_a ? M : K), B, blasint(trans_b ? K : N), beta, C, blasint(N));
 }
 
-void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
-                    int64_t N, int64_t IN, int64_t OUT) {
+void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N,
+                    int64_t IN, int64_t OUT) {
   float beta = 0.0f;
   if (bias) {  // out starts as the broadcast bias, then out += inp @ weight^T.
 #pragma omp parallel for schedule(static) if (N * OUT > (1 << 15))
@@ -33,13 +33,11 @@ void linear_forward(float* out, const float* inp, const float* weight, const flo
   gemm(out, inp, weight, N, OUT, IN, /*trans_a=*/false, /*trans_b=*/true, 1.0f, beta);
 }
 
-void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                     const float* inp, const float* weight, int64_t N, int64_t IN, int64_t OUT,
-                     Accumulate acc) {
+void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int64_t N, int64_t IN, int64_t OUT, Accumulate acc) {
   // dinp (N,IN) = dout (N,OUT) @ weight (OUT,IN)
   if (dinp) {
-    gemm(dinp, dout, weight, N, IN, OUT, false, false, 1.0f,
-         acc == Accumulate::kYes ? 1.0f : 0.0f);
+    gemm(dinp, dout, weight, N, IN, OUT, false, false, 1.0f, acc == Accumulate::kYes ? 1.0f : 0.0f);
   }
   // dweight (OUT,IN) += dout^T (OUT,N) @ inp (N,IN)
   if (dweight) gemm(dweight, dout, inp, OUT, IN, N, true, false, 1.0f, 1.0f);
