@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages longtune builds with, when any is missing (needs root or sudo).
 set -euo pipefail
-pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libomp-dev nlohmann-json3-dev libcli11-dev
+pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev libomp-dev nlohmann-json3-dev libcli11-dev
       libfmt-dev libpcre2-dev libicu-dev libyaml-cpp-dev libgtest-dev libgmock-dev
       libopenmpi-dev openmpi-bin python3)
 missing=()
