@@ -29,22 +29,4 @@ if "$PY" -c "import torch, transformers" 2>/dev/null; then
 else
   echo "PyTorch side skipped: $PY cannot import torch and transformers"
 fi
-"$PY" - "$RESULTS" <<'PYEOF' || python3 - "$RESULTS" <<'PYEOF2'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-ref = {r["seq"]: r for r in rows if r["impl"] == "pytorch"}
-print("| impl | settings | seq | tokens/s | step s | peak RSS MiB | MFU | loss | vs PyTorch |")
-print("|---|---|---|---|---|---|---|---|---|")
-bad = False
-for r in rows:
-    p = ref.get(r["seq"])
-    speed = f'{r["tokens_per_s"] / p["tokens_per_s"]:.2f}x' if p and r["impl"] != "pytorch" else ""
-    if p and abs(r["loss"] - p["loss"]) > 1e-3 * abs(p["loss"]):
-        bad = True
-        speed += " LOSS MISMATCH"
-    print(f'| {r["impl"]} | {r["settings"]} | {r["seq"]} | {r["tokens_per_s"]:.0f} | {r["step_s"]:.3f} | '
-          f'{r["peak_bytes"] / 2**20:.0f} | {r.get("mfu", float("nan")):.2f} | {r["loss"]:.4f} | {speed} |')
-sys.exit(1 if bad else 0)
-PYEOF
-echo "(table needs python3)"
-PYEOF2
+python3 bench/summarize.py "$RESULTS"
