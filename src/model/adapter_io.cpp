@@ -19,10 +19,10 @@ namespace {
 const char* kConfigFile = "adapter_config.json";
 const char* kWeightsFile = "adapter_model.safetensors";
 
-// The base tensors PEFT's modules_to_save would match: module path == or ends with "." + entry.
+// The base tensors PEFT's modules_to_save would match: the module path ends with the entry (a
+// plain suffix, as peft 0.21 matches: "norm" also selects input_layernorm).
 bool module_matches(const std::string& hf_name, const std::string& entry) {
-  std::string module = hf_name.substr(0, hf_name.rfind('.'));
-  return module == entry || module.ends_with("." + entry);
+  return hf_name.substr(0, hf_name.rfind('.')).ends_with(entry);
 }
 
 // Every tensor the adapter file of this model must hold: name -> (shape, host destination index).
@@ -37,8 +37,7 @@ std::vector<Expected> expected_tensors(LlamaModel& m) {
   std::vector<Expected> out;
   for (const auto& t : m.lora_table().tensors()) out.push_back({t.name, t.shape, true, t.offset});
   for (const auto& p : m.table().params())
-    if (m.settings().lora.enabled && m.settings().train &&
-        LlamaModel::base_trains(m.settings().lora, p.name) &&
+    if (m.settings().lora.enabled && LlamaModel::base_trains(m.settings().lora, p.name) &&
         (m.settings().lora.train_embed || m.settings().lora.train_norm))
       out.push_back({peft_name(p.name), p.shape, false, p.offset});
   return out;
