@@ -42,9 +42,10 @@ int main(int argc, char** argv) {
   }
   mb.row_start = {0, tokens};
 
-  std::printf("shape: hidden %lld, FFN %lld, %lld layers, vocab %lld: %.2fM parameters, %lld tokens\n",
-              (long long)c.hidden_size, (long long)c.intermediate_size,
-              (long long)c.num_hidden_layers, (long long)c.vocab_size, P / 1e6, (long long)tokens);
+  std::printf(
+      "shape: hidden %lld, FFN %lld, %lld layers, vocab %lld: %.2fM parameters, %lld tokens\n",
+      (long long)c.hidden_size, (long long)c.intermediate_size, (long long)c.num_hidden_layers,
+      (long long)c.vocab_size, P / 1e6, (long long)tokens);
   std::printf("bytes per base parameter (planned) and median step time\n");
   std::printf("%-6s %11s %11s %11s %11s %14s %9s\n", "mode", "weights", "grads", "optimizer",
               "total", "adapter params", "step ms");
@@ -102,12 +103,16 @@ int main(int argc, char** argv) {
     const double g = double(plan.category_bytes(MemCategory::kGradients));
     const double o = double(plan.category_bytes(MemCategory::kOptimizer));
     std::printf("%-6s %11.3f %11.3f %11.3f %11.3f %14lld %9.1f\n",
-                mode == 0 ? "full" : mode == 1 ? "lora" : "qlora", w / P, g / P, o / P,
-                (w + g + o) / P, (long long)m.lora_table().total_numel(), ms[ms.size() / 2]);
+                mode == 0   ? "full"
+                : mode == 1 ? "lora"
+                            : "qlora",
+                w / P, g / P, o / P, (w + g + o) / P, (long long)m.lora_table().total_numel(),
+                ms[ms.size() / 2]);
   }
-  std::printf("(QLoRA weights include the f32 embeddings, LM head and norms; the projections "
-              "alone are %.3f B/param)\n",
-              double(nf4_bytes(c.hidden_size * c.intermediate_size)) /
-                  double(c.hidden_size * c.intermediate_size));
+  std::printf(
+      "(QLoRA weights include the f32 embeddings, LM head and norms; the projections "
+      "alone are %.3f B/param)\n",
+      double(nf4_bytes(c.hidden_size * c.intermediate_size)) /
+          double(c.hidden_size * c.intermediate_size));
   return 0;
 }

@@ -8,9 +8,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "backend/backend.h"
 #include "cli/commands.h"
@@ -139,9 +138,8 @@ TEST_P(PeftAdapter, LogitsLossAndGradientsMatchPeft) {
 
   size_t checked = 0;
   for (const auto& t : m.trainable()) {
-    const auto want = tensor_f32(*expected, "grad." + (t.name.starts_with("base_model.")
-                                                           ? t.name
-                                                           : peft_name(t.name)));
+    const auto want = tensor_f32(
+        *expected, "grad." + (t.name.starts_with("base_model.") ? t.name : peft_name(t.name)));
     ASSERT_EQ(want.size(), static_cast<size_t>(t.numel)) << t.name;
     expect_close("grad " + t.name, t.grad, want.data(), want.size(), 2e-6, 2e-4);
     ++checked;
@@ -280,8 +278,10 @@ TEST(LoraOp, ForwardMatchesDoubleReferenceAndBackwardMatchesFiniteDifferences) {
         }
         EXPECT_NEAR(out[n * OUT + o], c.scale * s, 1e-5) << "p=" << p << " n=" << n << " o=" << o;
       }
-    if (p > 0) EXPECT_GT(dropped, 0) << "dropout never dropped anything";
-    else EXPECT_EQ(dropped, 0);
+    if (p > 0)
+      EXPECT_GT(dropped, 0) << "dropout never dropped anything";
+    else
+      EXPECT_EQ(dropped, 0);
     // Backward against central differences of L = sum(g * out).
     std::vector<float> dx(N * IN, 0.0f), da(R * IN, 0.0f), db(OUT * R, 0.0f);
     lora_backward(dx.data(), da.data(), db.data(), t.data(), uu.data(), xd.data(), dxd.data(),
@@ -348,12 +348,12 @@ TEST(LoraMemory, PlanShowsFrozenBaseAndNf4) {
   EXPECT_EQ(LlamaModel::trainable_numel(c, lora), lt.total_numel());
   // QLoRA: projections in NF4.
   int64_t quantized = 0;
-  for (const auto& p : table.params()) quantized += LlamaModel::is_quantized(qlora.lora, p.name) ? p.numel : 0;
+  for (const auto& p : table.params())
+    quantized += LlamaModel::is_quantized(qlora.lora, p.name) ? p.numel : 0;
   const double nf4_per_param = double(pq.arena_bytes("weights_nf4")) / double(quantized);
   EXPECT_GT(nf4_per_param, 0.5);
   EXPECT_LT(nf4_per_param, 0.53);
-  EXPECT_EQ(pq.arena_bytes("weights") + size_t(quantized) * 4,
-            pl.arena_bytes("weights"));
+  EXPECT_EQ(pq.arena_bytes("weights") + size_t(quantized) * 4, pl.arena_bytes("weights"));
 }
 
 // QLoRA gives what LoRA gives on the dequantized base weights.
@@ -394,8 +394,10 @@ TEST(QLora, EqualsLoraOnDequantizedWeights) {
   // Relative L2 error of the logits: NF4 keeps ~3 bits of each weight, so it is not small on a
   // random tiny model, but it is far from a broken quantizer (which gives about 1).
   double num = 0, den = 0;
-  for (size_t i = 0; i < lq.size(); ++i) num += std::pow(lq[i] - le[i], 2), den += std::pow(le[i], 2);
-  std::printf("QLoRA vs f32 base: relative logits error %.4f (information)\n", std::sqrt(num / den));
+  for (size_t i = 0; i < lq.size(); ++i)
+    num += std::pow(lq[i] - le[i], 2), den += std::pow(le[i], 2);
+  std::printf("QLoRA vs f32 base: relative logits error %.4f (information)\n",
+              std::sqrt(num / den));
   // Per weight, NF4's relative RMS error on Gaussian-like weights is about 0.1 (a broken
   // quantizer gives about 1).
   const CheckpointReader reader(kModels / "llama_gqa");
@@ -405,7 +407,8 @@ TEST(QLora, EqualsLoraOnDequantizedWeights) {
     reader.read_f32(w.name, full.find(w.name)->shape, orig.data());
     nf4_dequantize(deq.data(), w.packed, w.absmax_q, w.absmax_scale, w.absmax_offset, w.numel);
     double e = 0, o = 0;
-    for (int64_t i = 0; i < w.numel; ++i) e += std::pow(deq[i] - orig[i], 2), o += std::pow(orig[i], 2);
+    for (int64_t i = 0; i < w.numel; ++i)
+      e += std::pow(deq[i] - orig[i], 2), o += std::pow(orig[i], 2);
     EXPECT_LT(std::sqrt(e / o), 0.12) << w.name;
   }
 }
@@ -418,8 +421,9 @@ TEST(LoraMerge, MergedModelEqualsAdapterModel) {
   fs::remove_all(out);
   const fs::path adapter = kLora / "llama_gqa_all";
   const std::string base = (kModels / "llama_gqa").string();
-  std::vector<std::string> args = {"merge", "--model_name_or_path", base, "--adapter_name_or_path",
-                                   adapter.string(), "--output_dir", out.string()};
+  std::vector<std::string> args = {
+      "merge",          "--model_name_or_path", base,        "--adapter_name_or_path",
+      adapter.string(), "--output_dir",         out.string()};
   std::vector<char*> argv;
   for (auto& s : args) argv.push_back(s.data());
   ASSERT_EQ(cmd_merge(static_cast<int>(argv.size()), argv.data()), 0);
@@ -449,14 +453,16 @@ TEST(LoraMerge, MergedModelEqualsAdapterModel) {
 // ---------------------------------------------------------------------------------------------
 TEST(LoraAdapter, TrainSaveReloadAndWriteInteropFolder) {
   const char* env = std::getenv("LT_INTEROP_OUT");
-  const fs::path root = env ? fs::path(env) : fs::temp_directory_path() / fmt::format("lt_interop_{}", ::getpid());
+  const fs::path root =
+      env ? fs::path(env) : fs::temp_directory_path() / fmt::format("lt_interop_{}", ::getpid());
   struct Case {
     std::string name, base, targets;
     bool embed_norm, rslora, nf4;
   };
-  for (const Case& cs : {Case{"llama_embed_norm", "llama_gqa", "all-linear", true, false, false},
-                         Case{"qwen2_qv", "qwen2_bias", "q_proj,v_proj,o_proj", false, true, false},
-                         Case{"llama_qlora", "llama_gqa", "q_proj,k_proj,v_proj,up_proj", false, false, true}}) {
+  for (const Case& cs :
+       {Case{"llama_embed_norm", "llama_gqa", "all-linear", true, false, false},
+        Case{"qwen2_qv", "qwen2_bias", "q_proj,v_proj,o_proj", false, true, false},
+        Case{"llama_qlora", "llama_gqa", "q_proj,k_proj,v_proj,up_proj", false, false, true}}) {
     SCOPED_TRACE(cs.name);
     const fs::path base = kModels / cs.base, dir = root / cs.name;
     fs::remove_all(dir);
@@ -473,7 +479,8 @@ TEST(LoraAdapter, TrainSaveReloadAndWriteInteropFolder) {
     std::vector<MicroBatch> mbs;
     std::vector<std::vector<Example>> rows = {batch_rows(cs.base, 0), batch_rows(cs.base, 1)};
     int64_t max_tokens = 0;
-    for (auto& r : rows) mbs.push_back(micro(r)), max_tokens = std::max(max_tokens, mbs.back().num_tokens());
+    for (auto& r : rows)
+      mbs.push_back(micro(r)), max_tokens = std::max(max_tokens, mbs.back().num_tokens());
     RunSettings rs;
     rs.max_tokens = max_tokens;
     rs.lora = resolve_lora(o, 5);
@@ -578,7 +585,8 @@ TEST(LoraErrors, AdapterForAnotherBaseAndCorruptFiles) {
   const ModelConfig base = load_model_config(kModels / "llama_gqa/config.json");
   {
     std::string bytes(fs::file_size(adapter / "adapter_model.safetensors") / 2, '\0');
-    std::ifstream(adapter / "adapter_model.safetensors", std::ios::binary).read(bytes.data(), bytes.size());
+    std::ifstream(adapter / "adapter_model.safetensors", std::ios::binary)
+        .read(bytes.data(), bytes.size());
     std::ofstream(tmp / "adapter_model.safetensors", std::ios::binary | std::ios::trunc) << bytes;
     RunSettings r2;
     r2.max_tokens = 8;
@@ -594,17 +602,25 @@ TEST(LoraErrors, AdapterForAnotherBaseAndCorruptFiles) {
     return user_error([&] { read_adapter_config(tmp, base, LoraSpec{}); });
   };
   EXPECT_NE(with_config([](auto& j) { j["use_dora"] = true; }).find("use_dora"), std::string::npos);
-  EXPECT_NE(with_config([](auto& j) { j["target_modules"] = {"q_proj", "fc1"}; }).find("fc1"),
+  EXPECT_NE(with_config([](auto& j) {
+              j["target_modules"] = {"q_proj", "fc1"};
+            }).find("fc1"),
             std::string::npos);
   EXPECT_NE(with_config([](auto& j) { j["r"] = -2; }).find("'r'"), std::string::npos);
   std::ofstream(tmp / "adapter_config.json", std::ios::trunc) << "{ not json";
-  EXPECT_NE(user_error([&] { read_adapter_config(tmp, base, LoraSpec{}); }).find("adapter_config.json"),
-            std::string::npos);
+  EXPECT_NE(
+      user_error([&] { read_adapter_config(tmp, base, LoraSpec{}); }).find("adapter_config.json"),
+      std::string::npos);
 
   // merge with a bad adapter writes nothing.
   const fs::path out = tmp / "merged";
-  std::vector<std::string> args = {"merge", "--model_name_or_path", (kModels / "llama_head_dim").string(),
-                                   "--adapter_name_or_path", adapter.string(), "--output_dir", out.string()};
+  std::vector<std::string> args = {"merge",
+                                   "--model_name_or_path",
+                                   (kModels / "llama_head_dim").string(),
+                                   "--adapter_name_or_path",
+                                   adapter.string(),
+                                   "--output_dir",
+                                   out.string()};
   std::vector<char*> argv;
   for (auto& s : args) argv.push_back(s.data());
   const std::string me = user_error([&] { cmd_merge(static_cast<int>(argv.size()), argv.data()); });

@@ -8,7 +8,8 @@ namespace lt {
 void add_lora_flags(CLI::App& app, LoraOptions* o) {
   add_bool_flag(app, "--use_peft_lora", &o->use_peft_lora,
                 "train a LoRA adapter instead of the whole model (saved in PEFT format)");
-  add_bool_flag(app, "--low_rank_training", &o->use_peft_lora, "alias of --use_peft_lora (LongLoRA)");
+  add_bool_flag(app, "--low_rank_training", &o->use_peft_lora,
+                "alias of --use_peft_lora (LongLoRA)");
   app.add_option("--lora_r", o->r, "LoRA rank r (default 8)");
   app.add_option("--lora_alpha", o->alpha, "LoRA alpha; scale = alpha / r (default 16)");
   app.add_option("--lora_dropout", o->dropout, "dropout on the LoRA input (default 0.05)");

@@ -1,9 +1,8 @@
 // PEFT adapter folders: read, validate, write, merge (see adapter_io.h).
 #include "model/adapter_io.h"
 
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/check.h"
 #include "core/error.h"
@@ -29,8 +28,8 @@ bool module_matches(const std::string& hf_name, const std::string& entry) {
 struct Expected {
   std::string name;
   std::vector<int64_t> shape;
-  bool lora;            // in the LoRA block (else a base tensor that trains)
-  int64_t offset;       // in the LoRA block or the params block
+  bool lora;       // in the LoRA block (else a base tensor that trains)
+  int64_t offset;  // in the LoRA block or the params block
 };
 
 std::vector<Expected> expected_tensors(LlamaModel& m) {
@@ -78,8 +77,8 @@ LoraSpec read_adapter_config(const fs::path& dir, const ModelConfig& config, Lor
       fail("{}: bias '{}' is not supported; only \"none\"", file.string(), b->get<std::string>());
     for (const char* k : {"rank_pattern", "alpha_pattern"})
       if (const auto* v = field(k); v && !v->empty())
-        fail("{}: '{}' is not supported (every module must share r and lora_alpha)",
-             file.string(), k);
+        fail("{}: '{}' is not supported (every module must share r and lora_alpha)", file.string(),
+             k);
     if (field("layers_to_transform"))
       fail("{}: 'layers_to_transform' is not supported (every layer must be adapted)",
            file.string());
@@ -98,8 +97,10 @@ LoraSpec read_adapter_config(const fs::path& dir, const ModelConfig& config, Lor
     std::vector<std::string> names;
     if (tm->is_string()) {
       if (tm->get<std::string>() != "all-linear")
-        fail("{}: target_modules '{}' is a regular expression; longtune needs a list of module "
-             "names or \"all-linear\"", file.string(), tm->get<std::string>());
+        fail(
+            "{}: target_modules '{}' is a regular expression; longtune needs a list of module "
+            "names or \"all-linear\"",
+            file.string(), tm->get<std::string>());
       names.push_back("all-linear");
     } else {
       names = tm->get<std::vector<std::string>>();
@@ -120,9 +121,10 @@ LoraSpec read_adapter_config(const fs::path& dir, const ModelConfig& config, Lor
       spec.train_embed = matched.erase("model.embed_tokens.weight") > 0;
       if (!matched.empty()) {
         if (matched != norms)
-          fail("{}: modules_to_save {} selects {}; longtune trains the embeddings and/or all "
-               "norms only (\"embed_tokens\", \"norm\")",
-               file.string(), ms->dump(), *matched.begin());
+          fail(
+              "{}: modules_to_save {} selects {}; longtune trains the embeddings and/or all "
+              "norms only (\"embed_tokens\", \"norm\")",
+              file.string(), ms->dump(), *matched.begin());
         spec.train_norm = true;
       }
     }
@@ -148,11 +150,15 @@ void load_adapter(const fs::path& dir, LlamaModel& model) {
     wanted.insert(e.name);
     const TensorInfo* t = st->find(e.name);
     if (!t)
-      fail("{}: tensor '{}' is missing (is this adapter for another base model, or trained with "
-           "other target modules?)", file.string(), e.name);
+      fail(
+          "{}: tensor '{}' is missing (is this adapter for another base model, or trained with "
+          "other target modules?)",
+          file.string(), e.name);
     if (t->shape != e.shape)
-      fail("{}: tensor '{}' has shape {} but this base model needs {} (adapter for another base "
-           "model?)", file.string(), e.name, shape_str(t->shape), shape_str(e.shape));
+      fail(
+          "{}: tensor '{}' has shape {} but this base model needs {} (adapter for another base "
+          "model?)",
+          file.string(), e.name, shape_str(t->shape), shape_str(e.shape));
     if (t->dtype != DType::kF32 && t->dtype != DType::kBF16 && t->dtype != DType::kF16 &&
         t->dtype != DType::kF64)
       fail("{}: tensor '{}' is not a floating-point tensor", file.string(), e.name);
@@ -185,7 +191,8 @@ void save_adapter(const fs::path& dir, LlamaModel& model, const std::string& bas
                     n * 4);
   }
   size_t i = 0;
-  for (const auto& e : expected_tensors(model)) tensors.push_back({e.name, e.shape, host[i++].data()});
+  for (const auto& e : expected_tensors(model))
+    tensors.push_back({e.name, e.shape, host[i++].data()});
 
   nlohmann::json j;
   j["peft_type"] = "LORA";
@@ -245,10 +252,13 @@ void merge_adapter(const fs::path& adapter_dir, const ModelConfig& config, const
   const LoraTable lt(config, spec);
   auto read = [&](const std::string& name, const std::vector<int64_t>& shape) {
     const TensorInfo* t = st->find(name);
-    if (!t) fail("{}: tensor '{}' is missing (adapter for another base model?)", file.string(), name);
+    if (!t)
+      fail("{}: tensor '{}' is missing (adapter for another base model?)", file.string(), name);
     if (t->shape != shape)
-      fail("{}: tensor '{}' has shape {} but the base model needs {} (adapter for another base "
-           "model?)", file.string(), name, shape_str(t->shape), shape_str(shape));
+      fail(
+          "{}: tensor '{}' has shape {} but the base model needs {} (adapter for another base "
+          "model?)",
+          file.string(), name, shape_str(t->shape), shape_str(shape));
     std::vector<float> v(t->numel());
     convert_to_f32(v.data(), t->data, t->dtype, v.size());
     return v;

@@ -300,7 +300,8 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
       trainable_.push_back({p.name, params_ + p.offset, grads_ + p.offset, p.numel, p.decay});
   } else if (settings_.train) {
     for (const auto& t : lora_table_.tensors())
-      trainable_.push_back({t.name, lora_params_ + t.offset, lora_grads_ + t.offset, t.numel, true});
+      trainable_.push_back(
+          {t.name, lora_params_ + t.offset, lora_grads_ + t.offset, t.numel, true});
     for (const auto& p : table_.params())
       if (auto it = base_grads_.find(p.name); it != base_grads_.end())
         trainable_.push_back({p.name, params_ + p.offset, it->second, p.numel, p.decay});

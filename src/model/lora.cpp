@@ -1,11 +1,11 @@
 // LoRA settings, target parsing and the adapter tensor table (see lora.h).
 #include "model/lora.h"
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <random>
 #include <sstream>
-
-#include <fmt/format.h>
 
 #include "core/error.h"
 #include "core/memory.h"
@@ -45,15 +45,17 @@ std::array<bool, kNumProj> parse_lora_targets(const std::vector<std::string>& na
     t.fill(true);  // PEFT: every linear layer but the output layer (lm_head)
     return t;
   }
-  if (names.empty()) fail("{}: no target modules given; use e.g. q_proj,v_proj or all-linear", what);
+  if (names.empty())
+    fail("{}: no target modules given; use e.g. q_proj,v_proj or all-linear", what);
   for (const auto& n : names) {
     bool found = false;
     for (int p = 0; p < kNumProj; ++p)
       if (n == kProjNames[p] || n == proj_module(Proj(p))) t[p] = found = true;
     if (!found)
-      fail("{}: '{}' is not a target module; allowed: q_proj, k_proj, v_proj, o_proj, gate_proj, "
-           "up_proj, down_proj or all-linear",
-           what, n);
+      fail(
+          "{}: '{}' is not a target module; allowed: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+          "up_proj, down_proj or all-linear",
+          what, n);
   }
   return t;
 }
@@ -63,22 +65,27 @@ LoraSpec resolve_lora(const LoraOptions& o, uint64_t seed) {
   s.enabled = o.use_peft_lora || o.load_in_4bit || !o.adapter_name_or_path.empty();
   if (!s.enabled) {
     if (!o.trainable_params.empty())
-      fail("--trainable_params '{}' needs --use_peft_lora True (a full fine-tune trains everything)",
-           o.trainable_params);
+      fail(
+          "--trainable_params '{}' needs --use_peft_lora True (a full fine-tune trains everything)",
+          o.trainable_params);
     return s;
   }
   if (o.r <= 0) fail("--lora_r must be a positive integer (got {})", o.r);
   if (!(o.alpha > 0)) fail("--lora_alpha must be > 0 (got {})", o.alpha);
-  if (!(o.dropout >= 0 && o.dropout < 1)) fail("--lora_dropout must be in [0, 1) (got {})", o.dropout);
+  if (!(o.dropout >= 0 && o.dropout < 1))
+    fail("--lora_dropout must be in [0, 1) (got {})", o.dropout);
   s.r = o.r;
   s.alpha = o.alpha;
   s.dropout = o.dropout;
   s.rslora = o.use_rslora;
   s.targets = parse_lora_targets(split_list(o.target_modules), "--lora_target_modules");
   for (const auto& t : split_list(o.trainable_params)) {
-    if (t == "embed") s.train_embed = true;
-    else if (t == "norm") s.train_norm = true;
-    else fail("--trainable_params: '{}' is not allowed; use embed, norm or embed,norm", t);
+    if (t == "embed")
+      s.train_embed = true;
+    else if (t == "norm")
+      s.train_norm = true;
+    else
+      fail("--trainable_params: '{}' is not allowed; use embed, norm or embed,norm", t);
   }
   s.quantize_4bit = o.load_in_4bit;
   s.seed = seed;
@@ -89,13 +96,20 @@ std::pair<int64_t, int64_t> proj_shape(const ModelConfig& c, Proj p) {
   const int64_t D = c.hidden_size, F = c.intermediate_size;
   const int64_t QD = c.num_attention_heads * c.head_dim, KVD = c.num_key_value_heads * c.head_dim;
   switch (p) {
-    case Proj::kQ: return {D, QD};
-    case Proj::kK: return {D, KVD};
-    case Proj::kV: return {D, KVD};
-    case Proj::kO: return {QD, D};
-    case Proj::kGate: return {D, F};
-    case Proj::kUp: return {D, F};
-    case Proj::kDown: return {F, D};
+    case Proj::kQ:
+      return {D, QD};
+    case Proj::kK:
+      return {D, KVD};
+    case Proj::kV:
+      return {D, KVD};
+    case Proj::kO:
+      return {QD, D};
+    case Proj::kGate:
+      return {D, F};
+    case Proj::kUp:
+      return {D, F};
+    case Proj::kDown:
+      return {F, D};
   }
   return {0, 0};
 }

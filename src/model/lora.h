@@ -21,14 +21,14 @@ std::string proj_module(Proj p);
 
 // The flags as the user gives them (longtune train; LongLoRA / PEFT names).
 struct LoraOptions {
-  bool use_peft_lora = false;      // --use_peft_lora / --low_rank_training
-  int64_t r = 8;                   // --lora_r
-  double alpha = 16;               // --lora_alpha
-  double dropout = 0.05;           // --lora_dropout (LongLoRA / QLoRA recipes; PEFT's default is 0)
+  bool use_peft_lora = false;  // --use_peft_lora / --low_rank_training
+  int64_t r = 8;               // --lora_r
+  double alpha = 16;           // --lora_alpha
+  double dropout = 0.05;       // --lora_dropout (LongLoRA / QLoRA recipes; PEFT's default is 0)
   std::string target_modules = "q_proj,v_proj";  // --lora_target_modules, or all-linear
-  bool use_rslora = false;         // --use_rslora: scale alpha/sqrt(r) instead of alpha/r
-  std::string trainable_params;    // --trainable_params "embed,norm" (LongLoRA)
-  bool load_in_4bit = false;       // --load_in_4bit / --use_4bit_quantization (implies LoRA)
+  bool use_rslora = false;           // --use_rslora: scale alpha/sqrt(r) instead of alpha/r
+  std::string trainable_params;      // --trainable_params "embed,norm" (LongLoRA)
+  bool load_in_4bit = false;         // --load_in_4bit / --use_4bit_quantization (implies LoRA)
   std::string adapter_name_or_path;  // --adapter_name_or_path: continue this PEFT adapter
 };
 
@@ -56,10 +56,10 @@ std::array<bool, kNumProj> parse_lora_targets(const std::vector<std::string>& na
 
 // One adapter tensor in the LoRA block (A and B of every targeted projection).
 struct LoraTensorInfo {
-  std::string name;            // PEFT's saved name, ...q_proj.lora_A.weight
+  std::string name;  // PEFT's saved name, ...q_proj.lora_A.weight
   int64_t layer = 0;
   Proj proj = Proj::kQ;
-  bool is_b = false;           // lora_B (OUT,R); else lora_A (R,IN)
+  bool is_b = false;  // lora_B (OUT,R); else lora_A (R,IN)
   std::vector<int64_t> shape;
   int64_t offset = 0, numel = 0;
 };

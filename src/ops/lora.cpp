@@ -31,8 +31,8 @@ float lora_dropout_factor(uint64_t seed, int64_t row, int64_t col, int64_t IN, f
   return u < p ? 0.0f : 1.0f / (1.0f - p);
 }
 
-void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
-                  const float* b, int64_t N, int64_t IN, int64_t OUT, const LoraCall& c) {
+void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a, const float* b,
+                  int64_t N, int64_t IN, int64_t OUT, const LoraCall& c) {
   LT_CHECK(c.R > 0 && N >= 0, "lora_forward R={} N={}", c.R, N);
   const float* x = inp;
   if (c.dropout > 0) {
@@ -53,7 +53,7 @@ void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float*
   }
   gemm(u, dout, b, N, c.R, OUT, false, false, 1.0f, 0.0f);  // u (N,R) = dout @ b
   if (db) {
-    gemm(t, x, a, N, c.R, IN, false, true, 1.0f, 0.0f);     // t = x @ a^T
+    gemm(t, x, a, N, c.R, IN, false, true, 1.0f, 0.0f);          // t = x @ a^T
     gemm(db, dout, t, OUT, c.R, N, true, false, c.scale, 1.0f);  // db += scale dout^T t
   }
   if (da) gemm(da, u, x, c.R, IN, N, true, false, c.scale, 1.0f);  // da += scale u^T x
@@ -66,7 +66,8 @@ void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float*
 #pragma omp parallel for schedule(static) if (N * IN > (1 << 15))
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < IN; ++j)
-      dinp[n * IN + j] += dxd[n * IN + j] * lora_dropout_factor(c.seed, c.row0 + n, j, IN, c.dropout);
+      dinp[n * IN + j] +=
+          dxd[n * IN + j] * lora_dropout_factor(c.seed, c.row0 + n, j, IN, c.dropout);
 }
 
 }  // namespace lt

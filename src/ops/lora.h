@@ -10,11 +10,11 @@ namespace lt {
 
 // What a LoRA call needs besides its tensors.
 struct LoraCall {
-  int64_t R = 0;        // rank r
-  float scale = 1.0f;   // alpha / r, or alpha / sqrt(r) with rsLoRA
-  float dropout = 0.0f; // probability of zeroing an input element (0 = off)
-  uint64_t seed = 0;    // mask key (one per micro-batch, layer and projection)
-  int64_t row0 = 0;     // absolute row of inp's first row (mini-sequence chunks keep their mask)
+  int64_t R = 0;         // rank r
+  float scale = 1.0f;    // alpha / r, or alpha / sqrt(r) with rsLoRA
+  float dropout = 0.0f;  // probability of zeroing an input element (0 = off)
+  uint64_t seed = 0;     // mask key (one per micro-batch, layer and projection)
+  int64_t row0 = 0;      // absolute row of inp's first row (mini-sequence chunks keep their mask)
 };
 
 // Keep-mask value of element (row, col): 0 or 1/(1-p) (inverted dropout as torch.nn.Dropout).
@@ -22,8 +22,8 @@ float lora_dropout_factor(uint64_t seed, int64_t row, int64_t col, int64_t IN, f
 
 // out (N,OUT) += scale * (dropout(inp) (N,IN) @ a^T) @ b^T, with a (R,IN) and b (OUT,R).
 // t (N,R) and xd (N,IN, only used when dropout > 0) are scratch.
-void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
-                  const float* b, int64_t N, int64_t IN, int64_t OUT, const LoraCall& c);
+void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a, const float* b,
+                  int64_t N, int64_t IN, int64_t OUT, const LoraCall& c);
 // Gradients of the LoRA path, all accumulated (+=), any of them null to skip:
 //   t = dropout(inp) @ a^T (recomputed), u (N,R) = dout @ b
 //   dinp (N,IN) += scale * dropout'(u @ a)      da (R,IN) += scale * u^T @ dropout(inp)

@@ -11,11 +11,22 @@ namespace lt {
 
 const std::array<float, 16>& nf4_code() {
   // bitsandbytes/functional.py get_4bit_type("nf4") and csrc dDequantizeNF4.
-  static const std::array<float, 16> code = {
-      -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-      -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-      0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-      0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+  static const std::array<float, 16> code = {-1.0f,
+                                             -0.6961928009986877f,
+                                             -0.5250730514526367f,
+                                             -0.39491748809814453f,
+                                             -0.28444138169288635f,
+                                             -0.18477343022823334f,
+                                             -0.09105003625154495f,
+                                             0.0f,
+                                             0.07958029955625534f,
+                                             0.16093020141124725f,
+                                             0.24611230194568634f,
+                                             0.33791524171829224f,
+                                             0.44070982933044434f,
+                                             0.5626170039176941f,
+                                             0.7229568362236023f,
+                                             1.0f};
   return code;
 }
 
@@ -115,8 +126,7 @@ void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
   const int64_t blocks = (n + kNf4Block - 1) / kNf4Block;
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
   for (int64_t b = 0; b < blocks; ++b) {
-    const float absmax =
-        dyn[absmax_q[b]] * absmax_scale[b / kNf4AbsmaxBlock] + absmax_offset;
+    const float absmax = dyn[absmax_q[b]] * absmax_scale[b / kNf4AbsmaxBlock] + absmax_offset;
     const int64_t i0 = b * kNf4Block, i1 = std::min(n, i0 + kNf4Block);
     for (int64_t i = i0; i < i1; ++i) {
       const uint8_t byte = packed[i / 2];

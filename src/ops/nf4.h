@@ -8,8 +8,8 @@
 
 namespace lt {
 
-inline constexpr int64_t kNf4Block = 64;          // values per absmax block
-inline constexpr int64_t kNf4AbsmaxBlock = 256;   // absmax values per second-level block
+inline constexpr int64_t kNf4Block = 64;         // values per absmax block
+inline constexpr int64_t kNf4AbsmaxBlock = 256;  // absmax values per second-level block
 
 // bitsandbytes' NF4 code table (quantiles of N(0,1) scaled to [-1, 1], with an exact 0).
 const std::array<float, 16>& nf4_code();
@@ -19,9 +19,9 @@ const std::array<float, 256>& dynamic_map_code();
 
 // Sizes of the quantized form of n values.
 struct Nf4Sizes {
-  int64_t packed_bytes;   // ceil(n/2): two codes per byte, element 2i in the high nibble
-  int64_t blocks;         // ceil(n/64): absmax codes, one byte each
-  int64_t scale_blocks;   // ceil(blocks/256): f32 scales of the absmax codes
+  int64_t packed_bytes;  // ceil(n/2): two codes per byte, element 2i in the high nibble
+  int64_t blocks;        // ceil(n/64): absmax codes, one byte each
+  int64_t scale_blocks;  // ceil(blocks/256): f32 scales of the absmax codes
 };
 Nf4Sizes nf4_sizes(int64_t n);
 // Bytes of the whole quantized form (packed + absmax codes + scales + offset).

@@ -35,7 +35,9 @@ void AdamW::allocate() {
   be_.memset_zero(v_, total_ * 4);
 }
 
-void AdamW::plan(const ParamTable& table, MemoryPlan* plan) { AdamW::plan(table.total_numel(), plan); }
+void AdamW::plan(const ParamTable& table, MemoryPlan* plan) {
+  AdamW::plan(table.total_numel(), plan);
+}
 
 void AdamW::plan(int64_t numel, MemoryPlan* plan) {
   plan->add("adamw.exp_avg", size_t(numel) * 4, MemCategory::kOptimizer, "optimizer");

@@ -125,7 +125,8 @@ void run_train(const TrainOptions& o) {
              rs.flash_attention ? "on" : "off");
   if (lora.enabled)
     fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}\n",
-               lora.r, lora.alpha, lora.scale(), lora.dropout, LoraTable(config, lora).total_numel(),
+               lora.r, lora.alpha, lora.scale(), lora.dropout,
+               LoraTable(config, lora).total_numel(),
                lora.quantize_4bit ? ", base projections in NF4" : "",
                lora.train_embed || lora.train_norm ? ", plus embed/norm tensors" : "");
   fmt::print("{}\n", plan.describe());
