@@ -10,12 +10,14 @@
 #include "ops/attention.h"
 #include "ops/adamw.h"
 #include "ops/common.h"
+#include "ops/lora.h"
+#include "core/check.h"
 
 namespace lt {
 
 enum class OpKind {
   kEmbedding, kRmsNorm, kLinear, kRope, kSwiGlu, kAttention, kLmHeadCrossEntropy, kAdamW,
-  kSumSquares, kScale, kAdd
+  kSumSquares, kScale, kAdd, kLora, kNf4Dequantize
 };
 
 class Backend {
@@ -70,6 +72,24 @@ class Backend {
   virtual void scale_inplace(float* x, int64_t n, float s) = 0;
   // y (n) += x (n)
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;
+
+  // LoRA and QLoRA (ops/lora.h, ops/nf4.h). Not pure: a backend without them reports
+  // supports(kLora / kNf4Dequantize) == false and the model refuses LoRA / 4-bit runs on it.
+  virtual void lora_forward(float*, float*, float*, const float*, const float*, const float*,
+                            int64_t, int64_t, int64_t, const LoraCall&) {
+    LT_CHECK(false, "backend {} has no lora_forward", name());
+  }
+  virtual void lora_backward(float*, float*, float*, float*, float*, float*, float*,
+                             const float*, const float*, const float*, const float*, int64_t,
+                             int64_t, int64_t, const LoraCall&) {
+    LT_CHECK(false, "backend {} has no lora_backward", name());
+  }
+  // out (n) f32 from NF4 storage: packed (ceil(n/2)) absmax_q (ceil(n/64)) absmax_scale
+  // (ceil(n/64/256)); all device pointers.
+  virtual void nf4_dequantize(float*, const uint8_t*, const uint8_t*, const float*, float,
+                              int64_t) {
+    LT_CHECK(false, "backend {} has no nf4_dequantize", name());
+  }
 };
 
 // The CPU backend (reference; BLAS + OpenMP).

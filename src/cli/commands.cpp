@@ -21,6 +21,7 @@ void print_usage() {
       "  plan        predict peak memory and the longest sequence within a budget\n"
       "  tokenize    JSON array of strings on stdin -> JSON array of id lists (--decode: back)\n"
       "  init        create a randomly initialised model folder of a named shape\n"
+      "  merge       merge a LoRA adapter into its base model (longtune merge --help)\n"
       "  --version   print the version and the backends that were built\n",
       stdout);
 }
@@ -53,7 +54,7 @@ int cli_main(int argc, char** argv, const char* version) {
       std::string_view name;
       int (*run)(int, char**);
     };
-    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init}, {"plan", cmd_plan}, {"tokenize", cmd_tokenize}};
+    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init}, {"plan", cmd_plan}, {"tokenize", cmd_tokenize}, {"merge", cmd_merge}};
     for (const auto& c : kCommands)
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);

@@ -10,5 +10,6 @@ int cli_main(int argc, char** argv, const char* version);
 int cmd_train(int argc, char** argv);
 int cmd_init(int argc, char** argv);
 int cmd_plan(int argc, char** argv);
+int cmd_merge(int argc, char** argv);
 
 }  // namespace lt

@@ -20,8 +20,10 @@ CLI::Option* add_bool_flag(CLI::App& app, const std::string& name, bool* target,
         else fail("{}: '{}' is not a boolean; use True or False", name, v);
       },
       help);
-  // A bare flag (no value) means True.
-  opt->expected(0, 1)->default_str(*target ? "True" : "False");
+  // A bare flag (no value) means True: CLI11 2.1 hands a bare option its default_str, so none is
+  // set (the callback then sees "") and the default is shown in the help text instead.
+  opt->expected(0, 1);
+  opt->description(help + (*target ? " (default True)" : " (default False)"));
   return opt;
 }
 

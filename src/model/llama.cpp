@@ -4,8 +4,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 #include "core/check.h"
+#include "core/error.h"
+#include "ops/nf4.h"
 
 namespace lt {
 
@@ -42,6 +45,9 @@ struct LlamaModel::Work {
   float *dh_c, *dgate_c, *dup_c;        // (C,F) MLP chunk gradients
   float* lm_scratch;                    // (C_lm, V) logits of one LM-head chunk
   float *dres, *dnorm, *dattn, *dq, *dk, *dv;  // (N,D) (N,D) (N,H*HD) (N,H*HD) (N,KVH*HD) x2
+  float* nf4_weight;                    // QLoRA: one dequantized (OUT,IN) weight at a time
+  float *lora_t, *lora_u;               // (N,R) LoRA intermediates
+  float *lora_xd, *lora_dxd;            // (N, max IN) dropped-out input and its gradient
   int64_t mlp_chunk = 0, lm_chunk = 0;
 };
 
@@ -55,6 +61,11 @@ class PlanBinder final : public BufferBinder {
   float* take(const std::string& name, size_t count, MemCategory c,
               const std::string& arena) override {
     plan_->add(name, count * sizeof(float), c, arena);
+    return nullptr;
+  }
+  void* take_bytes(const std::string& name, size_t bytes, MemCategory c,
+                   const std::string& arena) override {
+    plan_->add(name, bytes, c, arena);
     return nullptr;
   }
 
@@ -71,12 +82,61 @@ class ArenaBinder final : public BufferBinder {
     LT_CHECK(it != arenas_->end(), "arena '{}' was not planned (buffer '{}')", arena, name);
     return it->second.take<float>(name, count);
   }
+  void* take_bytes(const std::string& name, size_t bytes, MemCategory,
+                   const std::string& arena) override {
+    auto it = arenas_->find(arena);
+    LT_CHECK(it != arenas_->end(), "arena '{}' was not planned (buffer '{}')", arena, name);
+    return it->second.take_bytes(name, bytes);
+  }
 
  private:
   std::map<std::string, Arena>* arenas_;
 };
 
+ParamTable make_table(const ModelConfig& c, const RunSettings& s) {
+  if (!s.lora.quantize_4bit) return ParamTable(c);
+  return ParamTable(c, [&](const std::string& n) { return !LlamaModel::is_quantized(s.lora, n); });
+}
+
+// Byte layout of one NF4 weight's buffer: packed codes, absmax codes, then (4-aligned) scales.
+struct Nf4Layout {
+  size_t absmax_q, absmax_scale, bytes;
+};
+Nf4Layout nf4_layout(int64_t n) {
+  const Nf4Sizes z = nf4_sizes(n);
+  Nf4Layout o;
+  o.absmax_q = size_t(z.packed_bytes);
+  o.absmax_scale = (o.absmax_q + size_t(z.blocks) + 3) / 4 * 4;
+  o.bytes = o.absmax_scale + 4 * size_t(z.scale_blocks);
+  return o;
+}
+
 }  // namespace
+
+bool LlamaModel::is_quantized(const LoraSpec& s, const std::string& name) {
+  if (!s.enabled || !s.quantize_4bit) return false;
+  for (int p = 0; p < kNumProj; ++p)
+    if (name.size() > 7 && name.ends_with(std::string(proj_name(Proj(p))) + ".weight"))
+      return true;
+  return false;
+}
+
+bool LlamaModel::base_trains(const LoraSpec& s, const std::string& name) {
+  if (!s.enabled) return true;
+  if (s.train_embed && name == "model.embed_tokens.weight") return true;
+  return s.train_norm && (name.ends_with("layernorm.weight") || name == "model.norm.weight");
+}
+
+int64_t LlamaModel::trainable_numel(const ModelConfig& config, const RunSettings& settings) {
+  if (!settings.train) return 0;
+  int64_t n = 0;
+  const ParamTable table = make_table(config, settings);
+  const LoraTable lora(config, settings.lora);
+  for (const auto& p : table.params())
+    if (base_trains(settings.lora, p.name)) n += int64_t(align_up(size_t(p.numel) * 4) / 4);
+  for (const auto& t : lora.tensors()) n += int64_t(align_up(size_t(t.numel) * 4) / 4);
+  return n;
+}
 
 void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
                                  Bound* out) {
@@ -84,11 +144,41 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   const size_t H = c.num_attention_heads, HD = c.head_dim, QD = H * HD;
   const size_t KVD = c.num_key_value_heads * HD, L = c.num_hidden_layers;
   const bool save_mlp = s.mlp_chunks == 1;
-  const ParamTable table(c);
+  const ParamTable table = make_table(c, s);
   const size_t P = table.total_numel();
 
   out->params = b.take("params", P, MemCategory::kWeights, "weights");
-  if (s.train) out->grads = b.take("grads", P, MemCategory::kGradients, "grads");
+  if (s.train && !s.lora.enabled) out->grads = b.take("grads", P, MemCategory::kGradients, "grads");
+  if (s.lora.enabled) {
+    // Frozen base tensors get no gradient; only those that also train (embed, norms) do.
+    out->base_grads.clear();
+    for (const auto& p : table.params())
+      if (s.train && base_trains(s.lora, p.name))
+        out->base_grads[p.name] =
+            b.take("grad." + p.name, p.numel, MemCategory::kGradients, "grads");
+    const LoraTable lt(c, s.lora);
+    out->lora_params = b.take("lora.params", lt.total_numel(), MemCategory::kWeights, "lora");
+    if (s.train)
+      out->lora_grads = b.take("lora.grads", lt.total_numel(), MemCategory::kGradients, "lora");
+    // QLoRA: the seven projection weights of every layer in NF4 (about 0.53 bytes per value).
+    out->nf4.clear();
+    const ParamTable full(c);
+    for (const auto& p : full.params()) {
+      if (!is_quantized(s.lora, p.name)) continue;
+      const Nf4Layout lay = nf4_layout(p.numel);
+      auto* buf = static_cast<uint8_t*>(
+          b.take_bytes("nf4." + p.name, lay.bytes, MemCategory::kWeights, "weights_nf4"));
+      Nf4Weight w;
+      w.name = p.name;
+      w.numel = p.numel;
+      if (buf) {
+        w.packed = buf;
+        w.absmax_q = buf + lay.absmax_q;
+        w.absmax_scale = reinterpret_cast<float*>(buf + lay.absmax_scale);
+      }
+      out->nf4.push_back(std::move(w));
+    }
+  }
 
   // Residual stream: with training every layer input is kept (these are the checkpoints when
   // layers are recomputed); without training two buffers alternate.
@@ -154,14 +244,34 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     w->dk = b.take("grad.k", N * KVD, MemCategory::kAttention, "scratch");
     w->dv = b.take("grad.v", N * KVD, MemCategory::kAttention, "scratch");
   }
+  w->nf4_weight = w->lora_t = w->lora_u = w->lora_xd = w->lora_dxd = nullptr;
+  if (s.lora.quantize_4bit)
+    w->nf4_weight = b.take("nf4.dequantized", std::max({QD * D, KVD * D, F * D}),
+                           MemCategory::kScratch, "scratch");
+  if (s.lora.enabled) {
+    const size_t R = s.lora.r, IN = std::max({D, QD, F});
+    w->lora_t = b.take("lora.t", N * R, MemCategory::kScratch, "scratch");
+    w->lora_u = b.take("lora.u", N * R, MemCategory::kScratch, "scratch");
+    if (s.lora.dropout > 0 && s.train) {
+      w->lora_xd = b.take("lora.dropout_x", N * IN, MemCategory::kScratch, "scratch");
+      w->lora_dxd = b.take("lora.dropout_dx", N * IN, MemCategory::kScratch, "scratch");
+    }
+  }
   out->work = std::move(w);
 }
 
 LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSettings& settings)
-    : config_(config), be_(backend), settings_(settings), table_(config) {
+    : config_(config), be_(backend), settings_(settings), table_(make_table(config, settings)),
+      lora_table_(config, settings.lora) {
   LT_CHECK(settings_.max_tokens > 0 && settings_.mlp_chunks >= 1 && settings_.lm_head_chunks >= 1);
   LT_CHECK(!settings_.offload_checkpoints || settings_.checkpointing,
            "checkpoint offload needs checkpointing");
+  if (settings_.lora.enabled) {
+    LT_CHECK(settings_.lora.r > 0, "LoRA rank {}", settings_.lora.r);
+    if (!be_.supports(OpKind::kLora) ||
+        (settings_.lora.quantize_4bit && !be_.supports(OpKind::kNf4Dequantize)))
+      fail("--device {}: this backend does not support LoRA / 4-bit weights yet", be_.name());
+  }
   MemoryPlan plan;
   PlanBinder planner(&plan);
   Bound sizes;
@@ -179,8 +289,129 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   acts_ = std::move(bound.acts);
   res_ = std::move(bound.res);
   work_ = std::move(bound.work);
+  base_grads_ = std::move(bound.base_grads);
+  lora_params_ = bound.lora_params;
+  lora_grads_ = bound.lora_grads;
+  nf4_ = std::move(bound.nf4);
   w_ = table_.bind(params_);
+  LT_CHECK(w_.embed && w_.final_norm && w_.lm_head);
   if (grads_) g_ = table_.bind(grads_);
+  if (settings_.lora.enabled)
+    g_ = table_.bind([&](const std::string& n) -> float* {
+      auto it = base_grads_.find(n);
+      return it == base_grads_.end() ? nullptr : it->second;
+    });
+  if (lora_params_) be_.memset_zero(lora_params_, lora_table_.total_numel() * 4);
+  build_slots();
+  // The trainable set, in the order the optimizer walks it.
+  if (settings_.train && !settings_.lora.enabled) {
+    for (const auto& p : table_.params())
+      trainable_.push_back({p.name, params_ + p.offset, grads_ + p.offset, p.numel, p.decay});
+  } else if (settings_.train) {
+    for (const auto& t : lora_table_.tensors())
+      trainable_.push_back(
+          {t.name, lora_params_ + t.offset, lora_grads_ + t.offset, t.numel, true});
+    for (const auto& p : table_.params())
+      if (auto it = base_grads_.find(p.name); it != base_grads_.end())
+        trainable_.push_back({p.name, params_ + p.offset, it->second, p.numel, p.decay});
+  }
+}
+
+void LlamaModel::build_slots() {
+  slots_.assign(config_.num_hidden_layers, {});
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    const LayerWeights& w = w_.layers[l];
+    const LayerWeights* g = g_.layers.empty() ? nullptr : &g_.layers[l];
+    for (int p = 0; p < kNumProj; ++p) {
+      LinearSlot& s = slots_[l][p];
+      s.proj = Proj(p);
+      std::tie(s.in, s.out) = proj_shape(config_, s.proj);
+      auto pick = [&](const LayerWeights& x) -> std::pair<float*, float*> {
+        switch (s.proj) {
+          case Proj::kQ: return {x.attn_q, x.attn_q_bias};
+          case Proj::kK: return {x.attn_k, x.attn_k_bias};
+          case Proj::kV: return {x.attn_v, x.attn_v_bias};
+          case Proj::kO: return {x.attn_o, x.attn_o_bias};
+          case Proj::kGate: return {x.ffn_gate, x.ffn_gate_bias};
+          case Proj::kUp: return {x.ffn_up, x.ffn_up_bias};
+          case Proj::kDown: return {x.ffn_down, x.ffn_down_bias};
+        }
+        return {nullptr, nullptr};
+      };
+      std::tie(s.weight, s.bias) = pick(w);
+      if (g) std::tie(s.grad_weight, s.grad_bias) = pick(*g);
+      if (!s.weight) {
+        const std::string name = fmt::format("model.layers.{}.{}.weight", l, proj_module(s.proj));
+        for (size_t i = 0; i < nf4_.size(); ++i)
+          if (nf4_[i].name == name) s.nf4 = static_cast<int64_t>(i);
+        LT_CHECK(s.nf4 >= 0, "no weight for {}", name);
+      }
+      const int64_t ia = lora_table_.find(l, s.proj, false), ib = lora_table_.find(l, s.proj, true);
+      if (ia >= 0) {
+        s.lora_a = lora_params_ + lora_table_.tensors()[ia].offset;
+        s.lora_b = lora_params_ + lora_table_.tensors()[ib].offset;
+        if (lora_grads_) {
+          s.grad_a = lora_grads_ + lora_table_.tensors()[ia].offset;
+          s.grad_b = lora_grads_ + lora_table_.tensors()[ib].offset;
+        }
+      }
+    }
+  }
+}
+
+void LlamaModel::zero_grads() {
+  for (const auto& t : trainable_) be_.memset_zero(t.grad, size_t(t.numel) * 4);
+}
+
+void LlamaModel::quantize_base_weight(size_t i, const float* w) {
+  LT_CHECK(i < nf4_.size());
+  Nf4Weight& q = nf4_[i];
+  const Nf4Layout lay = nf4_layout(q.numel);
+  std::vector<uint8_t> host(lay.bytes);
+  nf4_quantize(host.data(), host.data() + lay.absmax_q,
+               reinterpret_cast<float*>(host.data() + lay.absmax_scale), &q.absmax_offset, w,
+               q.numel);
+  be_.copy_to_device(q.packed, host.data(), lay.bytes);
+}
+
+const float* LlamaModel::base_weight(const LinearSlot& s) {
+  if (s.weight) return s.weight;
+  const Nf4Weight& q = nf4_[s.nf4];
+  be_.nf4_dequantize(work_->nf4_weight, q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset,
+                     q.numel);
+  return work_->nf4_weight;
+}
+
+LoraCall LlamaModel::lora_call(int64_t l, Proj p, int64_t row0) const {
+  LoraCall c;
+  c.R = settings_.lora.r;
+  c.scale = settings_.lora.scale();
+  c.dropout = dropout_on_ ? static_cast<float>(settings_.lora.dropout) : 0.0f;
+  // One mask key per (seed, micro-batch, layer, projection); rows and columns index inside it.
+  c.seed = settings_.lora.seed * 0x9E3779B97F4A7C15ull ^
+           (micro_batches_done_ << 20 | uint64_t(l) << 4 | uint64_t(p));
+  c.row0 = row0;
+  return c;
+}
+
+void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int64_t n, int64_t l,
+                         int64_t row0) {
+  be_.linear_forward(out, inp, base_weight(s), s.bias, n, s.in, s.out);
+  if (s.lora_a)
+    be_.lora_forward(out, work_->lora_t, work_->lora_xd, inp, s.lora_a, s.lora_b, n, s.in, s.out,
+                     lora_call(l, s.proj, row0));
+}
+
+void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float* dout,
+                                  const float* inp, int64_t n, int64_t l, int64_t row0,
+                                  Accumulate acc) {
+  be_.linear_backward(dinp, s.grad_weight, s.grad_bias, dout, inp, base_weight(s), n, s.in, s.out,
+                      acc);
+  if (s.lora_a) {
+    Work& k = *work_;
+    be_.lora_backward(dinp, s.grad_a, s.grad_b, k.lora_t, k.lora_u, k.lora_xd, k.lora_dxd, dout,
+                      inp, s.lora_a, s.lora_b, n, s.in, s.out, lora_call(l, s.proj, row0));
+  }
 }
 
 LlamaModel::~LlamaModel() = default;
@@ -238,16 +469,18 @@ void LlamaModel::prepare(const MicroBatch& mb) {
 void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
   const ModelConfig& c = config_;
   const LayerWeights& w = w_.layers[l];
+  const auto& sl = slots_[l];
+  auto slot = [&](Proj p) -> const LinearSlot& { return sl[static_cast<int>(p)]; };
   Work& k = *work_;
   const int64_t N = n_, D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads;
-  const int64_t KVH = c.num_key_value_heads, HD = c.head_dim, QD = H * HD, KVD = KVH * HD;
+  const int64_t KVH = c.num_key_value_heads, HD = c.head_dim, QD = H * HD;
   const float* x = res(l);
   float* x_out = res(l + 1);
 
   be_.rmsnorm_forward(a.attn_in, a.attn_rstd, x, w.attn_norm, N, D, c.rms_norm_eps);
-  be_.linear_forward(a.q, a.attn_in, w.attn_q, w.attn_q_bias, N, D, QD);
-  be_.linear_forward(a.k, a.attn_in, w.attn_k, w.attn_k_bias, N, D, KVD);
-  be_.linear_forward(a.v, a.attn_in, w.attn_v, w.attn_v_bias, N, D, KVD);
+  project(a.q, a.attn_in, slot(Proj::kQ), N, l, 0);
+  project(a.k, a.attn_in, slot(Proj::kK), N, l, 0);
+  project(a.v, a.attn_in, slot(Proj::kV), N, l, 0);
   be_.rope_forward(a.q, a.q, k.rope_cos, k.rope_sin, N, H, HD);
   be_.rope_forward(a.k, a.k, k.rope_cos, k.rope_sin, N, KVH, HD);
   AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), k.docs, 1.0f / std::sqrt(float(HD))};
@@ -255,7 +488,7 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
     be_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, s);
   else
     attention_forward_naive(a.attn_out, a.lse, a.q, a.k, a.v, s);
-  be_.linear_forward(a.x_mid, a.attn_out, w.attn_o, w.attn_o_bias, N, QD, D);
+  project(a.x_mid, a.attn_out, slot(Proj::kO), N, l, 0);
   be_.add_inplace(a.x_mid, x, N * D);
   be_.rmsnorm_forward(a.ffn_in, a.ffn_rstd, a.x_mid, w.ffn_norm, N, D, c.rms_norm_eps);
   if (pass == Pass::kForward) {
@@ -264,19 +497,19 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
   }
 
   if (a.gate) {  // whole-sequence MLP; gate and up are kept for backward
-    be_.linear_forward(a.gate, a.ffn_in, w.ffn_gate, w.ffn_gate_bias, N, D, F);
-    be_.linear_forward(a.up, a.ffn_in, w.ffn_up, w.ffn_up_bias, N, D, F);
+    project(a.gate, a.ffn_in, slot(Proj::kGate), N, l, 0);
+    project(a.up, a.ffn_in, slot(Proj::kUp), N, l, 0);
     if (pass == Pass::kRecompute) return;
     be_.swiglu_forward(k.h_c, a.gate, a.up, N * F);
-    be_.linear_forward(x_out, k.h_c, w.ffn_down, w.ffn_down_bias, N, F, D);
+    project(x_out, k.h_c, slot(Proj::kDown), N, l, 0);
   } else {  // mini-sequence MLP: chunk by chunk, nothing of size N*F is kept
     if (pass == Pass::kRecompute) return;
     for (int64_t r0 = 0; r0 < N; r0 += k.mlp_chunk) {
       const int64_t n = std::min(k.mlp_chunk, N - r0);
-      be_.linear_forward(k.gate_c, a.ffn_in + r0 * D, w.ffn_gate, w.ffn_gate_bias, n, D, F);
-      be_.linear_forward(k.up_c, a.ffn_in + r0 * D, w.ffn_up, w.ffn_up_bias, n, D, F);
+      project(k.gate_c, a.ffn_in + r0 * D, slot(Proj::kGate), n, l, r0);
+      project(k.up_c, a.ffn_in + r0 * D, slot(Proj::kUp), n, l, r0);
       be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
-      be_.linear_forward(x_out + r0 * D, k.h_c, w.ffn_down, w.ffn_down_bias, n, F, D);
+      project(x_out + r0 * D, k.h_c, slot(Proj::kDown), n, l, r0);
     }
   }
   be_.add_inplace(x_out, a.x_mid, N * D);
@@ -287,9 +520,11 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
   const ModelConfig& c = config_;
   const LayerWeights& w = w_.layers[l];
   const LayerWeights& g = g_.layers[l];
+  const auto& sl = slots_[l];
+  auto slot = [&](Proj p) -> const LinearSlot& { return sl[static_cast<int>(p)]; };
   Work& k = *work_;
   const int64_t N = n_, D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads;
-  const int64_t KVH = c.num_key_value_heads, HD = c.head_dim, QD = H * HD, KVD = KVH * HD;
+  const int64_t KVH = c.num_key_value_heads, HD = c.head_dim;
 
   // MLP: dres is dL/d(x_out); its MLP share flows back to ffn_in (k.dnorm).
   for (int64_t r0 = 0; r0 < N; r0 += k.mlp_chunk) {
@@ -298,25 +533,23 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
     const float* gate = a.gate ? a.gate + r0 * F : k.gate_c;
     const float* up = a.up ? a.up + r0 * F : k.up_c;
     if (!a.gate) {  // recompute this chunk's gate and up
-      be_.linear_forward(k.gate_c, ffn_in, w.ffn_gate, w.ffn_gate_bias, n, D, F);
-      be_.linear_forward(k.up_c, ffn_in, w.ffn_up, w.ffn_up_bias, n, D, F);
+      project(k.gate_c, ffn_in, slot(Proj::kGate), n, l, r0);
+      project(k.up_c, ffn_in, slot(Proj::kUp), n, l, r0);
     }
     be_.swiglu_forward(k.h_c, gate, up, n * F);
-    be_.linear_backward(k.dh_c, g.ffn_down, g.ffn_down_bias, dres + r0 * D, k.h_c, w.ffn_down, n,
-                        F, D, Accumulate::kNo);
+    project_backward(k.dh_c, slot(Proj::kDown), dres + r0 * D, k.h_c, n, l, r0, Accumulate::kNo);
     be_.swiglu_backward(k.dgate_c, k.dup_c, k.dh_c, gate, up, n * F);
-    be_.linear_backward(k.dnorm + r0 * D, g.ffn_gate, g.ffn_gate_bias, k.dgate_c, ffn_in,
-                        w.ffn_gate, n, D, F, Accumulate::kNo);
-    be_.linear_backward(k.dnorm + r0 * D, g.ffn_up, g.ffn_up_bias, k.dup_c, ffn_in, w.ffn_up, n,
-                        D, F, Accumulate::kYes);
+    project_backward(k.dnorm + r0 * D, slot(Proj::kGate), k.dgate_c, ffn_in, n, l, r0,
+                     Accumulate::kNo);
+    project_backward(k.dnorm + r0 * D, slot(Proj::kUp), k.dup_c, ffn_in, n, l, r0,
+                     Accumulate::kYes);
   }
   // dres += d(ffn_in)/d(x_mid): dres becomes dL/d(x_mid).
   be_.rmsnorm_backward(dres, g.ffn_norm, k.dnorm, a.x_mid, w.ffn_norm, a.ffn_rstd, N, D,
                        Accumulate::kYes);
 
   // Attention.
-  be_.linear_backward(k.dattn, g.attn_o, g.attn_o_bias, dres, a.attn_out, w.attn_o, N, QD, D,
-                      Accumulate::kNo);
+  project_backward(k.dattn, slot(Proj::kO), dres, a.attn_out, N, l, 0, Accumulate::kNo);
   AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), k.docs, 1.0f / std::sqrt(float(HD))};
   if (settings_.flash_attention)
     be_.attention_backward(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
@@ -324,12 +557,9 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
     attention_backward_naive(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
   be_.rope_backward(k.dq, k.dq, k.rope_cos, k.rope_sin, N, H, HD);
   be_.rope_backward(k.dk, k.dk, k.rope_cos, k.rope_sin, N, KVH, HD);
-  be_.linear_backward(k.dnorm, g.attn_q, g.attn_q_bias, k.dq, a.attn_in, w.attn_q, N, D, QD,
-                      Accumulate::kNo);
-  be_.linear_backward(k.dnorm, g.attn_k, g.attn_k_bias, k.dk, a.attn_in, w.attn_k, N, D, KVD,
-                      Accumulate::kYes);
-  be_.linear_backward(k.dnorm, g.attn_v, g.attn_v_bias, k.dv, a.attn_in, w.attn_v, N, D, KVD,
-                      Accumulate::kYes);
+  project_backward(k.dnorm, slot(Proj::kQ), k.dq, a.attn_in, N, l, 0, Accumulate::kNo);
+  project_backward(k.dnorm, slot(Proj::kK), k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
+  project_backward(k.dnorm, slot(Proj::kV), k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
   // dres += d(attn_in)/d(x): dres becomes dL/d(x), the gradient at this layer's input.
   be_.rmsnorm_backward(dres, g.attn_norm, k.dnorm, res(l), w.attn_norm, a.attn_rstd, N, D,
                        Accumulate::kYes);
@@ -352,6 +582,8 @@ void LlamaModel::forward_layers() {
 double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
   LT_CHECK(settings_.train, "forward_backward on a model planned without training buffers");
   prepare(mb);
+  ++micro_batches_done_;
+  dropout_on_ = true;  // PEFT applies lora_dropout in train mode only
   forward_layers();
   const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
   const int64_t L = config_.num_hidden_layers;
@@ -369,7 +601,8 @@ double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
     layer_backward(l, a, k.dres);
     offload_release(l + 1);
   }
-  be_.embedding_backward(g_.embed, k.dres, k.ids, N, D);
+  if (g_.embed) be_.embedding_backward(g_.embed, k.dres, k.ids, N, D);
+  dropout_on_ = false;
   return loss;
 }
 

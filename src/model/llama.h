@@ -3,6 +3,7 @@
 // one another), with mini-sequence MLP / LM head and per-layer activation checkpointing.
 #pragma once
 #include <cstdint>
+#include <array>
 #include <map>
 #include <memory>
 #include <string>
@@ -11,6 +12,7 @@
 #include "backend/backend.h"
 #include "core/memory.h"
 #include "model/config.h"
+#include "model/lora.h"
 #include "model/params.h"
 
 namespace lt {
@@ -27,6 +29,17 @@ struct RunSettings {
   std::string offload_dir;
   bool flash_attention = true; // tiled attention; false = plain O(T^2) attention
   bool train = true;           // false: no gradients, no backward buffers (eval, generate)
+  LoraSpec lora;               // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
+};
+
+// One frozen base weight stored in NF4 (ops/nf4.h); device pointers into the "weights_nf4" arena.
+struct Nf4Weight {
+  std::string name;  // Hugging Face name of the (OUT,IN) weight
+  int64_t numel = 0;
+  uint8_t* packed = nullptr;     // (ceil(numel/2))
+  uint8_t* absmax_q = nullptr;   // (ceil(numel/64))
+  float* absmax_scale = nullptr; // (ceil(numel/64/256))
+  float absmax_offset = 0;       // host value
 };
 
 // One micro-batch: its rows concatenated. Row r spans [row_start[r], row_start[r+1]).
@@ -46,6 +59,11 @@ class BufferBinder {
   virtual ~BufferBinder() = default;
   virtual float* take(const std::string& name, size_t count, MemCategory category,
                       const std::string& arena) = 0;
+  // A byte buffer (NF4 storage); by default a float buffer of at least that size.
+  virtual void* take_bytes(const std::string& name, size_t bytes, MemCategory category,
+                           const std::string& arena) {
+    return take(name, (bytes + 3) / 4, category, arena);
+  }
 };
 
 class LlamaModel {
@@ -57,11 +75,32 @@ class LlamaModel {
   static void plan(const ModelConfig& config, const RunSettings& settings, MemoryPlan* plan);
 
   const ModelConfig& config() const { return config_; }
+  Backend& backend() { return be_; }
   const ParamTable& table() const { return table_; }
   const RunSettings& settings() const { return settings_; }
   float* params() { return params_; }  // (table().total_numel()) f32
-  float* grads() { return grads_; }    // same layout; null when !settings.train
+  float* grads() { return grads_; }    // same layout; null when !settings.train or with LoRA
   const ModelWeights& weights() const { return w_; }
+
+  // What the optimizer updates: every table tensor (full fine-tune), or the LoRA A/B tensors
+  // followed by the base tensors that also train (embed, norms). Empty when !settings.train.
+  const std::vector<TrainableTensor>& trainable() const { return trainable_; }
+  // Sum of trainable()'s numel for a configuration (sizes the optimizer before the model exists).
+  static int64_t trainable_numel(const ModelConfig& config, const RunSettings& settings);
+  // Zeroes every trainable gradient (the start of a step).
+  void zero_grads();
+  // LoRA: the adapter tensors (A then B of every target), one f32 block of table layout.
+  const LoraTable& lora_table() const { return lora_table_; }
+  float* lora_params() { return lora_params_; }
+  float* lora_grads() { return lora_grads_; }
+  // QLoRA: the NF4 base weights (fill with quantize_base_weight).
+  const std::vector<Nf4Weight>& nf4_weights() const { return nf4_; }
+  // Quantizes w (host, numel f32) into nf4_weights()[i].
+  void quantize_base_weight(size_t i, const float* w);
+  // True when `name` is stored in NF4 under this spec.
+  static bool is_quantized(const LoraSpec& s, const std::string& name);
+  // True when base tensor `name` trains under this LoRA spec (modules_to_save).
+  static bool base_trains(const LoraSpec& s, const std::string& name);
 
   // Forward + backward of one micro-batch. Parameter gradients are accumulated (+=) with
   // grad_scale applied (1 / labelled tokens of the whole effective batch). Returns the sum of
@@ -79,9 +118,24 @@ class LlamaModel {
  private:
   struct LayerActs;
   struct Work;
+  // One projection of a layer as the forward and backward see it (see project()).
+  struct LinearSlot {
+    Proj proj = Proj::kQ;
+    int64_t in = 0, out = 0;
+    const float* weight = nullptr;  // (OUT,IN) f32; null when stored in NF4
+    int64_t nf4 = -1;               // index into nf4_ when quantized
+    const float* bias = nullptr;    // (OUT) or null
+    float *grad_weight = nullptr, *grad_bias = nullptr;  // null when frozen
+    const float *lora_a = nullptr, *lora_b = nullptr;    // (R,IN), (OUT,R); null: no adapter
+    float *grad_a = nullptr, *grad_b = nullptr;
+  };
   struct Bound {
     float* params = nullptr;
     float* grads = nullptr;
+    std::map<std::string, float*> base_grads;  // LoRA: gradients of base tensors that train
+    float* lora_params = nullptr;
+    float* lora_grads = nullptr;
+    std::vector<Nf4Weight> nf4;
     std::vector<std::unique_ptr<LayerActs>> acts;
     std::vector<float*> res;
     std::unique_ptr<Work> work;
@@ -95,6 +149,16 @@ class LlamaModel {
   enum class Pass { kForward, kRecompute };
   void layer_forward(int64_t l, LayerActs& a, Pass pass);
   void layer_backward(int64_t l, LayerActs& a, float* dres);
+  // out (n,OUT) = inp (n,IN) W^T + b [+ LoRA]; row0 = inp's first token (dropout masks).
+  void project(float* out, const float* inp, const LinearSlot& s, int64_t n, int64_t l,
+               int64_t row0);
+  // dinp (n,IN) overwritten or accumulated per acc (LoRA's share always added); weight, bias
+  // and LoRA gradients accumulated (+=) where they exist.
+  void project_backward(float* dinp, const LinearSlot& s, const float* dout, const float* inp,
+                        int64_t n, int64_t l, int64_t row0, Accumulate acc);
+  const float* base_weight(const LinearSlot& s);
+  LoraCall lora_call(int64_t l, Proj p, int64_t row0) const;
+  void build_slots();
   LayerActs& acts_for(int64_t l);
   // Activation offload hooks (no-ops unless settings.offload_checkpoints).
   void offload_release(int64_t l);
@@ -109,6 +173,15 @@ class LlamaModel {
   float* params_ = nullptr;
   float* grads_ = nullptr;
   ModelWeights w_, g_;
+  std::map<std::string, float*> base_grads_;
+  LoraTable lora_table_;
+  float* lora_params_ = nullptr;
+  float* lora_grads_ = nullptr;
+  std::vector<Nf4Weight> nf4_;
+  std::vector<std::array<LinearSlot, kNumProj>> slots_;  // (L) x 7
+  std::vector<TrainableTensor> trainable_;
+  uint64_t micro_batches_done_ = 0;  // keys the LoRA dropout masks
+  bool dropout_on_ = false;          // only inside forward_backward (PEFT: train mode)
   std::vector<std::unique_ptr<LayerActs>> acts_;
   std::vector<float*> res_;  // residual stream at each layer input, (N,D)
   std::unique_ptr<Work> work_;

@@ -8,7 +8,11 @@
 
 namespace lt {
 
-ParamTable::ParamTable(const ModelConfig& c) : config_(c) {
+ParamTable::ParamTable(const ModelConfig& c)
+    : ParamTable(c, [](const std::string&) { return true; }) {}
+
+ParamTable::ParamTable(const ModelConfig& c, const std::function<bool(const std::string&)>& keep)
+    : config_(c), keep_(keep) {
   const int64_t D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
   const int64_t QD = c.num_attention_heads * c.head_dim, KVD = c.num_key_value_heads * c.head_dim;
   const bool qkv_bias = c.attention_bias || c.qkv_bias;
@@ -37,6 +41,7 @@ ParamTable::ParamTable(const ModelConfig& c) : config_(c) {
 }
 
 void ParamTable::add(const std::string& name, std::vector<int64_t> shape, bool decay) {
+  if (!keep_(name)) return;
   int64_t n = 1;
   for (auto s : shape) n *= s;
   params_.push_back({name, std::move(shape), total_, n, decay});
@@ -51,10 +56,13 @@ const ParamInfo* ParamTable::find(const std::string& name) const {
 }
 
 ModelWeights ParamTable::bind(float* block) const {
-  auto at = [&](const std::string& name) -> float* {
+  return bind([&](const std::string& name) -> float* {
     const ParamInfo* p = find(name);
     return p ? block + p->offset : nullptr;
-  };
+  });
+}
+
+ModelWeights ParamTable::bind(const std::function<float*(const std::string&)>& at) const {
   ModelWeights w;
   w.embed = at("model.embed_tokens.weight");
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
@@ -80,7 +88,6 @@ ModelWeights ParamTable::bind(float* block) const {
   }
   w.final_norm = at("model.norm.weight");
   w.lm_head = config_.tie_word_embeddings ? w.embed : at("lm_head.weight");
-  LT_CHECK(w.embed && w.final_norm && w.lm_head);
   return w;
 }
 

@@ -2,6 +2,7 @@
 // and typed per-layer views (LayerWeights) bound to any block of that layout (weights or grads).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,16 @@ struct ParamInfo {
   int64_t offset = 0;          // in floats from the start of the block
   int64_t numel = 0;
   bool decay = true;           // AdamW weight decay applies (HF: not biases, not norms)
+};
+
+// One tensor the optimizer updates: its parameter and gradient (same numel). Full fine-tunes list
+// every ParamTable entry; LoRA lists the adapter tensors and any base tensors that also train.
+struct TrainableTensor {
+  std::string name;
+  float* param = nullptr;
+  float* grad = nullptr;
+  int64_t numel = 0;
+  bool decay = true;
 };
 
 // Views of one decoder layer's tensors in a block. Absent biases are null.
@@ -40,15 +51,21 @@ struct ModelWeights {
 class ParamTable {
  public:
   explicit ParamTable(const ModelConfig& c);
+  // Only the tensors for which keep(name) is true (QLoRA: the NF4 weights live elsewhere).
+  ParamTable(const ModelConfig& c, const std::function<bool(const std::string&)>& keep);
   const std::vector<ParamInfo>& params() const { return params_; }
   int64_t total_numel() const { return total_; }
   const ParamInfo* find(const std::string& name) const;
   // Views into block (total_numel floats).
   ModelWeights bind(float* block) const;
+  // Views from a lookup: at(name) gives each tensor's pointer or null (tensors not in the
+  // table are looked up too, so a view can cover weights kept elsewhere).
+  ModelWeights bind(const std::function<float*(const std::string&)>& at) const;
 
  private:
   void add(const std::string& name, std::vector<int64_t> shape, bool decay);
   ModelConfig config_;
+  std::function<bool(const std::string&)> keep_;
   std::vector<ParamInfo> params_;
   int64_t total_ = 0;
 };

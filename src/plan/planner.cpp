@@ -38,7 +38,7 @@ PlanResult plan_memory(const PlanRequest& r) {
   s.max_tokens = r.seq_len * r.batch;
   if (r.mini_sequence_auto) mini_sequence_auto(r.config, s.max_tokens, &s);
   LlamaModel::plan(r.config, s, &out.plan);
-  if (s.train) AdamW::plan(ParamTable(r.config), &out.plan);
+  if (s.train) AdamW::plan(LlamaModel::trainable_numel(r.config, s), &out.plan);
   if (!s.flash_attention) {  // plain attention materialises one (T,T) score matrix at a time
     out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
                  "transient");

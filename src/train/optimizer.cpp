@@ -3,40 +3,68 @@
 
 #include <cmath>
 
+#include "core/check.h"
+
 namespace lt {
 
 AdamW::AdamW(const ParamTable& table, Backend& backend, const OptimizerSettings& s)
-    : table_(table), be_(backend), s_(s) {
+    : be_(backend), s_(s) {
+  for (const auto& p : table.params())
+    entries_.push_back({p.offset, p.numel, p.decay, nullptr, nullptr});
+  total_ = table.total_numel();
+  allocate();
+}
+
+AdamW::AdamW(const std::vector<TrainableTensor>& set, Backend& backend, const OptimizerSettings& s)
+    : be_(backend), s_(s) {
+  for (const auto& t : set) {
+    LT_CHECK(t.param && t.grad, "trainable tensor {} without param or grad", t.name);
+    entries_.push_back({total_, t.numel, t.decay, t.param, t.grad});
+    total_ += static_cast<int64_t>(align_up(size_t(t.numel) * 4) / 4);
+  }
+  allocate();
+}
+
+void AdamW::allocate() {
   MemoryPlan plan;
-  AdamW::plan(table, &plan);
+  AdamW::plan(total_, &plan);
   arena_ = Arena("optimizer", plan.arena_bytes("optimizer"));
-  m_ = arena_.take<float>("adamw.exp_avg", table.total_numel());
-  v_ = arena_.take<float>("adamw.exp_avg_sq", table.total_numel());
-  be_.memset_zero(m_, table.total_numel() * 4);
-  be_.memset_zero(v_, table.total_numel() * 4);
+  m_ = arena_.take<float>("adamw.exp_avg", total_);
+  v_ = arena_.take<float>("adamw.exp_avg_sq", total_);
+  be_.memset_zero(m_, total_ * 4);
+  be_.memset_zero(v_, total_ * 4);
 }
 
 void AdamW::plan(const ParamTable& table, MemoryPlan* plan) {
-  plan->add("adamw.exp_avg", table.total_numel() * 4, MemCategory::kOptimizer, "optimizer");
-  plan->add("adamw.exp_avg_sq", table.total_numel() * 4, MemCategory::kOptimizer, "optimizer");
+  AdamW::plan(table.total_numel(), plan);
+}
+
+void AdamW::plan(int64_t numel, MemoryPlan* plan) {
+  plan->add("adamw.exp_avg", size_t(numel) * 4, MemCategory::kOptimizer, "optimizer");
+  plan->add("adamw.exp_avg_sq", size_t(numel) * 4, MemCategory::kOptimizer, "optimizer");
 }
 
 double AdamW::clip(float* grads) {
+  auto grad_of = [&](const Entry& e) {
+    LT_CHECK(e.grad || grads, "AdamW over a table needs the gradient block");
+    return e.grad ? e.grad : grads + e.offset;
+  };
   double ss = 0;
-  for (const auto& p : table_.params()) ss += be_.sum_squares(grads + p.offset, p.numel);
+  for (const auto& e : entries_) ss += be_.sum_squares(grad_of(e), e.numel);
   const double norm = std::sqrt(ss);
   if (s_.max_grad_norm > 0) {
     // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.0 (computed in f32).
     const float coef = static_cast<float>(s_.max_grad_norm) / (static_cast<float>(norm) + 1e-6f);
     if (coef < 1.0f)
-      for (const auto& p : table_.params()) be_.scale_inplace(grads + p.offset, p.numel, coef);
+      for (const auto& e : entries_) be_.scale_inplace(grad_of(e), e.numel, coef);
   }
   return norm;
 }
 
 void AdamW::update(float* params, const float* grads, double lr) {
   ++step_;
-  for (const auto& p : table_.params()) {
+  for (const auto& p : entries_) {
+    LT_CHECK(p.param || (params && grads), "AdamW over a table needs the parameter blocks");
     AdamWParams a;
     a.lr = static_cast<float>(lr);
     a.beta1 = static_cast<float>(s_.beta1);
@@ -44,7 +72,8 @@ void AdamW::update(float* params, const float* grads, double lr) {
     a.eps = static_cast<float>(s_.eps);
     a.weight_decay = p.decay ? static_cast<float>(s_.weight_decay) : 0.0f;
     a.step = step_;
-    be_.adamw_update(params + p.offset, grads + p.offset, m_ + p.offset, v_ + p.offset, p.numel, a);
+    be_.adamw_update(p.param ? p.param : params + p.offset, p.grad ? p.grad : grads + p.offset,
+                     m_ + p.offset, v_ + p.offset, p.numel, a);
   }
 }
 

@@ -2,6 +2,7 @@
 // with global-norm gradient clipping as torch.nn.utils.clip_grad_norm_.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "backend/backend.h"
 #include "core/memory.h"
@@ -16,8 +17,14 @@ struct OptimizerSettings {
 
 class AdamW {
  public:
+  // Over every tensor of a table; params and grads blocks are passed to clip/update.
   AdamW(const ParamTable& table, Backend& backend, const OptimizerSettings& s);
+  // Over a trainable set (LlamaModel::trainable()): each tensor carries its own param and grad
+  // pointers, so the block arguments of clip/update are ignored (pass null).
+  AdamW(const std::vector<TrainableTensor>& set, Backend& backend, const OptimizerSettings& s);
   static void plan(const ParamTable& table, MemoryPlan* plan);
+  // Moments for `numel` trainable values (LoRA: the adapter and the tensors that also train).
+  static void plan(int64_t numel, MemoryPlan* plan);
 
   // Global L2 norm of grads (before clipping), as clip_grad_norm_ returns it; scales grads by
   // max_norm / (norm + 1e-6) when that is below 1.
@@ -27,12 +34,21 @@ class AdamW {
   int64_t steps_done() const { return step_; }
   void set_steps_done(int64_t s) { step_ = s; }
   float* moments() { return m_; }  // (2 * total) : m then v, same layout as the params
-  int64_t moments_count() const { return 2 * table_.total_numel(); }
+  int64_t moments_count() const { return 2 * total_; }
 
  private:
-  const ParamTable& table_;
+  struct Entry {
+    int64_t offset;  // into the moments (and, table mode, into the params/grads blocks)
+    int64_t numel;
+    bool decay;
+    float* param;    // set mode; null in table mode
+    float* grad;
+  };
+  void allocate();
   Backend& be_;
   OptimizerSettings s_;
+  std::vector<Entry> entries_;
+  int64_t total_ = 0;
   Arena arena_;
   float *m_ = nullptr, *v_ = nullptr;
   int64_t step_ = 0;

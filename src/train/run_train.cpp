@@ -9,6 +9,7 @@
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "io/safetensors.h"
+#include "model/adapter_io.h"
 #include "model/model_io.h"
 #include "plan/planner.h"
 #include "train/batching.h"
@@ -70,6 +71,7 @@ void run_train(const TrainOptions& o) {
     fail("--output_dir '{}' exists and is not empty; pass --overwrite_output_dir True to reuse it",
          o.output_dir.string());
   const ScheduleType sched_type = parse_schedule(o.lr_scheduler_type);
+  LoraSpec lora = resolve_lora(o.lora, o.seed);
 
   const std::filesystem::path model_dir = o.model_name_or_path;
   if (!std::filesystem::is_directory(model_dir))
@@ -81,6 +83,8 @@ void run_train(const TrainOptions& o) {
                o.model_max_length, config.max_position_embeddings, config.rope_scaling.factor);
   CheckpointReader reader(model_dir);
   const DType save_dtype = parse_save_dtype(o.save_dtype, reader.stored_dtype());
+  if (!o.lora.adapter_name_or_path.empty())  // continue an adapter: its r, alpha, targets
+    lora = read_adapter_config(o.lora.adapter_name_or_path, config, lora);
 
   std::unique_ptr<Tokenizer> tokenizer;
   const std::filesystem::path tok_path = o.tokenizer.empty() ? model_dir : o.tokenizer;
@@ -111,10 +115,11 @@ void run_train(const TrainOptions& o) {
   // 3. Memory plan, then allocation (once).
   RunSettings rs;
   settings_from_options(o, config, max_micro_batch_tokens(data.rows, B), &rs);
+  rs.lora = lora;
   MemoryPlan plan;
   LlamaModel::plan(config, rs, &plan);
   const ParamTable table(config);
-  AdamW::plan(table, &plan);
+  AdamW::plan(LlamaModel::trainable_numel(config, rs), &plan);
   fmt::print("model: {} ({} layers, hidden {}, vocab {}), {:.2f}M parameters\n",
              config.architecture, config.num_hidden_layers, config.hidden_size, config.vocab_size,
              static_cast<double>(table.total_numel()) / 1e6);
@@ -122,12 +127,29 @@ void run_train(const TrainOptions& o) {
              "checkpointing {}, offload {}, flash attention {}\n",
              rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
              rs.offload_checkpoints ? "on" : "off", rs.flash_attention ? "on" : "off");
+  if (lora.enabled)
+    fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}\n",
+               lora.r, lora.alpha, lora.scale(), lora.dropout,
+               LoraTable(config, lora).total_numel(),
+               lora.quantize_4bit ? ", base projections in NF4" : "",
+               lora.train_embed || lora.train_norm ? ", plus embed/norm tensors" : "");
   fmt::print("{}\n", plan.describe());
 
   auto backend = make_backend(o.device);
   LlamaModel model(config, *backend, rs);
-  load_weights(reader, model.table(), model.params());
-  AdamW optimizer(model.table(), *backend, o.optimizer);
+  if (lora.enabled) {
+    load_base_weights(reader, model);
+    if (!o.lora.adapter_name_or_path.empty()) {
+      load_adapter(o.lora.adapter_name_or_path, model);
+    } else {
+      std::vector<float> init(model.lora_table().total_numel());
+      init_lora_weights(model.lora_table(), o.seed, init.data());
+      backend->copy_to_device(model.lora_params(), init.data(), init.size() * 4);
+    }
+  } else {
+    load_weights(reader, model.table(), model.params());
+  }
+  AdamW optimizer(model.trainable(), *backend, o.optimizer);
 
   // 4. Train.
   fmt::print("training: {} steps ({} per epoch), batch {} x accumulation {}, lr {} ({}, warmup {})\n",
@@ -169,7 +191,10 @@ void run_train(const TrainOptions& o) {
   }
 
   // 5. Save.
-  save_model(o.output_dir, config, model.table(), model.params(), save_dtype, model_dir);
+  if (lora.enabled)  // the adapter only, in PEFT's format (longtune merge makes a full model)
+    save_adapter(o.output_dir, model, o.model_name_or_path.string());
+  else
+    save_model(o.output_dir, config, model.table(), model.params(), save_dtype, model_dir);
   const double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
   fmt::print("saved {} ({}) in {:.1f} s; planned {} , measured peak RSS {}\n",
              o.output_dir.string(), dtype_name(save_dtype), secs, format_bytes(plan.total_bytes()),

@@ -22,8 +22,7 @@ StepResult accumulate_step_gradients(LlamaModel& model, const std::vector<MicroB
     r.num_items += mb.num_targets();
     r.tokens += mb.num_tokens();
   }
-  float* grads = model.grads();
-  std::fill(grads, grads + model.table().total_numel(), 0.0f);
+  model.zero_grads();
   // HF Trainer: each micro-batch's loss is its CE sum / labelled tokens of the whole step.
   const float scale = r.num_items > 0 ? 1.0f / static_cast<float>(r.num_items) : 0.0f;
   double loss_sum = 0;

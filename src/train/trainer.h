@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/llama.h"
+#include "model/lora.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
 
@@ -64,6 +65,7 @@ struct TrainOptions {
   bool packing = false;
   std::string chat_template;
   std::string save_dtype;  // "" = as loaded; f32, bf16, f16
+  LoraOptions lora;        // LoRA / QLoRA (cli/lora_flags.cpp); the adapter is saved, not the model
 };
 
 // Runs a whole training job; UserError on bad input before anything is written.

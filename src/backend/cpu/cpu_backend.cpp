@@ -8,6 +8,8 @@
 #include "ops/cross_entropy.h"
 #include "ops/embedding.h"
 #include "ops/linear.h"
+#include "ops/lora.h"
+#include "ops/nf4.h"
 #include "ops/rmsnorm.h"
 #include "ops/rope.h"
 #include "ops/swiglu.h"
@@ -98,6 +100,20 @@ class CpuBackend final : public Backend {
   void add_inplace(float* y, const float* x, int64_t n) override {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+  }
+  void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
+                    const float* b, int64_t N, int64_t IN, int64_t OUT,
+                    const LoraCall& c) override {
+    lt::lora_forward(out, t, xd, inp, a, b, N, IN, OUT, c);
+  }
+  void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float* xd, float* dxd,
+                     const float* dout, const float* inp, const float* a, const float* b,
+                     int64_t N, int64_t IN, int64_t OUT, const LoraCall& c) override {
+    lt::lora_backward(dinp, da, db, t, u, xd, dxd, dout, inp, a, b, N, IN, OUT, c);
+  }
+  void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
+                      const float* absmax_scale, float absmax_offset, int64_t n) override {
+    lt::nf4_dequantize(out, packed, absmax_q, absmax_scale, absmax_offset, n);
   }
 };
 
