@@ -53,6 +53,8 @@ bool parse_flags_with_config(CLI::App& app, int argc, char** argv) {
   const std::vector<std::string> args =
       expand_config_flag(std::vector<std::string>(argv + 1, argv + argc), known);
   app.allow_extras();
+  // A flag given twice: the last one wins (as argparse, which HF's scripts use).
+  for (CLI::Option* opt : app.get_options()) opt->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   try {
     std::vector<std::string> reversed(args.rbegin(), args.rend());  // CLI11 takes them reversed
     app.parse(reversed);
