@@ -1,22 +1,21 @@
 // The trainer as a product, end to end through the real `longtune` binary on a tiny model:
 // config files and flag suggestions, checkpoints (bit-identical resume, rotation, atomicity,
 // SIGTERM, a full disk), TensorBoard files read back, trainer_state.json's format, evaluation.
+#include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <sstream>
 #include <thread>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
 #include "cli/config_file.h"
@@ -88,19 +87,24 @@ class TrainerProduct : public ::testing::Test {
     model_ = dir_ / "model";
     train_ = dir_ / "train.jsonl";
     eval_ = dir_ / "eval.jsonl";
-    ASSERT_EQ(run(kLongtune + " init --preset tiny --output_dir " + model_.string(),
-                  dir_ / "init.log").rc, 0);
+    ASSERT_EQ(
+        run(kLongtune + " init --preset tiny --output_dir " + model_.string(), dir_ / "init.log")
+            .rc,
+        0);
     write_tokenized(train_, 12, 6, 20, 1);  // 6 steps per epoch: 10 steps cross an epoch
     write_tokenized(eval_, 3, 10, 14, 2);
     // constant_with_warmup: the schedule does not depend on max_steps, so 5 + 5 == 10.
     common_ = " --model_name_or_path " + model_.string() + " --data_path " + train_.string() +
               " --per_device_train_batch_size 1 --gradient_accumulation_steps 2"
               " --learning_rate 2e-3 --warmup_steps 2 --lr_scheduler_type constant_with_warmup"
-              " --logging_steps 1 --eval_data_path " + eval_.string() +
+              " --logging_steps 1 --eval_data_path " +
+              eval_.string() +
               " --evaluation_strategy steps --eval_steps 5 --per_device_eval_batch_size 2";
     straight_ = dir_ / "straight";
-    const auto r = run(kLongtune + " train" + common_ + " --max_steps 10 --save_steps 2"
-                       " --save_total_limit 2 --output_dir " + straight_.string(),
+    const auto r = run(kLongtune + " train" + common_ +
+                           " --max_steps 10 --save_steps 2"
+                           " --save_total_limit 2 --output_dir " +
+                           straight_.string(),
                        dir_ / "straight.log");
     ASSERT_EQ(r.rc, 0) << r.output;
   }
@@ -120,17 +124,18 @@ TEST(TrainerConfig, YamlAndJsonMergeWithFlagsOverriding) {
   write_file_atomic(d / "a.yaml",
                     "learning_rate: 2e-5\nmax_steps: 7\nreport_to: [tensorboard, mlflow]\n"
                     "bf16: true\n--output_dir: out\n");
-  const auto args = expand_config_flag({"--config", (d / "a.yaml").string(), "--max_steps", "9"},
-                                       known);
-  const std::vector<std::string> want = {"--learning_rate", "2e-5", "--report_to",
-                                         "tensorboard,mlflow", "--bf16", "true", "--output_dir",
-                                         "out", "--max_steps", "9"};
+  const auto args =
+      expand_config_flag({"--config", (d / "a.yaml").string(), "--max_steps", "9"}, known);
+  const std::vector<std::string> want = {
+      "--learning_rate", "2e-5", "--report_to",  "tensorboard,mlflow",
+      "--bf16",          "true", "--output_dir", "out",
+      "--max_steps",     "9"};
   EXPECT_EQ(args, want);
   write_file_atomic(d / "b.json",
                     R"({"learning_rate": 0.5, "max_steps": 7, "bf16": false, "report_to": null})");
   const auto j = expand_config_flag({"--config=" + (d / "b.json").string()}, known);
-  const std::vector<std::string> want_j = {"--bf16", "False", "--learning_rate", "0.5",
-                                           "--max_steps", "7"};
+  const std::vector<std::string> want_j = {"--bf16", "False",       "--learning_rate",
+                                           "0.5",    "--max_steps", "7"};
   EXPECT_EQ(j, want_j);
   write_file_atomic(d / "bad.yaml", "lerning_rate: 1\n");
   try {
@@ -163,7 +168,8 @@ TEST_F(TrainerProduct, CommandLineFlagsAndConfigFile) {
                dir_ / "unknown.log");
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("unknown flag --lerning_rate. Did you mean --learning_rate?"),
-            std::string::npos) << r.output;
+            std::string::npos)
+      << r.output;
   EXPECT_FALSE(fs::exists(dir_ / "x"));
   // Bad values name the flag and the allowed values.
   r = run(kLongtune + " train" + common_ + " --output_dir " + (dir_ / "x").string() +
@@ -171,23 +177,26 @@ TEST_F(TrainerProduct, CommandLineFlagsAndConfigFile) {
           dir_ / "bad_value.log");
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("--save_strategy: 'sometimes' is not allowed; use no, steps or epoch"),
-            std::string::npos) << r.output;
+            std::string::npos)
+      << r.output;
   r = run(kLongtune + " train" + common_ + " --output_dir " + (dir_ / "x").string() +
               " --per_device_train_batch_size 0",
           dir_ / "bad_value2.log");
-  EXPECT_NE(r.output.find("--per_device_train_batch_size must be >= 1 (got 0)"),
-            std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--per_device_train_batch_size must be >= 1 (got 0)"), std::string::npos)
+      << r.output;
   // The seed recipe's LongLoRA-style flags, from a YAML file; the command line overrides it.
   write_file_atomic(dir_ / "recipe.yaml",
-                    "model_name_or_path: " + model_.string() + "\nbf16: True\noutput_dir: " +
-                        (dir_ / "cfg").string() + "\ncache_dir: C\nmodel_max_length: 32768\n"
+                    "model_name_or_path: " + model_.string() +
+                        "\nbf16: True\noutput_dir: " + (dir_ / "cfg").string() +
+                        "\ncache_dir: C\nmodel_max_length: 32768\n"
                         "use_flash_attn: True\nnum_train_epochs: 1\n"
                         "per_device_train_batch_size: 1\nper_device_eval_batch_size: 1\n"
                         "gradient_accumulation_steps: 8\nevaluation_strategy: \"no\"\n"
                         "save_strategy: steps\nsave_steps: 1000\nsave_total_limit: 2\n"
                         "learning_rate: 2e-5\nweight_decay: 0.0\nwarmup_steps: 20\n"
                         "lr_scheduler_type: constant_with_warmup\nlogging_steps: 1\n"
-                        "max_steps: 1000\ndata_path: " + train_.string() + "\n");
+                        "max_steps: 1000\ndata_path: " +
+                        train_.string() + "\n");
   r = run(kLongtune + " train --config " + (dir_ / "recipe.yaml").string() +
               " --max_steps 2 --report_to none",
           dir_ / "cfg.log");
@@ -228,7 +237,8 @@ TEST_F(TrainerProduct, ResumeIsBitIdentical) {
       if (e.contains(key)) out.emplace_back(e["step"].get<int64_t>(), e[key].get<double>());
     return out;
   };
-  const auto ha = read_json(straight_ / "trainer_state.json")["log_history"].get<std::vector<json>>();
+  const auto ha =
+      read_json(straight_ / "trainer_state.json")["log_history"].get<std::vector<json>>();
   const auto hb = read_json(split / "trainer_state.json")["log_history"].get<std::vector<json>>();
   EXPECT_EQ(losses(ha, "loss").size(), 10u);
   EXPECT_EQ(losses(ha, "loss"), losses(hb, "loss"));
@@ -254,8 +264,9 @@ TEST_F(TrainerProduct, RotationKeepsTheNewestAndEveryFolderIsComplete) {
   // Library level: incomplete and .tmp folders never count; HF's oldest-first rule.
   const fs::path d = dir_ / "rot";
   fs::create_directories(d);
-  for (int s : {3, 12, 7, 20}) fs::copy(straight_ / "checkpoint-8", d / ("checkpoint-" + std::to_string(s)),
-                                     fs::copy_options::recursive);
+  for (int s : {3, 12, 7, 20})
+    fs::copy(straight_ / "checkpoint-8", d / ("checkpoint-" + std::to_string(s)),
+             fs::copy_options::recursive);
   fs::copy(straight_ / "checkpoint-8", d / "checkpoint-30.tmp", fs::copy_options::recursive);
   fs::remove(d / "checkpoint-20" / "optimizer.safetensors");  // incomplete
   auto listed = list_checkpoints(d);
@@ -279,7 +290,8 @@ TEST_F(TrainerProduct, SigtermFinishesTheStepSavesAndExitsZero) {
     dup2(fd, 2);
     const std::string cmd = "exec " + kLongtune + " train" + common_ +
                             " --max_steps 100000 --save_strategy no --report_to none"
-                            " --output_dir " + out.string();
+                            " --output_dir " +
+                            out.string();
     execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
@@ -327,22 +339,24 @@ TEST_F(TrainerProduct, FullDiskDuringSaveKeepsThePreviousCheckpoint) {
 }
 
 TEST_F(TrainerProduct, BadOutputDirAndIncompatibleCheckpoints) {
-  auto r = run(kLongtune + " train" + common_ + " --max_steps 2 --output_dir " +
-                   straight_.string(),
+  auto r = run(kLongtune + " train" + common_ + " --max_steps 2 --output_dir " + straight_.string(),
                dir_ / "exists.log");
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("exists already and is not empty"), std::string::npos) << r.output;
   // A checkpoint of another model shape.
   const fs::path other = dir_ / "other_model";
   ASSERT_EQ(run(kLongtune + " init --preset tiny --hidden_size 32 --output_dir " + other.string(),
-                dir_ / "init2.log").rc, 0);
+                dir_ / "init2.log")
+                .rc,
+            0);
   r = run(kLongtune + " train" + common_ + " --max_steps 12 --model_name_or_path " +
               other.string() + " --output_dir " + (dir_ / "o1").string() +
               " --resume_from_checkpoint " + (straight_ / "checkpoint-10").string(),
           dir_ / "shape.log");
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("was made for another model: hidden_size is 64 there and 32"),
-            std::string::npos) << r.output;
+            std::string::npos)
+      << r.output;
   // A checkpoint with a file missing.
   const fs::path broken = dir_ / "broken";
   fs::copy(straight_ / "checkpoint-10", broken, fs::copy_options::recursive);
@@ -412,12 +426,26 @@ TEST_F(TrainerProduct, TrainerStateHasHuggingFaceFormat) {
   std::set<std::string> keys;
   for (const auto& [k, v] : s.items()) keys.insert(k);
   // transformers.TrainerState's fields (dataclasses.asdict).
-  const std::set<std::string> hf = {
-      "best_global_step", "best_metric", "best_model_checkpoint", "epoch", "eval_steps",
-      "global_step", "is_hyper_param_search", "is_local_process_zero", "is_world_process_zero",
-      "log_history", "logging_steps", "max_steps", "num_input_tokens_seen", "num_train_epochs",
-      "save_steps", "stateful_callbacks", "total_flos", "train_batch_size", "trial_name",
-      "trial_params"};
+  const std::set<std::string> hf = {"best_global_step",
+                                    "best_metric",
+                                    "best_model_checkpoint",
+                                    "epoch",
+                                    "eval_steps",
+                                    "global_step",
+                                    "is_hyper_param_search",
+                                    "is_local_process_zero",
+                                    "is_world_process_zero",
+                                    "log_history",
+                                    "logging_steps",
+                                    "max_steps",
+                                    "num_input_tokens_seen",
+                                    "num_train_epochs",
+                                    "save_steps",
+                                    "stateful_callbacks",
+                                    "total_flos",
+                                    "train_batch_size",
+                                    "trial_name",
+                                    "trial_params"};
   EXPECT_EQ(keys, hf);
   EXPECT_EQ(s["global_step"], 10);
   EXPECT_EQ(s["max_steps"], 10);

@@ -1,8 +1,8 @@
 // `longtune eval`: evaluation loss and perplexity of a model (optionally with an adapter) on a
 // data set, computed as the Trainer does during training (train/evaluate.h).
-#include <filesystem>
-
 #include <fmt/format.h>
+
+#include <filesystem>
 
 #include "backend/backend.h"
 #include "cli/commands.h"
@@ -50,8 +50,8 @@ int cmd_eval(int argc, char** argv) {
   const ModelConfig config = load_model_config(model_dir / "config.json");
   std::unique_ptr<Tokenizer> tokenizer;
   if (!tokenizer_path.empty() || std::filesystem::exists(model_dir / "tokenizer.json"))
-    tokenizer = Tokenizer::load(tokenizer_path.empty() ? model_dir
-                                                      : std::filesystem::path(tokenizer_path));
+    tokenizer =
+        Tokenizer::load(tokenizer_path.empty() ? model_dir : std::filesystem::path(tokenizer_path));
   DatasetOptions dopt;
   dopt.format = parse_dataset_format(dataset_format);
   dopt.model_max_length = model_max_length > 0 ? model_max_length : config.max_position_embeddings;

@@ -57,6 +57,7 @@ int cli_main(int argc, char** argv, const char* version) {
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);
   } catch (const UserError& e) {
+    std::fflush(stdout);  // notes printed before the error stay before it
     fmt::print(stderr, "longtune: error: {}\n", e.what());
     return 1;
   }

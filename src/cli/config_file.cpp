@@ -1,11 +1,10 @@
 // Config files and flag suggestions (see config_file.h).
 #include "cli/config_file.h"
 
-#include <algorithm>
-
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -43,7 +42,8 @@ std::vector<std::string> read_config_flags(const std::filesystem::path& path) {
   if (ext == ".json") {
     const auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded()) fail("--config '{}': not valid JSON", path.string());
-    if (!j.is_object()) fail("--config '{}': the top level must be an object of flags", path.string());
+    if (!j.is_object())
+      fail("--config '{}': the top level must be an object of flags", path.string());
     for (const auto& [k, v] : j.items()) {
       const std::string where = fmt::format("--config '{}': key '{}'", path.string(), k);
       if (v.is_null()) continue;
@@ -63,7 +63,8 @@ std::vector<std::string> read_config_flags(const std::filesystem::path& path) {
       fail("--config '{}': not valid YAML: {}", path.string(), e.what());
     }
     if (root.IsNull()) return {};
-    if (!root.IsMap()) fail("--config '{}': the top level must be a mapping of flags", path.string());
+    if (!root.IsMap())
+      fail("--config '{}': the top level must be a mapping of flags", path.string());
     for (const auto& it : root) {
       const std::string k = it.first.as<std::string>();
       const YAML::Node& v = it.second;
@@ -79,8 +80,8 @@ std::vector<std::string> read_config_flags(const std::filesystem::path& path) {
         }
         kv.emplace_back(k, joined);
       } else {
-        fail("--config '{}': key '{}': a flag value must be a plain value or a list",
-             path.string(), k);
+        fail("--config '{}': key '{}': a flag value must be a plain value or a list", path.string(),
+             k);
       }
     }
   }

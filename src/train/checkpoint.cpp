@@ -1,10 +1,10 @@
 // Checkpoints: save, list, rotate, resolve, load (see checkpoint.h).
 #include "train/checkpoint.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "core/error.h"
 #include "io/atomic_file.h"
@@ -52,8 +52,8 @@ nlohmann::json read_json(const fs::path& path) {
 }  // namespace
 
 const std::vector<std::string>& checkpoint_files() {
-  static const std::vector<std::string> files = {"config.json",  kOptimizerFile, kSchedulerFile,
-                                                 kRngFile,       kStateFile,     kArgsFile};
+  static const std::vector<std::string> files = {"config.json", kOptimizerFile, kSchedulerFile,
+                                                 kRngFile,      kStateFile,     kArgsFile};
   return files;
 }
 
@@ -73,8 +73,7 @@ fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
     const float* m = optimizer.moments();
     write_safetensors(tmp / kOptimizerFile,
                       {{"exp_avg", {total}, m}, {"exp_avg_sq", {total}, m + total}}, DType::kF32,
-                      {{"step", std::to_string(optimizer.steps_done())},
-                       {"optimizer", "AdamW"}});
+                      {{"step", std::to_string(optimizer.steps_done())}, {"optimizer", "AdamW"}});
     write_file_atomic(tmp / kSchedulerFile,
                       nlohmann::json{{"lr_scheduler_type", schedule_name(st.schedule.type)},
                                      {"warmup_steps", st.schedule.warmup_steps},
@@ -82,16 +81,16 @@ fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
                                      {"last_step", st.step}}
                               .dump(2) +
                           "\n");
-    write_file_atomic(
-        tmp / kRngFile,
-        nlohmann::json{{"shuffle_seed", st.position.shuffle_seed},
-                       {"epoch", st.position.epoch},
-                       {"micro_batch_index", st.position.micro_batch_index},
-                       {"num_rows", st.position.num_rows},
-                       {"generator", "std::mt19937_64(seed * 1000003 + epoch) shuffles each "
-                                     "epoch's row order; training draws no other random numbers"}}
-                .dump(2) +
-            "\n");
+    write_file_atomic(tmp / kRngFile,
+                      nlohmann::json{{"shuffle_seed", st.position.shuffle_seed},
+                                     {"epoch", st.position.epoch},
+                                     {"micro_batch_index", st.position.micro_batch_index},
+                                     {"num_rows", st.position.num_rows},
+                                     {"generator",
+                                      "std::mt19937_64(seed * 1000003 + epoch) shuffles each "
+                                      "epoch's row order; training draws no other random numbers"}}
+                              .dump(2) +
+                          "\n");
     st.trainer_state.save(tmp / kStateFile);
     write_file_atomic(tmp / kArgsFile, training_args.dump(2) + "\n");
     fsync_dir(tmp);
@@ -106,9 +105,9 @@ fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
     fs::remove_all(tmp, ec);
     const auto kept = list_checkpoints(output_dir);
     fail("saving checkpoint-{} failed: {}. Nothing was left in its place; {}", st.step, e.what(),
-         kept.empty() ? std::string("there is no earlier checkpoint")
-                      : fmt::format("the latest complete checkpoint is still '{}'",
-                                    kept.back().string()));
+         kept.empty()
+             ? std::string("there is no earlier checkpoint")
+             : fmt::format("the latest complete checkpoint is still '{}'", kept.back().string()));
   }
   return final_dir;
 }
@@ -161,9 +160,10 @@ CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
       fail("--resume_from_checkpoint '{}': {} is missing; this is not a complete checkpoint",
            dir.string(), f);
   if (!has_model_file(dir))
-    fail("--resume_from_checkpoint '{}': model.safetensors is missing; this is not a complete "
-         "checkpoint",
-         dir.string());
+    fail(
+        "--resume_from_checkpoint '{}': model.safetensors is missing; this is not a complete "
+        "checkpoint",
+        dir.string());
   // Same model shape, field by field, before touching any tensor.
   const ModelConfig saved = load_model_config(dir / "config.json");
   const std::pair<const char*, std::pair<int64_t, int64_t>> fields[] = {
@@ -175,9 +175,10 @@ CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
       {"vocab_size", {saved.vocab_size, config.vocab_size}}};
   for (const auto& [name, v] : fields)
     if (v.first != v.second)
-      fail("--resume_from_checkpoint '{}' was made for another model: {} is {} there and {} in "
-           "--model_name_or_path",
-           dir.string(), name, v.first, v.second);
+      fail(
+          "--resume_from_checkpoint '{}' was made for another model: {} is {} there and {} in "
+          "--model_name_or_path",
+          dir.string(), name, v.first, v.second);
   load_weights(CheckpointReader(dir), table, params);
 
   const auto opt = SafetensorsFile::open(dir / kOptimizerFile);

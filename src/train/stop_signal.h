@@ -15,7 +15,8 @@ class StopSignalGuard {
   static int requested();
 
  private:
-  struct sigaction old_int_ {}, old_term_ {};
+  struct sigaction old_int_ {
+  }, old_term_{};
 };
 
 }  // namespace lt

@@ -1,13 +1,12 @@
 // The Trainer (see trainer_loop.h).
 #include "train/trainer_loop.h"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <ctime>
 #include <sstream>
-
-#include <fmt/format.h>
 
 #include "core/check.h"
 #include "core/error.h"
@@ -28,8 +27,7 @@ namespace fs = std::filesystem;
 namespace {
 
 double unix_now() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
 Strategy parse_strategy(const std::string& flag, const std::string& v) {
@@ -143,9 +141,10 @@ void Trainer::validate() {
   parse_report_to(o.report_to);
   if (o.resume_from_checkpoint.empty() && fs::is_directory(o.output_dir) &&
       !fs::is_empty(o.output_dir) && !o.overwrite_output_dir)
-    fail("--output_dir '{}' exists already and is not empty; pass --overwrite_output_dir True to "
-         "reuse it, or --resume_from_checkpoint latest to continue its training",
-         o.output_dir.string());
+    fail(
+        "--output_dir '{}' exists already and is not empty; pass --overwrite_output_dir True to "
+        "reuse it, or --resume_from_checkpoint latest to continue its training",
+        o.output_dir.string());
   model_dir_ = o.model_name_or_path;
   if (!fs::is_directory(model_dir_))
     fail("--model_name_or_path '{}' is not a folder", model_dir_.string());
@@ -175,19 +174,19 @@ void Trainer::load_data() {
     if (eval_data_.rows.empty())
       fail("--eval_data_path '{}' has no usable rows", o_.eval_data_path.string());
     has_eval_ = true;
-    fmt::print("eval data: {} rows from {}\n", eval_data_.rows.size(),
-               o_.eval_data_path.string());
+    fmt::print("eval data: {} rows from {}\n", eval_data_.rows.size(), o_.eval_data_path.string());
     if (eval_strategy_ == Strategy::kNo)
-      fmt::print("note: --eval_data_path is given but --evaluation_strategy is no; evaluating at "
-                 "the end only\n");
+      fmt::print(
+          "note: --eval_data_path is given but --evaluation_strategy is no; evaluating at "
+          "the end only\n");
   }
   const int64_t B = o_.per_device_train_batch_size, G = o_.gradient_accumulation_steps;
   const int64_t rows = static_cast<int64_t>(train_data_.rows.size());
   const int64_t micro_per_epoch = (rows + B - 1) / B;
   steps_per_epoch_ = std::max<int64_t>(1, (micro_per_epoch + G - 1) / G);
-  total_steps_ = o_.max_steps > 0 ? o_.max_steps
-                                  : static_cast<int64_t>(
-                                        std::ceil(o_.num_train_epochs * steps_per_epoch_));
+  total_steps_ = o_.max_steps > 0
+                     ? o_.max_steps
+                     : static_cast<int64_t>(std::ceil(o_.num_train_epochs * steps_per_epoch_));
   if (total_steps_ < 1) fail("nothing to train: --max_steps and --num_train_epochs give 0 steps");
   schedule_ = {parse_schedule(o_.lr_scheduler_type),
                warmup_steps_for(o_.warmup_steps, o_.warmup_ratio, total_steps_), total_steps_};
@@ -211,10 +210,11 @@ void Trainer::setup_model() {
   fmt::print("model: {} ({} layers, hidden {}, vocab {}), {:.2f}M parameters\n",
              config_.architecture, config_.num_hidden_layers, config_.hidden_size,
              config_.vocab_size, static_cast<double>(table.total_numel()) / 1e6);
-  fmt::print("settings: micro-batch up to {} tokens, mini-sequence MLP {} / LM head {} chunks, "
-             "checkpointing {}, flash attention {}\n",
-             rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
-             rs.flash_attention ? "on" : "off");
+  fmt::print(
+      "settings: micro-batch up to {} tokens, mini-sequence MLP {} / LM head {} chunks, "
+      "checkpointing {}, flash attention {}\n",
+      rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
+      rs.flash_attention ? "on" : "off");
   fmt::print("{}\n", plan_.describe());
   backend_ = make_backend(o_.device);
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
@@ -228,17 +228,26 @@ void Trainer::resume() {
   CheckpointState st =
       load_checkpoint(dir, config_, model_->table(), model_->params(), *optimizer_);
   if (st.position.num_rows != position_.num_rows)
-    fail("--resume_from_checkpoint '{}' was trained on {} rows but --data_path has {}; the data "
-         "position would not match",
-         dir.string(), st.position.num_rows, position_.num_rows);
+    fail(
+        "--resume_from_checkpoint '{}' was trained on {} rows but --data_path has {}; the data "
+        "position would not match",
+        dir.string(), st.position.num_rows, position_.num_rows);
   if (st.step >= total_steps_)
-    fail("--resume_from_checkpoint '{}' is at step {}, and this run has {} steps in all; raise "
-         "--max_steps or --num_train_epochs to train further",
-         dir.string(), st.step, total_steps_);
+    fail(
+        "--resume_from_checkpoint '{}' is at step {}, and this run has {} steps in all; raise "
+        "--max_steps or --num_train_epochs to train further",
+        dir.string(), st.step, total_steps_);
   if (st.position.shuffle_seed != o_.seed)
-    fmt::print("note: continuing with the checkpoint's shuffle seed {} (--seed {} applies to new "
-               "runs)\n",
-               st.position.shuffle_seed, o_.seed);
+    fmt::print(
+        "note: continuing with the checkpoint's shuffle seed {} (--seed {} applies to new "
+        "runs)\n",
+        st.position.shuffle_seed, o_.seed);
+  if (st.schedule.type != schedule_.type || st.schedule.warmup_steps != schedule_.warmup_steps)
+    fmt::print(
+        "note: the checkpoint was trained with --lr_scheduler_type {} (warmup {}); this run "
+        "continues with {} (warmup {}) as its flags say\n",
+        schedule_name(st.schedule.type), st.schedule.warmup_steps, schedule_name(schedule_.type),
+        schedule_.warmup_steps);
   step_ = first_step_ = st.step;
   position_ = st.position;
   state_ = st.trainer_state;
@@ -250,9 +259,9 @@ void Trainer::resume() {
 
 void Trainer::open_sinks() {
   fs::create_directories(o_.output_dir);
-  progress_ = std::make_unique<Progress>(
-      o_.disable_tqdm ? Progress::Mode::kLines : Progress::detect_mode(), first_step_,
-      total_steps_);
+  progress_ =
+      std::make_unique<Progress>(o_.disable_tqdm ? Progress::Mode::kLines : Progress::detect_mode(),
+                                 first_step_, total_steps_);
   metrics_ = std::make_unique<MetricsJsonl>(o_.output_dir / "metrics.jsonl",
                                             first_step_ > 0 ? first_step_ : -1);
   for (const auto& r : parse_report_to(o_.report_to)) {
@@ -265,8 +274,9 @@ void Trainer::open_sinks() {
     } else if (r == "mlflow") {
       const char* uri = std::getenv("MLFLOW_TRACKING_URI");
       if (!uri || !*uri)
-        fail("--report_to mlflow needs MLFLOW_TRACKING_URI=http://host:port of an MLflow "
-             "tracking server");
+        fail(
+            "--report_to mlflow needs MLFLOW_TRACKING_URI=http://host:port of an MLflow "
+            "tracking server");
       std::map<std::string, std::string> params = o_.flag_values;
       if (params.empty()) params["output_dir"] = o_.output_dir.string();
       const std::string name =
@@ -296,9 +306,9 @@ std::vector<MicroBatch> Trainer::next_step_batches() {
     epoch_batches_ = epoch_micro_batches(position_.num_rows, o_.per_device_train_batch_size,
                                          position_.shuffle_seed, position_.epoch);
   std::vector<MicroBatch> micro;
-  const size_t end = std::min(epoch_batches_.size(),
-                              static_cast<size_t>(position_.micro_batch_index +
-                                                  o_.gradient_accumulation_steps));
+  const size_t end =
+      std::min(epoch_batches_.size(),
+               static_cast<size_t>(position_.micro_batch_index + o_.gradient_accumulation_steps));
   for (size_t j = position_.micro_batch_index; j < end; ++j) {
     std::vector<const Example*> rows;
     for (int64_t r : epoch_batches_[j]) rows.push_back(&train_data_.rows[r]);
@@ -342,8 +352,7 @@ void Trainer::log_train_window(double wall_time) {
 }
 
 void Trainer::evaluate() {
-  const EvalResult e =
-      evaluate_loss(*model_, eval_data_.rows, o_.per_device_eval_batch_size);
+  const EvalResult e = evaluate_loss(*model_, eval_data_.rows, o_.per_device_eval_batch_size);
   LogRecord r;
   r.kind = LogRecord::Kind::kEval;
   r.step = step_;
@@ -411,12 +420,12 @@ void Trainer::finish(const std::string& status) {
 
 TrainOutcome Trainer::train() {
   open_sinks();
-  fmt::print("training: {} steps ({} per epoch), batch {} x accumulation {}, lr {} ({}, warmup "
-             "{}){}\n",
-             total_steps_, steps_per_epoch_, o_.per_device_train_batch_size,
-             o_.gradient_accumulation_steps, o_.optimizer.learning_rate,
-             schedule_name(schedule_.type), schedule_.warmup_steps,
-             first_step_ > 0 ? fmt::format(", from step {}", first_step_) : "");
+  fmt::print(
+      "training: {} steps ({} per epoch), batch {} x accumulation {}, lr {} ({}, warmup "
+      "{}){}\n",
+      total_steps_, steps_per_epoch_, o_.per_device_train_batch_size,
+      o_.gradient_accumulation_steps, o_.optimizer.learning_rate, schedule_name(schedule_.type),
+      schedule_.warmup_steps, first_step_ > 0 ? fmt::format(", from step {}", first_step_) : "");
   std::fflush(stdout);
   StopSignalGuard stop_guard;
   t_window_ = std::chrono::steady_clock::now();

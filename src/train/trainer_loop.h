@@ -28,7 +28,7 @@ enum class Strategy { kNo, kSteps, kEpoch };
 // How a train() call ended.
 struct TrainOutcome {
   bool stopped_by_signal = false;
-  int64_t step = 0;                     // global step reached
+  int64_t step = 0;                       // global step reached
   std::filesystem::path last_checkpoint;  // empty when none was written
 };
 
@@ -75,7 +75,7 @@ class Trainer {
   int64_t step_ = 0, first_step_ = 0;
   DataPosition position_;
   std::vector<std::vector<int64_t>> epoch_batches_;  // of position_.epoch
-  bool epoch_ended_ = false;                          // the last step finished an epoch
+  bool epoch_ended_ = false;                         // the last step finished an epoch
 
   // Logging.
   TrainerState state_;

@@ -1,11 +1,11 @@
 // MLflow REST client (see mlflow.h).
 #include "train/logging/mlflow.h"
 
-#include <chrono>
-#include <cstdlib>
-
 #include <curl/curl.h>
 #include <fmt/format.h>
+
+#include <chrono>
+#include <cstdlib>
 
 #include "core/error.h"
 
@@ -39,9 +39,10 @@ struct Curl {
 MlflowClient::MlflowClient(std::string tracking_uri) : uri_(std::move(tracking_uri)) {
   while (!uri_.empty() && uri_.back() == '/') uri_.pop_back();
   if (uri_.rfind("http://", 0) != 0 && uri_.rfind("https://", 0) != 0)
-    fail("--report_to mlflow: MLFLOW_TRACKING_URI '{}' is not an http(s):// address of an MLflow "
-         "tracking server (local file stores are not supported)",
-         uri_);
+    fail(
+        "--report_to mlflow: MLFLOW_TRACKING_URI '{}' is not an http(s):// address of an MLflow "
+        "tracking server (local file stores are not supported)",
+        uri_);
   static const bool inited = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK;
   if (!inited) fail("--report_to mlflow: libcurl could not be initialised");
 }
@@ -65,8 +66,7 @@ nlohmann::json MlflowClient::call(const std::string& endpoint, const nlohmann::j
     curl_easy_setopt(c.h, CURLOPT_POSTFIELDSIZE, static_cast<long>(payload.size()));
   }
   const CURLcode rc = curl_easy_perform(c.h);
-  if (rc != CURLE_OK)
-    fail("MLflow at '{}' ({}): {}", uri_, endpoint, curl_easy_strerror(rc));
+  if (rc != CURLE_OK) fail("MLflow at '{}' ({}): {}", uri_, endpoint, curl_easy_strerror(rc));
   long status = 0;
   curl_easy_getinfo(c.h, CURLINFO_RESPONSE_CODE, &status);
   auto j = nlohmann::json::parse(answer, nullptr, /*allow_exceptions=*/false);
@@ -91,9 +91,11 @@ MlflowSink::MlflowSink(const std::string& tracking_uri, const std::string& run_n
       experiment_id = client_.call("experiments/create", {{"name", name}})["experiment_id"];
     }
   }
-  nlohmann::json create = {{"experiment_id", experiment_id}, {"start_time", now_ms()},
-                           {"tags", nlohmann::json::array({{{"key", "mlflow.source.name"},
-                                                             {"value", "longtune train"}}})}};
+  nlohmann::json create = {
+      {"experiment_id", experiment_id},
+      {"start_time", now_ms()},
+      {"tags",
+       nlohmann::json::array({{{"key", "mlflow.source.name"}, {"value", "longtune train"}}})}};
   if (!run_name.empty()) create["run_name"] = run_name;
   run_id_ = client_.call("runs/create", create)["run"]["info"]["run_id"];
   // log-batch takes at most 100 params per request; values at most 6000 characters.
@@ -116,8 +118,8 @@ void MlflowSink::log(const LogRecord& r) {
   auto add = [&](const nlohmann::json& obj) {
     for (const auto& [k, v] : obj.items())
       if (v.is_number())
-        metrics.push_back({{"key", k}, {"value", v.get<double>()}, {"timestamp", ts},
-                           {"step", r.step}});
+        metrics.push_back(
+            {{"key", k}, {"value", v.get<double>()}, {"timestamp", ts}, {"step", r.step}});
   };
   add(r.hf);
   add(r.extra);
@@ -125,7 +127,8 @@ void MlflowSink::log(const LogRecord& r) {
   try {
     client_.call("runs/log-batch", {{"run_id", run_id_}, {"metrics", metrics}});
   } catch (const UserError& e) {
-    if (!warned_) fmt::print(stderr, "warning: MLflow logging failed (training goes on): {}\n", e.what());
+    if (!warned_)
+      fmt::print(stderr, "warning: MLflow logging failed (training goes on): {}\n", e.what());
     warned_ = true;
   }
 }
@@ -134,8 +137,7 @@ void MlflowSink::close(const std::string& status) {
   if (closed_) return;
   closed_ = true;
   try {
-    client_.call("runs/update",
-                 {{"run_id", run_id_}, {"status", status}, {"end_time", now_ms()}});
+    client_.call("runs/update", {{"run_id", run_id_}, {"status", status}, {"end_time", now_ms()}});
   } catch (const UserError& e) {
     fmt::print(stderr, "warning: MLflow could not mark the run {}: {}\n", status, e.what());
   }

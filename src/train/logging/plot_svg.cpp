@@ -1,10 +1,10 @@
 // Training plot as SVG (see plot_svg.h).
 #include "train/logging/plot_svg.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
-
-#include <fmt/format.h>
 
 namespace lt {
 
@@ -18,16 +18,33 @@ struct Series {
 std::string escape(const std::string& s) {
   std::string o;
   for (char c : s) {
-    if (c == '<') o += "&lt;";
-    else if (c == '>') o += "&gt;";
-    else if (c == '&') o += "&amp;";
-    else o += c;
+    if (c == '<')
+      o += "&lt;";
+    else if (c == '>')
+      o += "&gt;";
+    else if (c == '&')
+      o += "&amp;";
+    else
+      o += c;
   }
   return o;
 }
 
 // Tick label: short and exact enough (1.5e-05, 2.31, 1200).
-std::string tick(double v) { return fmt::format("{:.3g}", v); }
+std::string tick(double v) { return fmt::format("{:.4g}", std::fabs(v) < 1e-300 ? 0.0 : v); }
+
+// "Nice" tick positions in [lo, hi]: multiples of 1, 2 or 5 x 10^k, about four intervals.
+std::vector<double> nice_ticks(double lo, double hi) {
+  const double raw = (hi - lo) / 4, mag = std::pow(10.0, std::floor(std::log10(raw)));
+  const double step = raw / mag < 1.5   ? mag
+                      : raw / mag < 3.5 ? 2 * mag
+                      : raw / mag < 7.5 ? 5 * mag
+                                        : 10 * mag;
+  std::vector<double> out;
+  for (double v = std::ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step)
+    out.push_back(v);
+  return out;
+}
 
 // One panel at vertical offset y0: axes, 5 ticks each way, the series as polylines (a single
 // point becomes a dot), a legend at the top right.
@@ -40,28 +57,33 @@ std::string panel(double y0, const std::string& title, const std::vector<Series>
       if (std::isfinite(y)) lo = std::min(lo, y), hi = std::max(hi, y);
   std::string o = fmt::format("<text x=\"{}\" y=\"{}\" font-weight=\"bold\">{}</text>\n", kLeft,
                               y0 - 8, escape(title));
-  o += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" "
-                   "stroke=\"#888\"/>\n",
-                   kLeft, y0, kWidth, kHeight);
+  o += fmt::format(
+      "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" "
+      "stroke=\"#888\"/>\n",
+      kLeft, y0, kWidth, kHeight);
   if (!std::isfinite(lo)) {
     o += fmt::format("<text x=\"{}\" y=\"{}\" fill=\"#888\">no data</text>\n", kLeft + 10,
                      y0 + kHeight / 2);
     return o;
   }
-  if (hi - lo < 1e-12 * std::max(1.0, std::fabs(hi))) lo -= 0.5 * std::max(1e-12, std::fabs(lo)), hi += 0.5 * std::max(1e-12, std::fabs(hi));
+  if (hi - lo < 1e-12 * std::max(1.0, std::fabs(hi)))
+    lo -= 0.5 * std::max(1e-12, std::fabs(lo)), hi += 0.5 * std::max(1e-12, std::fabs(hi));
   const double xr = std::max(1e-9, x_max - x_min);
   auto px = [&](double x) { return kLeft + (x - x_min) / xr * kWidth; };
   auto py = [&](double y) { return y0 + kHeight - (y - lo) / (hi - lo) * kHeight; };
-  for (int i = 0; i <= 4; ++i) {
-    const double v = lo + (hi - lo) * i / 4, y = py(v);
+  for (const double v : nice_ticks(lo, hi)) {
+    const double y = py(v);
     o += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"#eee\"/>\n",
                      kLeft, y, kLeft + kWidth, y);
     o += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\" font-size=\"11\">{}</text>\n",
                      kLeft - 4, y + 4, tick(v));
-    const double xv = x_min + xr * i / 4;
-    o += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}"
-                     "</text>\n",
-                     px(xv), y0 + kHeight + 14, tick(std::round(xv)));
+  }
+  for (double xv : nice_ticks(x_min, x_max)) {
+    if (xr >= 4) xv = std::round(xv);  // steps are whole numbers
+    o += fmt::format(
+        "<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}"
+        "</text>\n",
+        px(xv), y0 + kHeight + 14, tick(xv));
   }
   int legend = 0;
   for (const auto& s : series) {
@@ -76,9 +98,11 @@ std::string panel(double y0, const std::string& title, const std::vector<Series>
         if (std::isfinite(y)) o += fmt::format("{:.1f},{:.1f} ", px(x), py(y));
       o += "\"/>\n";
     }
-    o += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"12\" fill=\"{}\">{}"
-                     "</text>\n",
-                     kLeft + kWidth - 6, y0 + 16 + 15 * legend++, s.color, escape(s.label));
+    // Legends sit on the title row, right-aligned, so they never cover the curves.
+    o += fmt::format(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"12\" fill=\"{}\">{}"
+        "</text>\n",
+        kLeft + kWidth - 150 * legend++, y0 - 8, s.color, escape(s.label));
   }
   return o;
 }

@@ -1,10 +1,9 @@
 // A plain SVG of a training run, written by longtune itself: three stacked panels sharing the
 // step axis (loss with eval loss, learning rate, memory), readable in any browser.
 #pragma once
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace lt {
 

@@ -1,12 +1,11 @@
 // Progress bar and plain log lines (see progress.h).
 #include "train/logging/progress.h"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
-
-#include <fmt/format.h>
 
 #include "core/memory.h"
 
@@ -17,7 +16,9 @@ Progress::Mode Progress::detect_mode() {
 }
 
 Progress::Progress(Mode mode, int64_t first_step, int64_t total_steps)
-    : mode_(mode), first_step_(first_step), total_steps_(total_steps),
+    : mode_(mode),
+      first_step_(first_step),
+      total_steps_(total_steps),
       start_(std::chrono::steady_clock::now()) {}
 
 std::string Progress::format_duration(double s) {
@@ -42,11 +43,11 @@ void Progress::update(const StepStatus& s) {
   const int filled = static_cast<int>(kWidth * s.step / std::max<int64_t>(1, s.total_steps));
   std::string bar(filled, '#');
   bar.resize(kWidth, '.');
-  fmt::print("\r\033[2K{}/{} [{}] loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s | "
-             "mem {} | {} < {}",
-             s.step, s.total_steps, bar, s.loss, s.learning_rate, s.grad_norm,
-             s.tokens_per_second, format_bytes(s.memory_bytes), format_duration(elapsed),
-             format_duration(eta));
+  fmt::print(
+      "\r\033[2K{}/{} [{}] loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s | "
+      "mem {} | {} < {}",
+      s.step, s.total_steps, bar, s.loss, s.learning_rate, s.grad_norm, s.tokens_per_second,
+      format_bytes(s.memory_bytes), format_duration(elapsed), format_duration(eta));
   std::fflush(stdout);
   bar_shown_ = true;
 }
@@ -58,12 +59,13 @@ void Progress::log(const LogRecord& r) {
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     const int64_t done = r.step - first_step_;
-    fmt::print("step {}/{}  epoch {:.2f}  loss {:.4f}  lr {:.3e}  grad_norm {:.4f}  "
-               "tokens/s {:.0f}  mem {}  eta {}\n",
-               r.step, total_steps_, r.epoch, num("loss"), num("learning_rate"), num("grad_norm"),
-               r.extra.value("tokens_per_second", 0.0),
-               format_bytes(r.extra.value("memory_bytes", size_t{0})),
-               format_duration(done > 0 ? elapsed / done * (total_steps_ - r.step) : NAN));
+    fmt::print(
+        "step {}/{}  epoch {:.2f}  loss {:.4f}  lr {:.3e}  grad_norm {:.4f}  "
+        "tokens/s {:.0f}  mem {}  eta {}\n",
+        r.step, total_steps_, r.epoch, num("loss"), num("learning_rate"), num("grad_norm"),
+        r.extra.value("tokens_per_second", 0.0),
+        format_bytes(r.extra.value("memory_bytes", size_t{0})),
+        format_duration(done > 0 ? elapsed / done * (total_steps_ - r.step) : NAN));
   } else if (r.kind == LogRecord::Kind::kEval) {
     clear_bar();
     fmt::print("eval at step {}: loss {:.4f}  perplexity {:.3f}  ({} tokens, {:.1f} s)\n", r.step,

@@ -23,7 +23,7 @@ class Progress : public LogSink {
   // kBar when stdout is a terminal (isatty), kLines otherwise.
   static Mode detect_mode();
   Progress(Mode mode, int64_t first_step, int64_t total_steps);
-  void update(const StepStatus& s);  // every step
+  void update(const StepStatus& s);       // every step
   void log(const LogRecord& r) override;  // train lines (kLines), eval lines (both modes)
   // A message on its own line (the bar is cleared first and redrawn at the next step).
   void note(const std::string& line);

@@ -1,13 +1,12 @@
 // TensorBoard event writer and reader (see tensorboard.h).
 #include "train/logging/tensorboard.h"
 
+#include <fmt/format.h>
+#include <generic_crc.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
-
-#include <fmt/format.h>
-#include <generic_crc.h>
 
 #include "core/error.h"
 #include "io/atomic_file.h"
@@ -115,8 +114,7 @@ std::vector<TensorBoardScalar> read_tensorboard_scalars(const std::filesystem::p
   std::vector<TensorBoardScalar> out;
   size_t off = 0;
   for (int64_t rec = 0; off < data.size(); ++rec) {
-    if (data.size() - off < 12)
-      fail("{}: record {} is truncated (header)", path.string(), rec);
+    if (data.size() - off < 12) fail("{}: record {} is truncated (header)", path.string(), rec);
     const uint64_t len = get_le(p + off, 8);
     if (static_cast<uint32_t>(get_le(p + off + 8, 4)) != masked_crc32c(p + off, 8))
       fail("{}: record {}: length CRC mismatch", path.string(), rec);

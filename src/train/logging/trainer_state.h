@@ -4,9 +4,8 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
-#include <vector>
-
 #include <nlohmann/json.hpp>
+#include <vector>
 
 #include "train/logging/log_sink.h"
 
@@ -22,7 +21,8 @@ struct TrainerState {
   int64_t train_batch_size = 1;
   int64_t num_train_epochs = 0;
   int64_t num_input_tokens_seen = 0;
-  std::vector<nlohmann::json> log_history;  // HF entries: {loss, grad_norm, learning_rate, epoch, step}
+  std::vector<nlohmann::json>
+      log_history;  // HF entries: {loss, grad_norm, learning_rate, epoch, step}
 
   nlohmann::json to_json() const;
   static TrainerState from_json(const nlohmann::json& j, const std::string& where);
