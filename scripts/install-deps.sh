@@ -3,7 +3,8 @@
 set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev libomp-dev nlohmann-json3-dev libcli11-dev
       libfmt-dev libpcre2-dev libicu-dev libyaml-cpp-dev libgtest-dev libgmock-dev
-      libopenmpi-dev openmpi-bin python3)
+      libopenmpi-dev openmpi-bin python3
+      libprotobuf-dev protobuf-compiler libcurl4-openssl-dev libcrcutil-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

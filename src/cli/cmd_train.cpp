@@ -9,6 +9,7 @@ namespace lt {
 int cmd_train(int argc, char** argv) {
   TrainOptions o;
   CLI::App app{"Fine-tune a Hugging Face Llama-family model", "longtune train"};
+  app.option_defaults()->always_capture_default();  // defaults go to training_args.json
   std::string model, data, out, tokenizer;
   app.add_option("--model_name_or_path", model, "Hugging Face model folder")->required();
   app.add_option("--data_path", data, "training data (json, jsonl, txt)")->required();
@@ -47,7 +48,53 @@ int cmd_train(int argc, char** argv) {
   app.add_option("--chat_template", o.chat_template, "built-in template name or a file");
   app.add_option("--save_dtype", o.save_dtype, "f32, bf16 or f16 (default: as loaded)");
   add_lora_flags(app, &o.lora);
-  if (!parse_flags(app, argc, argv)) return 0;
+  // --- trainer product: config file, evaluation, checkpoints, tracking (trainer_loop.h) ---
+  std::string config_file;
+  app.add_option("--config", config_file,
+                 "YAML or JSON file of these flags (flags given here override it)");
+  std::string eval_data;
+  app.add_option("--eval_data_path", eval_data, "evaluation data (eval loss and perplexity)");
+  app.add_option("--per_device_eval_batch_size", o.per_device_eval_batch_size,
+                 "rows per evaluation micro-batch");
+  app.add_option("--evaluation_strategy,--eval_strategy", o.evaluation_strategy,
+                 "no, steps or epoch");
+  app.add_option("--eval_steps", o.eval_steps, "evaluate every N steps (default: logging_steps)");
+  app.add_option("--save_strategy", o.save_strategy, "no, steps or epoch");
+  app.add_option("--save_steps", o.save_steps, "write output_dir/checkpoint-N every N steps");
+  app.add_option("--save_total_limit", o.save_total_limit,
+                 "keep at most this many checkpoints, deleting the oldest (0: all)");
+  app.add_option("--resume_from_checkpoint", o.resume_from_checkpoint,
+                 "a checkpoint-N folder, or latest (the newest in output_dir)");
+  app.add_option("--report_to", o.report_to, "tensorboard, mlflow, none or all (comma list)");
+  app.add_option("--run_name", o.run_name, "MLflow run name (default: output_dir's name)");
+  std::string logging_dir;
+  app.add_option("--logging_dir", logging_dir,
+                 "TensorBoard folder (default: output_dir/runs/<time>_<host>)");
+  add_bool_flag(app, "--disable_tqdm", &o.disable_tqdm, "plain log lines even on a terminal");
+  // Hugging Face / LongLoRA flags that have no meaning here: accepted with a note.
+  add_ignored_flag(app, "--cache_dir", "the model is read from --model_name_or_path");
+  add_ignored_flag(app, "--tf32", "the CPU backend computes in f32; CUDA picks its own math mode");
+  add_ignored_flag(app, "--deepspeed", "longtune plans and shards memory itself");
+  add_ignored_flag(app, "--dataloader_num_workers", "data is tokenized up front");
+  add_ignored_flag(app, "--ddp_find_unused_parameters", "every parameter gets a gradient");
+  add_ignored_flag(app, "--remove_unused_columns", "only input_ids and labels are read");
+  add_ignored_flag(app, "--local_rank", "set by launchers; longtune runs one process");
+  add_ignored_flag(app, "--group_by_length", "rows keep the seeded shuffle order");
+  add_ignored_flag(app, "--torch_compile", "there is no PyTorch to compile");
+  // --- end trainer product flags ---
+  if (!parse_flags_with_config(app, argc, argv)) return 0;
+  o.eval_data_path = eval_data;
+  o.logging_dir = logging_dir;
+  for (const CLI::Option* opt : app.get_options()) {
+    if (opt->get_lnames().empty() || opt->get_lnames()[0] == "help" ||
+        opt->get_lnames()[0] == "config")
+      continue;
+    std::string v;
+    for (const auto& r : opt->results()) v += (v.empty() ? "" : ",") + r;
+    if (opt->count() == 0) v = opt->get_default_str();
+    if (opt->get_description().rfind("accepted, not used", 0) == 0 && opt->count() == 0) continue;
+    o.flag_values[opt->get_lnames()[0]] = v;
+  }
   o.model_name_or_path = model;
   o.data_path = data;
   o.output_dir = out;

@@ -22,6 +22,7 @@ void print_usage() {
       "  tokenize    JSON array of strings on stdin -> JSON array of id lists (--decode: back)\n"
       "  init        create a randomly initialised model folder of a named shape\n"
       "  merge       merge a LoRA adapter into its base model (longtune merge --help)\n"
+      "  eval        evaluation loss and perplexity of a model on a data set\n"
       "  --version   print the version and the backends that were built\n",
       stdout);
 }
@@ -54,11 +55,14 @@ int cli_main(int argc, char** argv, const char* version) {
       std::string_view name;
       int (*run)(int, char**);
     };
-    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init}, {"plan", cmd_plan}, {"tokenize", cmd_tokenize}, {"merge", cmd_merge}};
+    static constexpr Command kCommands[] = {
+        {"train", cmd_train}, {"init", cmd_init},         {"plan", cmd_plan},
+        {"tokenize", cmd_tokenize}, {"merge", cmd_merge}, {"eval", cmd_eval}};
     for (const auto& c : kCommands)
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);
   } catch (const UserError& e) {
+    std::fflush(stdout);  // notes printed before the error stay before it
     fmt::print(stderr, "longtune: error: {}\n", e.what());
     return 1;
   }

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,22 @@ struct TrainOptions {
   std::string chat_template;
   std::string save_dtype;  // "" = as loaded; f32, bf16, f16
   LoraOptions lora;        // LoRA / QLoRA (cli/lora_flags.cpp); the adapter is saved, not the model
+
+  // The trainer as a product (trainer_loop.h): evaluation, checkpoints, tracking, progress.
+  std::filesystem::path eval_data_path;
+  int64_t per_device_eval_batch_size = 8;
+  std::string evaluation_strategy = "no";  // no, steps, epoch
+  int64_t eval_steps = 0;                  // 0: logging_steps (as HF)
+  std::string save_strategy = "steps";     // no, steps, epoch
+  int64_t save_steps = 500;
+  int64_t save_total_limit = 0;            // 0: keep every checkpoint
+  std::string resume_from_checkpoint;      // "", a checkpoint folder, or "latest"
+  std::string report_to = "tensorboard";   // comma list: tensorboard, mlflow, none, all
+  std::string run_name;                    // MLflow run name (default: output_dir's name)
+  std::filesystem::path logging_dir;       // TensorBoard folder (default output_dir/runs/<time>_<host>)
+  bool disable_tqdm = false;               // plain log lines even on a terminal
+  // Every flag's value as given or defaulted (training_args.json, MLflow params).
+  std::map<std::string, std::string> flag_values;
 };
 
 // Runs a whole training job; UserError on bad input before anything is written.

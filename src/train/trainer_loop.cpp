@@ -1,0 +1,519 @@
+// The Trainer (see trainer_loop.h).
+#include "train/trainer_loop.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <ctime>
+#include <sstream>
+
+#include "core/check.h"
+#include "core/error.h"
+#include "io/atomic_file.h"
+#include "io/safetensors.h"
+#include "model/adapter_io.h"
+#include "model/model_io.h"
+#include "plan/planner.h"
+#include "train/batching.h"
+#include "train/evaluate.h"
+#include "train/logging/mlflow.h"
+#include "train/logging/plot_svg.h"
+#include "train/logging/tensorboard.h"
+#include "train/stop_signal.h"
+
+namespace lt {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+double unix_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+Strategy parse_strategy(const std::string& flag, const std::string& v) {
+  if (v == "no") return Strategy::kNo;
+  if (v == "steps") return Strategy::kSteps;
+  if (v == "epoch") return Strategy::kEpoch;
+  fail("{}: '{}' is not allowed; use no, steps or epoch", flag, v);
+}
+
+DType parse_save_dtype(const std::string& s, DType loaded) {
+  if (s.empty()) return loaded;
+  if (s == "f32" || s == "float32") return DType::kF32;
+  if (s == "bf16" || s == "bfloat16") return DType::kBF16;
+  if (s == "f16" || s == "float16") return DType::kF16;
+  fail("--save_dtype: '{}' is not allowed; use f32, bf16 or f16", s);
+}
+
+void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t max_tokens,
+                           RunSettings* s) {
+  s->max_tokens = max_tokens;
+  s->checkpointing = o.gradient_checkpointing || o.offload_activations;
+  s->offload_checkpoints = o.offload_activations;
+  s->offload_dir = o.output_dir.parent_path().empty() ? "." : o.output_dir.parent_path().string();
+  s->flash_attention = o.use_flash_attn;
+  if (o.mini_sequence == "auto") {
+    mini_sequence_auto(c, max_tokens, s);
+  } else {
+    char* end = nullptr;
+    const long long m = std::strtoll(o.mini_sequence.c_str(), &end, 10);
+    if (!end || *end || m < 1)
+      fail("--mini_sequence: '{}' is not allowed; use a positive integer or auto", o.mini_sequence);
+    s->mlp_chunks = s->lm_head_chunks = m;
+  }
+  s->mlp_chunks = std::min(s->mlp_chunks, max_tokens);
+  s->lm_head_chunks = std::min(s->lm_head_chunks, max_tokens);
+}
+
+// report_to: a comma list of tensorboard, mlflow, none, all.
+std::vector<std::string> parse_report_to(const std::string& v) {
+  std::vector<std::string> out;
+  std::stringstream ss(v);
+  for (std::string item; std::getline(ss, item, ',');) {
+    item.erase(0, item.find_first_not_of(' '));
+    item.erase(item.find_last_not_of(' ') + 1);
+    if (item == "none" || item.empty()) continue;
+    if (item == "all") return {"tensorboard", "mlflow"};
+    if (item != "tensorboard" && item != "mlflow")
+      fail("--report_to: '{}' is not allowed; use a comma list of tensorboard, mlflow, none, all",
+           item);
+    out.push_back(item);
+  }
+  return out;
+}
+
+std::string default_logging_dir(const fs::path& output_dir) {
+  // transformers' default logging_dir: runs/<%b%d_%H-%M-%S>_<hostname>.
+  char host[256] = {}, when[64] = {};
+  gethostname(host, sizeof host - 1);
+  const std::time_t t = std::time(nullptr);
+  std::strftime(when, sizeof when, "%b%d_%H-%M-%S", std::localtime(&t));
+  return (output_dir / "runs" / fmt::format("{}_{}", when, host)).string();
+}
+
+}  // namespace
+
+Trainer::Trainer(const TrainOptions& options) : o_(options) {
+  t_start_ = std::chrono::steady_clock::now();
+  validate();
+  load_data();
+  setup_model();
+  if (!o_.resume_from_checkpoint.empty()) resume();
+}
+
+Trainer::~Trainer() = default;
+
+// 1. Every flag and input checked before anything is written.
+void Trainer::validate() {
+  const TrainOptions& o = o_;
+  if (o.model_name_or_path.empty()) fail("--model_name_or_path is required");
+  if (o.data_path.empty()) fail("--data_path is required");
+  if (o.output_dir.empty()) fail("--output_dir is required");
+  auto at_least = [](const char* flag, int64_t v, int64_t lo) {
+    if (v < lo) fail("{} must be >= {} (got {})", flag, lo, v);
+  };
+  at_least("--per_device_train_batch_size", o.per_device_train_batch_size, 1);
+  at_least("--per_device_eval_batch_size", o.per_device_eval_batch_size, 1);
+  at_least("--gradient_accumulation_steps", o.gradient_accumulation_steps, 1);
+  at_least("--logging_steps", o.logging_steps, 1);
+  at_least("--save_total_limit", o.save_total_limit, 0);
+  at_least("--eval_steps", o.eval_steps, 0);
+  at_least("--warmup_steps", o.warmup_steps, 0);
+  if (o.max_steps == 0 || o.max_steps < -1)
+    fail("--max_steps must be >= 1, or -1 to use --num_train_epochs (got {})", o.max_steps);
+  if (!(o.num_train_epochs > 0) && o.max_steps < 0)
+    fail("--num_train_epochs must be > 0 (got {})", o.num_train_epochs);
+  if (!(o.optimizer.learning_rate >= 0))
+    fail("--learning_rate must be >= 0 (got {})", o.optimizer.learning_rate);
+  if (!(o.optimizer.weight_decay >= 0))
+    fail("--weight_decay must be >= 0 (got {})", o.optimizer.weight_decay);
+  if (!(o.warmup_ratio >= 0 && o.warmup_ratio <= 1))
+    fail("--warmup_ratio must be in [0, 1] (got {})", o.warmup_ratio);
+  if (o.model_max_length < 0) fail("--model_max_length must be >= 1 (got {})", o.model_max_length);
+  save_strategy_ = parse_strategy("--save_strategy", o.save_strategy);
+  eval_strategy_ = parse_strategy("--evaluation_strategy", o.evaluation_strategy);
+  if (save_strategy_ == Strategy::kSteps) at_least("--save_steps", o.save_steps, 1);
+  if (eval_strategy_ != Strategy::kNo && o.eval_data_path.empty())
+    fail("--evaluation_strategy {} needs --eval_data_path", o.evaluation_strategy);
+  if (o_.eval_steps == 0) o_.eval_steps = o.logging_steps;
+  parse_schedule(o.lr_scheduler_type);
+  parse_report_to(o.report_to);
+  if (o.resume_from_checkpoint.empty() && fs::is_directory(o.output_dir) &&
+      !fs::is_empty(o.output_dir) && !o.overwrite_output_dir)
+    fail(
+        "--output_dir '{}' exists already and is not empty; pass --overwrite_output_dir True to "
+        "reuse it, or --resume_from_checkpoint latest to continue its training",
+        o.output_dir.string());
+  model_dir_ = o.model_name_or_path;
+  if (!fs::is_directory(model_dir_))
+    fail("--model_name_or_path '{}' is not a folder", model_dir_.string());
+  config_ = load_model_config(model_dir_ / "config.json");
+  if (o.model_max_length > 0 && apply_position_interpolation(&config_, o.model_max_length))
+    fmt::print("context extension: model_max_length {} > max_position_embeddings {}: linear "
+               "position interpolation with factor {} (saved in config.json)\n",
+               o.model_max_length, config_.max_position_embeddings, config_.rope_scaling.factor);
+  lora_ = resolve_lora(o.lora, o.seed);
+  if (!o.lora.adapter_name_or_path.empty())  // continue an adapter: its r, alpha, targets
+    lora_ = read_adapter_config(o.lora.adapter_name_or_path, config_, lora_);
+}
+
+// 2. Data and the step count.
+void Trainer::load_data() {
+  const fs::path tok_path = o_.tokenizer.empty() ? model_dir_ : o_.tokenizer;
+  if (!o_.tokenizer.empty() || fs::exists(model_dir_ / "tokenizer.json"))
+    tokenizer_ = Tokenizer::load(tok_path);
+  DatasetOptions dopt;
+  dopt.format = parse_dataset_format(o_.dataset_format);
+  dopt.model_max_length =
+      o_.model_max_length > 0 ? o_.model_max_length : config_.max_position_embeddings;
+  dopt.train_on_inputs = o_.train_on_inputs;
+  dopt.packing = o_.packing;
+  dopt.chat_template = o_.chat_template;
+  train_data_ = load_dataset(o_.data_path, tokenizer_.get(), dopt, config_.vocab_size);
+  if (train_data_.rows.empty()) fail("--data_path '{}' has no usable rows", o_.data_path.string());
+  fmt::print("data: {} rows from {} ({} truncated to {} tokens, {} skipped)\n",
+             train_data_.rows.size(), o_.data_path.string(), train_data_.stats.rows_truncated,
+             dopt.model_max_length, train_data_.stats.rows_skipped);
+  if (!o_.eval_data_path.empty()) {
+    dopt.packing = false;
+    eval_data_ = load_dataset(o_.eval_data_path, tokenizer_.get(), dopt, config_.vocab_size);
+    if (eval_data_.rows.empty())
+      fail("--eval_data_path '{}' has no usable rows", o_.eval_data_path.string());
+    has_eval_ = true;
+    fmt::print("eval data: {} rows from {}\n", eval_data_.rows.size(), o_.eval_data_path.string());
+    if (eval_strategy_ == Strategy::kNo)
+      fmt::print(
+          "note: --eval_data_path is given but --evaluation_strategy is no; evaluating at "
+          "the end only\n");
+  }
+  const int64_t B = o_.per_device_train_batch_size, G = o_.gradient_accumulation_steps;
+  const int64_t rows = static_cast<int64_t>(train_data_.rows.size());
+  const int64_t micro_per_epoch = (rows + B - 1) / B;
+  steps_per_epoch_ = std::max<int64_t>(1, (micro_per_epoch + G - 1) / G);
+  total_steps_ = o_.max_steps > 0
+                     ? o_.max_steps
+                     : static_cast<int64_t>(std::ceil(o_.num_train_epochs * steps_per_epoch_));
+  if (total_steps_ < 1) fail("nothing to train: --max_steps and --num_train_epochs give 0 steps");
+  schedule_ = {parse_schedule(o_.lr_scheduler_type),
+               warmup_steps_for(o_.warmup_steps, o_.warmup_ratio, total_steps_), total_steps_};
+  position_.shuffle_seed = o_.seed;
+  position_.num_rows = rows;
+}
+
+// 3. Memory plan, allocation (once), weights.
+void Trainer::setup_model() {
+  CheckpointReader reader(model_dir_);
+  save_dtype_ = parse_save_dtype(o_.save_dtype, reader.stored_dtype());
+  RunSettings rs;
+  int64_t max_tokens = max_micro_batch_tokens(train_data_.rows, o_.per_device_train_batch_size);
+  if (has_eval_)
+    max_tokens = std::max(max_tokens,
+                          max_micro_batch_tokens(eval_data_.rows, o_.per_device_eval_batch_size));
+  settings_from_options(o_, config_, max_tokens, &rs);
+  rs.lora = lora_;
+  LlamaModel::plan(config_, rs, &plan_);
+  AdamW::plan(LlamaModel::trainable_numel(config_, rs), &plan_);
+  const ParamTable table(config_);
+  fmt::print("model: {} ({} layers, hidden {}, vocab {}), {:.2f}M parameters\n",
+             config_.architecture, config_.num_hidden_layers, config_.hidden_size,
+             config_.vocab_size, static_cast<double>(table.total_numel()) / 1e6);
+  fmt::print(
+      "settings: micro-batch up to {} tokens, mini-sequence MLP {} / LM head {} chunks, "
+      "checkpointing {}, offload {}, flash attention {}\n",
+      rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
+      rs.offload_checkpoints ? "on" : "off", rs.flash_attention ? "on" : "off");
+  if (lora_.enabled)
+    fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}\n",
+               lora_.r, lora_.alpha, lora_.scale(), lora_.dropout,
+               LoraTable(config_, lora_).total_numel(),
+               lora_.quantize_4bit ? ", base projections in NF4" : "",
+               lora_.train_embed || lora_.train_norm ? ", plus embed/norm tensors" : "");
+  fmt::print("{}\n", plan_.describe());
+  backend_ = make_backend(o_.device);
+  model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
+  if (lora_.enabled) {
+    load_base_weights(reader, *model_);
+    if (!o_.lora.adapter_name_or_path.empty()) {
+      load_adapter(o_.lora.adapter_name_or_path, *model_);
+    } else {
+      std::vector<float> init(model_->lora_table().total_numel());
+      init_lora_weights(model_->lora_table(), o_.seed, init.data());
+      backend_->copy_to_device(model_->lora_params(), init.data(), init.size() * 4);
+    }
+  } else {
+    load_weights(reader, model_->table(), model_->params());
+  }
+  optimizer_ = std::make_unique<AdamW>(model_->trainable(), *backend_, o_.optimizer);
+}
+
+// 4. Resume: weights, moments, schedule position, data position and log history.
+void Trainer::resume() {
+  const fs::path dir = resolve_checkpoint(o_.resume_from_checkpoint, o_.output_dir);
+  CheckpointState st =
+      load_checkpoint(dir, config_, *model_, *optimizer_);
+  if (st.position.num_rows != position_.num_rows)
+    fail(
+        "--resume_from_checkpoint '{}' was trained on {} rows but --data_path has {}; the data "
+        "position would not match",
+        dir.string(), st.position.num_rows, position_.num_rows);
+  if (st.step >= total_steps_)
+    fail(
+        "--resume_from_checkpoint '{}' is at step {}, and this run has {} steps in all; raise "
+        "--max_steps or --num_train_epochs to train further",
+        dir.string(), st.step, total_steps_);
+  if (st.position.shuffle_seed != o_.seed)
+    fmt::print(
+        "note: continuing with the checkpoint's shuffle seed {} (--seed {} applies to new "
+        "runs)\n",
+        st.position.shuffle_seed, o_.seed);
+  if (st.schedule.type != schedule_.type || st.schedule.warmup_steps != schedule_.warmup_steps)
+    fmt::print(
+        "note: the checkpoint was trained with --lr_scheduler_type {} (warmup {}); this run "
+        "continues with {} (warmup {}) as its flags say\n",
+        schedule_name(st.schedule.type), st.schedule.warmup_steps, schedule_name(schedule_.type),
+        schedule_.warmup_steps);
+  step_ = first_step_ = st.step;
+  position_ = st.position;
+  state_ = st.trainer_state;
+  last_checkpoint_ = dir;
+  last_saved_step_ = st.step;
+  fmt::print("resumed from {}: step {}, epoch {}, micro-batch {} of that epoch\n", dir.string(),
+             st.step, position_.epoch, position_.micro_batch_index);
+}
+
+void Trainer::open_sinks() {
+  fs::create_directories(o_.output_dir);
+  progress_ =
+      std::make_unique<Progress>(o_.disable_tqdm ? Progress::Mode::kLines : Progress::detect_mode(),
+                                 first_step_, total_steps_);
+  metrics_ = std::make_unique<MetricsJsonl>(o_.output_dir / "metrics.jsonl",
+                                            first_step_ > 0 ? first_step_ : -1);
+  for (const auto& r : parse_report_to(o_.report_to)) {
+    if (r == "tensorboard") {
+      const fs::path dir =
+          o_.logging_dir.empty() ? fs::path(default_logging_dir(o_.output_dir)) : o_.logging_dir;
+      auto tb = std::make_unique<TensorBoardWriter>(dir);
+      fmt::print("tensorboard: {}\n", tb->path().string());
+      sinks_.push_back(std::move(tb));
+    } else if (r == "mlflow") {
+      const char* uri = std::getenv("MLFLOW_TRACKING_URI");
+      if (!uri || !*uri)
+        fail(
+            "--report_to mlflow needs MLFLOW_TRACKING_URI=http://host:port of an MLflow "
+            "tracking server");
+      std::map<std::string, std::string> params = o_.flag_values;
+      if (params.empty()) params["output_dir"] = o_.output_dir.string();
+      const std::string name =
+          o_.run_name.empty() ? o_.output_dir.filename().string() : o_.run_name;
+      auto ml = std::make_unique<MlflowSink>(uri, name, params);
+      fmt::print("mlflow: run {} at {}\n", ml->run_id(), uri);
+      sinks_.push_back(std::move(ml));
+    }
+  }
+  state_.max_steps = total_steps_;
+  state_.logging_steps = o_.logging_steps;
+  state_.eval_steps = o_.eval_steps;
+  state_.save_steps = o_.save_steps;
+  state_.train_batch_size = o_.per_device_train_batch_size;
+  state_.num_train_epochs =
+      static_cast<int64_t>(std::ceil(static_cast<double>(total_steps_) / steps_per_epoch_));
+}
+
+double Trainer::epoch_float() const {
+  const int64_t G = o_.gradient_accumulation_steps;
+  const int64_t steps_in = (position_.micro_batch_index + G - 1) / G;
+  return position_.epoch + static_cast<double>(steps_in) / static_cast<double>(steps_per_epoch_);
+}
+
+std::vector<MicroBatch> Trainer::next_step_batches() {
+  if (epoch_batches_.empty())
+    epoch_batches_ = epoch_micro_batches(position_.num_rows, o_.per_device_train_batch_size,
+                                         position_.shuffle_seed, position_.epoch);
+  std::vector<MicroBatch> micro;
+  const size_t end =
+      std::min(epoch_batches_.size(),
+               static_cast<size_t>(position_.micro_batch_index + o_.gradient_accumulation_steps));
+  for (size_t j = position_.micro_batch_index; j < end; ++j) {
+    std::vector<const Example*> rows;
+    for (int64_t r : epoch_batches_[j]) rows.push_back(&train_data_.rows[r]);
+    rows_seen_ += static_cast<int64_t>(rows.size());
+    micro.push_back(make_micro_batch(rows));
+  }
+  position_.micro_batch_index = static_cast<int64_t>(end);
+  epoch_ended_ = end >= epoch_batches_.size();
+  if (epoch_ended_) {
+    ++position_.epoch;
+    position_.micro_batch_index = 0;
+    epoch_batches_.clear();
+  }
+  return micro;
+}
+
+void Trainer::emit(const LogRecord& r) {
+  progress_->log(r);
+  metrics_->log(r);
+  TrainerStateSink(&state_).log(r);  // HF logs the final metrics into log_history too
+  for (auto& s : sinks_) s->log(r);
+}
+
+void Trainer::log_train_window(double wall_time) {
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_window_).count();
+  LogRecord r;
+  r.kind = LogRecord::Kind::kTrain;
+  r.step = step_;
+  r.epoch = epoch_float();
+  r.wall_time = wall_time;
+  r.hf = {{"loss", window_loss_ / window_steps_},
+          {"grad_norm", last_.grad_norm},
+          {"learning_rate", last_.learning_rate}};
+  r.extra = {{"tokens_per_second", secs > 0 ? window_tokens_ / secs : 0.0},
+             {"memory_bytes", measured_peak_rss()}};
+  emit(r);
+  window_loss_ = 0;
+  window_steps_ = window_tokens_ = 0;
+  t_window_ = std::chrono::steady_clock::now();
+}
+
+void Trainer::evaluate() {
+  const EvalResult e = evaluate_loss(*model_, eval_data_.rows, o_.per_device_eval_batch_size);
+  LogRecord r;
+  r.kind = LogRecord::Kind::kEval;
+  r.step = step_;
+  r.epoch = epoch_float();
+  r.wall_time = unix_now();
+  const double steps = std::ceil(static_cast<double>(e.num_rows) / o_.per_device_eval_batch_size);
+  r.hf = {{"eval_loss", e.loss},
+          {"eval_runtime", std::round(e.runtime_s * 1e4) / 1e4},
+          {"eval_samples_per_second",
+           e.runtime_s > 0 ? std::round(e.num_rows / e.runtime_s * 1e3) / 1e3 : 0.0},
+          {"eval_steps_per_second",
+           e.runtime_s > 0 ? std::round(steps / e.runtime_s * 1e3) / 1e3 : 0.0}};
+  r.extra = {{"eval_perplexity", e.perplexity}, {"eval_tokens", e.num_targets}};
+  emit(r);
+  t_window_ = std::chrono::steady_clock::now();  // eval time is not training throughput
+}
+
+nlohmann::json Trainer::training_args() const {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [k, v] : o_.flag_values) j[k] = v;
+  j["output_dir"] = o_.output_dir.string();
+  j["model_name_or_path"] = o_.model_name_or_path.string();
+  j["data_path"] = o_.data_path.string();
+  return j;
+}
+
+void Trainer::save() {
+  state_.global_step = step_;
+  state_.epoch = epoch_float();
+  CheckpointState st{step_, state_, position_, schedule_};
+  last_checkpoint_ = save_checkpoint(o_.output_dir, st, config_, *model_,
+                                     *optimizer_, training_args(), model_dir_);
+  last_saved_step_ = step_;
+  std::string msg = fmt::format("saved {}", last_checkpoint_.string());
+  for (const auto& p : rotate_checkpoints(o_.output_dir, o_.save_total_limit))
+    msg += fmt::format(" (deleted {}: --save_total_limit {})", p.filename().string(),
+                       o_.save_total_limit);
+  progress_->note(msg);
+}
+
+void Trainer::finish(const std::string& status) {
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start_).count();
+  const int64_t steps = step_ - first_step_;
+  LogRecord r;
+  r.kind = LogRecord::Kind::kFinal;
+  r.step = step_;
+  r.epoch = epoch_float();
+  r.wall_time = unix_now();
+  r.hf = {{"train_runtime", std::round(secs * 1e4) / 1e4},
+          {"train_samples_per_second", secs > 0 ? std::round(rows_seen_ / secs * 1e3) / 1e3 : 0.0},
+          {"train_steps_per_second", secs > 0 ? std::round(steps / secs * 1e3) / 1e3 : 0.0},
+          {"total_flos", 0.0},
+          {"train_loss", steps > 0 ? total_loss_ / steps : 0.0}};
+  emit(r);
+  state_.global_step = step_;
+  state_.epoch = epoch_float();
+  state_.save(o_.output_dir / "trainer_state.json");
+  write_file_atomic(o_.output_dir / "training_plot.svg",
+                    plot_training_svg(metrics_->history(),
+                                      fmt::format("longtune train: {}", o_.output_dir.string())));
+  for (auto& s : sinks_) s->close(status);
+  progress_->close(status);
+}
+
+TrainOutcome Trainer::train() {
+  open_sinks();
+  fmt::print(
+      "training: {} steps ({} per epoch), batch {} x accumulation {}, lr {} ({}, warmup "
+      "{}){}\n",
+      total_steps_, steps_per_epoch_, o_.per_device_train_batch_size,
+      o_.gradient_accumulation_steps, o_.optimizer.learning_rate, schedule_name(schedule_.type),
+      schedule_.warmup_steps, first_step_ > 0 ? fmt::format(", from step {}", first_step_) : "");
+  std::fflush(stdout);
+  StopSignalGuard stop_guard;
+  t_window_ = std::chrono::steady_clock::now();
+  TrainOutcome out;
+  try {
+    while (step_ < total_steps_) {
+      const std::vector<MicroBatch> micro = next_step_batches();
+      last_ = train_step(*model_, *optimizer_, o_.optimizer, schedule_, micro, step_);
+      ++step_;
+      window_loss_ += last_.loss;
+      total_loss_ += last_.loss;
+      ++window_steps_;
+      window_tokens_ += last_.tokens;
+      state_.num_input_tokens_seen += last_.tokens;
+      const double secs =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t_window_).count();
+      progress_->update({step_, total_steps_, epoch_float(), last_.loss, last_.learning_rate,
+                         last_.grad_norm, secs > 0 ? window_tokens_ / secs : 0.0,
+                         measured_peak_rss()});
+      const bool last_step = step_ == total_steps_;
+      if (step_ % o_.logging_steps == 0 || last_step) log_train_window(unix_now());
+      if (has_eval_ && ((eval_strategy_ == Strategy::kSteps && step_ % o_.eval_steps == 0) ||
+                        (eval_strategy_ == Strategy::kEpoch && epoch_ended_) ||
+                        (eval_strategy_ == Strategy::kNo && last_step)))
+        evaluate();
+      // HF: save every save_steps, at the end of each epoch, and at the last step.
+      if ((save_strategy_ == Strategy::kSteps && (step_ % o_.save_steps == 0 || last_step)) ||
+          (save_strategy_ == Strategy::kEpoch && (epoch_ended_ || last_step)))
+        save();
+      if (const int sig = StopSignalGuard::requested(); sig && !last_step) {
+        if (last_saved_step_ != step_) save();
+        progress_->note(fmt::format(
+            "stopped by {} after step {}/{}; checkpoint {} is complete. To continue, run the "
+            "same command with --resume_from_checkpoint {} (or latest)",
+            sig == SIGINT ? "SIGINT" : "SIGTERM", step_, total_steps_, last_checkpoint_.string(),
+            last_checkpoint_.string()));
+        out.stopped_by_signal = true;
+        break;
+      }
+    }
+  } catch (...) {
+    for (auto& s : sinks_) s->close("FAILED");
+    progress_->close("FAILED");
+    throw;
+  }
+  if (out.stopped_by_signal) {
+    finish("KILLED");
+  } else {
+    finish("FINISHED");
+    if (lora_.enabled)  // the adapter only, in PEFT's format (longtune merge makes a full model)
+      save_adapter(o_.output_dir, *model_, o_.model_name_or_path.string());
+    else
+      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_, model_dir_);
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start_).count();
+    fmt::print("saved {} ({}) in {:.1f} s; planned {}, measured peak RSS {}\n",
+               o_.output_dir.string(), dtype_name(save_dtype_), secs,
+               format_bytes(plan_.total_bytes()), format_bytes(measured_peak_rss()));
+  }
+  out.step = step_;
+  out.last_checkpoint = last_checkpoint_;
+  return out;
+}
+
+}  // namespace lt

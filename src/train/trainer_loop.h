@@ -1,0 +1,96 @@
+// The `longtune train` job as a Trainer: validation and data, the memory plan, the step loop,
+// the log sinks (progress, metrics.jsonl, TensorBoard, MLflow, trainer_state.json, plot),
+// evaluation, checkpoints with resume, and a clean stop on SIGINT/SIGTERM.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "backend/backend.h"
+#include "data/dataset.h"
+#include "data/tokenizer.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "train/checkpoint.h"
+#include "train/logging/log_sink.h"
+#include "train/logging/metrics_jsonl.h"
+#include "train/logging/progress.h"
+#include "train/logging/trainer_state.h"
+#include "train/trainer.h"
+
+namespace lt {
+
+enum class Strategy { kNo, kSteps, kEpoch };
+
+// How a train() call ended.
+struct TrainOutcome {
+  bool stopped_by_signal = false;
+  int64_t step = 0;                       // global step reached
+  std::filesystem::path last_checkpoint;  // empty when none was written
+};
+
+class Trainer {
+ public:
+  // Validates every option and input, loads data and weights (and the checkpoint when
+  // resuming), plans and allocates memory. UserError before anything is written.
+  explicit Trainer(const TrainOptions& options);
+  ~Trainer();
+  TrainOutcome train();
+
+ private:
+  void validate();
+  void load_data();
+  void setup_model();
+  void resume();
+  void open_sinks();
+  std::vector<MicroBatch> next_step_batches();  // advances the data position
+  void log_train_window(double wall_time);
+  void evaluate();
+  void save();
+  void emit(const LogRecord& r);
+  void finish(const std::string& status);
+  double epoch_float() const;
+  nlohmann::json training_args() const;
+
+  TrainOptions o_;
+  std::filesystem::path model_dir_;
+  ModelConfig config_;
+  LoraSpec lora_;  // LoRA / QLoRA (disabled for full fine-tuning)
+  Strategy save_strategy_ = Strategy::kSteps, eval_strategy_ = Strategy::kNo;
+  DType save_dtype_ = DType::kF32;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  Dataset train_data_, eval_data_;
+  bool has_eval_ = false;
+
+  int64_t steps_per_epoch_ = 1, total_steps_ = 1;
+  ScheduleSettings schedule_;
+  MemoryPlan plan_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<AdamW> optimizer_;
+
+  // Position: global step and where the data stream stands.
+  int64_t step_ = 0, first_step_ = 0;
+  DataPosition position_;
+  std::vector<std::vector<int64_t>> epoch_batches_;  // of position_.epoch
+  bool epoch_ended_ = false;                         // the last step finished an epoch
+
+  // Logging.
+  TrainerState state_;
+  std::unique_ptr<Progress> progress_;
+  std::unique_ptr<MetricsJsonl> metrics_;
+  std::vector<std::unique_ptr<LogSink>> sinks_;  // TensorBoard, MLflow
+  double window_loss_ = 0;
+  int64_t window_steps_ = 0, window_tokens_ = 0;
+  StepResult last_;
+  double total_loss_ = 0;  // over the steps of this call (train_loss)
+  int64_t rows_seen_ = 0;
+  std::chrono::steady_clock::time_point t_start_, t_window_;
+  std::filesystem::path last_checkpoint_;
+  int64_t last_saved_step_ = -1;
+};
+
+}  // namespace lt
