@@ -18,6 +18,8 @@ void print_usage() {
       "commands:\n"
       "  train       fine-tune a Hugging Face model (longtune train --help)\n"
       "  init        create a randomly initialised model folder of a named shape\n"
+      "  generate    generate text from a model folder (longtune generate --help)\n"
+      "  convert     convert a checkpoint to a model folder (longtune convert llama2c --help)\n"
       "  --version   print the version and the backends that were built\n",
       stdout);
 }
@@ -50,7 +52,9 @@ int cli_main(int argc, char** argv, const char* version) {
       std::string_view name;
       int (*run)(int, char**);
     };
-    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init}};
+    static constexpr Command kCommands[] = {{"train", cmd_train}, {"init", cmd_init},
+                                             {"generate", cmd_generate},
+                                             {"convert", cmd_convert}};
     for (const auto& c : kCommands)
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);

@@ -9,5 +9,7 @@ int cli_main(int argc, char** argv, const char* version);
 // Subcommands: argv[0] is the subcommand name.
 int cmd_train(int argc, char** argv);
 int cmd_init(int argc, char** argv);
+int cmd_generate(int argc, char** argv);
+int cmd_convert(int argc, char** argv);
 
 }  // namespace lt
