@@ -19,9 +19,10 @@ CLI::Option* add_bool_flag(CLI::App& app, const std::string& name, bool* target,
         else if (s == "false" || s == "0" || s == "no" || s == "off") *target = false;
         else fail("{}: '{}' is not a boolean; use True or False", name, v);
       },
-      help);
-  // A bare flag (no value) means True.
-  opt->expected(0, 1)->default_str(*target ? "True" : "False");
+      help + (*target ? " (default True)" : " (default False)"));
+  // A bare flag (no value) means True. No default_str: CLI11 hands an option's default_str to
+  // the callback when the flag comes without a value, which would turn a bare flag into False.
+  opt->expected(0, 1);
   return opt;
 }
 
