@@ -8,6 +8,7 @@
 #include <random>
 
 #include "backend/backend.h"
+#include "core/error.h"
 #include "data/tokenizer.h"
 #include "io/safetensors.h"
 #include "model/generate.h"
@@ -243,6 +244,23 @@ TEST(TextStreamer, PiecesAddUpToTheDecodedText) {
   EXPECT_EQ(prompt_text + streamed, whole);
   EXPECT_EQ(streamed, text);
   EXPECT_GT(multi_token_chars, 0) << "no byte-fallback character was split over tokens";
+}
+
+// --chat: one user message in the template with the generation prompt (Llama-2's format).
+TEST(ChatPrompt, RendersOneUserTurnWithGenerationPrompt) {
+  const fs::path dir = fs::path(LT_SOURCE_DIR) / "../shared/data/tokenizers/llama2";
+  ASSERT_TRUE(fs::exists(dir / "tokenizer.json")) << "needs the shared data folder: " << dir;
+  auto tok = Tokenizer::load(dir);
+  EXPECT_EQ(render_chat_prompt(*tok, "llama2", "Hi there"), "<s>[INST] Hi there [/INST]");
+  const auto ids = chat_prompt_ids(*tok, "llama2", "Hi there");
+  ASSERT_FALSE(ids.empty());
+  EXPECT_EQ(ids[0], 1);  // BOS from the template, not added twice
+  EXPECT_NE(ids[1], 1);
+  // The built-in chatml template adds Qwen2's default system turn first.
+  const std::string chatml = render_chat_prompt(*tok, "chatml", "Hi");
+  const std::string tail = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+  ASSERT_GE(chatml.size(), tail.size());
+  EXPECT_EQ(chatml.substr(chatml.size() - tail.size()), tail);
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "core/error.h"
-#include "data/chat_template.h"
 #include "data/tokenizer.h"
 #include "io/safetensors.h"
 #include "model/generate.h"
@@ -57,7 +56,7 @@ void add_eos_ids(const nlohmann::json& j, std::vector<int32_t>* out) {
 
 int cmd_generate(int argc, char** argv) {
   CLI::App app{"Generate text from a Hugging Face model folder", "longtune generate"};
-  std::string model_dir, adapter, prompt, prompt_ids_text;
+  std::string model_dir, adapter, prompt, prompt_ids_text, chat_template;
   GenerateOptions g;
   bool chat = false, output_ids = false;
   app.add_option("--model_name_or_path", model_dir, "Hugging Face model folder")->required();
@@ -66,6 +65,8 @@ int cmd_generate(int argc, char** argv) {
   auto* ids_opt = app.add_option("--prompt_ids", prompt_ids_text, "prompt as token ids: 1,2,3");
   p_opt->excludes(ids_opt);
   add_bool_flag(app, "--chat", &chat, "wrap the prompt as one user message in the chat template");
+  app.add_option("--chat_template", chat_template,
+                 "with --chat: built-in template name or a file (default: the tokenizer's)");
   app.add_option("--max_new_tokens", g.max_new_tokens, "most tokens to generate")
       ->check(CLI::PositiveNumber);
   app.add_option("--temperature", g.sampling.temperature, "0 = greedy")
@@ -105,14 +106,7 @@ int cmd_generate(int argc, char** argv) {
   if (!prompt_ids_text.empty()) {
     ids = parse_prompt_ids(prompt_ids_text, config.vocab_size);
   } else if (chat) {
-    const jinja::Template tmpl(resolve_chat_template("", tok.get()));
-    const jinja::Value messages = jinja::Value::array({{{"role", "user"}, {"content", prompt}}});
-    ChatRenderInput in;
-    in.messages = &messages;
-    in.add_generation_prompt = true;
-    in.bos_token = tok->bos_token();
-    in.eos_token = tok->eos_token();
-    ids = tok->encode(render_chat(tmpl, in), false);  // the template holds the special tokens
+    ids = chat_prompt_ids(*tok, chat_template, prompt);
   } else {
     ids = tok->encode(prompt, true);
   }

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "core/check.h"
+#include "data/chat_template.h"
 #include "data/tokenizer.h"
 #include "ops/embedding.h"
 #include "ops/linear.h"
@@ -168,6 +169,24 @@ std::vector<int32_t> generate(IncrementalDecoder& decoder, const std::vector<int
     if (i + 1 < options.max_new_tokens) decoder.step(&id, 1, logits.data(), LogitsFor::kLast);
   }
   return out;
+}
+
+std::string render_chat_prompt(const Tokenizer& tokenizer, const std::string& template_option,
+                               const std::string& message) {
+  const jinja::Template tmpl(resolve_chat_template(template_option, &tokenizer));
+  const jinja::Value messages = jinja::Value::array({{{"role", "user"}, {"content", message}}});
+  ChatRenderInput in;
+  in.messages = &messages;
+  in.add_generation_prompt = true;
+  in.bos_token = tokenizer.bos_token();
+  in.eos_token = tokenizer.eos_token();
+  return render_chat(tmpl, in);
+}
+
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tokenizer,
+                                     const std::string& template_option,
+                                     const std::string& message) {
+  return tokenizer.encode(render_chat_prompt(tokenizer, template_option, message), false);
 }
 
 TextStreamer::TextStreamer(const Tokenizer& tokenizer, const std::vector<int32_t>& prompt)

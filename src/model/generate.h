@@ -82,6 +82,16 @@ std::vector<int32_t> generate(IncrementalDecoder& decoder, const std::vector<int
                               const GenerateOptions& options,
                               const std::function<void(int32_t)>& on_token = {});
 
+// The prompt of a one-message chat: `message` as the user turn, rendered with the chat template
+// (template_option as --chat_template: "" = the tokenizer's, a built-in name or a file) with
+// add_generation_prompt, as transformers' apply_chat_template. The text, and its ids encoded
+// without adding special tokens (the template writes them).
+std::string render_chat_prompt(const Tokenizer& tokenizer, const std::string& template_option,
+                               const std::string& message);
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tokenizer,
+                                     const std::string& template_option,
+                                     const std::string& message);
+
 // Turns a growing list of ids into text pieces as they become final (as text-generation-
 // inference does): decodes a few tokens of left context plus the new ones and emits the new
 // suffix once it does not end in an incomplete UTF-8 character (U+FFFD). Keeps SentencePiece
