@@ -23,6 +23,8 @@ void print_usage() {
       "  init        create a randomly initialised model folder of a named shape\n"
       "  merge       merge a LoRA adapter into its base model (longtune merge --help)\n"
       "  eval        evaluation loss and perplexity of a model on a data set\n"
+      "  generate    generate text from a model folder (longtune generate --help)\n"
+      "  convert     convert a checkpoint to a model folder (longtune convert llama2c --help)\n"
       "  --version   print the version and the backends that were built\n",
       stdout);
 }
@@ -56,8 +58,9 @@ int cli_main(int argc, char** argv, const char* version) {
       int (*run)(int, char**);
     };
     static constexpr Command kCommands[] = {
-        {"train", cmd_train}, {"init", cmd_init},         {"plan", cmd_plan},
-        {"tokenize", cmd_tokenize}, {"merge", cmd_merge}, {"eval", cmd_eval}};
+        {"train", cmd_train},       {"init", cmd_init},   {"plan", cmd_plan},
+        {"tokenize", cmd_tokenize}, {"merge", cmd_merge}, {"eval", cmd_eval},
+        {"generate", cmd_generate}, {"convert", cmd_convert}};
     for (const auto& c : kCommands)
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);

@@ -12,5 +12,7 @@ int cmd_init(int argc, char** argv);
 int cmd_plan(int argc, char** argv);
 int cmd_merge(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
+int cmd_generate(int argc, char** argv);
+int cmd_convert(int argc, char** argv);
 
 }  // namespace lt
