@@ -15,8 +15,36 @@ namespace lt {
 
 enum class OpKind {
   kEmbedding, kRmsNorm, kLinear, kRope, kSwiGlu, kAttention, kLmHeadCrossEntropy, kAdamW,
-  kSumSquares, kScale, kAdd
+  kSumSquares, kScale, kAdd, kNf4Dequantize
 };
+
+// NF4 weight, double-quantized as bitsandbytes stores it (QLoRA, arXiv 2305.14314), in this
+// backend's memory. Element i of the flattened (OUT,IN) weight:
+//   nibble = i even ? codes[i/2] >> 4 : codes[i/2] & 15     (high nibble first, as bitsandbytes)
+//   absmax = absmax_table[absmax_codes[i/64]] * absmax_scale[i/(64*256)] + absmax_offset
+//   w[i]   = kNf4Values[nibble] * absmax                     (f32, rounding after each op)
+// (lead: align with src/ops/nf4.h once the LoRA branch lands; this layout is what the CUDA
+// kernel and the CPU implementation in cpu_backend.cpp assume.)
+struct Nf4Weight {
+  const uint8_t* codes = nullptr;         // (n/2) packed 4-bit codes; n even
+  const uint8_t* absmax_codes = nullptr;  // (ceil(n/64)) 8-bit code of each 64-block absmax
+  const float* absmax_table = nullptr;    // (256) the code's values (bitsandbytes dynamic map)
+  const float* absmax_scale = nullptr;    // (ceil(n/(64*256))) scale of each 256-block group
+  float absmax_offset = 0;                // mean subtracted before quantizing the absmax
+  int64_t n = 0;                          // elements
+};
+inline constexpr int64_t kNf4Block = 64, kNf4AbsmaxBlock = 256;
+// The 16 NF4 levels (normal-float quantiles, bitsandbytes' NF4 table).
+inline constexpr float kNf4Values[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// Precision of the CUDA backend's linear-layer GEMMs. kF32 keeps the Backend contract (f32
+// inputs, f32 products, f32 accumulation); kBf16 rounds both GEMM inputs to bf16 and
+// accumulates in f32 (tensor-core speed, about 3 significant digits per product).
+enum class GemmPrecision { kF32, kBf16 };
 
 class Backend {
  public:
@@ -31,6 +59,20 @@ class Backend {
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void memset_zero(void* p, size_t bytes) = 0;
   virtual void synchronize() = 0;
+
+  // Pinned (page-locked) host memory for asynchronous transfers (CPU: ordinary memory).
+  virtual void* alloc_pinned(size_t bytes) = 0;
+  virtual void free_pinned(void* p) = 0;
+  // Asynchronous transfers for activation offload and prefetch, on the backend's copy stream:
+  // each starts after all compute work issued before it and overlaps with compute issued after.
+  // host buffers must be pinned. CPU: plain synchronous copies.
+  virtual void copy_to_host_async(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy_to_device_async(void* dst, const void* host_src, size_t bytes) = 0;
+  // Compute issued after this call waits for every copy issued before it (use a prefetched
+  // buffer). CPU: nothing to do.
+  virtual void wait_copies() = 0;
+  // The host waits for every copy issued so far (read or reuse an offload buffer).
+  virtual void synchronize_copies() = 0;
 
   virtual void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N,
                                  int64_t D) = 0;
@@ -70,12 +112,15 @@ class Backend {
   virtual void scale_inplace(float* x, int64_t n, float s) = 0;
   // y (n) += x (n)
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;
+  // out (w.n) = the dequantized NF4 weight (overwritten).
+  virtual void nf4_dequantize(float* out, const Nf4Weight& w) = 0;
 };
 
 // The CPU backend (reference; BLAS + OpenMP).
 std::unique_ptr<Backend> make_cpu_backend();
-// The CUDA backend, or null when it was not built or no GPU is present (reason set).
-std::unique_ptr<Backend> make_cuda_backend(std::string* reason);
+// The CUDA backend on device 0, or null when it was not built or no GPU is present (reason set).
+std::unique_ptr<Backend> make_cuda_backend(std::string* reason,
+                                           GemmPrecision gemm = GemmPrecision::kF32);
 // "cpu" or "cuda"; UserError for an unknown or unavailable device.
 std::unique_ptr<Backend> make_backend(std::string_view device);
 

@@ -15,6 +15,14 @@
 namespace lt {
 namespace {
 
+// code * scale, then + offset, each rounded (as bitsandbytes: dequantize, then absmax += offset):
+// no fused multiply-add, so the CUDA kernel (__fmul_rn, __fadd_rn) gives the same bits.
+__attribute__((optimize("fp-contract=off"))) float nf4_absmax(float code, float scale,
+                                                               float offset) {
+  const float product = code * scale;
+  return product + offset;
+}
+
 class CpuBackend final : public Backend {
  public:
   std::string_view name() const override { return "cpu"; }
@@ -29,6 +37,12 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
   void memset_zero(void* p, size_t n) override { std::memset(p, 0, n); }
   void synchronize() override {}
+  void* alloc_pinned(size_t bytes) override { return alloc(bytes); }
+  void free_pinned(void* p) override { free(p); }
+  void copy_to_host_async(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
+  void copy_to_device_async(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
+  void wait_copies() override {}
+  void synchronize_copies() override {}
 
   void embedding_forward(float* out, const int32_t* ids, const float* w, int64_t N,
                          int64_t D) override {
@@ -99,6 +113,18 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) y[i] += x[i];
   }
+  void nf4_dequantize(float* out, const Nf4Weight& w) override {
+    LT_CHECK(w.n % 2 == 0, "nf4_dequantize: n={} must be even", w.n);
+#pragma omp parallel for schedule(static) if (w.n > (1 << 16))
+    for (int64_t i = 0; i < w.n; ++i) {
+      const uint8_t byte = w.codes[i / 2];
+      const int nibble = (i % 2 == 0) ? byte >> 4 : byte & 15;
+      const float absmax = nf4_absmax(w.absmax_table[w.absmax_codes[i / kNf4Block]],
+                                      w.absmax_scale[i / (kNf4Block * kNf4AbsmaxBlock)],
+                                      w.absmax_offset);
+      out[i] = kNf4Values[nibble] * absmax;
+    }
+  }
 };
 
 }  // namespace
@@ -106,7 +132,7 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
 #ifndef LONGTUNE_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(std::string* reason) {
+std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision) {
   if (reason) *reason = "this longtune was built without the CUDA backend";
   return nullptr;
 }
