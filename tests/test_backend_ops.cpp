@@ -77,9 +77,9 @@ class DeviceBuffer {
         break;
       }
     }
-    std::vector<T> out(size_t(n_));
-    if (n_) std::memcpy(out.data(), img.data() + kGuardBytes, bytes());
-    return out;
+    std::vector<T> data(static_cast<size_t>(n_));
+    if (n_) std::memcpy(data.data(), img.data() + kGuardBytes, bytes());
+    return data;
   }
 
  private:

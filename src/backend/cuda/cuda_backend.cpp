@@ -3,6 +3,7 @@
 // launchers in kernels.h. make_cuda_backend is the one place the backend is created.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,26 +17,28 @@
 namespace lt {
 namespace cuda {
 
-Scratch::~Scratch() {
-  if (ptr_) {
-    // The owner (CudaBackend) synchronizes before destroying its scratch; errors here are
-    // ignored on purpose (the context may already be tearing down at exit).
-    (void)cudaFreeAsync(ptr_, stream_);
-  }
+Scratch::~Scratch() { release(); }
+
+void Scratch::release() {
+  // Teardown path: an error here (e.g. the context is already gone at exit) is not fatal.
+  if (ptr_) (void)cudaFreeAsync(ptr_, stream_);
+  ptr_ = nullptr;
+  bytes_ = 0;
 }
 
 void* Scratch::get(size_t bytes, cudaStream_t stream) {
   bytes = (bytes + 255) / 256 * 256;
   if (bytes <= bytes_ && stream == stream_) return ptr_;
+  // Grow by 1.5x at least, so that slowly rising sizes do not reallocate every call.
+  const size_t want = std::max(bytes, bytes_ + bytes_ / 2);
   if (ptr_) LT_CUDA_CHECK(cudaFreeAsync(ptr_, stream_));
   ptr_ = nullptr;
   bytes_ = 0;
   stream_ = stream;
-  // Grow by 1.5x at least, so that slowly rising sizes do not reallocate every call.
-  const size_t want = std::max(bytes, bytes_ + bytes_ / 2);
   const cudaError_t err = cudaMallocAsync(&ptr_, want, stream);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
+    ptr_ = nullptr;
     fail("out of GPU memory: the CUDA backend's scratch needs {} bytes ({})", want,
          cudaGetErrorString(err));
   }
@@ -74,11 +77,8 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     // Errors are not fatal during teardown; each handle is released once.
     (void)cudaStreamSynchronize(copy_);
-    (void)cudaStreamSynchronize(compute_);
-    scratch_.~Scratch();
-    new (&scratch_) cuda::Scratch();
-    gemm_scratch_.~Scratch();
-    new (&gemm_scratch_) cuda::Scratch();
+    scratch_.release();
+    gemm_scratch_.release();
     (void)cudaStreamSynchronize(compute_);
     (void)cublasDestroy(cublas_);
     (void)cudaEventDestroy(compute_done_);

@@ -23,6 +23,8 @@ class Scratch {
   ~Scratch();
   // At least `bytes` bytes, 256-byte aligned, valid for work enqueued on `stream` from now on.
   void* get(size_t bytes, cudaStream_t stream);
+  // Frees the memory (stream-ordered); the owner calls it before destroying its stream.
+  void release();
 
  private:
   void* ptr_ = nullptr;
