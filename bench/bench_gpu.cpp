@@ -127,8 +127,8 @@ int run(int argc, char** argv) {
           *dup = m.f32(T * F), *dnorm = m.f32(T * D), *dres = m.f32(T * D), *datt = m.f32(T * QD);
     float* dq = m.f32(T * QD), *dk = m.f32(T * KVD), *dv = m.f32(T * KVD);
     const int64_t half = s.HD / 2;
-    std::vector<int32_t> pos(size_t(T)), docs(size_t(T), 0), targets(size_t(T));
-    std::vector<float> inv_freq(size_t(half));
+    std::vector<int32_t> pos(static_cast<size_t>(T)), targets(static_cast<size_t>(T));
+    std::vector<float> inv_freq(static_cast<size_t>(half));
     for (int64_t i = 0; i < T; ++i) pos[i] = int32_t(i), targets[i] = int32_t((i * 7919) % V);
     for (int64_t i = 0; i < half; ++i) inv_freq[i] = float(std::pow(500000.0, -2.0 * i / s.HD));
     int32_t* d_pos = m.i32(pos);
