@@ -20,6 +20,11 @@ enum class OpKind {
   kSumSquares, kScale, kAdd, kLora, kNf4Dequantize
 };
 
+// Precision of the CUDA backend's linear-layer GEMMs. kF32 keeps the Backend contract (f32
+// inputs, f32 products, f32 accumulation); kBf16 rounds both GEMM inputs to bf16 and
+// accumulates in f32 (tensor-core speed, about 3 significant digits per product).
+enum class GemmPrecision { kF32, kBf16 };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -33,6 +38,20 @@ class Backend {
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void memset_zero(void* p, size_t bytes) = 0;
   virtual void synchronize() = 0;
+
+  // Pinned (page-locked) host memory for asynchronous transfers (CPU: ordinary memory).
+  virtual void* alloc_pinned(size_t bytes) = 0;
+  virtual void free_pinned(void* p) = 0;
+  // Asynchronous transfers for activation offload and prefetch, on the backend's copy stream:
+  // each starts after all compute work issued before it and overlaps with compute issued after.
+  // host buffers must be pinned. CPU: plain synchronous copies.
+  virtual void copy_to_host_async(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy_to_device_async(void* dst, const void* host_src, size_t bytes) = 0;
+  // Compute issued after this call waits for every copy issued before it (use a prefetched
+  // buffer). CPU: nothing to do.
+  virtual void wait_copies() = 0;
+  // The host waits for every copy issued so far (read or reuse an offload buffer).
+  virtual void synchronize_copies() = 0;
 
   virtual void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N,
                                  int64_t D) = 0;
@@ -94,8 +113,9 @@ class Backend {
 
 // The CPU backend (reference; BLAS + OpenMP).
 std::unique_ptr<Backend> make_cpu_backend();
-// The CUDA backend, or null when it was not built or no GPU is present (reason set).
-std::unique_ptr<Backend> make_cuda_backend(std::string* reason);
+// The CUDA backend on device 0, or null when it was not built or no GPU is present (reason set).
+std::unique_ptr<Backend> make_cuda_backend(std::string* reason,
+                                           GemmPrecision gemm = GemmPrecision::kF32);
 // "cpu" or "cuda"; UserError for an unknown or unavailable device.
 std::unique_ptr<Backend> make_backend(std::string_view device);
 

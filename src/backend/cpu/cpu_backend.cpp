@@ -31,6 +31,12 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
   void memset_zero(void* p, size_t n) override { std::memset(p, 0, n); }
   void synchronize() override {}
+  void* alloc_pinned(size_t bytes) override { return alloc(bytes); }
+  void free_pinned(void* p) override { free(p); }
+  void copy_to_host_async(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
+  void copy_to_device_async(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
+  void wait_copies() override {}
+  void synchronize_copies() override {}
 
   void embedding_forward(float* out, const int32_t* ids, const float* w, int64_t N,
                          int64_t D) override {
@@ -122,7 +128,7 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
 #ifndef LONGTUNE_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(std::string* reason) {
+std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision) {
   if (reason) *reason = "this longtune was built without the CUDA backend";
   return nullptr;
 }

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# One-call check of the CUDA backend on a bare GPU machine (CUDA toolkit, PyTorch, transformers,
+# PEFT; no network). Everything goes under OUT_DIR: a log per step and summary.txt, which says
+# for every step whether it passed, failed or was skipped and why. Budget: about 8 minutes.
+#   scripts/gpu-check.sh OUT_DIR
+set -u
+OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+BUILD=$ROOT/build-gpu
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+START=$(date +%s)
+JOBS=$(nproc)
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+# step NAME SECONDS CMD...: runs CMD with a time limit, its output in OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then note "PASS  $name (${dt}s)"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then note "FAIL  $name: timed out after ${limit}s"
+  else note "FAIL  $name: exit $rc (${dt}s), see $name.log"; fi
+  return $rc
+}
+
+note "gpu-check $(date -u +%FT%TZ) at $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+NVCC=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+if ! nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1; then
+  note "SKIP  everything: nvidia-smi failed (no GPU or no driver), see nvidia-smi.txt"
+  exit 1
+fi
+GPU=$(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader | head -1)
+note "gpu: $GPU"
+CAP=$(echo "$GPU" | awk -F', ' '{gsub(/\./,"",$2); print $2}')
+case "$GPU" in
+  *H100*|*H200*|*H800*) PEAK=989 ;;
+  *A100*|*A800*) PEAK=312 ;;
+  *L40S*) PEAK=362 ;;
+  *) PEAK=0 ;;
+esac
+
+# 1. Build for this GPU only (faster than the default 80;90).
+if ! step build-configure 120 cmake -S . -B "$BUILD" -G Ninja -DLONGTUNE_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="${CAP:-90}" -DLONGTUNE_MARCH=native; then
+  note "SKIP  all later steps: configure failed"; exit 1
+fi
+if ! step build 300 ninja -C "$BUILD" -j"$JOBS"; then
+  note "SKIP  all later steps: build failed"; exit 1
+fi
+"$BUILD/longtune" --version > "$OUT/version.txt" 2>&1
+
+# 2. Conformance suite on the GPU, then the whole suite.
+step ctest-gpu 120 ctest --test-dir "$BUILD" -L gpu --output-on-failure
+grep -E "Skipped|SKIPPED|no CUDA device" "$OUT/ctest-gpu.log" | head -5 >> "$SUMMARY"
+step ctest-all 240 ctest --test-dir "$BUILD" -j8 --output-on-failure --timeout 200
+
+# 3. compute-sanitizer (memcheck, racecheck on the attention kernels) on small cases.
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$SAN" ]; then
+  step sanitizer-memcheck 150 "$SAN" --tool memcheck --error-exitcode 9 \
+    "$BUILD/test_backend_ops" --gtest_filter='*SwiGlu/cuda:*Linear/cuda:*LmHeadCrossEntropy/cuda:*Attention/cuda:*RmsNorm/cuda:*Nf4*/cuda'
+  step sanitizer-racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 \
+    "$BUILD/test_backend_ops" --gtest_filter='*Attention/cuda'
+else
+  note "SKIP  compute-sanitizer: not found"
+fi
+
+# 4. The same tiny training run on GPU and on CPU: losses line by line.
+DATA=""
+for d in "$ROOT/../shared/data" "$ROOT/shared/data"; do [ -d "$d" ] && DATA=$d && break; done
+if [ -z "$DATA" ]; then
+  note "SKIP  train-compare: no shared/data folder beside or inside the checkout"
+else
+  TMP=$OUT/train
+  rm -rf "$TMP" && mkdir -p "$TMP"
+  TOK=$DATA/tokenizers/llama2
+  step train-init 60 "$BUILD/longtune" init --preset tiny --vocab_size 32000 --seed 1 \
+    --output_dir "$TMP/model"
+  for dev in cpu cuda; do
+    step "train-$dev" 150 "$BUILD/longtune" train --model_name_or_path "$TMP/model" \
+      --tokenizer "$TOK" --data_path "$DATA/instructions/llamafactory_alpaca_en_demo.json" \
+      --output_dir "$TMP/out-$dev" --max_steps 8 --logging_steps 1 --learning_rate 1e-3 \
+      --per_device_train_batch_size 2 --model_max_length 256 --seed 1 --device "$dev"
+  done
+  if [ -s "$OUT/train-cpu.log" ] && [ -s "$OUT/train-cuda.log" ]; then
+    python3 - "$OUT/train-cpu.log" "$OUT/train-cuda.log" > "$OUT/train-compare.log" 2>&1 <<'PY'
+import re, sys
+def losses(path):
+    return [float(m.group(1)) for m in re.finditer(r"loss ([0-9.eE+-]+|nan|inf)", open(path).read())]
+cpu, gpu = losses(sys.argv[1]), losses(sys.argv[2])
+print("step  cpu  cuda  rel_diff")
+bad = len(cpu) == 0 or len(cpu) != len(gpu)
+for i, (a, b) in enumerate(zip(cpu, gpu)):
+    rel = abs(a - b) / max(abs(a), 1e-12)
+    # bf16 attention on the GPU: losses agree to about 1e-2 relative after a few steps.
+    ok = rel <= 2e-2
+    bad |= not ok
+    print(f"{i+1:4d} {a:.5f} {b:.5f} {rel:.2e} {'ok' if ok else 'MISMATCH'}")
+print(f"{len(cpu)} cpu lines, {len(gpu)} cuda lines")
+sys.exit(1 if bad else 0)
+PY
+    if [ $? -eq 0 ]; then note "PASS  train-compare (losses within 2e-2 relative)"
+    else note "FAIL  train-compare: see train-compare.log"; fi
+  else
+    note "SKIP  train-compare: a training log is empty"
+  fi
+fi
+
+# 5. Benchmarks (validated before timing), if time is left.
+ELAPSED=$(( $(date +%s) - START ))
+if [ $ELAPSED -gt 420 ]; then
+  note "SKIP  benchmarks: ${ELAPSED}s already spent of the ~8 minute budget"
+else
+  if [ "$PEAK" = 0 ]; then note "note: unknown GPU peak; MFU printed against 989 TFLOP/s"; PEAK=989; fi
+  step bench-gpu-bf16 150 "$BUILD/bench_gpu" --precision bf16 --peak_tflops "$PEAK" \
+    --tokens 4096,16384,32768
+  step bench-hf-peft 240 python3 bench/hf_peft_bench.py --peak_tflops "$PEAK" \
+    --tokens 4096,16384,32768
+  cat "$OUT/bench-gpu-bf16.log" "$OUT/bench-hf-peft.log" >> "$OUT/benchmarks.txt" 2>/dev/null
+fi
+note "total $(( $(date +%s) - START ))s"
+grep -q '^FAIL' "$SUMMARY" && exit 1
+exit 0

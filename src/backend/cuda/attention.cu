@@ -1,0 +1,524 @@
+// CUDA flash attention forward and backward (FlashAttention-2, Dao 2023, arXiv 2307.08691) on
+// tensor cores: mma.sync m16n8k16 with bf16 operands and f32 accumulation; softmax statistics
+// (running max, running sum, log-sum-exp) in f32. Causal, grouped-query, sliding window and
+// packed documents, the contract of src/ops/attention.h. Inputs are f32; tiles are rounded to
+// bf16 when they are staged in shared memory (head dim zero-padded to 32, 64 or 128).
+//
+// Forward: one block of 4 warps per (query tile of 64 rows, b, h); each warp owns 16 query rows
+// and keeps their Q fragments, the output accumulator and (m, l) in registers while it streams
+// the visible 64-key tiles (K row-major and V transposed in shared memory). Key tiles that no
+// query of the tile can see (causal, window, or disjoint document ranges) are skipped whole.
+//
+// Backward: one block per (key tile of 64, b, kv head); each warp owns 16 keys and accumulates
+// their dK and dV in registers over every query head of the group and every query tile that
+// sees the key tile, recomputing P = exp(S * scale - lse) from the saved lse. dK and dV rows
+// have one owner (written once, overwritten); dQ rows receive contributions from many key tiles
+// and are accumulated with f32 atomicAdd into dq (zeroed first): their summation order, hence
+// the last bits of dq, is not deterministic.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/kernels.h"
+
+namespace lt::cuda {
+namespace {
+
+constexpr int kTileQ = 64;   // query rows per tile (4 warps x 16)
+constexpr int kTileK = 64;   // keys per tile
+constexpr int kThreads = 128;
+constexpr int kPad = 8;      // bf16 padding per shared-memory row: 16 bytes, conflict-free frags
+
+struct FlashParams {
+  const float* q;        // (B,T,H,HD)
+  const float* k;        // (B,T,KVH,HD)
+  const float* v;        // (B,T,KVH,HD)
+  const float* out;      // (B,T,H,HD)   backward only
+  const float* dout;     // (B,T,H,HD)   backward only
+  const float* lse;      // (B,H,T)      backward only (forward writes lse_out)
+  const float* dvec;     // (B,H,T) rowsum(dO * O), backward only
+  const int32_t* doc;    // (B,T) or null
+  float* o_out;          // (B,T,H,HD)   forward output
+  float* lse_out;        // (B,H,T)      forward output
+  float* dq;             // (B,T,H,HD)   backward: += (atomics; zeroed by the launcher)
+  float* dk;             // (B,T,KVH,HD) backward: overwritten
+  float* dv;             // (B,T,KVH,HD) backward: overwritten
+  int64_t B, T, H, KVH, HD, window;
+  float scale;
+};
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo: the lower column
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// c (16x8 f32) += a (16x16 bf16, row-major fragment) * b (16x8 bf16, column-major fragment).
+// Fragment layouts (PTX ISA, mma.m16n8k16): with g = lane / 4, t = lane % 4,
+//   a0: (g, 2t..2t+1)  a1: (g+8, 2t..)  a2: (g, 2t+8..)  a3: (g+8, 2t+8..)
+//   b0: (k 2t..2t+1, n g)  b1: (k 2t+8.., n g)
+//   c0,c1: (g, 2t..2t+1)  c2,c3: (g+8, 2t..2t+1)
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragment of rows [r0, r0+16) and columns [c0, c0+16) of a row-major bf16 tile.
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const __nv_bfloat16* tile,
+                                            int stride, int r0, int c0, int g, int t) {
+  a[0] = lds32(tile + (r0 + g) * stride + c0 + 2 * t);
+  a[1] = lds32(tile + (r0 + g + 8) * stride + c0 + 2 * t);
+  a[2] = lds32(tile + (r0 + g) * stride + c0 + 2 * t + 8);
+  a[3] = lds32(tile + (r0 + g + 8) * stride + c0 + 2 * t + 8);
+}
+
+// Key j is visible from query i (both < T) under the mask of AttentionShape.
+__device__ __forceinline__ bool visible(int64_t i, int64_t j, int64_t window, int32_t doc_i,
+                                        int32_t doc_j) {
+  return j <= i && (window <= 0 || i - j < window) && doc_i == doc_j;
+}
+
+// Stages rows [row0, row0 + 64) of a (.., ld) f32 matrix, columns < HD, as bf16 into a
+// row-major tile (64, HDP + kPad) and/or a transposed tile (HDP, 64 + kPad). Rows >= T and
+// columns >= HD are zero.
+template <int HDP>
+__device__ void stage_tile(__nv_bfloat16* rows_tile, __nv_bfloat16* cols_tile, const float* src,
+                           int64_t ld, int64_t row0, int64_t T, int64_t HD) {
+  for (int idx = threadIdx.x; idx < 64 * HDP; idx += kThreads) {
+    const int r = idx / HDP, d = idx % HDP;
+    float x = 0.0f;
+    if (row0 + r < T && d < HD) x = src[(row0 + r) * ld + d];
+    const __nv_bfloat16 b = __float2bfloat16_rn(x);
+    if (rows_tile) rows_tile[r * (HDP + kPad) + d] = b;
+    if (cols_tile) cols_tile[d * (64 + kPad) + r] = b;
+  }
+}
+
+// Whether any of the 64 entries doc[row0 ..] (< T) lies in [lo, hi]; the entries are also
+// stored in doc_s. Must be called by every thread of the block.
+__device__ bool stage_docs(int32_t* doc_s, const int32_t* doc, int64_t row0, int64_t T,
+                           int32_t lo, int32_t hi) {
+  bool any = false;
+  if (threadIdx.x < 64) {
+    const int64_t j = row0 + threadIdx.x;
+    const int32_t d = j < T ? doc[j] : INT32_MIN;
+    doc_s[threadIdx.x] = d;
+    any = j < T && d >= lo && d <= hi;
+  }
+  return __syncthreads_or(any) != 0;
+}
+
+// [min, max] of doc[row0 .. row0 + 64) (< T) into range[0..1]; every thread must call it.
+__device__ void doc_range(int32_t* range, const int32_t* doc, int64_t row0, int64_t T) {
+  if (threadIdx.x == 0) {
+    int32_t lo = INT32_MAX, hi = INT32_MIN;
+    for (int64_t j = row0; j < row0 + 64 && j < T; ++j) lo = min(lo, doc[j]), hi = max(hi, doc[j]);
+    range[0] = lo;
+    range[1] = hi;
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <int HDP>
+constexpr size_t forward_shared_bytes() {
+  return size_t(2 * 64 * (HDP + kPad) + HDP * (64 + kPad)) * 2 + 64 * 4 + 2 * 4;
+}
+
+template <int HDP>
+__global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kStride = HDP + kPad, kStrideT = 64 + kPad;
+  auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);  // (64 queries, HDP)
+  __nv_bfloat16* k_s = q_s + 64 * kStride;               // (64 keys, HDP)
+  __nv_bfloat16* vt_s = k_s + 64 * kStride;              // (HDP, 64 keys)
+  auto* kdoc_s = reinterpret_cast<int32_t*>(vt_s + HDP * kStrideT);  // (64)
+  int32_t* qrange_s = kdoc_s + 64;                                    // (2)
+
+  const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD;
+  const int64_t n_qt = (T + kTileQ - 1) / kTileQ;
+  const int64_t q0 = (n_qt - 1 - blockIdx.x) * kTileQ;  // longest (last) query tiles first
+  const int64_t b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KVH);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  const int32_t* doc = p.doc ? p.doc + b * T : nullptr;
+
+  stage_tile<HDP>(q_s, nullptr, p.q + (b * T * H + h) * HD, H * HD, q0, T, HD);
+  int32_t qlo = 0, qhi = 0;
+  if (doc) {
+    doc_range(qrange_s, doc, q0, T);
+    qlo = qrange_s[0], qhi = qrange_s[1];
+  }
+  __syncthreads();
+  uint32_t qf[HDP / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < HDP / 16; ++kk) load_a_frag(qf[kk], q_s, kStride, warp * 16, kk * 16, g, t);
+
+  // This thread's two query rows (fragment rows g and g + 8 of the warp's 16).
+  const int64_t qi[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const int32_t qdoc[2] = {doc && qi[0] < T ? doc[qi[0]] : 0, doc && qi[1] < T ? doc[qi[1]] : 0};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[HDP / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < HDP / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+
+  const int64_t k_first = p.window > 0 ? max(int64_t(0), q0 - p.window + 1) : 0;
+  const int64_t k_end = min(T, q0 + kTileQ);  // causal: no later key is visible
+  for (int64_t k0 = k_first / kTileK * kTileK; k0 < k_end; k0 += kTileK) {
+    __syncthreads();  // the previous tile's k_s, vt_s and kdoc_s are no longer read
+    if (doc) {
+      if (!stage_docs(kdoc_s, doc, k0, T, qlo, qhi)) continue;  // disjoint documents: skip
+    }
+    stage_tile<HDP>(k_s, nullptr, p.k + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
+    stage_tile<HDP>(nullptr, vt_s, p.v + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
+    __syncthreads();
+
+    // S (16 x 64 per warp) = Q K^T
+    float s[kTileK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kTileK / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < HDP / 16; ++kk) {
+        const __nv_bfloat16* kr = k_s + (nt * 8 + g) * kStride + kk * 16 + 2 * t;
+        mma_bf16(s[nt], qf[kk], lds32(kr), lds32(kr + 8));
+      }
+    }
+    // Scale and mask; the row max over this tile (the 4 threads of a quad share a row).
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kTileK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const int64_t j = k0 + nt * 8 + 2 * t + (e & 1);
+        const bool vis = qi[r] < T && j < T &&
+                         visible(qi[r], j, p.window, qdoc[r], doc ? kdoc_s[j - k0] : 0);
+        s[nt][e] = vis ? s[nt][e] * p.scale : -INFINITY;
+        mx[r] = fmaxf(mx[r], s[nt][e]);
+      }
+    }
+    // Online softmax (FlashAttention-2, Alg. 1): m' = max(m, rowmax S), P = exp(S - m'),
+    // l' = exp(m - m') l + rowsum P, O' = exp(m - m') O + P V. A row that has seen no key yet
+    // keeps m = -inf and uses 0 as its reference, so exp(-inf - 0) = 0 and nothing is NaN.
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;
+      alpha[r] = __expf(m[r] - m_use[r]);
+      m[r] = m_new;
+      l[r] *= alpha[r];
+    }
+    uint32_t pf[kTileK / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < kTileK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = __expf(s[nt][e] - m_use[e / 2]);
+        l[e / 2] += s[nt][e];
+      }
+      // C layout of S tiles 2kk, 2kk+1 is the A layout of P for k-step kk (FA2 register reuse).
+      pf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(s[nt][0], s[nt][1]);
+      pf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(s[nt][2], s[nt][3]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < HDP / 8; ++nt) {
+      o[nt][0] *= alpha[0], o[nt][1] *= alpha[0], o[nt][2] *= alpha[1], o[nt][3] *= alpha[1];
+#pragma unroll
+      for (int kk = 0; kk < kTileK / 16; ++kk) {
+        const __nv_bfloat16* vr = vt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+        mma_bf16(o[nt], pf[kk], lds32(vr), lds32(vr + 8));
+      }
+    }
+  }
+
+  // Final: O / l, lse = m + log l (natural log); a row with no visible key: O = 0, lse = -inf.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (qi[r] >= T) continue;
+    const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];
+    float* orow = p.o_out + ((b * T + qi[r]) * H + h) * HD;
+#pragma unroll
+    for (int nt = 0; nt < HDP / 8; ++nt) {
+      const int d = nt * 8 + 2 * t;
+      if (d < HD) orow[d] = o[nt][2 * r] * inv;
+      if (d + 1 < HD) orow[d + 1] = o[nt][2 * r + 1] * inv;
+    }
+    if (t == 0) p.lse_out[(b * H + h) * T + qi[r]] = l[r] == 0.0f ? -INFINITY : m[r] + logf(l[r]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// dvec[b,h,i] = sum_d dout[b,i,h,d] * out[b,i,h,d] (FlashAttention-2's D = rowsum(dO * O)); one
+// warp per (b, i, h) row.
+__global__ void dout_dot_out_kernel(float* dvec, const float* dout, const float* out, int64_t B,
+                                    int64_t T, int64_t H, int64_t HD) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= B * T * H) return;
+  float acc = 0;
+  for (int64_t d = lane; d < HD; d += kWarp) acc += dout[row * HD + d] * out[row * HD + d];
+  acc = warp_sum(acc);
+  const int64_t bt = row / H, h = row % H, b = bt / T, i = bt % T;
+  if (lane == 0) dvec[(b * H + h) * T + i] = acc;
+}
+
+template <int HDP>
+constexpr size_t backward_shared_bytes() {
+  return size_t(4 * 64 * (HDP + kPad) + 3 * HDP * (64 + kPad) + 64 * (64 + kPad)) * 2 +
+         3 * 64 * 4 + 2 * 4;
+}
+
+template <int HDP>
+__global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kStride = HDP + kPad, kStrideT = 64 + kPad;
+  auto* k_s = reinterpret_cast<__nv_bfloat16*>(smem);  // (64 keys, HDP)
+  __nv_bfloat16* v_s = k_s + 64 * kStride;               // (64 keys, HDP)
+  __nv_bfloat16* q_s = v_s + 64 * kStride;               // (64 queries, HDP)
+  __nv_bfloat16* do_s = q_s + 64 * kStride;              // (64 queries, HDP)
+  __nv_bfloat16* kt_s = do_s + 64 * kStride;             // (HDP, 64 keys)
+  __nv_bfloat16* qt_s = kt_s + HDP * kStrideT;           // (HDP, 64 queries)
+  __nv_bfloat16* dot_s = qt_s + HDP * kStrideT;          // (HDP, 64 queries)
+  __nv_bfloat16* ds_s = dot_s + HDP * kStrideT;          // (64 queries, 64 keys) dS
+  auto* lse_s = reinterpret_cast<float*>(ds_s + 64 * kStrideT);  // (64)
+  float* dvec_s = lse_s + 64;                                     // (64)
+  auto* qdoc_s = reinterpret_cast<int32_t*>(dvec_s + 64);         // (64)
+  int32_t* krange_s = qdoc_s + 64;                                // (2)
+
+  const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD, G = H / KVH;
+  const int64_t k0 = int64_t(blockIdx.x) * kTileK;
+  const int64_t b = blockIdx.y / KVH, kvh = blockIdx.y % KVH;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  const int32_t* doc = p.doc ? p.doc + b * T : nullptr;
+
+  stage_tile<HDP>(k_s, kt_s, p.k + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
+  stage_tile<HDP>(v_s, nullptr, p.v + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
+  int32_t klo = 0, khi = 0;
+  if (doc) {
+    doc_range(krange_s, doc, k0, T);
+    klo = krange_s[0], khi = krange_s[1];
+  }
+  // This thread's two keys (fragment rows g and g + 8 of the warp's 16).
+  const int64_t kj[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+  const int32_t kdoc[2] = {doc && kj[0] < T ? doc[kj[0]] : 0, doc && kj[1] < T ? doc[kj[1]] : 0};
+
+  float dk_acc[HDP / 8][4], dv_acc[HDP / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < HDP / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[nt][e] = dv_acc[nt][e] = 0.0f;
+
+  // Queries before k0 see none of these keys (causal); with a window, none after
+  // k0 + 63 + window - 1.
+  const int64_t q_end = p.window > 0 ? min(T, k0 + kTileK - 1 + p.window) : T;
+  for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
+    const int64_t row_base = b * T * H + h;  // row (b, i, h) = row_base + i * H
+    for (int64_t q0 = k0; q0 < q_end; q0 += kTileQ) {
+      __syncthreads();  // the previous query tile's shared data is no longer read
+      if (doc) {
+        if (!stage_docs(qdoc_s, doc, q0, T, klo, khi)) continue;  // disjoint documents: skip
+      }
+      stage_tile<HDP>(q_s, qt_s, p.q + row_base * HD, H * HD, q0, T, HD);
+      stage_tile<HDP>(do_s, dot_s, p.dout + row_base * HD, H * HD, q0, T, HD);
+      if (threadIdx.x < 64) {
+        const int64_t i = q0 + threadIdx.x;
+        // lse = -inf (a row that sees nothing) -> +inf, so P = exp(S - lse) = 0; as rows >= T.
+        const float L = i < T ? p.lse[(b * H + h) * T + i] : INFINITY;
+        lse_s[threadIdx.x] = L == -INFINITY ? INFINITY : L;
+        dvec_s[threadIdx.x] = i < T ? p.dvec[(b * H + h) * T + i] : 0.0f;
+      }
+      __syncthreads();
+
+      // S^T (16 keys x 64 queries per warp) = K Q^T and dP^T = V dO^T.
+      float st[kTileQ / 8][4], dpt[kTileQ / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kTileQ / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < HDP / 16; ++kk) {
+        uint32_t kf[4], vf[4];
+        load_a_frag(kf, k_s, kStride, warp * 16, kk * 16, g, t);
+        load_a_frag(vf, v_s, kStride, warp * 16, kk * 16, g, t);
+#pragma unroll
+        for (int nt = 0; nt < kTileQ / 8; ++nt) {
+          const __nv_bfloat16* qr = q_s + (nt * 8 + g) * kStride + kk * 16 + 2 * t;
+          const __nv_bfloat16* dr = do_s + (nt * 8 + g) * kStride + kk * 16 + 2 * t;
+          mma_bf16(st[nt], kf, lds32(qr), lds32(qr + 8));
+          mma_bf16(dpt[nt], vf, lds32(dr), lds32(dr + 8));
+        }
+      }
+      // P^T = exp(S^T scale - lse) (0 where masked); dS^T = P^T (dP^T - D) scale.
+      uint32_t pf[kTileQ / 16][4], dsf[kTileQ / 16][4];
+#pragma unroll
+      for (int nt = 0; nt < kTileQ / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2, c = nt * 8 + 2 * t + (e & 1);
+          const int64_t i = q0 + c;
+          const bool vis = i < T && kj[r] < T &&
+                           visible(i, kj[r], p.window, doc ? qdoc_s[c] : 0, kdoc[r]);
+          const float pv = vis ? __expf(st[nt][e] * p.scale - lse_s[c]) : 0.0f;
+          st[nt][e] = pv;
+          dpt[nt][e] = vis ? pv * (dpt[nt][e] - dvec_s[c]) * p.scale : 0.0f;
+          ds_s[c * kStrideT + warp * 16 + g + 8 * r] = __float2bfloat16_rn(dpt[nt][e]);
+        }
+        pf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(st[nt][0], st[nt][1]);
+        pf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(st[nt][2], st[nt][3]);
+        dsf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(dpt[nt][0], dpt[nt][1]);
+        dsf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(dpt[nt][2], dpt[nt][3]);
+      }
+      // dV (16 keys x HDP) += P^T dO; dK += dS^T Q (B operands from the transposed tiles).
+#pragma unroll
+      for (int nt = 0; nt < HDP / 8; ++nt) {
+#pragma unroll
+        for (int kk = 0; kk < kTileQ / 16; ++kk) {
+          const __nv_bfloat16* dr = dot_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+          const __nv_bfloat16* qr = qt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+          mma_bf16(dv_acc[nt], pf[kk], lds32(dr), lds32(dr + 8));
+          mma_bf16(dk_acc[nt], dsf[kk], lds32(qr), lds32(qr + 8));
+        }
+      }
+      __syncthreads();  // dS of every warp is in ds_s
+
+      // dQ (64 queries x HDP) += dS (64 x 64 keys) K: warp w takes queries 16w..16w+15, one
+      // 8-column slice at a time, and adds it to dq with atomics.
+      uint32_t af[kTileK / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kTileK / 16; ++kk)
+        load_a_frag(af[kk], ds_s, kStrideT, warp * 16, kk * 16, g, t);
+      const int64_t qrow[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+#pragma unroll 4
+      for (int nt = 0; nt < HDP / 8; ++nt) {
+        if (nt * 8 >= HD) break;  // warp-uniform (mma.sync needs the whole warp): padding only
+        const int d = nt * 8 + 2 * t;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < kTileK / 16; ++kk) {
+          const __nv_bfloat16* kr = kt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+          mma_bf16(acc, af[kk], lds32(kr), lds32(kr + 8));
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (qrow[r] >= T || d >= HD) continue;
+          float* dst = p.dq + (row_base + qrow[r] * H) * HD + d;
+          atomicAdd(dst, acc[2 * r]);
+          if (d + 1 < HD) atomicAdd(dst + 1, acc[2 * r + 1]);
+        }
+      }
+    }
+  }
+
+  // dK and dV rows of this key tile: one owner, overwritten.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (kj[r] >= T) continue;
+    float* dkrow = p.dk + ((b * T + kj[r]) * KVH + kvh) * HD;
+    float* dvrow = p.dv + ((b * T + kj[r]) * KVH + kvh) * HD;
+#pragma unroll
+    for (int nt = 0; nt < HDP / 8; ++nt) {
+      const int d = nt * 8 + 2 * t;
+      if (d < HD) dkrow[d] = dk_acc[nt][2 * r], dvrow[d] = dv_acc[nt][2 * r];
+      if (d + 1 < HD) dkrow[d + 1] = dk_acc[nt][2 * r + 1], dvrow[d + 1] = dv_acc[nt][2 * r + 1];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch over the padded head dim.
+
+template <typename F>
+void with_padded_head_dim(int64_t HD, F&& f) {
+  if (HD <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else if (HD <= 64) {
+    f(std::integral_constant<int, 64>{});
+  } else {
+    f(std::integral_constant<int, 128>{});
+  }
+}
+
+FlashParams make_params(const AttentionShape& s) {
+  FlashParams p{};
+  p.B = s.B, p.T = s.T, p.H = s.H, p.KVH = s.KVH, p.HD = s.HD, p.window = s.window;
+  p.scale = s.scale;
+  p.doc = s.doc_ids;
+  return p;
+}
+
+}  // namespace
+
+size_t attention_shared_bytes(int64_t HD) {
+  size_t bytes = 0;
+  with_padded_head_dim(HD, [&](auto hdp) {
+    constexpr int kHdp = decltype(hdp)::value;
+    bytes = std::max(forward_shared_bytes<kHdp>(), backward_shared_bytes<kHdp>());
+  });
+  return bytes;
+}
+
+void attention_forward(const Context& ctx, float* out, float* lse, const float* q,
+                       const float* k, const float* v, const AttentionShape& s) {
+  if (s.B == 0 || s.T == 0) return;
+  FlashParams p = make_params(s);
+  p.q = q, p.k = k, p.v = v, p.o_out = out, p.lse_out = lse;
+  const int64_t n_qt = (s.T + kTileQ - 1) / kTileQ;
+  with_padded_head_dim(s.HD, [&](auto hdp) {
+    constexpr int kHdp = decltype(hdp)::value;
+    constexpr size_t bytes = forward_shared_bytes<kHdp>();
+    LT_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<kHdp>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    flash_forward_kernel<kHdp><<<dim3(unsigned(n_qt), unsigned(s.B * s.H)), kThreads, bytes,
+                                 ctx.stream>>>(p);
+    LT_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, const float* dout,
+                        const float* out, const float* lse, const float* q, const float* k,
+                        const float* v, const AttentionShape& s) {
+  if (s.B == 0 || s.T == 0) return;
+  const int64_t rows = s.B * s.T * s.H;
+  auto* dvec = static_cast<float*>(ctx.scratch->get(size_t(rows) * 4, ctx.stream));
+  dout_dot_out_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream>>>(dvec, dout, out, s.B,
+                                                                         s.T, s.H, s.HD);
+  LT_CUDA_CHECK_LAUNCH();
+  LT_CUDA_CHECK(cudaMemsetAsync(dq, 0, size_t(rows * s.HD) * 4, ctx.stream));
+  FlashParams p = make_params(s);
+  p.q = q, p.k = k, p.v = v, p.out = out, p.dout = dout, p.lse = lse, p.dvec = dvec;
+  p.dq = dq, p.dk = dk, p.dv = dv;
+  const int64_t n_kt = (s.T + kTileK - 1) / kTileK;
+  with_padded_head_dim(s.HD, [&](auto hdp) {
+    constexpr int kHdp = decltype(hdp)::value;
+    constexpr size_t bytes = backward_shared_bytes<kHdp>();
+    LT_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<kHdp>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    flash_backward_kernel<kHdp><<<dim3(unsigned(n_kt), unsigned(s.B * s.KVH)), kThreads, bytes,
+                                  ctx.stream>>>(p);
+    LT_CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace lt::cuda

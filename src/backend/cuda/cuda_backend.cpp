@@ -1,0 +1,333 @@
+// The CUDA backend: owns the device, a compute stream and a copy stream, the cuBLAS handle and
+// the scratch buffers; validates each op's arguments (as the CPU ops do) and forwards it to the
+// launchers in kernels.h. make_cuda_backend is the one place the backend is created.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/kernels.h"
+#include "ops/nf4.h"
+#include "core/check.h"
+#include "core/error.h"
+
+namespace lt {
+namespace cuda {
+
+Scratch::~Scratch() { release(); }
+
+void Scratch::release() {
+  // Teardown path: an error here (e.g. the context is already gone at exit) is not fatal.
+  if (ptr_) (void)cudaFreeAsync(ptr_, stream_);
+  ptr_ = nullptr;
+  bytes_ = 0;
+}
+
+void* Scratch::get(size_t bytes, cudaStream_t stream) {
+  bytes = (bytes + 255) / 256 * 256;
+  if (bytes <= bytes_ && stream == stream_) return ptr_;
+  // Grow by 1.5x at least, so that slowly rising sizes do not reallocate every call.
+  const size_t want = std::max(bytes, bytes_ + bytes_ / 2);
+  if (ptr_) LT_CUDA_CHECK(cudaFreeAsync(ptr_, stream_));
+  ptr_ = nullptr;
+  bytes_ = 0;
+  stream_ = stream;
+  const cudaError_t err = cudaMallocAsync(&ptr_, want, stream);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    ptr_ = nullptr;
+    fail("out of GPU memory: the CUDA backend's scratch needs {} bytes ({})", want,
+         cudaGetErrorString(err));
+  }
+  bytes_ = want;
+  return ptr_;
+}
+
+}  // namespace cuda
+
+namespace {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, GemmPrecision precision) : device_(device) {
+    LT_CUDA_CHECK(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    LT_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    device_name_ = prop.name;
+    LT_CUDA_CHECK(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking));
+    LT_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking));
+    LT_CUDA_CHECK(cudaEventCreateWithFlags(&compute_done_, cudaEventDisableTiming));
+    LT_CUDA_CHECK(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming));
+    LT_CUBLAS_CHECK(cublasCreate(&cublas_));
+    LT_CUBLAS_CHECK(cublasSetStream(cublas_, compute_));
+    // Never TF32 behind the caller's back: kF32 GEMMs use CUBLAS_COMPUTE_32F_PEDANTIC anyway.
+    LT_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+    ctx_.stream = compute_;
+    ctx_.cublas = cublas_;
+    ctx_.precision = precision;
+    ctx_.scratch = &scratch_;
+    ctx_.gemm_scratch = &gemm_scratch_;
+    ctx_.num_sms = prop.multiProcessorCount;
+    ctx_.max_shared_bytes = prop.sharedMemPerBlockOptin;
+  }
+
+  ~CudaBackend() override {
+    // Errors are not fatal during teardown; each handle is released once.
+    (void)cudaStreamSynchronize(copy_);
+    scratch_.release();
+    gemm_scratch_.release();
+    if (absmax_table_) (void)cudaFree(absmax_table_);
+    (void)cudaStreamSynchronize(compute_);
+    (void)cublasDestroy(cublas_);
+    (void)cudaEventDestroy(compute_done_);
+    (void)cudaEventDestroy(copies_done_);
+    (void)cudaStreamDestroy(copy_);
+    (void)cudaStreamDestroy(compute_);
+  }
+
+  std::string_view name() const override { return "cuda"; }
+  bool supports(OpKind op) const override {
+    // Attention supports HD <= 128 (checked per call). LoRA's fused op has no CUDA kernel yet:
+    // the model refuses LoRA runs on this backend with a clear error.
+    return op != OpKind::kLora;
+  }
+
+  // ---- memory and transfers ----------------------------------------------------------------
+  void* alloc(size_t bytes) override {
+    void* p = nullptr;
+    if (bytes == 0) return nullptr;
+    const cudaError_t err = cudaMalloc(&p, bytes);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      (void)cudaMemGetInfo(&free_b, &total_b);
+      fail("out of GPU memory allocating {} bytes on {} ({} bytes free of {}): {}", bytes,
+           device_name_, free_b, total_b, cudaGetErrorString(err));
+    }
+    return p;
+  }
+  void free(void* p) override {
+    if (p) LT_CUDA_CHECK(cudaFree(p));
+  }
+  void copy_to_device(void* d, const void* s, size_t n) override {
+    if (n == 0) return;
+    LT_CUDA_CHECK(cudaMemcpyAsync(d, s, n, cudaMemcpyHostToDevice, compute_));
+    LT_CUDA_CHECK(cudaStreamSynchronize(compute_));  // the host buffer may be reused at once
+  }
+  void copy_to_host(void* d, const void* s, size_t n) override {
+    if (n == 0) return;
+    LT_CUDA_CHECK(cudaMemcpyAsync(d, s, n, cudaMemcpyDeviceToHost, compute_));
+    LT_CUDA_CHECK(cudaStreamSynchronize(compute_));
+  }
+  void memset_zero(void* p, size_t n) override {
+    if (n) LT_CUDA_CHECK(cudaMemsetAsync(p, 0, n, compute_));
+  }
+  void synchronize() override {
+    LT_CUDA_CHECK(cudaStreamSynchronize(copy_));
+    LT_CUDA_CHECK(cudaStreamSynchronize(compute_));
+  }
+
+  void* alloc_pinned(size_t bytes) override {
+    void* p = nullptr;
+    if (bytes == 0) return nullptr;
+    const cudaError_t err = cudaMallocHost(&p, bytes);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      fail("out of pinned host memory allocating {} bytes: {}", bytes, cudaGetErrorString(err));
+    }
+    return p;
+  }
+  void free_pinned(void* p) override {
+    if (p) LT_CUDA_CHECK(cudaFreeHost(p));
+  }
+  // Copy-stream transfers start after the compute work issued so far (an event on compute).
+  void copy_to_host_async(void* d, const void* s, size_t n) override {
+    if (n == 0) return;
+    LT_CUDA_CHECK(cudaEventRecord(compute_done_, compute_));
+    LT_CUDA_CHECK(cudaStreamWaitEvent(copy_, compute_done_, 0));
+    LT_CUDA_CHECK(cudaMemcpyAsync(d, s, n, cudaMemcpyDeviceToHost, copy_));
+  }
+  void copy_to_device_async(void* d, const void* s, size_t n) override {
+    if (n == 0) return;
+    LT_CUDA_CHECK(cudaEventRecord(compute_done_, compute_));
+    LT_CUDA_CHECK(cudaStreamWaitEvent(copy_, compute_done_, 0));
+    LT_CUDA_CHECK(cudaMemcpyAsync(d, s, n, cudaMemcpyHostToDevice, copy_));
+  }
+  void wait_copies() override {
+    LT_CUDA_CHECK(cudaEventRecord(copies_done_, copy_));
+    LT_CUDA_CHECK(cudaStreamWaitEvent(compute_, copies_done_, 0));
+  }
+  void synchronize_copies() override { LT_CUDA_CHECK(cudaStreamSynchronize(copy_)); }
+
+  // ---- ops ---------------------------------------------------------------------------------
+  void embedding_forward(float* out, const int32_t* ids, const float* w, int64_t N,
+                         int64_t D) override {
+    LT_CHECK(N >= 0 && D >= 0, "embedding_forward: N={} D={}", N, D);
+    cuda::embedding_forward(ctx_, out, ids, w, N, D);
+  }
+  void embedding_backward(float* dw, const float* dout, const int32_t* ids, int64_t N,
+                          int64_t D) override {
+    LT_CHECK(N >= 0 && D >= 0, "embedding_backward: N={} D={}", N, D);
+    cuda::embedding_backward(ctx_, dw, dout, ids, N, D);
+  }
+  void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int64_t N,
+                       int64_t D, float eps) override {
+    LT_CHECK(N >= 0 && D >= 1, "rmsnorm_forward: N={} D={}", N, D);
+    cuda::rmsnorm_forward(ctx_, out, rstd, inp, w, N, D, eps);
+  }
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp,
+                        const float* w, const float* rstd, int64_t N, int64_t D,
+                        Accumulate acc) override {
+    LT_CHECK(N >= 0 && D >= 1, "rmsnorm_backward: N={} D={}", N, D);
+    cuda::rmsnorm_backward(ctx_, dinp, dw, dout, inp, w, rstd, N, D, acc);
+  }
+  void linear_forward(float* out, const float* inp, const float* w, const float* b, int64_t N,
+                      int64_t IN, int64_t OUT) override {
+    check_gemm_dims("linear_forward", N, IN, OUT);
+    cuda::linear_forward(ctx_, out, inp, w, b, N, IN, OUT);
+  }
+  void linear_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                       const float* w, int64_t N, int64_t IN, int64_t OUT,
+                       Accumulate acc) override {
+    check_gemm_dims("linear_backward", N, IN, OUT);
+    cuda::linear_backward(ctx_, dinp, dw, db, dout, inp, w, N, IN, OUT, acc);
+  }
+  void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq, float sc,
+                   int64_t N, int64_t HD) override {
+    LT_CHECK(N >= 0 && HD >= 2 && HD % 2 == 0, "rope_tables: N={} HD={}", N, HD);
+    cuda::rope_tables(ctx_, cos, sin, pos, inv_freq, sc, N, HD);
+  }
+  void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int64_t N,
+                    int64_t H, int64_t HD) override {
+    LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_forward: N={} H={} HD={}", N, H,
+             HD);
+    cuda::rope_forward(ctx_, out, inp, cos, sin, N, H, HD);
+  }
+  void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin,
+                     int64_t N, int64_t H, int64_t HD) override {
+    LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_backward: N={} H={} HD={}", N,
+             H, HD);
+    cuda::rope_backward(ctx_, dinp, dout, cos, sin, N, H, HD);
+  }
+  void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override {
+    LT_CHECK(n >= 0, "swiglu_forward: n={}", n);
+    cuda::swiglu_forward(ctx_, out, g, u, n);
+  }
+  void swiglu_backward(float* dg, float* du, const float* dout, const float* g, const float* u,
+                       int64_t n) override {
+    LT_CHECK(n >= 0, "swiglu_backward: n={}", n);
+    cuda::swiglu_backward(ctx_, dg, du, dout, g, u, n);
+  }
+  void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                         const AttentionShape& s) override {
+    check_attention(s);
+    cuda::attention_forward(ctx_, out, lse, q, k, v, s);
+  }
+  void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                          const float* lse, const float* q, const float* k, const float* v,
+                          const AttentionShape& s) override {
+    check_attention(s);
+    cuda::attention_backward(ctx_, dq, dk, dv, dout, out, lse, q, k, v, s);
+  }
+  double lm_head_cross_entropy(float* dh, float* dw, const float* h, const float* w,
+                               const int32_t* t, int64_t N, int64_t D, int64_t V, int64_t chunk,
+                               float gs, float* scratch) override {
+    LT_CHECK(chunk >= 1, "lm_head_cross_entropy: chunk={} must be >= 1", chunk);
+    LT_CHECK(N >= 0 && D >= 1 && V >= 1, "lm_head_cross_entropy: N={} D={} V={}", N, D, V);
+    check_gemm_dims("lm_head_cross_entropy", std::min(N, chunk), D, V);
+    // The targets come to the host once: validated like the CPU op, and used to skip chunks
+    // without labels (the loss is returned to the host anyway, so this adds no extra wait).
+    host_targets_.resize(size_t(N));
+    copy_to_host(host_targets_.data(), t, size_t(N) * sizeof(int32_t));
+    for (int64_t n = 0; n < N; ++n) {
+      const int32_t y = host_targets_[size_t(n)];
+      LT_CHECK(y == kIgnoreIndex || (y >= 0 && y < V), "target[{}]={} outside [0,{}) and not {}",
+               n, y, V, kIgnoreIndex);
+    }
+    return cuda::lm_head_cross_entropy(ctx_, dh, dw, h, w, t, host_targets_.data(), N, D, V,
+                                       chunk, gs, scratch);
+  }
+  void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
+                    const AdamWParams& a) override {
+    LT_CHECK(n >= 0, "adamw_update: n={}", n);
+    cuda::adamw_update(ctx_, p, g, m, v, n, a);
+  }
+  double sum_squares(const float* x, int64_t n) override { return cuda::sum_squares(ctx_, x, n); }
+  void scale_inplace(float* x, int64_t n, float s) override {
+    cuda::scale_inplace(ctx_, x, n, s);
+  }
+  void add_inplace(float* y, const float* x, int64_t n) override {
+    cuda::add_inplace(ctx_, y, x, n);
+  }
+  void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
+                      const float* absmax_scale, float absmax_offset, int64_t n) override {
+    if (!absmax_table_) {  // the 256-entry dynamic map, uploaded once
+      absmax_table_ = static_cast<float*>(alloc(256 * sizeof(float)));
+      copy_to_device(absmax_table_, dynamic_map_code().data(), 256 * sizeof(float));
+    }
+    cuda::nf4_dequantize(ctx_, out, {packed, absmax_q, absmax_table_, absmax_scale, absmax_offset, n});
+  }
+
+ private:
+  static void check_gemm_dims(const char* op, int64_t N, int64_t IN, int64_t OUT) {
+    // cuBLAS takes int dimensions; every product of two must also index within int64.
+    constexpr int64_t kMax = (int64_t(1) << 31) - 1;
+    LT_CHECK(N >= 0 && IN >= 0 && OUT >= 0 && N <= kMax && IN <= kMax && OUT <= kMax,
+             "{}: N={} IN={} OUT={} (cuBLAS needs each < 2^31)", op, N, IN, OUT);
+  }
+  void check_attention(const AttentionShape& s) const {
+    LT_CHECK(s.B >= 0 && s.T >= 0 && s.H > 0 && s.KVH > 0 && s.HD > 0,
+             "attention: B={} T={} H={} KVH={} HD={}", s.B, s.T, s.H, s.KVH, s.HD);
+    LT_CHECK(s.H % s.KVH == 0, "attention: H={} is not a multiple of KVH={}", s.H, s.KVH);
+    LT_CHECK(s.window >= 0, "attention: window={}", s.window);
+    LT_CHECK(s.HD <= cuda::kMaxAttentionHeadDim,
+             "attention: head dim {} > {} is not supported by the CUDA kernels", s.HD,
+             cuda::kMaxAttentionHeadDim);
+    const size_t need = cuda::attention_shared_bytes(s.HD);
+    LT_CHECK(need <= ctx_.max_shared_bytes,
+             "attention: head dim {} needs {} bytes of shared memory per block; {} has {}", s.HD,
+             need, device_name_, ctx_.max_shared_bytes);
+    LT_CHECK(s.B * s.H <= 65535 && s.B * s.KVH <= 65535, "attention: B*H={} exceeds the grid",
+             s.B * s.H);
+  }
+
+  int device_;
+  std::string device_name_;
+  float* absmax_table_ = nullptr;  // NF4 double-quantization code table (256), device memory
+  cudaStream_t compute_ = nullptr, copy_ = nullptr;
+  cudaEvent_t compute_done_ = nullptr, copies_done_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  cuda::Scratch scratch_, gemm_scratch_;
+  cuda::Context ctx_;
+  std::vector<int32_t> host_targets_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision gemm) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (reason) *reason = std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(err);
+    return nullptr;
+  }
+  if (count == 0) {
+    if (reason) *reason = "no CUDA device is present";
+    return nullptr;
+  }
+  int major = 0;
+  LT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  if (major < 8) {
+    if (reason)
+      *reason = "the CUDA backend needs compute capability 8.0 or newer (bf16 tensor cores)";
+    return nullptr;
+  }
+  return std::make_unique<CudaBackend>(0, gemm);
+}
+
+}  // namespace lt

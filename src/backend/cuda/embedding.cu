@@ -1,0 +1,45 @@
+// CUDA token embedding: row gather (forward) and atomicAdd scatter (backward). The backward's
+// summation order over duplicate ids is not fixed (atomics): results can differ from the CPU op
+// in the last bits when an id repeats.
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/kernels.h"
+
+namespace lt::cuda {
+namespace {
+
+// One block per row n (grid-stride over rows), threads over the D columns.
+__global__ void embedding_forward_kernel(float* out, const int32_t* ids, const float* weight,
+                                         int64_t N, int64_t D) {
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const float* w = weight + int64_t(ids[n]) * D;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) out[n * D + j] = w[j];
+  }
+}
+
+__global__ void embedding_backward_kernel(float* dweight, const float* dout, const int32_t* ids,
+                                          int64_t N, int64_t D) {
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    float* dw = dweight + int64_t(ids[n]) * D;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) atomicAdd(dw + j, dout[n * D + j]);
+  }
+}
+
+}  // namespace
+
+void embedding_forward(const Context& ctx, float* out, const int32_t* ids, const float* weight,
+                       int64_t N, int64_t D) {
+  if (N <= 0 || D <= 0) return;
+  const unsigned blocks = unsigned(N < 65535 ? N : 65535);
+  embedding_forward_kernel<<<blocks, 256, 0, ctx.stream>>>(out, ids, weight, N, D);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+void embedding_backward(const Context& ctx, float* dweight, const float* dout,
+                        const int32_t* ids, int64_t N, int64_t D) {
+  if (N <= 0 || D <= 0) return;
+  const unsigned blocks = unsigned(N < 65535 ? N : 65535);
+  embedding_backward_kernel<<<blocks, 256, 0, ctx.stream>>>(dweight, dout, ids, N, D);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace lt::cuda

@@ -1,0 +1,123 @@
+// Launchers of the CUDA kernels, one op family per .cu file. Every launcher enqueues its work on
+// ctx.stream, takes device pointers and has the shapes and contract of the CPU op of the same
+// name in src/ops/*.h. Arguments are validated by the caller (cuda_backend.cpp): the .cu files
+// are compiled by nvcc, which cannot build fmt's compile-time format checks used by LT_CHECK.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "backend/backend.h"
+
+namespace lt::cuda {
+
+// Device scratch that grows on demand, stream-ordered (cudaMallocAsync / cudaFreeAsync on the
+// stream that uses it), so growing never synchronizes. One user at a time.
+class Scratch {
+ public:
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch();
+  // At least `bytes` bytes, 256-byte aligned, valid for work enqueued on `stream` from now on.
+  void* get(size_t bytes, cudaStream_t stream);
+  // Frees the memory (stream-ordered); the owner calls it before destroying its stream.
+  void release();
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
+
+// Everything a launcher needs: no globals (the streams and handles belong to one CudaBackend).
+struct Context {
+  cudaStream_t stream = nullptr;         // the compute stream
+  cublasHandle_t cublas = nullptr;       // bound to `stream`
+  GemmPrecision precision = GemmPrecision::kF32;
+  Scratch* scratch = nullptr;            // op temporaries (row losses, partial sums, D = dO.O)
+  Scratch* gemm_scratch = nullptr;       // bf16 copies of GEMM inputs (kBf16 only)
+  int num_sms = 1;                       // streaming multiprocessors (grid sizing)
+  size_t max_shared_bytes = 48 << 10;    // opt-in shared memory per block
+};
+
+// ---- linear.cu: cuBLAS GEMMs --------------------------------------------------------------
+// Row-major C (M,N) = alpha * op(A) (M,K) op(B) (K,N) + beta * C, as lt::gemm (ops/linear.h).
+void gemm(const Context& ctx, float* C, const float* A, const float* B, int64_t M, int64_t N,
+          int64_t K, bool trans_a, bool trans_b, float alpha, float beta);
+void linear_forward(const Context& ctx, float* out, const float* inp, const float* weight,
+                    const float* bias, int64_t N, int64_t IN, int64_t OUT);
+void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbias,
+                     const float* dout, const float* inp, const float* weight, int64_t N,
+                     int64_t IN, int64_t OUT, Accumulate acc);
+
+// ---- rmsnorm.cu ---------------------------------------------------------------------------
+void rmsnorm_forward(const Context& ctx, float* out, float* rstd, const float* inp,
+                     const float* weight, int64_t N, int64_t D, float eps);
+void rmsnorm_backward(const Context& ctx, float* dinp, float* dweight, const float* dout,
+                      const float* inp, const float* weight, const float* rstd, int64_t N,
+                      int64_t D, Accumulate acc);
+
+// ---- rope.cu ------------------------------------------------------------------------------
+void rope_tables(const Context& ctx, float* cos, float* sin, const int32_t* pos,
+                 const float* inv_freq, float attention_scaling, int64_t N, int64_t HD);
+void rope_forward(const Context& ctx, float* out, const float* inp, const float* cos,
+                  const float* sin, int64_t N, int64_t H, int64_t HD);
+void rope_backward(const Context& ctx, float* dinp, const float* dout, const float* cos,
+                   const float* sin, int64_t N, int64_t H, int64_t HD);
+
+// ---- swiglu.cu ----------------------------------------------------------------------------
+void swiglu_forward(const Context& ctx, float* out, const float* gate, const float* up,
+                    int64_t n);
+void swiglu_backward(const Context& ctx, float* dgate, float* dup, const float* dout,
+                     const float* gate, const float* up, int64_t n);
+
+// ---- embedding.cu -------------------------------------------------------------------------
+void embedding_forward(const Context& ctx, float* out, const int32_t* ids, const float* weight,
+                       int64_t N, int64_t D);
+void embedding_backward(const Context& ctx, float* dweight, const float* dout,
+                        const int32_t* ids, int64_t N, int64_t D);
+
+// ---- cross_entropy.cu ---------------------------------------------------------------------
+// host_targets (N) is a host copy of targets (validated by the caller; used to skip chunks
+// without labels, as the CPU op does). Synchronizes (the loss is returned to the host).
+double lm_head_cross_entropy(const Context& ctx, float* dhidden, float* dweight,
+                             const float* hidden, const float* weight, const int32_t* targets,
+                             const int32_t* host_targets, int64_t N, int64_t D, int64_t V,
+                             int64_t chunk, float grad_scale, float* scratch);
+
+// ---- adamw.cu / reduce.cu -----------------------------------------------------------------
+void adamw_update(const Context& ctx, float* param, const float* grad, float* m, float* v,
+                  int64_t n, const AdamWParams& p);
+double sum_squares(const Context& ctx, const float* x, int64_t n);  // synchronizes
+void scale_inplace(const Context& ctx, float* x, int64_t n, float s);
+void add_inplace(const Context& ctx, float* y, const float* x, int64_t n);
+
+// ---- nf4.cu -------------------------------------------------------------------------------
+// NF4 weight in device memory, the layout of src/ops/nf4.h: element i is
+//   code[nibble(i)] * (absmax_table[absmax_codes[i/64]] * absmax_scale[i/(64*256)] + offset),
+// nibble(i) = i even ? codes[i/2] >> 4 : codes[i/2] & 15 (high nibble first, as bitsandbytes).
+struct Nf4Device {
+  const uint8_t* codes = nullptr;         // (ceil(n/2)) packed 4-bit codes
+  const uint8_t* absmax_codes = nullptr;  // (ceil(n/64)) 8-bit code of each 64-block absmax
+  const float* absmax_table = nullptr;    // (256) dynamic_map_code() in device memory
+  const float* absmax_scale = nullptr;    // (ceil(n/(64*256))) scale of each 256-block group
+  float absmax_offset = 0;                // mean subtracted before quantizing the absmax
+  int64_t n = 0;                          // elements
+};
+void nf4_dequantize(const Context& ctx, float* out, const Nf4Device& w);
+
+// ---- attention.cu: FlashAttention-2 on tensor cores (bf16 operands, f32 accumulation) -----
+// Supported head dims: HD <= kMaxAttentionHeadDim (padded to 32, 64 or 128 inside).
+inline constexpr int64_t kMaxAttentionHeadDim = 128;
+// Dynamic shared memory the attention kernels need for head dim HD (forward or backward).
+size_t attention_shared_bytes(int64_t HD);
+void attention_forward(const Context& ctx, float* out, float* lse, const float* q,
+                       const float* k, const float* v, const AttentionShape& s);
+void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, const float* dout,
+                        const float* out, const float* lse, const float* q, const float* k,
+                        const float* v, const AttentionShape& s);
+
+}  // namespace lt::cuda

@@ -1,0 +1,73 @@
+// CUDA reductions and elementwise helpers for gradient clipping and residuals: sum of squares
+// (double, fixed block order: deterministic), scale, add.
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/kernels.h"
+
+namespace lt::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// partial[block] = sum of x^2 over a grid-stride walk (double), fixed per block.
+__global__ void sum_squares_kernel(double* partial, const float* x, int64_t n) {
+  __shared__ double warp_sums[kThreads / kWarp];
+  double s = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    s += double(x[i]) * double(x[i]);
+  s = warp_sum(s);
+  if (threadIdx.x % kWarp == 0) warp_sums[threadIdx.x / kWarp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0;
+    for (int w = 0; w < kThreads / kWarp; ++w) t += warp_sums[w];
+    partial[blockIdx.x] = t;
+  }
+}
+
+__global__ void scale_kernel(float* x, int64_t n, float s) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] *= s;
+}
+
+__global__ void add_kernel(float* y, const float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] += x[i];
+}
+
+}  // namespace
+
+double sum_squares(const Context& ctx, const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  // The block count depends only on n and the SM count, so a given device always sums the same
+  // way (the result is deterministic run to run).
+  const unsigned blocks = grid_for(n, kThreads, ctx.num_sms);
+  auto* partial = static_cast<double*>(ctx.scratch->get(blocks * sizeof(double), ctx.stream));
+  sum_squares_kernel<<<blocks, kThreads, 0, ctx.stream>>>(partial, x, n);
+  LT_CUDA_CHECK_LAUNCH();
+  std::vector<double> host(blocks);
+  LT_CUDA_CHECK(cudaMemcpyAsync(host.data(), partial, blocks * sizeof(double), cudaMemcpyDeviceToHost,
+                                ctx.stream));
+  LT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+  double total = 0;
+  for (unsigned b = 0; b < blocks; ++b) total += host[b];
+  return total;
+}
+
+void scale_inplace(const Context& ctx, float* x, int64_t n, float s) {
+  if (n <= 0) return;
+  scale_kernel<<<grid_for(n, kThreads, ctx.num_sms), kThreads, 0, ctx.stream>>>(x, n, s);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+void add_inplace(const Context& ctx, float* y, const float* x, int64_t n) {
+  if (n <= 0) return;
+  add_kernel<<<grid_for(n, kThreads, ctx.num_sms), kThreads, 0, ctx.stream>>>(y, x, n);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace lt::cuda

@@ -1,0 +1,505 @@
+// Op-conformance suite (ggml's test-backend-ops idea): every Backend op on every available
+// backend (CPU always; CUDA when make_cuda_backend finds a device) against the CPU reference ops
+// of src/ops, with odd sizes, NaN/Inf propagation, and guard bytes around every device buffer
+// (sentinel margins copied back and checked). The CUDA cases skip with "no CUDA device: ..."
+// where there is none. Every case in this executable carries the ctest label "gpu".
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "ops/nf4.h"
+#include "ops/adamw.h"
+#include "ops/attention.h"
+#include "ops/cross_entropy.h"
+#include "ops/embedding.h"
+#include "ops/linear.h"
+#include "ops/rmsnorm.h"
+#include "ops/rope.h"
+#include "ops/swiglu.h"
+#include "reference.h"
+
+namespace lt {
+namespace {
+
+using test::all_close;
+using test::random_ids;
+using test::random_vec;
+using test::Vec;
+using Ids = std::vector<int32_t>;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// A device buffer of n elements with kGuardBytes of sentinel bytes on both sides. The data area
+// starts as `init` (or, without one, as NaN floats / 0xA5 bytes, so an op that must overwrite
+// every element and skips one is caught). read() copies everything back and checks the guards.
+template <typename T>
+class DeviceBuffer {
+ public:
+  static constexpr size_t kGuardBytes = 256;
+  static constexpr unsigned char kSentinel = 0xA5;
+
+  DeviceBuffer(Backend& be, std::string name, int64_t n) : be_(be), name_(std::move(name)), n_(n) {
+    image_.assign(bytes() + 2 * kGuardBytes, kSentinel);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < n; ++i) std::memcpy(data_in_image() + i * sizeof(T), &kNaN, 4);
+    }
+    upload();
+  }
+  DeviceBuffer(Backend& be, std::string name, const std::vector<T>& init)
+      : be_(be), name_(std::move(name)), n_(int64_t(init.size())) {
+    image_.assign(bytes() + 2 * kGuardBytes, kSentinel);
+    if (!init.empty()) std::memcpy(data_in_image(), init.data(), bytes());
+    upload();
+  }
+  ~DeviceBuffer() { be_.free(base_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* get() { return reinterpret_cast<T*>(static_cast<char*>(base_) + kGuardBytes); }
+  // The data (n elements); the guards must be intact (a failure names the buffer and byte).
+  std::vector<T> read() {
+    std::vector<unsigned char> img(image_.size());
+    be_.synchronize();
+    be_.copy_to_host(img.data(), base_, img.size());
+    for (size_t i = 0; i < img.size(); ++i) {
+      if (i >= kGuardBytes && i < kGuardBytes + bytes()) continue;
+      if (img[i] != kSentinel) {
+        ADD_FAILURE() << name_ << ": guard byte " << (i < kGuardBytes ? "before" : "after")
+                      << " the buffer overwritten (offset "
+                      << int64_t(i) - int64_t(kGuardBytes) << ", value " << int(img[i]) << ")";
+        break;
+      }
+    }
+    std::vector<T> data(static_cast<size_t>(n_));
+    if (n_) std::memcpy(data.data(), img.data() + kGuardBytes, bytes());
+    return data;
+  }
+
+ private:
+  size_t bytes() const { return size_t(n_) * sizeof(T); }
+  unsigned char* data_in_image() { return image_.data() + kGuardBytes; }
+  void upload() {
+    base_ = be_.alloc(image_.size());
+    be_.copy_to_device(base_, image_.data(), image_.size());
+  }
+  Backend& be_;
+  std::string name_;
+  int64_t n_;
+  std::vector<unsigned char> image_;
+  void* base_ = nullptr;
+};
+
+// Tolerances per op class and backend: |got - want| <= atol + rtol |want|.
+struct Tol {
+  double atol, rtol;
+};
+
+class BackendOps : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cpu") {
+      be_ = make_cpu_backend();
+    } else {
+      std::string reason;
+      be_ = make_cuda_backend(&reason);
+      if (!be_) GTEST_SKIP() << "no CUDA device: " << reason;
+    }
+  }
+  bool cpu() const { return be_->name() == "cpu"; }
+  // Same formula, same f32 rounding except a few ulp (libm vs CUDA math, summation order).
+  Tol elementwise() const { return cpu() ? Tol{0, 0} : Tol{1e-6, 4e-6}; }
+  // GEMMs and reductions over K terms in a different order (f32 accumulation).
+  Tol gemm() const { return cpu() ? Tol{0, 0} : Tol{2e-5, 2e-4}; }
+  // Flash attention on tensor cores: bf16 operands (8 significant bits), f32 accumulation.
+  Tol attention(double scale) const { return cpu() ? Tol{0, 0} : Tol{2.5e-2 * scale, 2e-2}; }
+
+  template <typename T>
+  std::unique_ptr<DeviceBuffer<T>> buf(const std::string& name, const std::vector<T>& init) {
+    return std::make_unique<DeviceBuffer<T>>(*be_, name, init);
+  }
+  std::unique_ptr<DeviceBuffer<float>> out(const std::string& name, int64_t n) {
+    return std::make_unique<DeviceBuffer<float>>(*be_, name, n);
+  }
+
+  std::unique_ptr<Backend> be_;
+};
+
+#define EXPECT_CLOSE(got, want, tol, what)                                                     \
+  EXPECT_TRUE(all_close((got).data(), (want).data(), int64_t((want).size()), (tol).atol,      \
+                        (tol).rtol, what))
+
+double max_abs(const Vec& v) {
+  double m = 0;
+  for (float x : v)
+    if (std::isfinite(x)) m = std::max(m, double(std::fabs(x)));
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST_P(BackendOps, Embedding) {
+  const int64_t V = 37, D = 45, N = 53;  // N > V: ids repeat
+  const Vec weight = random_vec(V * D, 1);
+  const Ids ids = random_ids(N, V, 2);
+  const Vec dout = random_vec(N * D, 3);
+  const Vec dw0 = random_vec(V * D, 4);
+  Vec want(N * D), dw_want = dw0;
+  embedding_forward(want.data(), ids.data(), weight.data(), N, D);
+  embedding_backward(dw_want.data(), dout.data(), ids.data(), N, D);
+
+  auto d_ids = buf("ids", ids);
+  auto d_w = buf("weight", weight);
+  auto d_out = out("out", N * D);
+  be_->embedding_forward(d_out->get(), d_ids->get(), d_w->get(), N, D);
+  EXPECT_CLOSE(d_out->read(), want, Tol({0, 0}), "embedding_forward");
+  auto d_dout = buf("dout", dout);
+  auto d_dw = buf("dweight", dw0);
+  be_->embedding_backward(d_dw->get(), d_dout->get(), d_ids->get(), N, D);
+  EXPECT_CLOSE(d_dw->read(), dw_want, elementwise(), "embedding_backward (+=)");
+}
+
+TEST_P(BackendOps, RmsNorm) {
+  const int64_t N = 19, D = 77;
+  Vec x = random_vec(N * D, 5, -2, 2);
+  x[3 * D + 5] = kNaN;  // row 3: NaN everywhere downstream
+  const Vec w = random_vec(D, 6, 0.5, 1.5);
+  const Vec dy = random_vec(N * D, 7);
+  const float eps = 1e-5f;
+  Vec y(N * D), rstd(N);
+  rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, D, eps);
+
+  auto d_x = buf("inp", x);
+  auto d_w = buf("weight", w);
+  auto d_y = out("out", N * D);
+  auto d_rstd = out("rstd", N);
+  be_->rmsnorm_forward(d_y->get(), d_rstd->get(), d_x->get(), d_w->get(), N, D, eps);
+  EXPECT_CLOSE(d_y->read(), y, elementwise(), "rmsnorm_forward out");
+  EXPECT_CLOSE(d_rstd->read(), rstd, elementwise(), "rmsnorm_forward rstd");
+
+  for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
+    const Vec dx0 = random_vec(N * D, 8), dw0 = random_vec(D, 9);
+    Vec dx = dx0, dw = dw0;
+    rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), N, D, acc);
+    auto d_dy = buf("dout", dy);
+    auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * D);
+    auto d_dw = buf("dweight", dw0);
+    auto d_rs = buf("rstd", rstd);
+    be_->rmsnorm_backward(d_dx->get(), d_dw->get(), d_dy->get(), d_x->get(), d_w->get(),
+                          d_rs->get(), N, D, acc);
+    // dweight: a column sum over N rows (NaN column 5 included).
+    EXPECT_CLOSE(d_dx->read(), dx, elementwise(), "rmsnorm_backward dinp");
+    EXPECT_CLOSE(d_dw->read(), dw, elementwise(), "rmsnorm_backward dweight (+=)");
+  }
+}
+
+TEST_P(BackendOps, Linear) {
+  const int64_t N = 33, IN = 47, OUT = 29;
+  Vec x = random_vec(N * IN, 10);
+  x[7 * IN + 3] = kNaN;  // row 7 of out, column 3 of dweight become NaN
+  const Vec w = random_vec(OUT * IN, 11), bias = random_vec(OUT, 12), dy = random_vec(N * OUT, 13);
+  for (bool with_bias : {false, true}) {
+    Vec y(N * OUT);
+    linear_forward(y.data(), x.data(), w.data(), with_bias ? bias.data() : nullptr, N, IN, OUT);
+    auto d_x = buf("inp", x);
+    auto d_w = buf("weight", w);
+    auto d_b = buf("bias", bias);
+    auto d_y = out("out", N * OUT);
+    be_->linear_forward(d_y->get(), d_x->get(), d_w->get(), with_bias ? d_b->get() : nullptr, N,
+                        IN, OUT);
+    EXPECT_CLOSE(d_y->read(), y, gemm(), with_bias ? "linear_forward +bias" : "linear_forward");
+  }
+  for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
+    const Vec dx0 = random_vec(N * IN, 14), dw0 = random_vec(OUT * IN, 15),
+              db0 = random_vec(OUT, 16);
+    Vec dx = dx0, dw = dw0, db = db0;
+    linear_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), N, IN, OUT,
+                    acc);
+    auto d_x = buf("inp", x);
+    auto d_w = buf("weight", w);
+    auto d_dy = buf("dout", dy);
+    auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * IN);
+    auto d_dw = buf("dweight", dw0);
+    auto d_db = buf("dbias", db0);
+    be_->linear_backward(d_dx->get(), d_dw->get(), d_db->get(), d_dy->get(), d_x->get(),
+                         d_w->get(), N, IN, OUT, acc);
+    EXPECT_CLOSE(d_dx->read(), dx, gemm(), "linear_backward dinp");
+    EXPECT_CLOSE(d_dw->read(), dw, gemm(), "linear_backward dweight (+=)");
+    EXPECT_CLOSE(d_db->read(), db, gemm(), "linear_backward dbias (+=)");
+  }
+}
+
+TEST_P(BackendOps, Rope) {
+  const int64_t N = 23, H = 3, HD = 18, half = HD / 2;
+  Ids pos(N);
+  for (int64_t i = 0; i < N; ++i) pos[i] = int32_t((i * 37) % 4099);  // large angles too
+  Vec inv_freq(half);
+  for (int64_t i = 0; i < half; ++i) inv_freq[i] = float(std::pow(10000.0, -2.0 * i / HD));
+  const float scaling = 1.25f;
+  Vec cos(N * half), sin(N * half);
+  rope_tables(cos.data(), sin.data(), pos.data(), inv_freq.data(), scaling, N, HD);
+  auto d_pos = buf("pos", pos);
+  auto d_if = buf("inv_freq", inv_freq);
+  auto d_cos = out("cos", N * half);
+  auto d_sin = out("sin", N * half);
+  be_->rope_tables(d_cos->get(), d_sin->get(), d_pos->get(), d_if->get(), scaling, N, HD);
+  // cos/sin of angles up to ~4000 rad: CUDA's cosf/sinf and libm agree to a few ulp.
+  EXPECT_CLOSE(d_cos->read(), cos, elementwise(), "rope_tables cos");
+  EXPECT_CLOSE(d_sin->read(), sin, elementwise(), "rope_tables sin");
+
+  Vec x = random_vec(N * H * HD, 17);
+  x[5] = kInf;
+  Vec y(N * H * HD), dx(N * H * HD);
+  rope_forward(y.data(), x.data(), cos.data(), sin.data(), N, H, HD);
+  rope_backward(dx.data(), x.data(), cos.data(), sin.data(), N, H, HD);
+  auto d_c = buf("cos", cos);
+  auto d_s = buf("sin", sin);
+  auto d_x = buf("inp", x);
+  auto d_y = out("out", N * H * HD);
+  be_->rope_forward(d_y->get(), d_x->get(), d_c->get(), d_s->get(), N, H, HD);
+  EXPECT_CLOSE(d_y->read(), y, elementwise(), "rope_forward");
+  auto d_dx = out("dinp", N * H * HD);
+  be_->rope_backward(d_dx->get(), d_x->get(), d_c->get(), d_s->get(), N, H, HD);
+  EXPECT_CLOSE(d_dx->read(), dx, elementwise(), "rope_backward");
+  be_->rope_forward(d_x->get(), d_x->get(), d_c->get(), d_s->get(), N, H, HD);  // in place
+  EXPECT_CLOSE(d_x->read(), y, elementwise(), "rope_forward in place");
+}
+
+TEST_P(BackendOps, SwiGlu) {
+  const int64_t n = 1001;
+  Vec g = random_vec(n, 18, -6, 6), u = random_vec(n, 19), dy = random_vec(n, 20);
+  const float specials[] = {kNaN, kInf, -kInf, 100.0f, -100.0f, 0.0f, -0.0f, 88.7f, -88.8f};
+  for (size_t i = 0; i < std::size(specials); ++i) g[i * 7] = specials[i];
+  u[500] = kNaN, dy[600] = kInf;
+  Vec y(n), dg(n), du(n);
+  swiglu_forward(y.data(), g.data(), u.data(), n);
+  swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), n);
+  auto d_g = buf("gate", g);
+  auto d_u = buf("up", u);
+  auto d_dy = buf("dout", dy);
+  auto d_y = out("out", n);
+  auto d_dg = out("dgate", n);
+  auto d_du = out("dup", n);
+  be_->swiglu_forward(d_y->get(), d_g->get(), d_u->get(), n);
+  be_->swiglu_backward(d_dg->get(), d_du->get(), d_dy->get(), d_g->get(), d_u->get(), n);
+  EXPECT_CLOSE(d_y->read(), y, elementwise(), "swiglu_forward");
+  EXPECT_CLOSE(d_dg->read(), dg, elementwise(), "swiglu_backward dgate");
+  EXPECT_CLOSE(d_du->read(), du, elementwise(), "swiglu_backward dup");
+}
+
+struct AttnCase {
+  int64_t B, T, H, KVH, HD, window;
+  int docs;  // documents per row (0: no doc ids)
+};
+
+TEST_P(BackendOps, Attention) {
+  const AttnCase cases[] = {
+      {2, 77, 4, 2, 24, 0, 0},    // GQA, HD padded 24 -> 32, T not a tile multiple
+      {1, 130, 3, 1, 64, 33, 0},  // sliding window across tile boundaries, MQA
+      {2, 100, 2, 2, 40, 0, 3},   // packed documents
+      {1, 65, 2, 1, 128, 20, 2},  // documents and window, HD 128
+      {1, 7, 1, 1, 8, 0, 0},      // tiny: one partial tile
+  };
+  for (const AttnCase& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "B=" << c.B << " T=" << c.T << " H=" << c.H
+                                      << " KVH=" << c.KVH << " HD=" << c.HD << " window="
+                                      << c.window << " docs=" << c.docs);
+    const int64_t nq = c.B * c.T * c.H * c.HD, nk = c.B * c.T * c.KVH * c.HD;
+    const Vec q = random_vec(nq, 21, -2, 2), k = random_vec(nk, 22, -2, 2),
+              v = random_vec(nk, 23), dout = random_vec(nq, 24);
+    Ids docs(c.B * c.T);
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t t = 0; t < c.T; ++t)
+        docs[b * c.T + t] = c.docs ? int32_t(b * 10 + t * c.docs / c.T) : 0;
+    AttentionShape s{c.B, c.T, c.H, c.KVH, c.HD, c.window, c.docs ? docs.data() : nullptr,
+                     float(1.0 / std::sqrt(double(c.HD)))};
+    Vec o(nq), lse(c.B * c.H * c.T), dq(nq), dk(nk), dv(nk);
+    attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), s);
+    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), o.data(), lse.data(),
+                       q.data(), k.data(), v.data(), s);
+
+    auto d_q = buf("q", q);
+    auto d_k = buf("k", k);
+    auto d_v = buf("v", v);
+    auto d_docs = buf("doc_ids", docs);
+    AttentionShape ds = s;
+    ds.doc_ids = c.docs ? d_docs->get() : nullptr;
+    auto d_o = out("out", nq);
+    auto d_lse = out("lse", c.B * c.H * c.T);
+    be_->attention_forward(d_o->get(), d_lse->get(), d_q->get(), d_k->get(), d_v->get(), ds);
+    EXPECT_CLOSE(d_o->read(), o, attention(max_abs(o)), "attention_forward out");
+    EXPECT_CLOSE(d_lse->read(), lse, attention(1.0), "attention_forward lse");
+
+    // The backward takes the reference forward's out and lse, so only the backward is judged.
+    auto d_do = buf("dout", dout);
+    auto d_o_ref = buf("out", o);
+    auto d_lse_ref = buf("lse", lse);
+    auto d_dq = out("dq", nq);
+    auto d_dk = out("dk", nk);
+    auto d_dv = out("dv", nk);
+    be_->attention_backward(d_dq->get(), d_dk->get(), d_dv->get(), d_do->get(), d_o_ref->get(),
+                            d_lse_ref->get(), d_q->get(), d_k->get(), d_v->get(), ds);
+    EXPECT_CLOSE(d_dq->read(), dq, attention(max_abs(dq)), "attention_backward dq");
+    EXPECT_CLOSE(d_dk->read(), dk, attention(max_abs(dk)), "attention_backward dk");
+    EXPECT_CLOSE(d_dv->read(), dv, attention(max_abs(dv)), "attention_backward dv");
+  }
+}
+
+TEST_P(BackendOps, LmHeadCrossEntropy) {
+  const int64_t N = 37, D = 24, V = 53;
+  const Vec h = random_vec(N * D, 25, -2, 2), w = random_vec(V * D, 26);
+  Ids t = random_ids(N, V, 27);
+  for (int64_t i = 8; i < 16; ++i) t[i] = kIgnoreIndex;  // chunk [8,16) has no label
+  t[0] = t[20] = t[36] = kIgnoreIndex;
+  int64_t labelled = 0;
+  for (int32_t y : t) labelled += y != kIgnoreIndex;
+  const float gs = 1.0f / float(labelled);
+  for (int64_t chunk : {int64_t(8), int64_t(64)}) {
+    SCOPED_TRACE(::testing::Message() << "chunk=" << chunk);
+    const Vec dw0 = random_vec(V * D, 28);
+    Vec dh(N * D), dw = dw0, scratch(chunk * V);
+    const double loss = lm_head_cross_entropy(dh.data(), dw.data(), h.data(), w.data(), t.data(),
+                                              N, D, V, chunk, gs, scratch.data());
+    auto d_h = buf("hidden", h);
+    auto d_w = buf("weight", w);
+    auto d_t = buf("targets", t);
+    auto d_dh = out("dhidden", N * D);
+    auto d_dw = buf("dweight", dw0);
+    auto d_scratch = out("scratch", chunk * V);
+    const double got = be_->lm_head_cross_entropy(d_dh->get(), d_dw->get(), d_h->get(),
+                                                   d_w->get(), d_t->get(), N, D, V, chunk, gs,
+                                                   d_scratch->get());
+    EXPECT_NEAR(got, loss, cpu() ? 0.0 : 1e-5 * std::fabs(loss));
+    EXPECT_CLOSE(d_dh->read(), dh, gemm(), "lm_head_cross_entropy dhidden");
+    EXPECT_CLOSE(d_dw->read(), dw, gemm(), "lm_head_cross_entropy dweight (+=)");
+    d_scratch->read();  // guards only
+    // Loss only (no gradients).
+    const double got2 = be_->lm_head_cross_entropy(nullptr, nullptr, d_h->get(), d_w->get(),
+                                                    d_t->get(), N, D, V, chunk, gs,
+                                                    d_scratch->get());
+    EXPECT_NEAR(got2, loss, cpu() ? 0.0 : 1e-5 * std::fabs(loss));
+  }
+}
+
+TEST_P(BackendOps, AdamW) {
+  const int64_t n = 1003;
+  for (float wd : {0.0f, 0.1f}) {
+    Vec p = random_vec(n, 29), m(n, 0.0f), v(n, 0.0f);
+    auto d_p = buf("param", p);
+    auto d_m = buf("m", m);
+    auto d_v = buf("v", v);
+    for (int64_t step = 1; step <= 3; ++step) {
+      Vec g = random_vec(n, 30 + uint64_t(step), -1e-2f, 1e-2f);
+      g[0] = 0.0f, g[1] = 1e-30f;
+      AdamWParams a;
+      a.lr = 1e-3f, a.weight_decay = wd, a.step = step;
+      adamw_update(p.data(), g.data(), m.data(), v.data(), n, a);
+      auto d_g = buf("grad", g);
+      be_->adamw_update(d_p->get(), d_g->get(), d_m->get(), d_v->get(), n, a);
+    }
+    // The same rounding as torch on every backend: bit-exact.
+    EXPECT_CLOSE(d_p->read(), p, Tol({0, 0}), "adamw param");
+    EXPECT_CLOSE(d_m->read(), m, Tol({0, 0}), "adamw m");
+    EXPECT_CLOSE(d_v->read(), v, Tol({0, 0}), "adamw v");
+  }
+}
+
+TEST_P(BackendOps, ReductionsAndElementwise) {
+  const int64_t n = 100003;
+  Vec x = random_vec(n, 40, -3, 3), y = random_vec(n, 41);
+  auto d_x = buf("x", x);
+  const double want = sum_squares(x.data(), n);
+  EXPECT_NEAR(be_->sum_squares(d_x->get(), n), want, cpu() ? 0.0 : 1e-12 * want);
+  EXPECT_EQ(be_->sum_squares(d_x->get(), 0), 0.0);
+  be_->scale_inplace(d_x->get(), n, 0.37f);
+  Vec xs = x;
+  scale_inplace(xs.data(), n, 0.37f);
+  EXPECT_CLOSE(d_x->read(), xs, Tol({0, 0}), "scale_inplace");
+  auto d_y = buf("y", y);
+  be_->add_inplace(d_y->get(), d_x->get(), n);
+  Vec ys = y;
+  for (int64_t i = 0; i < n; ++i) ys[i] += xs[i];
+  EXPECT_CLOSE(d_y->read(), ys, Tol({0, 0}), "add_inplace");
+  x[777] = kNaN;
+  auto d_nan = buf("x_nan", x);
+  EXPECT_TRUE(std::isnan(be_->sum_squares(d_nan->get(), n)));
+  x[777] = kInf;
+  auto d_inf = buf("x_inf", x);
+  EXPECT_EQ(be_->sum_squares(d_inf->get(), n), INFINITY);
+}
+
+TEST_P(BackendOps, Nf4Dequantize) {
+  // Quantized by the reference quantizer (ops/nf4.h); the CPU op is the reference, and one
+  // element is also checked by hand against the layout.
+  const int64_t n = kNf4Block * kNf4AbsmaxBlock * 2 + 3 * kNf4Block + 2;  // partial groups
+  const Nf4Sizes z = nf4_sizes(n);
+  const Vec w = random_vec(n, 50, -2, 2);
+  std::vector<uint8_t> codes(z.packed_bytes), absmax_codes(z.blocks);
+  Vec scale(z.scale_blocks);
+  float offset = 0;
+  nf4_quantize(codes.data(), absmax_codes.data(), scale.data(), &offset, w.data(), n);
+  Vec want(n);
+  nf4_dequantize(want.data(), codes.data(), absmax_codes.data(), scale.data(), offset, n);
+  const int64_t i = kNf4Block * kNf4AbsmaxBlock + 65;  // group 1, block 257, odd: low nibble
+  const float absmax = dynamic_map_code()[absmax_codes[i / 64]] * scale[1] + offset;
+  EXPECT_NEAR(want[i], nf4_code()[codes[i / 2] & 15] * absmax, 1e-6f * std::fabs(absmax));
+
+  auto d_codes = buf("codes", codes);
+  auto d_ac = buf("absmax_codes", absmax_codes);
+  auto d_scale = buf("absmax_scale", scale);
+  auto d_out = out("out", n);
+  be_->nf4_dequantize(d_out->get(), d_codes->get(), d_ac->get(), d_scale->get(), offset, n);
+  EXPECT_CLOSE(d_out->read(), want, Tol({0, 0}), "nf4_dequantize");
+}
+
+TEST_P(BackendOps, AsyncCopiesThroughPinnedMemory) {
+  const int64_t n = 4099;
+  const Vec x = random_vec(n, 60);
+  auto d_src = buf("src", x);
+  auto d_dst = out("dst", n);
+  auto* pinned = static_cast<float*>(be_->alloc_pinned(n * sizeof(float)));
+  ASSERT_NE(pinned, nullptr);
+  be_->scale_inplace(d_src->get(), n, 2.0f);  // compute before the offload must be seen
+  be_->copy_to_host_async(pinned, d_src->get(), n * sizeof(float));
+  be_->synchronize_copies();
+  Vec want = x;
+  for (auto& e : want) e *= 2.0f;
+  EXPECT_CLOSE(Vec(pinned, pinned + n), want, Tol({0, 0}), "offload");
+  for (int64_t i = 0; i < n; ++i) pinned[i] += 1.0f;
+  be_->copy_to_device_async(d_dst->get(), pinned, n * sizeof(float));
+  be_->wait_copies();
+  be_->scale_inplace(d_dst->get(), n, 0.5f);  // compute after wait_copies sees the prefetch
+  for (auto& e : want) e = (e + 1.0f) * 0.5f;
+  EXPECT_CLOSE(d_dst->read(), want, Tol({0, 0}), "prefetch");
+  be_->synchronize_copies();
+  be_->free_pinned(pinned);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu", "cuda"),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+// bf16 GEMM mode of the CUDA backend: inputs rounded to bf16 (relative error 2^-9 each), f32
+// accumulation; compared with the f32 CPU op with a tolerance scaled by sqrt(K).
+TEST(CudaBackend, Bf16GemmMode) {
+  std::string reason;
+  auto be = make_cuda_backend(&reason, GemmPrecision::kBf16);
+  if (!be) GTEST_SKIP() << "no CUDA device: " << reason;
+  const int64_t N = 65, IN = 96, OUT = 33;
+  const Vec x = random_vec(N * IN, 70), w = random_vec(OUT * IN, 71);
+  Vec y(N * OUT);
+  linear_forward(y.data(), x.data(), w.data(), nullptr, N, IN, OUT);
+  DeviceBuffer<float> d_x(*be, "inp", x), d_w(*be, "weight", w), d_y(*be, "out", N * OUT);
+  be->linear_forward(d_y.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
+  EXPECT_TRUE(all_close(d_y.read().data(), y.data(), N * OUT, 8e-3 * std::sqrt(double(IN)), 1e-2,
+                        "bf16 linear_forward"));
+}
+
+}  // namespace
+}  // namespace lt
