@@ -12,6 +12,7 @@
 #include "data/tokenizer.h"
 #include "io/safetensors.h"
 #include "model/llama.h"
+#include "model/adapter_io.h"
 #include "model/model_io.h"
 #include "train/batching.h"
 #include "train/evaluate.h"
@@ -44,9 +45,6 @@ int cmd_eval(int argc, char** argv) {
   const std::filesystem::path model_dir = model;
   if (!std::filesystem::is_directory(model_dir))
     fail("--model_name_or_path '{}' is not a folder", model);
-  // LORA-HOOK: the LoRA helper loads the adapter here (weights merged or applied on the fly).
-  if (!adapter.empty())
-    fail("--adapter_name_or_path '{}': LoRA support not built yet in this longtune", adapter);
   const ModelConfig config = load_model_config(model_dir / "config.json");
   std::unique_ptr<Tokenizer> tokenizer;
   if (!tokenizer_path.empty() || std::filesystem::exists(model_dir / "tokenizer.json"))
@@ -66,6 +64,8 @@ int cmd_eval(int argc, char** argv) {
   auto backend = make_backend(device);
   LlamaModel m(config, *backend, rs);
   load_weights(CheckpointReader(model_dir), m.table(), m.params());
+  // A PEFT adapter is merged into the weights (W += scale * B A), as merge_and_unload does.
+  if (!adapter.empty()) merge_adapter(adapter, config, m.table(), m.params());
   const EvalResult r = evaluate_loss(m, ds.rows, batch_size);
   fmt::print("eval_loss {:.6f}  perplexity {:.4f}  ({} rows, {} labelled tokens, {:.2f} s)\n",
              r.loss, r.perplexity, r.num_rows, r.num_targets, r.runtime_s);

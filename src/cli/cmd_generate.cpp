@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "data/tokenizer.h"
 #include "io/safetensors.h"
+#include "model/adapter_io.h"
 #include "model/generate.h"
 #include "model/model_io.h"
 
@@ -89,10 +90,8 @@ int cmd_generate(int argc, char** argv) {
   const ParamTable table(config);
   std::vector<float> params(table.total_numel());
   load_weights(CheckpointReader(dir), table, params.data());
-  if (!adapter.empty()) {
-    // HOOK(lora): merge or attach the PEFT adapter here once LoRA support exists in this branch.
-    fail("--adapter_name_or_path '{}': adapters: not available in this build", adapter);
-  }
+  // A PEFT adapter is merged into the weights (W += scale * B A), as merge_and_unload does.
+  if (!adapter.empty()) merge_adapter(adapter, config, table, params.data());
   const ModelWeights weights = table.bind(params.data());
 
   std::unique_ptr<Tokenizer> tok;
