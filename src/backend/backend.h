@@ -11,7 +11,6 @@
 #include "ops/adamw.h"
 #include "ops/common.h"
 #include "ops/lora.h"
-#include "core/check.h"
 
 namespace lt {
 
@@ -94,21 +93,17 @@ class Backend {
 
   // LoRA and QLoRA (ops/lora.h, ops/nf4.h). Not pure: a backend without them reports
   // supports(kLora / kNf4Dequantize) == false and the model refuses LoRA / 4-bit runs on it.
-  virtual void lora_forward(float*, float*, float*, const float*, const float*, const float*,
-                            int64_t, int64_t, int64_t, const LoraCall&) {
-    LT_CHECK(false, "backend {} has no lora_forward", name());
-  }
-  virtual void lora_backward(float*, float*, float*, float*, float*, float*, float*,
-                             const float*, const float*, const float*, const float*, int64_t,
-                             int64_t, int64_t, const LoraCall&) {
-    LT_CHECK(false, "backend {} has no lora_backward", name());
-  }
+  // (Defaults in backend.cpp abort: the model checks supports() before calling them.)
+  virtual void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
+                            const float* b, int64_t N, int64_t IN, int64_t OUT, const LoraCall& c);
+  virtual void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float* xd,
+                             float* dxd, const float* dout, const float* inp, const float* a,
+                             const float* b, int64_t N, int64_t IN, int64_t OUT,
+                             const LoraCall& c);
   // out (n) f32 from NF4 storage: packed (ceil(n/2)) absmax_q (ceil(n/64)) absmax_scale
   // (ceil(n/64/256)); all device pointers.
-  virtual void nf4_dequantize(float*, const uint8_t*, const uint8_t*, const float*, float,
-                              int64_t) {
-    LT_CHECK(false, "backend {} has no nf4_dequantize", name());
-  }
+  virtual void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
+                              const float* absmax_scale, float absmax_offset, int64_t n);
 };
 
 // The CPU backend (reference; BLAS + OpenMP).

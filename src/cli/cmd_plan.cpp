@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "cli/lora_flags.h"
 #include "core/error.h"
 #include "model/presets.h"
 #include "plan/planner.h"
@@ -35,6 +36,8 @@ int cmd_plan(int argc, char** argv) {
   add_bool_flag(app, "--bf16", &bf16, "bf16 training (CUDA plan)");
   app.add_option("--device", device, "cpu or cuda (cuda plans bf16 with f32 master weights)");
   app.add_option("--memory_budget", budget, "device memory, e.g. 80GiB");
+  LoraOptions lora;
+  add_lora_flags(app, &lora);
   if (!parse_flags(app, argc, argv)) return 0;
   if (model.empty() == preset.empty()) fail("give exactly one of --model_name_or_path and --preset");
   if (seq < 1) fail("--model_max_length must be >= 1 (got {})", seq);
@@ -48,6 +51,7 @@ int cmd_plan(int argc, char** argv) {
   r.batch = batch;
   r.device = device == "cuda" ? PlanDevice::kCudaBf16 : PlanDevice::kCpuF32;
   r.settings.flash_attention = flash;
+  r.settings.lora = resolve_lora(lora, 42);
   r.settings.offload_checkpoints = offload;
   const bool auto_ms = mini == "auto", auto_ck = ckpt == "auto";
   if (!auto_ms) {
@@ -82,6 +86,17 @@ int cmd_plan(int argc, char** argv) {
              r.config.architecture, r.config.num_hidden_layers, r.config.hidden_size,
              r.config.vocab_size, seq, batch, device == "cuda" ? "cuda (bf16)" : "cpu (f32)");
   fmt::print("settings: {}\n{}\n", settings_text(r.settings), p.describe());
+  {
+    const double n = static_cast<double>(ParamTable(r.config).total_numel());
+    size_t fixed = 0;
+    for (const auto& [name, bytes] : p.by_category)
+      if (name == "weights" || name == "gradients" || name == "optimizer state") fixed += bytes;
+    fmt::print("{}: {:.3f} bytes per base parameter (weights + gradients + optimizer state)\n",
+               r.settings.lora.enabled
+                   ? (r.settings.lora.quantize_4bit ? "QLoRA" : "LoRA")
+                   : "full fine-tune",
+               static_cast<double>(fixed) / n);
+  }
   if (budget_bytes) {
     fmt::print("budget {}: {}\n", format_bytes(*budget_bytes),
                p.device_bytes <= *budget_bytes ? "fits" : "does NOT fit");

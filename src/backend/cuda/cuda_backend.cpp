@@ -265,6 +265,7 @@ class CudaBackend final : public Backend {
   }
   void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
                       const float* absmax_scale, float absmax_offset, int64_t n) override {
+    LT_CHECK(n >= 0 && n % 2 == 0, "nf4_dequantize: n={} must be even on CUDA", n);
     if (!absmax_table_) {  // the 256-entry dynamic map, uploaded once
       absmax_table_ = static_cast<float*>(alloc(256 * sizeof(float)));
       copy_to_device(absmax_table_, dynamic_map_code().data(), 256 * sizeof(float));
