@@ -25,5 +25,30 @@ if [ -f tools/interop_hf.sh ]; then
   echo "interop: transformers loads longtune's model folders"
   bash tools/interop_hf.sh build "$PY" || status=1
 fi
+# Experiment tracking: TensorBoard reads our event files; a real MLflow server on 127.0.0.1
+# receives a run (packages in a second venv: mlflow pins its own versions).
+TVENV=${LONGTUNE_TRACKING_VENV:-$HOME/.cache/longtune/venv-tracking}
+if ! "$TVENV/bin/python" -c "import mlflow, tensorboard" 2>/dev/null; then
+  echo "interop: installing mlflow tensorboard into $TVENV (once per machine; PyPI)"
+  { python3 -m venv "$TVENV" && timeout 1200 "$TVENV/bin/python" -m pip install -q mlflow tensorboard; } ||
+    echo "interop: tracking packages could not be installed here"
+fi
+if "$TVENV/bin/python" -c "import mlflow, tensorboard" 2>/dev/null; then
+  echo "interop: MLflow server and TensorBoard reader"
+  MLFLOW_PYTHON="$TVENV/bin/python" bash tools/test_mlflow.sh build/longtune || status=1
+  tb=$(mktemp -d)
+  build/longtune init --preset tiny --output_dir "$tb/model" >/dev/null
+  python3 -c "import json; [print(json.dumps({'input_ids': [(7 * i + k) % 500 + 3 for k in range(40)]})) for i in range(16)]" > "$tb/data.jsonl"
+  if build/longtune train --model_name_or_path "$tb/model" --data_path "$tb/data.jsonl" \
+      --output_dir "$tb/out" --max_steps 6 --logging_steps 1 --per_device_train_batch_size 2 \
+      --report_to tensorboard --save_strategy no >/dev/null; then
+    "$TVENV/bin/python" tools/check_tensorboard.py "$tb/out" || status=1
+  else
+    status=1
+  fi
+  rm -rf "$tb"
+else
+  echo "interop: SKIPPED MLflow/TensorBoard checks: packages unavailable"
+fi
 [ $status = 0 ] && echo "interop: all checks passed" || echo "interop: FAILED"
 exit $status

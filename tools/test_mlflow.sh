@@ -4,13 +4,13 @@
 # Python client. Skipped, with a message, when the `mlflow` package is not installed.
 #
 # usage: tools/test_mlflow.sh [path/to/longtune]
-#   MLFLOW_PYTHON: a python that has mlflow (default: the first of /work/venv-product-tools,
-#   python3 that can import it)
+#   MLFLOW_PYTHON: a python that has mlflow (default: python3 if
+#   it can import mlflow)
 set -euo pipefail
 LONGTUNE=${1:-build/longtune}
 PY=${MLFLOW_PYTHON:-}
 if [ -z "$PY" ]; then
-  for c in /work/venv-product-tools/bin/python python3; do
+  for c in python3; do
     if command -v "$c" >/dev/null 2>&1 && "$c" -c "import mlflow" >/dev/null 2>&1; then PY=$c; break; fi
   done
 fi
