@@ -86,10 +86,18 @@ int64_t longest_sequence(PlanRequest r, size_t budget, int64_t granularity, int6
 }
 
 void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
-  s->mlp_chunks = std::max<int64_t>(1, (tokens + c.hidden_size - 1) / c.hidden_size);
-  s->lm_head_chunks = std::max<int64_t>(1, (c.vocab_size + c.hidden_size - 1) / c.hidden_size);
-  s->mlp_chunks = std::min(s->mlp_chunks, std::max<int64_t>(1, tokens));
-  s->lm_head_chunks = std::min(s->lm_head_chunks, std::max<int64_t>(1, tokens));
+  // MST's rules: MLP chunks of ~hidden_size tokens; ceil(V/D) LM-head chunks, so that one chunk
+  // of logits is as large as the hidden states. Chunks never go below kMinChunkRows rows: below
+  // that the GEMMs stop being compute-bound and the saving is no longer worth it.
+  constexpr int64_t kMinChunkRows = 256;
+  const int64_t t = std::max<int64_t>(1, tokens);
+  auto chunks_for_rows = [&](int64_t rows) {
+    rows = std::max(rows, std::min(t, kMinChunkRows));
+    return std::max<int64_t>(1, (t + rows - 1) / rows);
+  };
+  s->mlp_chunks = chunks_for_rows(c.hidden_size);
+  const int64_t lm_chunks = std::max<int64_t>(1, (c.vocab_size + c.hidden_size - 1) / c.hidden_size);
+  s->lm_head_chunks = chunks_for_rows((t + lm_chunks - 1) / lm_chunks);
 }
 
 AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms, bool auto_ck) {
