@@ -111,10 +111,12 @@ class CliErrors : public ::testing::Test {
     for (std::string line; std::getline(ss, line);)
       if (line.rfind("longtune: error:", 0) == 0) error_lines.push_back(line);
     ASSERT_EQ(error_lines.size(), 1u) << "stderr:\n" << r.err;
-    if (std::getenv("LT_SHOW_ERRORS")) std::printf("%-40s %s\n", what.c_str(), error_lines[0].c_str());
+    if (std::getenv("LT_SHOW_ERRORS"))
+      std::printf("%-40s %s\n", what.c_str(), error_lines[0].c_str());
     for (const std::string& e : expect)
       EXPECT_NE(error_lines[0].find(e), std::string::npos)
-          << "the error line does not mention '" << e << "':\n" << error_lines[0];
+          << "the error line does not mention '" << e << "':\n"
+          << error_lines[0];
     if (!output_dir.empty()) {
       std::error_code ec;
       EXPECT_TRUE(!fs::exists(output_dir) || fs::is_empty(output_dir, ec))
@@ -200,7 +202,8 @@ std::vector<ModelCase> model_cases() {
   const std::string kDown1 = "model.layers.1.mlp.down_proj.weight";
   return {
       {"no_config", [](fs::path d) { fs::remove(d / "config.json"); }, {"config.json"}},
-      {"config_not_json", [](fs::path d) { spit(d / "config.json", "{\"hidden_size\": 64,"); },
+      {"config_not_json",
+       [](fs::path d) { spit(d / "config.json", "{\"hidden_size\": 64,"); },
        {"config.json", "not valid JSON"}},
       {"no_weights",
        [](fs::path d) { fs::remove(d / "model.safetensors"); },
@@ -247,8 +250,9 @@ std::vector<ModelCase> model_cases() {
        {"model.safetensors", "model.norm.weight", "out of range"}},
       {"unknown_dtype",
        [](fs::path d) {
-         edit_safetensors(d / "model.safetensors", nullptr,
-                          [](json& h) { h["model.layers.0.input_layernorm.weight"]["dtype"] = "Q7"; });
+         edit_safetensors(d / "model.safetensors", nullptr, [](json& h) {
+           h["model.layers.0.input_layernorm.weight"]["dtype"] = "Q7";
+         });
        },
        {"model.safetensors", "model.layers.0.input_layernorm.weight", "Q7", "dtype"}},
       {"missing_tensor",
@@ -313,15 +317,15 @@ TEST_F(CliErrors, MissingModelFolder) {
   expect_clean_failure(run("train --model_name_or_path " + dir.string() + " --data_path " +
                            good_data_.string() + " --output_dir " + out.string()),
                        {dir.string(), "--model_name_or_path"}, out, "train");
-  expect_clean_failure(run("eval --model_name_or_path " + dir.string() + " --data_path " +
-                           good_data_.string()),
-                       {dir.string(), "--model_name_or_path"}, {}, "eval");
+  expect_clean_failure(
+      run("eval --model_name_or_path " + dir.string() + " --data_path " + good_data_.string()),
+      {dir.string(), "--model_name_or_path"}, {}, "eval");
   expect_clean_failure(run("generate --model_name_or_path " + dir.string() + " --prompt_ids 1"),
                        {dir.string(), "--model_name_or_path"}, {}, "generate");
-  expect_clean_failure(run("merge --model_name_or_path " + dir.string() +
-                           " --adapter_name_or_path " + adapter_.string() + " --output_dir " +
-                           out.string()),
-                       {dir.string(), "--model_name_or_path"}, out, "merge");
+  expect_clean_failure(
+      run("merge --model_name_or_path " + dir.string() + " --adapter_name_or_path " +
+          adapter_.string() + " --output_dir " + out.string()),
+      {dir.string(), "--model_name_or_path"}, out, "merge");
 }
 
 // Bad data files for train and eval.
@@ -349,9 +353,9 @@ TEST_F(CliErrors, BadData) {
     expect_clean_failure(run("train --model_name_or_path " + good_model_.string() +
                              " --data_path " + data.string() + " --output_dir " + out.string()),
                          c.expect, out, "train " + c.name);
-    expect_clean_failure(run("eval --model_name_or_path " + good_model_.string() +
-                             " --data_path " + data.string()),
-                         c.expect, {}, "eval " + c.name);
+    expect_clean_failure(
+        run("eval --model_name_or_path " + good_model_.string() + " --data_path " + data.string()),
+        c.expect, {}, "eval " + c.name);
     // As evaluation data of a training run.
     expect_clean_failure(run("train --model_name_or_path " + good_model_.string() +
                              " --data_path " + good_data_.string() + " --eval_data_path " +
@@ -360,12 +364,12 @@ TEST_F(CliErrors, BadData) {
   }
   const fs::path missing = root_ / "missing.jsonl";
   const fs::path out = root_ / "out_data_missing";
-  expect_clean_failure(run("train --model_name_or_path " + good_model_.string() +
-                           " --data_path " + missing.string() + " --output_dir " + out.string()),
+  expect_clean_failure(run("train --model_name_or_path " + good_model_.string() + " --data_path " +
+                           missing.string() + " --output_dir " + out.string()),
                        {missing.string()}, out, "train missing data");
-  expect_clean_failure(run("eval --model_name_or_path " + good_model_.string() + " --data_path " +
-                           missing.string()),
-                       {missing.string()}, {}, "eval missing data");
+  expect_clean_failure(
+      run("eval --model_name_or_path " + good_model_.string() + " --data_path " + missing.string()),
+      {missing.string()}, {}, "eval missing data");
   // A prompt id past the vocabulary in generate.
   expect_clean_failure(run("generate --model_name_or_path " + good_model_.string() +
                            " --prompt_ids 1,512 --output_ids True"),
@@ -375,9 +379,8 @@ TEST_F(CliErrors, BadData) {
 // Flags with bad values name the flag and what is allowed; unknown flags get a suggestion.
 TEST_F(CliErrors, BadFlags) {
   const fs::path out = root_ / "out_flags";
-  const std::string base = "train --model_name_or_path " + good_model_.string() +
-                           " --data_path " + good_data_.string() + " --output_dir " +
-                           out.string();
+  const std::string base = "train --model_name_or_path " + good_model_.string() + " --data_path " +
+                           good_data_.string() + " --output_dir " + out.string();
   struct FlagCase {
     std::string args;
     std::vector<std::string> expect;
@@ -385,18 +388,19 @@ TEST_F(CliErrors, BadFlags) {
   const std::vector<FlagCase> cases = {
       {base + " --learning_rate abc", {"--learning_rate", "abc", "number"}},
       {base + " --per_device_train_batch_size 0", {"--per_device_train_batch_size", ">= 1", "0"}},
-      {base + " --per_device_train_batch_size two", {"--per_device_train_batch_size", "two",
-                                                     "integer"}},
+      {base + " --per_device_train_batch_size two",
+       {"--per_device_train_batch_size", "two", "integer"}},
       {base + " --lr_scheduler_type foo", {"--lr_scheduler_type", "foo", "cosine", "linear"}},
       {base + " --save_strategy sometimes", {"--save_strategy", "sometimes", "steps", "epoch"}},
       {base + " --bf16 maybe", {"--bf16", "maybe", "True or False"}},
       {base + " --max_shard_size 5XB", {"--max_shard_size", "5XB", "GB"}},
       {base + " --lerning_rate 1e-4", {"--lerning_rate", "Did you mean --learning_rate?"}},
       {base + " --adam_beta1 2", {"--adam_beta1", "2"}},
-      {"eval --model_name_or_path " + good_model_.string() + " --data_path " +
-           good_data_.string() + " --per_device_eval_batch_sise 2",
+      {"eval --model_name_or_path " + good_model_.string() + " --data_path " + good_data_.string() +
+           " --per_device_eval_batch_sise 2",
        {"--per_device_eval_batch_sise", "Did you mean --per_device_eval_batch_size?"}},
-      {"generate --model_name_or_path " + good_model_.string() + " --prompt_ids 1 --max_new_token 3",
+      {"generate --model_name_or_path " + good_model_.string() +
+           " --prompt_ids 1 --max_new_token 3",
        {"--max_new_token", "Did you mean --max_new_tokens?"}},
       {"generate --model_name_or_path " + good_model_.string() + " --prompt_ids 1 --top_p 2",
        {"--top_p", "2"}},
@@ -431,10 +435,10 @@ TEST_F(CliErrors, OverwriteKeepsPreviousFilesOnFailure) {
   const std::vector<std::string> runs = {
       "train --model_name_or_path " + bad_model.string() + " --data_path " + good_data_.string(),
       "train --model_name_or_path " + good_model_.string() + " --data_path " + bad_data.string(),
-      "train --model_name_or_path " + good_model_.string() + " --data_path " +
-          good_data_.string() + " --lr_scheduler_type foo",
-      "train --model_name_or_path " + good_model_.string() + " --data_path " +
-          good_data_.string() + " --report_to mlflow",
+      "train --model_name_or_path " + good_model_.string() + " --data_path " + good_data_.string() +
+          " --lr_scheduler_type foo",
+      "train --model_name_or_path " + good_model_.string() + " --data_path " + good_data_.string() +
+          " --report_to mlflow",
       "merge --model_name_or_path " + bad_model.string() + " --adapter_name_or_path " +
           adapter_.string(),
   };

@@ -95,7 +95,8 @@ Saved random_tensors(int n, uint64_t seed) {
   std::normal_distribution<float> nd;
   Saved s;
   for (int i = 0; i < n; ++i) {
-    const int64_t rows = 1 + static_cast<int64_t>(rng() % 7), cols = 8 + static_cast<int64_t>(rng() % 40);
+    const int64_t rows = 1 + static_cast<int64_t>(rng() % 7),
+                  cols = 8 + static_cast<int64_t>(rng() % 40);
     s.names.push_back("layers." + std::to_string(i) + ".weight");
     s.shapes.push_back({rows, cols});
     s.data.emplace_back(rows * cols);
@@ -201,10 +202,10 @@ TEST(ShardedSave, InitWithMaxShardSize) {
   const fs::path one = tmp.path() / "one", sharded = tmp.path() / "sharded";
   std::string err;
   ASSERT_EQ(run_cli("init --preset tiny --seed 3 --output_dir " + one.string(), &err), 0) << err;
-  ASSERT_EQ(run_cli("init --preset tiny --seed 3 --max_shard_size 100KB --output_dir " +
-                        sharded.string(),
-                    &err),
-            0)
+  ASSERT_EQ(
+      run_cli("init --preset tiny --seed 3 --max_shard_size 100KB --output_dir " + sharded.string(),
+              &err),
+      0)
       << err;
   EXPECT_TRUE(fs::exists(one / "model.safetensors"));
   EXPECT_FALSE(fs::exists(sharded / "model.safetensors"));

@@ -17,10 +17,14 @@ CLI::Option* add_bool_flag(CLI::App& app, const std::string& name, bool* target,
       name,
       [name, target](const std::string& v) {
         std::string s = v;
-        std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
-        if (s.empty() || s == "true" || s == "1" || s == "yes" || s == "on") *target = true;
-        else if (s == "false" || s == "0" || s == "no" || s == "off") *target = false;
-        else fail("{}: '{}' is not a boolean; use True or False", name, v);
+        std::transform(s.begin(), s.end(), s.begin(),
+                       [](unsigned char c) { return std::tolower(c); });
+        if (s.empty() || s == "true" || s == "1" || s == "yes" || s == "on")
+          *target = true;
+        else if (s == "false" || s == "0" || s == "no" || s == "off")
+          *target = false;
+        else
+          fail("{}: '{}' is not a boolean; use True or False", name, v);
       },
       help);
   // A bare flag (no value) means True: CLI11 2.1 hands a bare option its default_str, so none is
@@ -73,11 +77,11 @@ const CLI::Option* find_option(const CLI::App& app, const std::string& name) {
     collect_flag_names(app, &known);
     for (const std::string& a : args) {
       if (a.rfind("--", 0) != 0) continue;
-      const std::string name = a.substr(2, a.find('=') == std::string::npos ? std::string::npos
-                                                                            : a.find('=') - 2);
+      const std::string name =
+          a.substr(2, a.find('=') == std::string::npos ? std::string::npos : a.find('=') - 2);
       if (!known.count(name))
-        fail("unknown flag --{}.{} Run '{} --help' for the list.", name,
-             did_you_mean(name, known), app.get_name());
+        fail("unknown flag --{}.{} Run '{} --help' for the list.", name, did_you_mean(name, known),
+             app.get_name());
     }
   }
   fail("{}", msg);
