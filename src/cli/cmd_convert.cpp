@@ -5,6 +5,7 @@
 #include "cli/flags.h"
 #include "core/error.h"
 #include "io/llama2c.h"
+#include "io/safetensors.h"
 
 namespace lt {
 
@@ -20,10 +21,14 @@ int cmd_convert(int argc, char** argv) {
       ->required();
   l2c->add_option("--output_dir", out, "folder to write")->required();
   add_bool_flag(*l2c, "--overwrite_output_dir", &overwrite, "reuse a non-empty output_dir");
+  std::string max_shard_size = "50GB";
+  l2c->add_option("--max_shard_size", max_shard_size,
+                  "largest model.safetensors shard, like 5GB or 500MiB (default 50GB)");
   if (!parse_flags(app, argc, argv)) return 0;
+  const size_t max_shard_bytes = parse_max_shard_size(max_shard_size);
   if (std::filesystem::is_directory(out) && !std::filesystem::is_empty(out) && !overwrite)
     fail("--output_dir '{}' exists and is not empty; pass --overwrite_output_dir True", out);
-  convert_llama2c(checkpoint, tokenizer, out);
+  convert_llama2c(checkpoint, tokenizer, out, max_shard_bytes);
   fmt::print("wrote {} (LlamaForCausalLM + tokenizer) from {} and {}\n", out, checkpoint,
              tokenizer);
   return 0;

@@ -79,6 +79,11 @@ int cmd_generate(int argc, char** argv) {
   app.add_option("--seed", g.sampling.seed, "random seed of the sampler");
   add_bool_flag(app, "--output_ids", &output_ids,
                 "print the generated ids as a JSON list instead of the text");
+  // Hidden (for tools/check_hf_roundtrip.py): the prompt's logits (P,V) as an f32 tensor
+  // "logits" in a safetensors file (the prompt ids in its metadata), instead of generating.
+  std::string dump_logits;
+  app.add_option("--dump_logits", dump_logits, "write the prompt's logits to FILE and stop")
+      ->group("");
   if (!parse_flags(app, argc, argv)) return 0;
   if (prompt_ids_text.empty() && p_opt->count() == 0)
     fail("give --prompt TEXT or --prompt_ids 1,2,3");
@@ -96,7 +101,7 @@ int cmd_generate(int argc, char** argv) {
 
   std::unique_ptr<Tokenizer> tok;
   if (fs::exists(dir / "tokenizer.json")) tok = Tokenizer::load(dir);
-  if (!tok && (p_opt->count() > 0 || chat || !output_ids))
+  if (!tok && (p_opt->count() > 0 || chat || (!output_ids && dump_logits.empty())))
     fail("--model_name_or_path '{}' has no tokenizer.json; use --prompt_ids with --output_ids",
          model_dir);
   if (chat && p_opt->count() == 0) fail("--chat needs --prompt TEXT");
@@ -124,6 +129,16 @@ int cmd_generate(int argc, char** argv) {
                                       false),
                 &g.stop_ids);
 
+  if (!dump_logits.empty()) {
+    const int64_t P = static_cast<int64_t>(ids.size()), V = config.vocab_size;
+    IncrementalDecoder prefill(config, weights, P);
+    std::vector<float> logits(static_cast<size_t>(P * V));
+    prefill.step(ids.data(), P, logits.data(), LogitsFor::kAll);
+    write_safetensors(dump_logits, {{"logits", {P, V}, logits.data()}}, DType::kF32,
+                      {{"format", "pt"}, {"input_ids", nlohmann::json(ids).dump()}});
+    fmt::print("wrote the logits of {} prompt tokens to {}\n", P, dump_logits);
+    return 0;
+  }
   const int64_t max_len = static_cast<int64_t>(ids.size()) + g.max_new_tokens;
   if (max_len > config.max_position_embeddings)
     fmt::print(stderr, "longtune: warning: {} positions exceed max_position_embeddings {}\n",

@@ -28,7 +28,11 @@ int cmd_init(int argc, char** argv) {
   app.add_option("--vocab_size", vocab, "override the preset");
   app.add_option("--max_position_embeddings", max_pos, "override the preset");
   add_bool_flag(app, "--overwrite_output_dir", &overwrite, "reuse a non-empty output_dir");
+  std::string max_shard_size = "50GB";
+  app.add_option("--max_shard_size", max_shard_size,
+                 "largest model.safetensors shard, like 5GB or 500MiB (default 50GB)");
   if (!parse_flags(app, argc, argv)) return 0;
+  const size_t max_shard_bytes = parse_max_shard_size(max_shard_size);
   nlohmann::json j = preset_config(preset);
   auto set = [&](const char* key, int64_t v) {
     if (v < 0) fail("--{} must be positive (got {})", key, v);
@@ -52,7 +56,7 @@ int cmd_init(int argc, char** argv) {
   const ParamTable table(config);
   std::vector<float> params(table.total_numel());
   init_random_weights(table, params.data(), j.value("initializer_range", 0.02), seed);
-  save_model(out, config, table, params.data(), dt, {});
+  save_model(out, config, table, params.data(), dt, {}, max_shard_bytes);
   fmt::print("wrote {}: {} ({:.2f}M parameters)\n", out, preset,
              static_cast<double>(table.total_numel()) / 1e6);
   return 0;

@@ -19,7 +19,11 @@ int cmd_merge(int argc, char** argv) {
   app.add_option("--output_dir", out, "where the merged model is written")->required();
   app.add_option("--save_dtype", dtype, "f32, bf16 or f16 (default: as the base is stored)");
   add_bool_flag(app, "--overwrite_output_dir", &overwrite, "reuse a non-empty output_dir");
+  std::string max_shard_size = "50GB";
+  app.add_option("--max_shard_size", max_shard_size,
+                 "largest model.safetensors shard, like 5GB or 500MiB (default 50GB)");
   if (!parse_flags(app, argc, argv)) return 0;
+  const size_t max_shard_bytes = parse_max_shard_size(max_shard_size);
   if (fs::is_directory(out) && !fs::is_empty(out) && !overwrite)
     fail("--output_dir '{}' exists and is not empty; pass --overwrite_output_dir True to reuse it",
          out);
@@ -39,7 +43,7 @@ int cmd_merge(int argc, char** argv) {
   std::vector<float> params(table.total_numel());
   load_weights(reader, table, params.data());
   merge_adapter(adapter, config, table, params.data());  // validates before anything is written
-  save_model(out, config, table, params.data(), save, model);
+  save_model(out, config, table, params.data(), save, model, max_shard_bytes);
   fmt::print("merged {} into {} -> {}\n", adapter, model, out);
   return 0;
 }

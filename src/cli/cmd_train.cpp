@@ -47,6 +47,8 @@ int cmd_train(int argc, char** argv) {
   add_bool_flag(app, "--packing", &o.packing, "pack rows into model_max_length sequences");
   app.add_option("--chat_template", o.chat_template, "built-in template name or a file");
   app.add_option("--save_dtype", o.save_dtype, "f32, bf16 or f16 (default: as loaded)");
+  app.add_option("--max_shard_size", o.max_shard_size,
+                 "largest model.safetensors shard, like 5GB or 500MiB (default 50GB)");
   add_lora_flags(app, &o.lora);
   // --- trainer product: config file, evaluation, checkpoints, tracking (trainer_loop.h) ---
   std::string config_file;

@@ -2,6 +2,8 @@
 #include "cli/commands.h"
 
 #include <cstdio>
+#include <exception>
+#include <new>
 #include <string>
 #include <string_view>
 
@@ -66,6 +68,15 @@ int cli_main(int argc, char** argv, const char* version) {
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);
   } catch (const UserError& e) {
     std::fflush(stdout);  // notes printed before the error stay before it
+    fmt::print(stderr, "longtune: error: {}\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fflush(stdout);
+    fmt::print(stderr, "longtune: error: out of memory (an allocation failed)\n");
+    return 1;
+  } catch (const std::exception& e) {
+    // Not a UserError (a filesystem or library error): still one line and exit code 1.
+    std::fflush(stdout);
     fmt::print(stderr, "longtune: error: {}\n", e.what());
     return 1;
   }

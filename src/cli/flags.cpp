@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <set>
+#include <vector>
 
 #include "cli/config_file.h"
 #include "core/error.h"
@@ -15,10 +17,14 @@ CLI::Option* add_bool_flag(CLI::App& app, const std::string& name, bool* target,
       name,
       [name, target](const std::string& v) {
         std::string s = v;
-        std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
-        if (s.empty() || s == "true" || s == "1" || s == "yes" || s == "on") *target = true;
-        else if (s == "false" || s == "0" || s == "no" || s == "off") *target = false;
-        else fail("{}: '{}' is not a boolean; use True or False", name, v);
+        std::transform(s.begin(), s.end(), s.begin(),
+                       [](unsigned char c) { return std::tolower(c); });
+        if (s.empty() || s == "true" || s == "1" || s == "yes" || s == "on")
+          *target = true;
+        else if (s == "false" || s == "0" || s == "no" || s == "off")
+          *target = false;
+        else
+          fail("{}: '{}' is not a boolean; use True or False", name, v);
       },
       help);
   // A bare flag (no value) means True: CLI11 2.1 hands a bare option its default_str, so none is
@@ -28,6 +34,61 @@ CLI::Option* add_bool_flag(CLI::App& app, const std::string& name, bool* target,
   return opt;
 }
 
+namespace {
+
+// Long flag names (without dashes) of app and its subcommands.
+void collect_flag_names(const CLI::App& app, std::set<std::string>* known) {
+  for (const CLI::Option* opt : app.get_options())
+    for (const auto& n : opt->get_lnames()) known->insert(n);
+  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
+    collect_flag_names(*sub, known);
+}
+
+// The option named `name` ("--x") in app or one of its subcommands; null when none.
+const CLI::Option* find_option(const CLI::App& app, const std::string& name) {
+  if (const CLI::Option* o = app.get_option_no_throw(name)) return o;
+  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
+    if (const CLI::Option* o = find_option(*sub, name)) return o;
+  return nullptr;
+}
+
+// CLI11's parse errors in longtune's words: a value that does not convert names the flag and
+// the kind of value it takes; an unknown flag gets the closest known one.
+[[noreturn]] void fail_parse_error(const CLI::App& app, const CLI::ParseError& e,
+                                   const std::vector<std::string>& args) {
+  const std::string msg = e.what();
+  const std::string kConvert = "Could not convert: ";
+  if (dynamic_cast<const CLI::ConversionError*>(&e) && msg.rfind(kConvert, 0) == 0) {
+    const size_t eq = msg.find(" = ", kConvert.size());
+    if (eq != std::string::npos) {
+      const std::string name = msg.substr(kConvert.size(), eq - kConvert.size());
+      const std::string value = msg.substr(eq + 3);
+      const CLI::Option* opt = find_option(app, name);
+      const std::string type = opt ? opt->get_type_name() : "";
+      const char* kind = type == "FLOAT"  ? "a number (like 2e-5 or 0.1)"
+                         : type == "INT"  ? "an integer"
+                         : type == "UINT" ? "a non-negative integer"
+                                          : "a value of the right kind";
+      fail("{}: '{}' is not {}", name, value, kind);
+    }
+  }
+  if (dynamic_cast<const CLI::ExtrasError*>(&e)) {
+    std::set<std::string> known;
+    collect_flag_names(app, &known);
+    for (const std::string& a : args) {
+      if (a.rfind("--", 0) != 0) continue;
+      const std::string name =
+          a.substr(2, a.find('=') == std::string::npos ? std::string::npos : a.find('=') - 2);
+      if (!known.count(name))
+        fail("unknown flag --{}.{} Run '{} --help' for the list.", name, did_you_mean(name, known),
+             app.get_name());
+    }
+  }
+  fail("{}", msg);
+}
+
+}  // namespace
+
 bool parse_flags(CLI::App& app, int argc, char** argv) {
   try {
     app.parse(argc, argv);
@@ -35,7 +96,7 @@ bool parse_flags(CLI::App& app, int argc, char** argv) {
     std::fputs(app.help().c_str(), stdout);
     return false;
   } catch (const CLI::ParseError& e) {
-    fail("{}", e.what());
+    fail_parse_error(app, e, std::vector<std::string>(argv + 1, argv + argc));
   }
   return true;
 }
@@ -66,7 +127,7 @@ bool parse_flags_with_config(CLI::App& app, int argc, char** argv) {
     std::fputs(app.help().c_str(), stdout);
     return false;
   } catch (const CLI::ParseError& e) {
-    fail("{}", e.what());
+    fail_parse_error(app, e, args);
   }
   for (const std::string& extra : app.remaining()) {
     if (extra.rfind("--", 0) == 0) {

@@ -439,7 +439,8 @@ class Loader {
         bool ok = x >= 0 && (vocab_size_ <= 0 || x < vocab_size_) && x <= INT32_MAX;
         if (labels && x == kIgnoreIndex) ok = true;
         if (!ok)
-          fail("{}: {}[{}] = {} is outside [0, {}){}", r.ref.str(), field, k, x,
+          fail("{}: {}[{}] = {} is outside {}[0, {}){}", r.ref.str(), field, k, x,
+               vocab_size_ > 0 ? "the model's vocabulary " : "",
                vocab_size_ > 0 ? std::to_string(vocab_size_) : "2^31",
                labels ? " (or -100 = not trained)" : "");
         ids.push_back(static_cast<int32_t>(x));

@@ -308,12 +308,12 @@ nlohmann::json llama2c_tokenizer_config_json() {
 }
 
 void convert_llama2c(const fs::path& checkpoint, const fs::path& tokenizer,
-                     const fs::path& output_dir) {
+                     const fs::path& output_dir, size_t max_shard_bytes) {
   Llama2cModel m = read_llama2c_checkpoint(checkpoint);
   const auto tokens = read_llama2c_tokenizer(tokenizer, m.config.vocab_size);
   const nlohmann::ordered_json tok_json = llama2c_tokenizer_json(tokens);
   const ParamTable table(m.config);
-  save_model(output_dir, m.config, table, m.params.data(), DType::kF32, {});
+  save_model(output_dir, m.config, table, m.params.data(), DType::kF32, {}, max_shard_bytes);
   write_file_atomic(output_dir / "tokenizer.json", tok_json.dump(2) + "\n");
   nlohmann::json tc = llama2c_tokenizer_config_json();
   tc["model_max_length"] = m.config.max_position_embeddings;

@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "io/safetensors.h"
 #include "model/config.h"
 
 namespace lt {
@@ -52,6 +53,7 @@ nlohmann::json llama2c_tokenizer_config_json();
 // tokenizer_config.json and generation_config.json into output_dir.
 void convert_llama2c(const std::filesystem::path& checkpoint,
                      const std::filesystem::path& tokenizer,
-                     const std::filesystem::path& output_dir);
+                     const std::filesystem::path& output_dir,
+                     size_t max_shard_bytes = kDefaultMaxShardBytes);
 
 }  // namespace lt

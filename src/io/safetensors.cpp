@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -460,26 +461,72 @@ void write_model_safetensors(const fs::path& dir, const std::vector<TensorToSave
     current += b;
   }
   const fs::path index_path = dir / "model.safetensors.index.json";
-  if (shards.size() == 1) {
+  const size_t n = shards.size();
+  std::vector<std::string> shard_files;
+  if (n == 1) {
     write_safetensors(dir / "model.safetensors", tensors, dtype);
     // A stale index from an earlier sharded save would take precedence when loading.
     fs::remove(index_path, ec);
-    return;
+  } else {
+    json weight_map = json::object();
+    for (size_t s = 0; s < n; ++s) {
+      const std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, n);
+      write_safetensors(dir / file, shards[s], dtype);
+      shard_files.push_back(file);
+      for (const TensorToSave& t : shards[s]) weight_map[t.name] = file;
+    }
+    // transformers 5 writes both totals in "metadata".
+    json index = {{"metadata", {{"total_parameters", total_parameters}, {"total_size", total}}},
+                  {"weight_map", weight_map}};
+    // A stale single-file save would take precedence over the index when loading; remove it
+    // before the index appears. The index is written last: when it exists, all shards do.
+    fs::remove(dir / "model.safetensors", ec);
+    write_file_atomic(index_path, index.dump(2) + "\n");
   }
-  const size_t n = shards.size();
-  json weight_map = json::object();
-  for (size_t s = 0; s < n; ++s) {
-    const std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, n);
-    write_safetensors(dir / file, shards[s], dtype);
-    for (const TensorToSave& t : shards[s]) weight_map[t.name] = file;
+  // Shards of an earlier save with another shard count (save_pretrained cleans them too).
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    // model-DDDDD-of-DDDDD.safetensors
+    auto digits_at = [&](size_t pos) {
+      return std::all_of(name.begin() + pos, name.begin() + pos + 5,
+                         [](unsigned char c) { return std::isdigit(c); });
+    };
+    const bool is_shard = name.size() == 32 && name.compare(0, 6, "model-") == 0 &&
+                          digits_at(6) && name.compare(11, 4, "-of-") == 0 && digits_at(15) &&
+                          name.compare(20, 12, ".safetensors") == 0;
+    if (is_shard &&
+        std::find(shard_files.begin(), shard_files.end(), name) == shard_files.end())
+      fs::remove(e.path(), ec);
   }
-  // transformers 5 writes both totals in "metadata".
-  json index = {{"metadata", {{"total_parameters", total_parameters}, {"total_size", total}}},
-                {"weight_map", weight_map}};
-  // A stale single-file save would take precedence over the index when loading; remove it
-  // before the index appears. The index is written last: when it exists, all shards do.
-  fs::remove(dir / "model.safetensors", ec);
-  write_file_atomic(index_path, index.dump(2) + "\n");
+}
+
+size_t parse_max_shard_size(const std::string& text, const std::string& flag) {
+  auto bad = [&]() {
+    fail(
+        "{}: '{}' is not a size; use an integer number of bytes or an integer followed by KB, MB, "
+        "GB (powers of 1000) or KiB, MiB, GiB (powers of 1024), like 5GB or 500MiB",
+        flag, text);
+  };
+  size_t digits = 0;
+  while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) ++digits;
+  if (digits == 0 || digits > 15) bad();
+  const uint64_t value = std::stoull(text.substr(0, digits));
+  std::string unit = text.substr(digits);
+  const bool bits = !unit.empty() && unit.back() == 'b' && unit.size() == 2;  // "Gb": gigabits
+  std::transform(unit.begin(), unit.end(), unit.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  uint64_t scale = 0;
+  if (unit.empty() || unit == "B") scale = 1;
+  else if (unit == "KB") scale = 1000;
+  else if (unit == "MB") scale = 1000'000;
+  else if (unit == "GB") scale = 1000'000'000;
+  else if (unit == "KIB") scale = uint64_t(1) << 10;
+  else if (unit == "MIB") scale = uint64_t(1) << 20;
+  else if (unit == "GIB") scale = uint64_t(1) << 30;
+  else bad();
+  const uint64_t bytes = bits ? value * scale / 8 : value * scale;
+  if (bytes == 0) fail("{}: '{}' is zero; a shard must hold at least one byte", flag, text);
+  return static_cast<size_t>(bytes);
 }
 
 }  // namespace lt

@@ -74,10 +74,19 @@ struct TensorToSave {
 // Writes one safetensors file atomically.
 void write_safetensors(const std::filesystem::path& path, const std::vector<TensorToSave>& tensors,
                        DType dtype, const std::map<std::string, std::string>& metadata = {});
+// transformers 5's save_pretrained default max_shard_size ("50GB").
+inline constexpr size_t kDefaultMaxShardBytes = size_t(50'000'000'000);
+
 // Writes model.safetensors, or when the total exceeds max_shard_bytes, shards named
 // model-00001-of-0000N.safetensors plus model.safetensors.index.json, as transformers does.
+// Shard files of an earlier save that the new one does not use are removed.
 void write_model_safetensors(const std::filesystem::path& dir,
                              const std::vector<TensorToSave>& tensors, DType dtype,
-                             size_t max_shard_bytes = size_t(5) << 30);
+                             size_t max_shard_bytes = kDefaultMaxShardBytes);
+
+// A shard size in transformers' spelling (convert_file_size_to_int): bytes as a plain integer,
+// or an integer followed by KB/MB/GB (powers of 1000), KiB/MiB/GiB (powers of 1024); a lower-case
+// final "b" (5Gb) means bits. UserError names `flag` and the allowed forms.
+size_t parse_max_shard_size(const std::string& text, const std::string& flag = "--max_shard_size");
 
 }  // namespace lt

@@ -12,11 +12,11 @@ void load_weights(const CheckpointReader& reader, const ParamTable& table, float
 
 void save_model(const std::filesystem::path& dir, const ModelConfig& config,
                 const ParamTable& table, const float* params, DType dtype,
-                const std::filesystem::path& source_dir) {
+                const std::filesystem::path& source_dir, size_t max_shard_bytes) {
   std::filesystem::create_directories(dir);
   std::vector<TensorToSave> tensors;
   for (const auto& p : table.params()) tensors.push_back({p.name, p.shape, params + p.offset});
-  write_model_safetensors(dir, tensors, dtype);
+  write_model_safetensors(dir, tensors, dtype, max_shard_bytes);
   ModelConfig out = config;
   out.torch_dtype = dtype;
   write_file_atomic(dir / "config.json", model_config_to_json(out).dump(2) + "\n");

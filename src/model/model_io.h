@@ -15,9 +15,10 @@ void load_weights(const CheckpointReader& reader, const ParamTable& table, float
 
 // Writes dir/config.json and the model safetensors (sharded when large) in dtype, plus the
 // tokenizer and generation files found in source_dir (copied as they are). Every file is
-// written atomically.
+// written atomically. Shards of at most max_shard_bytes (a tensor larger than that gets its own).
 void save_model(const std::filesystem::path& dir, const ModelConfig& config,
                 const ParamTable& table, const float* params, DType dtype,
-                const std::filesystem::path& source_dir);
+                const std::filesystem::path& source_dir,
+                size_t max_shard_bytes = kDefaultMaxShardBytes);
 
 }  // namespace lt

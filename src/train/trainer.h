@@ -66,6 +66,7 @@ struct TrainOptions {
   bool packing = false;
   std::string chat_template;
   std::string save_dtype;  // "" = as loaded; f32, bf16, f16
+  std::string max_shard_size = "50GB";  // transformers' spelling (io/safetensors.h)
   LoraOptions lora;        // LoRA / QLoRA (cli/lora_flags.cpp); the adapter is saved, not the model
 
   // The trainer as a product (trainer_loop.h): evaluation, checkpoints, tracking, progress.

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <ctime>
 #include <sstream>
 
@@ -139,7 +140,14 @@ void Trainer::validate() {
     fail("--evaluation_strategy {} needs --eval_data_path", o.evaluation_strategy);
   if (o_.eval_steps == 0) o_.eval_steps = o.logging_steps;
   parse_schedule(o.lr_scheduler_type);
-  parse_report_to(o.report_to);
+  max_shard_bytes_ = parse_max_shard_size(o.max_shard_size);
+  for (const auto& r : parse_report_to(o.report_to)) {
+    const char* uri = std::getenv("MLFLOW_TRACKING_URI");
+    if (r == "mlflow" && (!uri || !*uri))
+      fail(
+          "--report_to mlflow needs MLFLOW_TRACKING_URI=http://host:port of an MLflow tracking "
+          "server");
+  }
   if (o.resume_from_checkpoint.empty() && fs::is_directory(o.output_dir) &&
       !fs::is_empty(o.output_dir) && !o.overwrite_output_dir)
     fail(
@@ -504,7 +512,8 @@ TrainOutcome Trainer::train() {
     if (lora_.enabled)  // the adapter only, in PEFT's format (longtune merge makes a full model)
       save_adapter(o_.output_dir, *model_, o_.model_name_or_path.string());
     else
-      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_, model_dir_);
+      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_, model_dir_,
+                 max_shard_bytes_);
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start_).count();
     fmt::print("saved {} ({}) in {:.1f} s; planned {}, measured peak RSS {}\n",

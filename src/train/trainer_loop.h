@@ -61,6 +61,7 @@ class Trainer {
   LoraSpec lora_;  // LoRA / QLoRA (disabled for full fine-tuning)
   Strategy save_strategy_ = Strategy::kSteps, eval_strategy_ = Strategy::kNo;
   DType save_dtype_ = DType::kF32;
+  size_t max_shard_bytes_ = 0;  // --max_shard_size
   std::unique_ptr<Tokenizer> tokenizer_;
   Dataset train_data_, eval_data_;
   bool has_eval_ = false;
