@@ -87,8 +87,10 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   const ParamTable table(c);
   const size_t P = table.total_numel();
 
-  out->params = b.take("params", P, MemCategory::kWeights, "weights");
-  if (s.train) out->grads = b.take("grads", P, MemCategory::kGradients, "grads");
+  if (!s.external_params) {
+    out->params = b.take("params", P, MemCategory::kWeights, "weights");
+    if (s.train) out->grads = b.take("grads", P, MemCategory::kGradients, "grads");
+  }
 
   // Residual stream: with training every layer input is kept (these are the checkpoints when
   // layers are recomputed); without training two buffers alternate.
@@ -179,8 +181,12 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   acts_ = std::move(bound.acts);
   res_ = std::move(bound.res);
   work_ = std::move(bound.work);
-  w_ = table_.bind(params_);
+  if (params_) w_ = table_.bind(params_);
   if (grads_) g_ = table_.bind(grads_);
+  if (settings_.external_params) {
+    w_.layers.resize(config_.num_hidden_layers);
+    g_.layers.resize(config_.num_hidden_layers);
+  }
 }
 
 LlamaModel::~LlamaModel() = default;
@@ -197,6 +203,16 @@ LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
 
 void LlamaModel::dump(const std::string& name, const float* data, size_t n) const {
   if (dump_) dump_(dump_user_, name, data, n);
+}
+
+void LlamaModel::acquire(int64_t unit, LayerWeightsProvider::Pass pass) {
+  LT_CHECK(provider_ || !settings_.external_params, "external parameters without a provider");
+  if (provider_)
+    provider_->acquire(unit, pass, &w_, pass == LayerWeightsProvider::Pass::kBackward ? &g_ : nullptr);
+}
+
+void LlamaModel::release(int64_t unit, LayerWeightsProvider::Pass pass) {
+  if (provider_) provider_->release(unit, pass);
 }
 
 void LlamaModel::offload_release(int64_t l) {
@@ -341,7 +357,9 @@ void LlamaModel::forward_layers() {
   be_.embedding_forward(res(0), k.ids, w_.embed, N, D);
   dump("embed", res(0), N * D);
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    acquire(l, LayerWeightsProvider::Pass::kForward);
     layer_forward(l, acts_for(l), Pass::kForward);
+    release(l, LayerWeightsProvider::Pass::kForward);
     offload_release(l);  // res(l) is not needed again until layer l's backward
   }
   be_.rmsnorm_forward(k.final_in, k.final_rstd, res(config_.num_hidden_layers), w_.final_norm, N,
@@ -351,6 +369,8 @@ void LlamaModel::forward_layers() {
 
 double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
   LT_CHECK(settings_.train, "forward_backward on a model planned without training buffers");
+  using PP = LayerWeightsProvider::Pass;
+  acquire(LayerWeightsProvider::kOuter, PP::kBackward);
   prepare(mb);
   forward_layers();
   const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
@@ -365,28 +385,36 @@ double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
   for (int64_t l = L - 1; l >= 0; --l) {
     LayerActs& a = acts_for(l);
     if (l > 0) offload_prefetch(l - 1);  // the next layer's checkpoint, read ahead
+    acquire(l, PP::kBackward);
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
     layer_backward(l, a, k.dres);
+    release(l, PP::kBackward);
     offload_release(l + 1);
   }
   be_.embedding_backward(g_.embed, k.dres, k.ids, N, D);
+  release(LayerWeightsProvider::kOuter, PP::kBackward);
   return loss;
 }
 
 double LlamaModel::forward_loss(const MicroBatch& mb) {
+  acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
   prepare(mb);
   forward_layers();
   Work& k = *work_;
-  return be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head, k.targets, n_,
-                                   config_.hidden_size, config_.vocab_size, k.lm_chunk, 0.0f,
-                                   k.lm_scratch);
+  const double loss = be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head,
+                                                k.targets, n_, config_.hidden_size,
+                                                config_.vocab_size, k.lm_chunk, 0.0f, k.lm_scratch);
+  release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
+  return loss;
 }
 
 void LlamaModel::forward_logits(const MicroBatch& mb, float* logits) {
+  acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
   prepare(mb);
   forward_layers();
   be_.linear_forward(logits, work_->final_in, w_.lm_head, nullptr, n_, config_.hidden_size,
                      config_.vocab_size);
+  release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
 }
 
 }  // namespace lt

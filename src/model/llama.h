@@ -27,6 +27,24 @@ struct RunSettings {
   std::string offload_dir;
   bool flash_attention = true; // tiled attention; false = plain O(T^2) attention
   bool train = true;           // false: no gradients, no backward buffers (eval, generate)
+  // Parameters and gradients are not allocated by the model: a LayerWeightsProvider supplies
+  // their views layer by layer (ZeRO-2/3, src/dist/zero.h).
+  bool external_params = false;
+};
+
+// Supplies parameter (and gradient) views when they are not all resident in the model (ZeRO-2/3
+// over MPI). The model asks for a unit's views just before it runs it and hands them back right
+// after; unit l is decoder layer l, unit kOuter everything else (embedding, final norm, LM head)
+// held for the whole pass. For kBackward the gradient views are valid too, zeroed on acquire and
+// accumulated (+=) by the model until release.
+class LayerWeightsProvider {
+ public:
+  enum class Pass { kForward, kBackward };
+  static constexpr int64_t kOuter = -1;
+  virtual ~LayerWeightsProvider() = default;
+  // Fills w (and g for kBackward) for the unit; views stay valid until release(unit, pass).
+  virtual void acquire(int64_t unit, Pass pass, ModelWeights* w, ModelWeights* g) = 0;
+  virtual void release(int64_t unit, Pass pass) = 0;
 };
 
 // One micro-batch: its rows concatenated. Row r spans [row_start[r], row_start[r+1]).
@@ -59,8 +77,10 @@ class LlamaModel {
   const ModelConfig& config() const { return config_; }
   const ParamTable& table() const { return table_; }
   const RunSettings& settings() const { return settings_; }
-  float* params() { return params_; }  // (table().total_numel()) f32
-  float* grads() { return grads_; }    // same layout; null when !settings.train
+  float* params() { return params_; }  // (table().total_numel()) f32; null with external_params
+  float* grads() { return grads_; }    // same layout; null when !settings.train or external
+  // Required before any pass when settings.external_params (not owned).
+  void set_weights_provider(LayerWeightsProvider* p) { provider_ = p; }
   const ModelWeights& weights() const { return w_; }
 
   // Forward + backward of one micro-batch. Parameter gradients are accumulated (+=) with
@@ -100,6 +120,9 @@ class LlamaModel {
   void offload_release(int64_t l);
   void offload_prefetch(int64_t l);
   void dump(const std::string& name, const float* data, size_t n) const;
+  // LayerWeightsProvider calls (no-ops without a provider).
+  void acquire(int64_t unit, LayerWeightsProvider::Pass pass);
+  void release(int64_t unit, LayerWeightsProvider::Pass pass);
 
   ModelConfig config_;
   Backend& be_;
@@ -115,6 +138,7 @@ class LlamaModel {
   int64_t n_ = 0;  // tokens of the current micro-batch
   DumpHook dump_ = nullptr;
   void* dump_user_ = nullptr;
+  LayerWeightsProvider* provider_ = nullptr;
 };
 
 }  // namespace lt

@@ -44,7 +44,10 @@ class ParamTable {
   int64_t total_numel() const { return total_; }
   const ParamInfo* find(const std::string& name) const;
   // Views into block (total_numel floats).
-  ModelWeights bind(float* block) const;
+  ModelWeights bind(float* block) const { return bind_at(block, 0); }
+  // Views where the block's float offset `base_offset` lies at `base` (a buffer holding only a
+  // range of the block, e.g. one gathered layer): only the tensors inside that range are valid.
+  ModelWeights bind_at(float* base, int64_t base_offset) const;
 
  private:
   void add(const std::string& name, std::vector<int64_t> shape, bool decay);
