@@ -1,5 +1,6 @@
 // `longtune train`: flags named as Hugging Face TrainingArguments.
 #include "cli/commands.h"
+#include "cli/dist_flags.h"
 #include "cli/flags.h"
 #include "train/trainer.h"
 
@@ -45,6 +46,7 @@ int cmd_train(int argc, char** argv) {
   add_bool_flag(app, "--packing", &o.packing, "pack rows into model_max_length sequences");
   app.add_option("--chat_template", o.chat_template, "built-in template name or a file");
   app.add_option("--save_dtype", o.save_dtype, "f32, bf16 or f16 (default: as loaded)");
+  add_dist_flags(app, &o.dist);
   if (!parse_flags(app, argc, argv)) return 0;
   o.model_name_or_path = model;
   o.data_path = data;

@@ -15,7 +15,7 @@ struct DistOptions {
   bool offload_params = false;      // ZeRO-3: parameter shard on the host
   int64_t reduce_bucket_size = 500'000'000;     // elements per gradient reduction call
   int64_t allgather_bucket_size = 500'000'000;  // elements per parameter all-gather call
-  int64_t stage3_prefetch_bucket_size = 0;      // > 0: prefetch the next layer (ZeRO-3)
+  int64_t stage3_prefetch_bucket_size = 50'000'000;  // > 0: prefetch the next layer (ZeRO-3)
   bool gather_16bit_weights_on_model_save = true;
   int64_t sequence_parallel_size = 1;  // DeepSpeed-Ulysses degree (not implemented yet)
   int64_t pipeline_parallel_size = 1;  // pipeline stages (not implemented yet)

@@ -8,6 +8,9 @@
 #include "core/error.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
+#include "dist/comm.h"
+#include "dist/ds_config.h"
+#include "dist/zero.h"
 #include "io/safetensors.h"
 #include "model/model_io.h"
 #include "plan/planner.h"
@@ -52,9 +55,20 @@ void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t 
 
 }  // namespace
 
-void run_train(const TrainOptions& o) {
+void run_train(const TrainOptions& options) {
   using Clock = std::chrono::steady_clock;
   const auto t_start = Clock::now();
+  TrainOptions o = options;  // a DeepSpeed config may fill some fields
+  // ---- dist: the world of ranks; rank 0 prints unless --log_all_ranks ----
+  auto world = init_world(WorldOptions{o.dist.dist_timeout});
+  const int world_size = world->size(), rank = world->rank();
+  if (rank != 0 && !o.dist.log_all_ranks) std::freopen("/dev/null", "w", stdout);
+  if (o.dist.sequence_parallel_size != 1 || o.dist.pipeline_parallel_size != 1 ||
+      o.dist.fpdt_chunk_size != 0)
+    fail("--sequence_parallel_size, --pipeline_parallel_size and --fpdt_chunk_size are not "
+         "implemented yet (use 1, 1 and 0)");
+  apply_fsdp(&o);
+  // ---- end dist ----
   // 1. Validate everything before anything is written.
   if (o.model_name_or_path.empty()) fail("--model_name_or_path is required");
   if (o.data_path.empty()) fail("--data_path is required");
@@ -69,8 +83,6 @@ void run_train(const TrainOptions& o) {
   if (dir_has_entries(o.output_dir) && !o.overwrite_output_dir)
     fail("--output_dir '{}' exists and is not empty; pass --overwrite_output_dir True to reuse it",
          o.output_dir.string());
-  const ScheduleType sched_type = parse_schedule(o.lr_scheduler_type);
-
   const std::filesystem::path model_dir = o.model_name_or_path;
   if (!std::filesystem::is_directory(model_dir))
     fail("--model_name_or_path '{}' is not a folder", model_dir.string());
@@ -79,6 +91,19 @@ void run_train(const TrainOptions& o) {
     fmt::print("context extension: model_max_length {} > max_position_embeddings {}: linear "
                "position interpolation with factor {} (saved in config.json)\n",
                o.model_max_length, config.max_position_embeddings, config.rope_scaling.factor);
+  // ---- dist: DeepSpeed config (HF "auto" rules); the ZeRO settings of this run ----
+  if (!o.dist.deepspeed.empty())
+    for (const auto& note : apply_deepspeed_config_file(o.dist.deepspeed, world_size,
+                                                        config.hidden_size, &o))
+      fmt::print("{}\n", note);
+  const bool distributed = world_size > 1 || o.dist.zero_stage > 0;
+  const ZeroSettings zero = zero_settings(o.dist);
+  if (distributed)
+    fmt::print("distributed: {} ranks ({}), ZeRO stage {}{}{}\n", world_size, world->backend(),
+               zero.stage, zero.offload_optimizer ? ", optimizer offload" : "",
+               zero.offload_params ? ", parameter offload" : "");
+  // ---- end dist ----
+  const ScheduleType sched_type = parse_schedule(o.lr_scheduler_type);
   CheckpointReader reader(model_dir);
   const DType save_dtype = parse_save_dtype(o.save_dtype, reader.stored_dtype());
 
@@ -99,7 +124,9 @@ void run_train(const TrainOptions& o) {
 
   // 2. Steps.
   const int64_t B = o.per_device_train_batch_size, G = o.gradient_accumulation_steps;
-  const int64_t micro_per_epoch = (static_cast<int64_t>(data.rows.size()) + B - 1) / B;
+  // Data parallel: a global micro-batch holds world_size x B rows; rank r takes r, r + W, ...
+  const int64_t global_b = B * world_size;
+  const int64_t micro_per_epoch = (static_cast<int64_t>(data.rows.size()) + global_b - 1) / global_b;
   const int64_t steps_per_epoch = std::max<int64_t>(1, (micro_per_epoch + G - 1) / G);
   const int64_t total_steps =
       o.max_steps > 0 ? o.max_steps
@@ -112,9 +139,13 @@ void run_train(const TrainOptions& o) {
   RunSettings rs;
   settings_from_options(o, config, max_micro_batch_tokens(data.rows, B), &rs);
   MemoryPlan plan;
+  if (distributed) ZeroEngine::adjust_run_settings(zero, &rs);
   LlamaModel::plan(config, rs, &plan);
   const ParamTable table(config);
-  AdamW::plan(table, &plan);
+  if (distributed)
+    ZeroEngine::plan(config, zero, world_size, rank, &plan);
+  else
+    AdamW::plan(table, &plan);
   fmt::print("model: {} ({} layers, hidden {}, vocab {}), {:.2f}M parameters\n",
              config.architecture, config.num_hidden_layers, config.hidden_size, config.vocab_size,
              static_cast<double>(table.total_numel()) / 1e6);
@@ -126,8 +157,17 @@ void run_train(const TrainOptions& o) {
 
   auto backend = make_backend(o.device);
   LlamaModel model(config, *backend, rs);
-  load_weights(reader, model.table(), model.params());
-  AdamW optimizer(model.table(), *backend, o.optimizer);
+  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<ZeroEngine> engine;
+  if (distributed) {  // every rank reads the checkpoint and keeps its part
+    engine = std::make_unique<ZeroEngine>(model, *backend, *world, zero, o.optimizer);
+    std::vector<float> full(table.total_numel());
+    load_weights(reader, model.table(), full.data());
+    engine->load_full(full.data());
+  } else {
+    load_weights(reader, model.table(), model.params());
+    optimizer = std::make_unique<AdamW>(model.table(), *backend, o.optimizer);
+  }
 
   // 4. Train.
   fmt::print("training: {} steps ({} per epoch), batch {} x accumulation {}, lr {} ({}, warmup {})\n",
@@ -138,15 +178,18 @@ void run_train(const TrainOptions& o) {
   int64_t logged_steps = 0, logged_tokens = 0;
   auto t_log = Clock::now();
   while (step < total_steps) {
-    const auto batches = epoch_micro_batches(static_cast<int64_t>(data.rows.size()), B, o.seed, epoch);
+    const auto batches =
+        epoch_micro_batches(static_cast<int64_t>(data.rows.size()), global_b, o.seed, epoch);
     for (size_t i = 0; i < batches.size() && step < total_steps; i += G) {
       std::vector<MicroBatch> micro;
       for (size_t j = i; j < std::min(batches.size(), i + G); ++j) {
         std::vector<const Example*> rows;
-        for (int64_t r : batches[j]) rows.push_back(&data.rows[r]);
+        for (size_t k = rank; k < batches[j].size(); k += world_size)
+          rows.push_back(&data.rows[batches[j][k]]);
         micro.push_back(make_micro_batch(rows));
       }
-      const StepResult r = train_step(model, optimizer, o.optimizer, sched, micro, step);
+      const StepResult r = engine ? engine->train_step(micro, sched, step)
+                                  : train_step(model, *optimizer, o.optimizer, sched, micro, step);
       ++step;
       logged_loss += r.loss;
       ++logged_steps;
@@ -169,7 +212,14 @@ void run_train(const TrainOptions& o) {
   }
 
   // 5. Save.
-  save_model(o.output_dir, config, model.table(), model.params(), save_dtype, model_dir);
+  if (engine) {  // sharded runs are gathered and saved as one model by rank 0
+    std::vector<float> full(table.total_numel());
+    engine->gather_full(full.data());
+    if (rank == 0) save_model(o.output_dir, config, model.table(), full.data(), save_dtype, model_dir);
+    world->barrier();
+  } else {
+    save_model(o.output_dir, config, model.table(), model.params(), save_dtype, model_dir);
+  }
   const double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
   fmt::print("saved {} ({}) in {:.1f} s; planned {} , measured peak RSS {}\n",
              o.output_dir.string(), dtype_name(save_dtype), secs, format_bytes(plan.total_bytes()),

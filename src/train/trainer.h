@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "dist/dist_options.h"
 #include "model/llama.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
@@ -64,6 +65,7 @@ struct TrainOptions {
   bool packing = false;
   std::string chat_template;
   std::string save_dtype;  // "" = as loaded; f32, bf16, f16
+  DistOptions dist;        // multi-process runs (src/dist, flags in src/cli/dist_flags.cpp)
 };
 
 // Runs a whole training job; UserError on bad input before anything is written.
