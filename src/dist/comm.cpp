@@ -2,6 +2,8 @@
 // aborts the job when a collective hangs, e.g. because another rank died or is stuck).
 #include "dist/comm.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -11,8 +13,6 @@
 #include <mutex>
 #include <numeric>
 #include <thread>
-
-#include <fmt/format.h>
 
 #include "core/check.h"
 #include "core/error.h"
@@ -243,10 +243,10 @@ class MpiCommunicator final : public Communicator {
     auto r = std::make_unique<Request>(this, counts);
     stats_.allgather_bytes += sum_counts(counts) * 4;
     ++stats_.calls;
-    mpi_check(MPI_Iallgatherv(send ? send : MPI_IN_PLACE, send ? r->c.counts[rank_] : 0,
-                              MPI_FLOAT, recv, r->c.counts.data(), r->c.displs.data(), MPI_FLOAT,
-                              comm_, &r->request),
-              "MPI_Iallgatherv", name_);
+    mpi_check(
+        MPI_Iallgatherv(send ? send : MPI_IN_PLACE, send ? r->c.counts[rank_] : 0, MPI_FLOAT, recv,
+                        r->c.counts.data(), r->c.displs.data(), MPI_FLOAT, comm_, &r->request),
+        "MPI_Iallgatherv", name_);
     return r;
   }
   void alltoall(float* recv, const float* send, size_t n) override {
@@ -354,9 +354,10 @@ std::unique_ptr<Communicator> init_world(const WorldOptions&) {
     const char* n = std::getenv("OMPI_COMM_WORLD_SIZE");
     if (!n) n = std::getenv("PMI_SIZE");
     if (n && std::atoi(n) > 1)
-      fail("launched by an MPI launcher with {} processes, but longtune was built without MPI "
-           "(rebuild with -DLONGTUNE_MPI=ON and an MPI library installed)",
-           n);
+      fail(
+          "launched by an MPI launcher with {} processes, but longtune was built without MPI "
+          "(rebuild with -DLONGTUNE_MPI=ON and an MPI library installed)",
+          n);
   }
   return make_local_communicator();
 }

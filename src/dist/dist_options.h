@@ -7,14 +7,14 @@
 namespace lt {
 
 struct DistOptions {
-  std::string deepspeed;            // --deepspeed ds_config.json ("" = none)
-  std::string fsdp;                 // --fsdp: "", "full_shard" (ZeRO-3), "shard_grad_op" (ZeRO-2)
+  std::string deepspeed;             // --deepspeed ds_config.json ("" = none)
+  std::string fsdp;                  // --fsdp: "", "full_shard" (ZeRO-3), "shard_grad_op" (ZeRO-2)
   bool fsdp_offload_params = false;  // --fsdp_offload_params: parameters + optimizer on host
-  int zero_stage = 0;               // 0 (plain data parallel), 1, 2, 3
-  bool offload_optimizer = false;   // ZeRO-Offload: optimizer state + update on the host
-  bool offload_params = false;      // ZeRO-3: parameter shard on the host
-  int64_t reduce_bucket_size = 500'000'000;     // elements per gradient reduction call
-  int64_t allgather_bucket_size = 500'000'000;  // elements per parameter all-gather call
+  int zero_stage = 0;                // 0 (plain data parallel), 1, 2, 3
+  bool offload_optimizer = false;    // ZeRO-Offload: optimizer state + update on the host
+  bool offload_params = false;       // ZeRO-3: parameter shard on the host
+  int64_t reduce_bucket_size = 500'000'000;          // elements per gradient reduction call
+  int64_t allgather_bucket_size = 500'000'000;       // elements per parameter all-gather call
   int64_t stage3_prefetch_bucket_size = 50'000'000;  // > 0: prefetch the next layer (ZeRO-3)
   bool gather_16bit_weights_on_model_save = true;
   int64_t sequence_parallel_size = 1;  // DeepSpeed-Ulysses degree (not implemented yet)

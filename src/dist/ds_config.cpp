@@ -4,8 +4,8 @@
 
 #include <cmath>
 #include <fstream>
-#include <sstream>
 #include <set>
+#include <sstream>
 
 #include "core/error.h"
 
@@ -28,8 +28,8 @@ class Resolver {
       fail("{}: '{}' must be a number or \"auto\" (got {})", source_, path + key, v.dump());
     const double x = v.get<double>();
     if (std::abs(x - flag_value) > 1e-12 * std::max(1.0, std::abs(flag_value)))
-      fail("{}: '{}' is {} but {} is {}; make them agree or write \"auto\" in the config",
-           source_, path + key, v.dump(), flag, flag_value);
+      fail("{}: '{}' is {} but {} is {}; make them agree or write \"auto\" in the config", source_,
+           path + key, v.dump(), flag, flag_value);
   }
   // A boolean "enabled" flag object such as {"bf16": {"enabled": true}}.
   bool enabled(const nlohmann::json& obj, const std::string& key, bool flag_value) {
@@ -118,8 +118,7 @@ std::vector<std::string> apply_deepspeed_config(const nlohmann::json& j, const s
       const auto& p = opt.at("params");
       r.number(p, "lr", "optimizer.params.", o->optimizer.learning_rate, "--learning_rate");
       r.number(p, "eps", "optimizer.params.", o->optimizer.eps, "--adam_epsilon");
-      r.number(p, "weight_decay", "optimizer.params.", o->optimizer.weight_decay,
-               "--weight_decay");
+      r.number(p, "weight_decay", "optimizer.params.", o->optimizer.weight_decay, "--weight_decay");
       if (p.contains("betas") && p.at("betas").is_array()) {
         const auto& b = p.at("betas");
         if (b.size() != 2) fail("{}: 'optimizer.params.betas' must hold two numbers", source);
@@ -147,9 +146,10 @@ std::vector<std::string> apply_deepspeed_config(const nlohmann::json& j, const s
              "--learning_rate");
     const std::string wt = p.value("warmup_type", "log");
     if (wt != "linear")
-      fail("{}: 'scheduler.params.warmup_type' is '{}' (DeepSpeed's default is log); only "
-           "\"linear\" is supported: add \"warmup_type\": \"linear\"",
-           source, wt);
+      fail(
+          "{}: 'scheduler.params.warmup_type' is '{}' (DeepSpeed's default is log); only "
+          "\"linear\" is supported: add \"warmup_type\": \"linear\"",
+          source, wt);
     const int64_t warmup = r.integer_or(p, "warmup_num_steps", "scheduler.params.", -1);
     if (warmup >= 0) {
       o->warmup_steps = warmup;
@@ -171,19 +171,20 @@ std::vector<std::string> apply_deepspeed_config(const nlohmann::json& j, const s
     if (d.offload_params && d.zero_stage != 3)
       fail("{}: 'zero_optimization.offload_param' needs stage 3 (stage is {})", source, stage);
     // HF's "auto": reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 hidden^2.
-    d.reduce_bucket_size = std::max<int64_t>(
-        1, r.integer_or(z, "reduce_bucket_size", zp, hidden_size * hidden_size));
+    d.reduce_bucket_size =
+        std::max<int64_t>(1, r.integer_or(z, "reduce_bucket_size", zp, hidden_size * hidden_size));
     d.allgather_bucket_size =
         std::max<int64_t>(1, r.integer_or(z, "allgather_bucket_size", zp, 500'000'000));
-    d.stage3_prefetch_bucket_size = r.integer_or(z, "stage3_prefetch_bucket_size", zp,
-                                                 hidden_size * hidden_size * 9 / 10);
+    d.stage3_prefetch_bucket_size =
+        r.integer_or(z, "stage3_prefetch_bucket_size", zp, hidden_size * hidden_size * 9 / 10);
     if (z.contains("stage3_gather_16bit_weights_on_model_save"))
-      d.gather_16bit_weights_on_model_save = z.at("stage3_gather_16bit_weights_on_model_save")
-                                                 .get<bool>();
+      d.gather_16bit_weights_on_model_save =
+          z.at("stage3_gather_16bit_weights_on_model_save").get<bool>();
     for (const auto& [key, value] : z.items()) {
       if (key == "stage" || key == "offload_optimizer" || key == "offload_param" ||
           key == "reduce_bucket_size" || key == "allgather_bucket_size" ||
-          key == "stage3_prefetch_bucket_size" || key == "stage3_gather_16bit_weights_on_model_save")
+          key == "stage3_prefetch_bucket_size" ||
+          key == "stage3_gather_16bit_weights_on_model_save")
         continue;
       if (key == "contiguous_gradients")
         r.ignored(zp + key, "gradients always live in one contiguous block");
@@ -230,11 +231,16 @@ void apply_fsdp(TrainOptions* o) {
   bool offload = d.fsdp_offload_params;
   int stage = -1;
   while (words >> w) {
-    if (w == "full_shard") stage = 3;
-    else if (w == "shard_grad_op") stage = 2;
-    else if (w == "offload") offload = true;
-    else if (w == "auto_wrap") continue;
-    else fail("--fsdp: '{}' is not allowed; use full_shard or shard_grad_op (with offload)", w);
+    if (w == "full_shard")
+      stage = 3;
+    else if (w == "shard_grad_op")
+      stage = 2;
+    else if (w == "offload")
+      offload = true;
+    else if (w == "auto_wrap")
+      continue;
+    else
+      fail("--fsdp: '{}' is not allowed; use full_shard or shard_grad_op (with offload)", w);
   }
   if (stage < 0) fail("--fsdp '{}': name full_shard or shard_grad_op", d.fsdp);
   d.zero_stage = stage;

@@ -3,10 +3,9 @@
 // must agree with them, and every key that has no effect here is named.
 #pragma once
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "dist/zero.h"
 #include "train/trainer.h"
@@ -19,8 +18,7 @@ namespace lt {
 // Returns one note per key that is accepted but has no effect. UserError on a value that
 // disagrees with the flags, an unknown stage or an unsupported feature (fp16, nvme offload).
 std::vector<std::string> apply_deepspeed_config(const nlohmann::json& j, const std::string& source,
-                                                int dp_world, int64_t hidden_size,
-                                                TrainOptions* o);
+                                                int dp_world, int64_t hidden_size, TrainOptions* o);
 // Reads the file first (UserError naming it when it cannot be read or parsed).
 std::vector<std::string> apply_deepspeed_config_file(const std::filesystem::path& path,
                                                      int dp_world, int64_t hidden_size,

@@ -1,10 +1,10 @@
 // ZeRO stages 0-3 and ZeRO-Offload over flat ranges of the parameter block (see zero.h).
 #include "dist/zero.h"
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "core/check.h"
 
@@ -19,7 +19,8 @@ ShardLayout::ShardLayout(int64_t total_floats, int world_size)
 
 std::vector<int64_t> ShardLayout::counts(int64_t b, int64_t e) const {
   std::vector<int64_t> c(world);
-  for (int r = 0; r < world; ++r) c[r] = std::max<int64_t>(0, std::min(e, end(r)) - std::max(b, begin(r)));
+  for (int r = 0; r < world; ++r)
+    c[r] = std::max<int64_t>(0, std::min(e, end(r)) - std::max(b, begin(r)));
   return c;
 }
 
@@ -79,17 +80,17 @@ class ArenaTaker final : public BufferBinder {
 
 // This rank's buffers. Device memory unless the arena is "*_host" (the same memory on CPU runs).
 struct ZeroEngine::Buffers {
-  float* full_params = nullptr;     // stage 2: (P) every parameter
-  float* param_shard = nullptr;     // stage 3: (S) this rank's parameters
-  float* grad_shard = nullptr;      // stages 2, 3: (S) this rank's gradients, summed over ranks
-  float* outer_params = nullptr;    // stage 3: (head + P - tail) gathered embedding / norm / head
-  float* layer_params[2] = {};      // stage 3: (max layer) two gathered layers (use + prefetch)
-  float* outer_grads = nullptr;     // stages 2, 3: (head + P - tail) this rank's local gradients
-  float* layer_grads = nullptr;     // stages 2, 3: (max layer) one layer's local gradients
-  float* scratch = nullptr;         // stages 1-3: reduce-scatter receive buffer
+  float* full_params = nullptr;      // stage 2: (P) every parameter
+  float* param_shard = nullptr;      // stage 3: (S) this rank's parameters
+  float* grad_shard = nullptr;       // stages 2, 3: (S) this rank's gradients, summed over ranks
+  float* outer_params = nullptr;     // stage 3: (head + P - tail) gathered embedding / norm / head
+  float* layer_params[2] = {};       // stage 3: (max layer) two gathered layers (use + prefetch)
+  float* outer_grads = nullptr;      // stages 2, 3: (head + P - tail) this rank's local gradients
+  float* layer_grads = nullptr;      // stages 2, 3: (max layer) one layer's local gradients
+  float* scratch = nullptr;          // stages 1-3: reduce-scatter receive buffer
   float *m = nullptr, *v = nullptr;  // (S) AdamW moments ((P) at stage 0)
-  float* master = nullptr;          // offload: (S) f32 master weights, host
-  float* host_grads = nullptr;      // offload: (S) gradients copied to the host for the update
+  float* master = nullptr;           // offload: (S) f32 master weights, host
+  float* host_grads = nullptr;       // offload: (S) gradients copied to the host for the update
 };
 
 void ZeroEngine::declare(const ModelConfig& c, const ZeroSettings& z, const ShardLayout& layout,
@@ -138,8 +139,8 @@ void ZeroEngine::plan(const ModelConfig& c, const ZeroSettings& z, int world, in
   declare(c, z, ShardLayout(ParamTable(c).total_numel(), world), rank, taker, &sizes);
 }
 
-ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp,
-                       const ZeroSettings& z, const OptimizerSettings& opt)
+ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, const ZeroSettings& z,
+                       const OptimizerSettings& opt)
     : model_(model),
       be_(backend),
       dp_(dp),
@@ -188,22 +189,27 @@ size_t ZeroEngine::bytes(MemCategory c) const {
 float* ZeroEngine::shard_params() {
   switch (z_.stage) {
     case 0:
-    case 1: return model_.params() + lo_;
-    case 2: return buf_->full_params + lo_;
-    default: return buf_->param_shard ? buf_->param_shard : buf_->master;
+    case 1:
+      return model_.params() + lo_;
+    case 2:
+      return buf_->full_params + lo_;
+    default:
+      return buf_->param_shard ? buf_->param_shard : buf_->master;
   }
 }
 
-float* ZeroEngine::shard_grads() {
-  return z_.stage <= 1 ? model_.grads() + lo_ : buf_->grad_shard;
-}
+float* ZeroEngine::shard_grads() { return z_.stage <= 1 ? model_.grads() + lo_ : buf_->grad_shard; }
 
 void ZeroEngine::load_full(const float* full) {
   const int64_t P = table_.total_numel();
   switch (z_.stage) {
     case 0:
-    case 1: be_.copy_to_device(model_.params(), full, P * 4); break;
-    case 2: be_.copy_to_device(buf_->full_params, full, P * 4); break;
+    case 1:
+      be_.copy_to_device(model_.params(), full, P * 4);
+      break;
+    case 2:
+      be_.copy_to_device(buf_->full_params, full, P * 4);
+      break;
     default:
       if (buf_->param_shard) be_.copy_to_device(buf_->param_shard, full + lo_, (hi_ - lo_) * 4);
   }
@@ -331,8 +337,8 @@ void ZeroEngine::acquire(int64_t unit, Pass pass, ModelWeights* w, ModelWeights*
       if (pending_[1 - s]) pending_[1 - s]->wait();
       const int64_t nb = layer_begin_[next], ne = layer_begin_[next + 1];
       const auto counts = layout_.counts(nb, ne);
-      const float* src = counts[dp_.rank()] > 0 ? shard_params() + (std::max(nb, lo_) - lo_)
-                                                : shard_params();
+      const float* src =
+          counts[dp_.rank()] > 0 ? shard_params() + (std::max(nb, lo_) - lo_) : shard_params();
       pending_[1 - s] = dp_.allgather_async(buf_->layer_params[1 - s], src, counts);
       slot_unit_[1 - s] = next;
     }

@@ -92,9 +92,9 @@ class ZeroEngine final : public LayerWeightsProvider {
   OptimizerSettings opt_;
   const ParamTable& table_;
   ShardLayout layout_;
-  int64_t lo_ = 0, hi_ = 0;                   // this rank's range
-  int64_t outer_head_ = 0, outer_tail_ = 0;   // [0, head) and [tail, P): outside the layers
-  std::vector<int64_t> layer_begin_;          // (L+1) layer l is [layer_begin_[l], [l+1])
+  int64_t lo_ = 0, hi_ = 0;                  // this rank's range
+  int64_t outer_head_ = 0, outer_tail_ = 0;  // [0, head) and [tail, P): outside the layers
+  std::vector<int64_t> layer_begin_;         // (L+1) layer l is [layer_begin_[l], [l+1])
   std::map<std::string, Arena> arenas_;
   std::unique_ptr<Buffers> buf_;
   ModelWeights full_views_;  // stage 2: views into the full parameter block

@@ -114,12 +114,20 @@ TEST(Comm, AsyncAllgatherAlltoallSendRecvSplit) {
 // ---- Training ---------------------------------------------------------------------------
 
 ModelConfig tiny_config(int64_t layers, bool tied) {
-  nlohmann::json j = {
-      {"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"},
-      {"hidden_size", 32},  {"intermediate_size", 48},  {"num_hidden_layers", layers},
-      {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"head_dim", 8},
-      {"vocab_size", 61}, {"max_position_embeddings", 64}, {"rms_norm_eps", 1e-5},
-      {"rope_theta", 10000.0}, {"tie_word_embeddings", tied}, {"torch_dtype", "float32"}};
+  nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}},
+                      {"model_type", "llama"},
+                      {"hidden_size", 32},
+                      {"intermediate_size", 48},
+                      {"num_hidden_layers", layers},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"head_dim", 8},
+                      {"vocab_size", 61},
+                      {"max_position_embeddings", 64},
+                      {"rms_norm_eps", 1e-5},
+                      {"rope_theta", 10000.0},
+                      {"tie_word_embeddings", tied},
+                      {"torch_dtype", "float32"}};
   return parse_model_config(j, "tiny test config");
 }
 
@@ -197,8 +205,8 @@ Trained train(const ModelConfig& c, Communicator& comm, const Layout& lay,
 void expect_same_as_one_process(const Layout& lay, int64_t layers, bool tied) {
   Communicator& world = *g_world;
   const ModelConfig c = tiny_config(layers, tied);
-  const auto rows = make_rows(lay.steps * lay.accumulation * world.size() * lay.per_rank_batch,
-                              c.vocab_size, 11);
+  const auto rows =
+      make_rows(lay.steps * lay.accumulation * world.size() * lay.per_rank_batch, c.vocab_size, 11);
   const Trained dist = train(c, world, lay, rows);
   auto local = make_local_communicator("reference");
   Layout ref = lay;
@@ -257,8 +265,8 @@ TEST(Dist, OffloadIsExact) {
   Communicator& world = *g_world;
   const ModelConfig c = tiny_config(2, false);
   Layout lay = zero_layout(2);
-  const auto rows = make_rows(lay.steps * lay.accumulation * world.size() * lay.per_rank_batch,
-                              c.vocab_size, 5);
+  const auto rows =
+      make_rows(lay.steps * lay.accumulation * world.size() * lay.per_rank_batch, c.vocab_size, 5);
   const Trained dev = train(c, world, lay, rows);
   lay.zero.offload_optimizer = true;
   const Trained host = train(c, world, lay, rows);
@@ -288,9 +296,10 @@ TEST(Dist, Zero3MemoryIsSharded) {
   EXPECT_LE(sharded, 16 * S + gathered + 4096) << "per-rank bytes " << sharded;
   EXPECT_GE(sharded, 16 * (P / W) * 0.99);
   if (world.rank() == 0)
-    std::printf("ZeRO-3 on %d ranks: %.0f bytes of weights+gradients+optimizer per rank vs %.0f "
-                "in one process (%.3f; shards %.0f + gathered %.0f)\n",
-                W, sharded, full, sharded / full, 16 * S, sharded - 16 * S);
+    std::printf(
+        "ZeRO-3 on %d ranks: %.0f bytes of weights+gradients+optimizer per rank vs %.0f "
+        "in one process (%.3f; shards %.0f + gathered %.0f)\n",
+        W, sharded, full, sharded / full, 16 * S, sharded - 16 * S);
   if (W >= 2) EXPECT_LT(sharded, full * (1.0 / W + 0.25));
 }
 
@@ -306,13 +315,15 @@ TEST(Dist, CommunicationBytes) {
     lay.accumulation = 1;
     const auto rows = make_rows(world.size() * lay.per_rank_batch, c.vocab_size, 3);
     const Trained t = train(c, world, lay, rows);
-    const double grads = double(stage == 0 ? t.stats.allreduce_bytes : t.stats.reduce_scatter_bytes);
+    const double grads =
+        double(stage == 0 ? t.stats.allreduce_bytes : t.stats.reduce_scatter_bytes);
     const double params = double(t.stats.allgather_bytes);
     if (world.rank() == 0)
-      std::printf("stage %d: gradient reduction %.0f bytes (%.3f x 4P), parameter all-gather %.0f "
-                  "bytes (%.3f x 4P), calls %llu\n",
-                  stage, grads, grads / (4 * P), params, params / (4 * P),
-                  (unsigned long long)t.stats.calls);
+      std::printf(
+          "stage %d: gradient reduction %.0f bytes (%.3f x 4P), parameter all-gather %.0f "
+          "bytes (%.3f x 4P), calls %llu\n",
+          stage, grads, grads / (4 * P), params, params / (4 * P),
+          (unsigned long long)t.stats.calls);
     EXPECT_GE(grads, 4 * P * 0.999);
     EXPECT_LE(grads, 4 * P * 1.01 + 64);  // plus the step's counters and loss
     if (stage == 1 || stage == 2) EXPECT_NEAR(params, 4 * P, 4 * P * 0.01);
