@@ -104,7 +104,9 @@ TEST(ZeroLocal, ShardLayoutCoversTheBlock) {
   EXPECT_EQ(c, (std::vector<int64_t>{6, 256, 88, 0}));
   EXPECT_EQ(make_local_communicator()->size(), 1);
   unsetenv("OMPI_COMM_WORLD_SIZE");
-  if (!launched_by_mpi()) EXPECT_EQ(init_world({})->size(), 1);
+  if (!launched_by_mpi()) {
+    EXPECT_EQ(init_world({})->size(), 1);
+  }
 }
 
 TrainOptions options() {

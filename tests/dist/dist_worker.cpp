@@ -300,7 +300,9 @@ TEST(Dist, Zero3MemoryIsSharded) {
         "ZeRO-3 on %d ranks: %.0f bytes of weights+gradients+optimizer per rank vs %.0f "
         "in one process (%.3f; shards %.0f + gathered %.0f)\n",
         W, sharded, full, sharded / full, 16 * S, sharded - 16 * S);
-  if (W >= 2) EXPECT_LT(sharded, full * (1.0 / W + 0.25));
+  if (W >= 2) {
+    EXPECT_LT(sharded, full * (1.0 / W + 0.25));
+  }
 }
 
 // Communication per step against the theory: stage 0 all-reduces P floats; stage 2 reduce-
@@ -326,10 +328,16 @@ TEST(Dist, CommunicationBytes) {
           (unsigned long long)t.stats.calls);
     EXPECT_GE(grads, 4 * P * 0.999);
     EXPECT_LE(grads, 4 * P * 1.01 + 64);  // plus the step's counters and loss
-    if (stage == 1 || stage == 2) EXPECT_NEAR(params, 4 * P, 4 * P * 0.01);
+    if (stage == 1 || stage == 2) {
+      EXPECT_NEAR(params, 4 * P, 4 * P * 0.01);
+    }
     // Stage 3 gathers the layers in forward and (where not still resident) in backward.
-    if (stage == 3) EXPECT_GE(params, 4 * P * 0.999);
-    if (stage == 0) EXPECT_EQ(params, 0);
+    if (stage == 3) {
+      EXPECT_GE(params, 4 * P * 0.999);
+    }
+    if (stage == 0) {
+      EXPECT_EQ(params, 0);
+    }
   }
 }
 
