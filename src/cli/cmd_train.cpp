@@ -79,7 +79,7 @@ int cmd_train(int argc, char** argv) {
   add_ignored_flag(app, "--dataloader_num_workers", "data is tokenized up front");
   add_ignored_flag(app, "--ddp_find_unused_parameters", "every parameter gets a gradient");
   add_ignored_flag(app, "--remove_unused_columns", "only input_ids and labels are read");
-  add_ignored_flag(app, "--local_rank", "set by launchers; ranks are read from the MPI environment");
+  add_ignored_flag(app, "--local_rank", "set by launchers; ranks come from the MPI environment");
   add_ignored_flag(app, "--group_by_length", "rows keep the seeded shuffle order");
   add_ignored_flag(app, "--torch_compile", "there is no PyTorch to compile");
   // --- end trainer product flags ---

@@ -448,7 +448,8 @@ void LlamaModel::dump(const std::string& name, const float* data, size_t n) cons
 void LlamaModel::acquire(int64_t unit, LayerWeightsProvider::Pass pass) {
   LT_CHECK(provider_ || !settings_.external_params, "external parameters without a provider");
   if (!provider_) return;
-  provider_->acquire(unit, pass, &w_, pass == LayerWeightsProvider::Pass::kBackward ? &g_ : nullptr);
+  const bool backward = pass == LayerWeightsProvider::Pass::kBackward;
+  provider_->acquire(unit, pass, &w_, backward ? &g_ : nullptr);
   if (unit != LayerWeightsProvider::kOuter) build_layer_slots(unit);  // projections read slots_
 }
 

@@ -81,7 +81,8 @@ std::string PlanResult::describe() const {
   for (const auto& [name, bytes] : by_category)
     if (bytes) s += fmt::format("  {:<16} {:>12}\n", name, format_bytes(bytes));
   s += fmt::format("  {:<16} {:>12}", "total", format_bytes(device_bytes));
-  if (offloaded_bytes) s += fmt::format("\n  (+ {} offloaded to the host)", format_bytes(offloaded_bytes));
+  if (offloaded_bytes)
+    s += fmt::format("\n  (+ {} offloaded to the host)", format_bytes(offloaded_bytes));
   return s;
 }
 

@@ -37,7 +37,8 @@ int64_t checkpoint_step(const fs::path& p) {
 }
 
 bool has_model_file(const fs::path& dir) {
-  return fs::exists(dir / "model.safetensors") || fs::exists(dir / "model.safetensors.index.json") ||
+  return fs::exists(dir / "model.safetensors") ||
+         fs::exists(dir / "model.safetensors.index.json") ||
          fs::exists(dir / "adapter_model.safetensors");
 }
 
@@ -66,8 +67,8 @@ namespace {
 // Writes checkpoint-<step>: write_weights(folder) puts the model (or adapter) files there; the
 // moments are exp_avg then exp_avg_sq (total each).
 fs::path write_checkpoint(const fs::path& output_dir, const CheckpointState& st,
-                          const std::function<void(const fs::path&)>& write_weights,
-                          const float* m, int64_t total, int64_t optimizer_step,
+                          const std::function<void(const fs::path&)>& write_weights, const float* m,
+                          int64_t total, int64_t optimizer_step,
                           const nlohmann::json& training_args) {
   const fs::path final_dir = output_dir / fmt::format("checkpoint-{}", st.step);
   const fs::path tmp = output_dir / fmt::format("checkpoint-{}.tmp", st.step);
@@ -121,8 +122,7 @@ fs::path write_checkpoint(const fs::path& output_dir, const CheckpointState& st,
 
 fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
                          const ModelConfig& config, LlamaModel& model, AdamW& optimizer,
-                         const nlohmann::json& training_args,
-                         const fs::path& source_dir) {
+                         const nlohmann::json& training_args, const fs::path& source_dir) {
   // f32 master weights, whatever --save_dtype says: resuming must be exact. With LoRA the
   // adapter is what trains (the base is read again from --model_name_or_path).
   auto write_weights = [&](const fs::path& tmp) {
@@ -258,8 +258,8 @@ CheckpointState read_checkpoint(const fs::path& dir, const ModelConfig& config,
 
 }  // namespace
 
-CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
-                                LlamaModel& model, AdamW& optimizer) {
+CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config, LlamaModel& model,
+                                AdamW& optimizer) {
   auto load_weights_from = [&](const fs::path& d) {
     if (model.settings().lora.enabled)
       load_adapter(d, model);

@@ -43,7 +43,8 @@ const std::vector<std::string>& checkpoint_files();
 // UserError says so. Returns the folder.
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       const CheckpointState& state, const ModelConfig& config,
-                                      LlamaModel& model, AdamW& optimizer, const nlohmann::json& training_args,
+                                      LlamaModel& model, AdamW& optimizer,
+                                      const nlohmann::json& training_args,
                                       const std::filesystem::path& source_dir);
 
 // The tensors of a checkpoint when no single LlamaModel + AdamW holds them: a distributed run

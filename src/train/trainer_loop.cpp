@@ -118,8 +118,9 @@ void Trainer::init_dist() {
   if (rank_ != 0 && !o_.dist.log_all_ranks) std::freopen("/dev/null", "w", stdout);
   if (o_.dist.sequence_parallel_size != 1 || o_.dist.pipeline_parallel_size != 1 ||
       o_.dist.fpdt_chunk_size != 0)
-    fail("--sequence_parallel_size, --pipeline_parallel_size and --fpdt_chunk_size are not "
-         "implemented yet (use 1, 1 and 0)");
+    fail(
+        "--sequence_parallel_size, --pipeline_parallel_size and --fpdt_chunk_size are not "
+        "implemented yet (use 1, 1 and 0)");
   apply_fsdp(&o_);
 }
 
@@ -171,9 +172,10 @@ void Trainer::validate() {
     fail("--model_name_or_path '{}' is not a folder", model_dir_.string());
   config_ = load_model_config(model_dir_ / "config.json");
   if (o.model_max_length > 0 && apply_position_interpolation(&config_, o.model_max_length))
-    fmt::print("context extension: model_max_length {} > max_position_embeddings {}: linear "
-               "position interpolation with factor {} (saved in config.json)\n",
-               o.model_max_length, config_.max_position_embeddings, config_.rope_scaling.factor);
+    fmt::print(
+        "context extension: model_max_length {} > max_position_embeddings {}: linear "
+        "position interpolation with factor {} (saved in config.json)\n",
+        o.model_max_length, config_.max_position_embeddings, config_.rope_scaling.factor);
   lora_ = resolve_lora(o.lora, o.seed);
   if (!o.lora.adapter_name_or_path.empty())  // continue an adapter: its r, alpha, targets
     lora_ = read_adapter_config(o.lora.adapter_name_or_path, config_, lora_);
@@ -184,8 +186,9 @@ void Trainer::validate() {
       fmt::print("{}\n", note);
   distributed_ = world_size_ > 1 || o_.dist.zero_stage > 0;
   if (distributed_ && lora_.enabled)
-    fail("--use_peft_lora with --deepspeed/--fsdp/mpirun is not supported yet (the ZeRO engine "
-         "shards the full parameter block, not the LoRA trainable set); run LoRA in one process");
+    fail(
+        "--use_peft_lora with --deepspeed/--fsdp/mpirun is not supported yet (the ZeRO engine "
+        "shards the full parameter block, not the LoRA trainable set); run LoRA in one process");
   if (distributed_) {
     const ZeroSettings z = zero_settings(o_.dist);
     fmt::print("distributed: {} ranks ({}), ZeRO stage {}{}{}\n", world_size_, world_->backend(),
@@ -632,7 +635,8 @@ TrainOutcome Trainer::train() {
     } else if (lora_.enabled) {  // the adapter only, in PEFT's format (longtune merge: full model)
       save_adapter(o_.output_dir, *model_, o_.model_name_or_path.string());
     } else {
-      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_, model_dir_);
+      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_,
+                 model_dir_);
     }
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start_).count();

@@ -46,7 +46,7 @@ class Trainer {
   TrainOutcome train();
 
  private:
-  void init_dist();      // the world of ranks (before validate)
+  void init_dist();  // the world of ranks (before validate)
   void validate();
   void load_data();
   void setup_model();
