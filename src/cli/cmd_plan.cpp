@@ -38,6 +38,12 @@ int cmd_plan(int argc, char** argv) {
   app.add_option("--memory_budget", budget, "device memory, e.g. 80GiB");
   LoraOptions lora;
   add_lora_flags(app, &lora);
+  int world_size = 1, zero_stage = 0;
+  bool offload_optimizer = false;
+  app.add_option("--world_size", world_size, "data-parallel ranks sharing the ZeRO state")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--zero_stage", zero_stage, "0, 1, 2 or 3")->check(CLI::Range(0, 3));
+  add_bool_flag(app, "--offload_optimizer", &offload_optimizer, "ZeRO-Offload of the optimizer");
   if (!parse_flags(app, argc, argv)) return 0;
   if (model.empty() == preset.empty()) fail("give exactly one of --model_name_or_path and --preset");
   if (seq < 1) fail("--model_max_length must be >= 1 (got {})", seq);
@@ -52,6 +58,9 @@ int cmd_plan(int argc, char** argv) {
   r.device = device == "cuda" ? PlanDevice::kCudaBf16 : PlanDevice::kCpuF32;
   r.settings.flash_attention = flash;
   r.settings.lora = resolve_lora(lora, 42);
+  r.world_size = world_size;
+  r.zero_stage = zero_stage;
+  r.offload_optimizer = offload_optimizer;
   r.settings.offload_checkpoints = offload;
   const bool auto_ms = mini == "auto", auto_ck = ckpt == "auto";
   if (!auto_ms) {
@@ -85,6 +94,9 @@ int cmd_plan(int argc, char** argv) {
   fmt::print("plan: {} ({} layers, hidden {}, vocab {}) at {} tokens x batch {} on {}\n",
              r.config.architecture, r.config.num_hidden_layers, r.config.hidden_size,
              r.config.vocab_size, seq, batch, device == "cuda" ? "cuda (bf16)" : "cpu (f32)");
+  if (world_size > 1 || zero_stage > 0)
+    fmt::print("per device of {} data-parallel ranks, ZeRO stage {}{}\n", world_size, zero_stage,
+               offload_optimizer ? " with optimizer offload" : "");
   fmt::print("settings: {}\n{}\n", settings_text(r.settings), p.describe());
   {
     const double n = static_cast<double>(ParamTable(r.config).total_numel());

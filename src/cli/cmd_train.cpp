@@ -1,5 +1,6 @@
 // `longtune train`: flags named as Hugging Face TrainingArguments.
 #include "cli/commands.h"
+#include "cli/dist_flags.h"
 #include "cli/flags.h"
 #include "cli/lora_flags.h"
 #include "train/trainer.h"
@@ -50,6 +51,7 @@ int cmd_train(int argc, char** argv) {
   app.add_option("--max_shard_size", o.max_shard_size,
                  "largest model.safetensors shard, like 5GB or 500MiB (default 50GB)");
   add_lora_flags(app, &o.lora);
+  add_dist_flags(app, &o.dist);
   // --- trainer product: config file, evaluation, checkpoints, tracking (trainer_loop.h) ---
   std::string config_file;
   app.add_option("--config", config_file,
@@ -76,11 +78,10 @@ int cmd_train(int argc, char** argv) {
   // Hugging Face / LongLoRA flags that have no meaning here: accepted with a note.
   add_ignored_flag(app, "--cache_dir", "the model is read from --model_name_or_path");
   add_ignored_flag(app, "--tf32", "the CPU backend computes in f32; CUDA picks its own math mode");
-  add_ignored_flag(app, "--deepspeed", "longtune plans and shards memory itself");
   add_ignored_flag(app, "--dataloader_num_workers", "data is tokenized up front");
   add_ignored_flag(app, "--ddp_find_unused_parameters", "every parameter gets a gradient");
   add_ignored_flag(app, "--remove_unused_columns", "only input_ids and labels are read");
-  add_ignored_flag(app, "--local_rank", "set by launchers; longtune runs one process");
+  add_ignored_flag(app, "--local_rank", "set by launchers; ranks come from the MPI environment");
   add_ignored_flag(app, "--group_by_length", "rows keep the seeded shuffle order");
   add_ignored_flag(app, "--torch_compile", "there is no PyTorch to compile");
   // --- end trainer product flags ---

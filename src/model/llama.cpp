@@ -147,8 +147,12 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   const ParamTable table = make_table(c, s);
   const size_t P = table.total_numel();
 
-  out->params = b.take("params", P, MemCategory::kWeights, "weights");
-  if (s.train && !s.lora.enabled) out->grads = b.take("grads", P, MemCategory::kGradients, "grads");
+  LT_CHECK(!(s.external_params && s.lora.enabled), "external parameters with LoRA");
+  if (!s.external_params) {  // ZeRO-2/3: a LayerWeightsProvider holds them (src/dist/zero.h)
+    out->params = b.take("params", P, MemCategory::kWeights, "weights");
+    if (s.train && !s.lora.enabled)
+      out->grads = b.take("grads", P, MemCategory::kGradients, "grads");
+  }
   if (s.lora.enabled) {
     // Frozen base tensors get no gradient; only those that also train (embed, norms) do.
     out->base_grads.clear();
@@ -293,9 +297,14 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   lora_params_ = bound.lora_params;
   lora_grads_ = bound.lora_grads;
   nf4_ = std::move(bound.nf4);
-  w_ = table_.bind(params_);
-  LT_CHECK(w_.embed && w_.final_norm && w_.lm_head);
+  if (params_) w_ = table_.bind(params_);
   if (grads_) g_ = table_.bind(grads_);
+  if (settings_.external_params) {  // views filled unit by unit by the provider
+    w_.layers.assign(config_.num_hidden_layers, LayerWeights{});
+    g_.layers.assign(config_.num_hidden_layers, LayerWeights{});
+  } else {
+    LT_CHECK(w_.embed && w_.final_norm && w_.lm_head);
+  }
   if (settings_.lora.enabled)
     g_ = table_.bind([&](const std::string& n) -> float* {
       auto it = base_grads_.find(n);
@@ -303,11 +312,12 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
     });
   if (lora_params_) be_.memset_zero(lora_params_, lora_table_.total_numel() * 4);
   build_slots();
-  // The trainable set, in the order the optimizer walks it.
-  if (settings_.train && !settings_.lora.enabled) {
+  // The trainable set, in the order the optimizer walks it (with external parameters the
+  // provider owns them and runs the update).
+  if (settings_.train && !settings_.lora.enabled && !settings_.external_params) {
     for (const auto& p : table_.params())
       trainable_.push_back({p.name, params_ + p.offset, grads_ + p.offset, p.numel, p.decay});
-  } else if (settings_.train) {
+  } else if (settings_.train && settings_.lora.enabled) {
     for (const auto& t : lora_table_.tensors())
       trainable_.push_back(
           {t.name, lora_params_ + t.offset, lora_grads_ + t.offset, t.numel, true});
@@ -319,41 +329,46 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
 
 void LlamaModel::build_slots() {
   slots_.assign(config_.num_hidden_layers, {});
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-    const LayerWeights& w = w_.layers[l];
-    const LayerWeights* g = g_.layers.empty() ? nullptr : &g_.layers[l];
-    for (int p = 0; p < kNumProj; ++p) {
-      LinearSlot& s = slots_[l][p];
-      s.proj = Proj(p);
-      std::tie(s.in, s.out) = proj_shape(config_, s.proj);
-      auto pick = [&](const LayerWeights& x) -> std::pair<float*, float*> {
-        switch (s.proj) {
-          case Proj::kQ: return {x.attn_q, x.attn_q_bias};
-          case Proj::kK: return {x.attn_k, x.attn_k_bias};
-          case Proj::kV: return {x.attn_v, x.attn_v_bias};
-          case Proj::kO: return {x.attn_o, x.attn_o_bias};
-          case Proj::kGate: return {x.ffn_gate, x.ffn_gate_bias};
-          case Proj::kUp: return {x.ffn_up, x.ffn_up_bias};
-          case Proj::kDown: return {x.ffn_down, x.ffn_down_bias};
-        }
-        return {nullptr, nullptr};
-      };
-      std::tie(s.weight, s.bias) = pick(w);
-      if (g) std::tie(s.grad_weight, s.grad_bias) = pick(*g);
-      if (!s.weight) {
-        const std::string name = fmt::format("model.layers.{}.{}.weight", l, proj_module(s.proj));
-        for (size_t i = 0; i < nf4_.size(); ++i)
-          if (nf4_[i].name == name) s.nf4 = static_cast<int64_t>(i);
-        LT_CHECK(s.nf4 >= 0, "no weight for {}", name);
+  // External parameters: a layer's slots are built when its views are acquired.
+  if (!settings_.external_params)
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) build_layer_slots(l);
+}
+
+void LlamaModel::build_layer_slots(int64_t l) {
+  const LayerWeights& w = w_.layers[l];
+  const LayerWeights* g = g_.layers.empty() ? nullptr : &g_.layers[l];
+  for (int p = 0; p < kNumProj; ++p) {
+    LinearSlot& s = slots_[l][p];
+    s = LinearSlot{};
+    s.proj = Proj(p);
+    std::tie(s.in, s.out) = proj_shape(config_, s.proj);
+    auto pick = [&](const LayerWeights& x) -> std::pair<float*, float*> {
+      switch (s.proj) {
+        case Proj::kQ: return {x.attn_q, x.attn_q_bias};
+        case Proj::kK: return {x.attn_k, x.attn_k_bias};
+        case Proj::kV: return {x.attn_v, x.attn_v_bias};
+        case Proj::kO: return {x.attn_o, x.attn_o_bias};
+        case Proj::kGate: return {x.ffn_gate, x.ffn_gate_bias};
+        case Proj::kUp: return {x.ffn_up, x.ffn_up_bias};
+        case Proj::kDown: return {x.ffn_down, x.ffn_down_bias};
       }
-      const int64_t ia = lora_table_.find(l, s.proj, false), ib = lora_table_.find(l, s.proj, true);
-      if (ia >= 0) {
-        s.lora_a = lora_params_ + lora_table_.tensors()[ia].offset;
-        s.lora_b = lora_params_ + lora_table_.tensors()[ib].offset;
-        if (lora_grads_) {
-          s.grad_a = lora_grads_ + lora_table_.tensors()[ia].offset;
-          s.grad_b = lora_grads_ + lora_table_.tensors()[ib].offset;
-        }
+      return {nullptr, nullptr};
+    };
+    std::tie(s.weight, s.bias) = pick(w);
+    if (g) std::tie(s.grad_weight, s.grad_bias) = pick(*g);
+    if (!s.weight) {
+      const std::string name = fmt::format("model.layers.{}.{}.weight", l, proj_module(s.proj));
+      for (size_t i = 0; i < nf4_.size(); ++i)
+        if (nf4_[i].name == name) s.nf4 = static_cast<int64_t>(i);
+      LT_CHECK(s.nf4 >= 0, "no weight for {}", name);
+    }
+    const int64_t ia = lora_table_.find(l, s.proj, false), ib = lora_table_.find(l, s.proj, true);
+    if (ia >= 0) {
+      s.lora_a = lora_params_ + lora_table_.tensors()[ia].offset;
+      s.lora_b = lora_params_ + lora_table_.tensors()[ib].offset;
+      if (lora_grads_) {
+        s.grad_a = lora_grads_ + lora_table_.tensors()[ia].offset;
+        s.grad_b = lora_grads_ + lora_table_.tensors()[ib].offset;
       }
     }
   }
@@ -428,6 +443,18 @@ LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
 
 void LlamaModel::dump(const std::string& name, const float* data, size_t n) const {
   if (dump_) dump_(dump_user_, name, data, n);
+}
+
+void LlamaModel::acquire(int64_t unit, LayerWeightsProvider::Pass pass) {
+  LT_CHECK(provider_ || !settings_.external_params, "external parameters without a provider");
+  if (!provider_) return;
+  const bool backward = pass == LayerWeightsProvider::Pass::kBackward;
+  provider_->acquire(unit, pass, &w_, backward ? &g_ : nullptr);
+  if (unit != LayerWeightsProvider::kOuter) build_layer_slots(unit);  // projections read slots_
+}
+
+void LlamaModel::release(int64_t unit, LayerWeightsProvider::Pass pass) {
+  if (provider_) provider_->release(unit, pass);
 }
 
 void LlamaModel::offload_release(int64_t l) {
@@ -571,7 +598,9 @@ void LlamaModel::forward_layers() {
   be_.embedding_forward(res(0), k.ids, w_.embed, N, D);
   dump("embed", res(0), N * D);
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    acquire(l, LayerWeightsProvider::Pass::kForward);
     layer_forward(l, acts_for(l), Pass::kForward);
+    release(l, LayerWeightsProvider::Pass::kForward);
     offload_release(l);  // res(l) is not needed again until layer l's backward
   }
   be_.rmsnorm_forward(k.final_in, k.final_rstd, res(config_.num_hidden_layers), w_.final_norm, N,
@@ -581,6 +610,8 @@ void LlamaModel::forward_layers() {
 
 double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
   LT_CHECK(settings_.train, "forward_backward on a model planned without training buffers");
+  using PP = LayerWeightsProvider::Pass;
+  acquire(LayerWeightsProvider::kOuter, PP::kBackward);
   prepare(mb);
   ++micro_batches_done_;
   dropout_on_ = true;  // PEFT applies lora_dropout in train mode only
@@ -597,29 +628,37 @@ double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
   for (int64_t l = L - 1; l >= 0; --l) {
     LayerActs& a = acts_for(l);
     if (l > 0) offload_prefetch(l - 1);  // the next layer's checkpoint, read ahead
+    acquire(l, PP::kBackward);
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
     layer_backward(l, a, k.dres);
+    release(l, PP::kBackward);
     offload_release(l + 1);
   }
   if (g_.embed) be_.embedding_backward(g_.embed, k.dres, k.ids, N, D);
   dropout_on_ = false;
+  release(LayerWeightsProvider::kOuter, PP::kBackward);
   return loss;
 }
 
 double LlamaModel::forward_loss(const MicroBatch& mb) {
+  acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
   prepare(mb);
   forward_layers();
   Work& k = *work_;
-  return be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head, k.targets, n_,
-                                   config_.hidden_size, config_.vocab_size, k.lm_chunk, 0.0f,
-                                   k.lm_scratch);
+  const double loss = be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head,
+                                                k.targets, n_, config_.hidden_size,
+                                                config_.vocab_size, k.lm_chunk, 0.0f, k.lm_scratch);
+  release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
+  return loss;
 }
 
 void LlamaModel::forward_logits(const MicroBatch& mb, float* logits) {
+  acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
   prepare(mb);
   forward_layers();
   be_.linear_forward(logits, work_->final_in, w_.lm_head, nullptr, n_, config_.hidden_size,
                      config_.vocab_size);
+  release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
 }
 
 }  // namespace lt

@@ -30,6 +30,24 @@ struct RunSettings {
   bool flash_attention = true; // tiled attention; false = plain O(T^2) attention
   bool train = true;           // false: no gradients, no backward buffers (eval, generate)
   LoraSpec lora;               // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
+  // Parameters and gradients are not allocated by the model: a LayerWeightsProvider supplies
+  // their views layer by layer (ZeRO-2/3, src/dist/zero.h).
+  bool external_params = false;
+};
+
+// Supplies parameter (and gradient) views when they are not all resident in the model (ZeRO-2/3
+// over MPI). The model asks for a unit's views just before it runs it and hands them back right
+// after; unit l is decoder layer l, unit kOuter everything else (embedding, final norm, LM head)
+// held for the whole pass. For kBackward the gradient views are valid too, zeroed on acquire and
+// accumulated (+=) by the model until release.
+class LayerWeightsProvider {
+ public:
+  enum class Pass { kForward, kBackward };
+  static constexpr int64_t kOuter = -1;
+  virtual ~LayerWeightsProvider() = default;
+  // Fills w (and g for kBackward) for the unit; views stay valid until release(unit, pass).
+  virtual void acquire(int64_t unit, Pass pass, ModelWeights* w, ModelWeights* g) = 0;
+  virtual void release(int64_t unit, Pass pass) = 0;
 };
 
 // One frozen base weight stored in NF4 (ops/nf4.h); device pointers into the "weights_nf4" arena.
@@ -78,8 +96,10 @@ class LlamaModel {
   Backend& backend() { return be_; }
   const ParamTable& table() const { return table_; }
   const RunSettings& settings() const { return settings_; }
-  float* params() { return params_; }  // (table().total_numel()) f32
-  float* grads() { return grads_; }    // same layout; null when !settings.train or with LoRA
+  float* params() { return params_; }  // (table().total_numel()) f32; null with external_params
+  float* grads() { return grads_; }    // same layout; null when !settings.train, LoRA or external
+  // Required before any pass when settings.external_params (not owned).
+  void set_weights_provider(LayerWeightsProvider* p) { provider_ = p; }
   const ModelWeights& weights() const { return w_; }
 
   // What the optimizer updates: every table tensor (full fine-tune), or the LoRA A/B tensors
@@ -159,11 +179,15 @@ class LlamaModel {
   const float* base_weight(const LinearSlot& s);
   LoraCall lora_call(int64_t l, Proj p, int64_t row0) const;
   void build_slots();
+  void build_layer_slots(int64_t l);  // slots_[l] from w_.layers[l] and g_.layers[l]
   LayerActs& acts_for(int64_t l);
   // Activation offload hooks (no-ops unless settings.offload_checkpoints).
   void offload_release(int64_t l);
   void offload_prefetch(int64_t l);
   void dump(const std::string& name, const float* data, size_t n) const;
+  // LayerWeightsProvider calls (no-ops without a provider).
+  void acquire(int64_t unit, LayerWeightsProvider::Pass pass);
+  void release(int64_t unit, LayerWeightsProvider::Pass pass);
 
   ModelConfig config_;
   Backend& be_;
@@ -188,6 +212,7 @@ class LlamaModel {
   int64_t n_ = 0;  // tokens of the current micro-batch
   DumpHook dump_ = nullptr;
   void* dump_user_ = nullptr;
+  LayerWeightsProvider* provider_ = nullptr;
 };
 
 }  // namespace lt

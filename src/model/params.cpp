@@ -55,10 +55,15 @@ const ParamInfo* ParamTable::find(const std::string& name) const {
   return nullptr;
 }
 
-ModelWeights ParamTable::bind(float* block) const {
+ModelWeights ParamTable::bind(float* block) const { return bind_at(block, 0); }
+
+ModelWeights ParamTable::bind_at(float* base, int64_t base_offset) const {
+  // Integer arithmetic: views outside the caller's range are formed but never dereferenced.
   return bind([&](const std::string& name) -> float* {
     const ParamInfo* p = find(name);
-    return p ? block + p->offset : nullptr;
+    if (!p) return nullptr;
+    return reinterpret_cast<float*>(reinterpret_cast<intptr_t>(base) +
+                                    (p->offset - base_offset) * intptr_t(sizeof(float)));
   });
 }
 

@@ -61,6 +61,9 @@ class ParamTable {
   // Views from a lookup: at(name) gives each tensor's pointer or null (tensors not in the
   // table are looked up too, so a view can cover weights kept elsewhere).
   ModelWeights bind(const std::function<float*(const std::string&)>& at) const;
+  // Views where the block's float offset `base_offset` lies at `base` (a buffer holding only a
+  // range of the block, e.g. one gathered layer): only the tensors inside that range are valid.
+  ModelWeights bind_at(float* base, int64_t base_offset) const;
 
  private:
   void add(const std::string& name, std::vector<int64_t> shape, bool decay);

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "core/error.h"
+#include "dist/zero.h"
 #include "train/optimizer.h"
 
 namespace lt {
@@ -37,20 +38,36 @@ PlanResult plan_memory(const PlanRequest& r) {
   RunSettings s = r.settings;
   s.max_tokens = r.seq_len * r.batch;
   if (r.mini_sequence_auto) mini_sequence_auto(r.config, s.max_tokens, &s);
+  const bool sharded = s.train && (r.world_size > 1 || r.zero_stage > 0);
+  ZeroSettings zero;
+  zero.stage = r.zero_stage;
+  zero.offload_optimizer = r.offload_optimizer;
+  if (sharded && s.lora.enabled)
+    fail("--use_peft_lora with --world_size > 1 or --zero_stage > 0 is not supported yet (the "
+         "ZeRO engine shards the full parameter block, not the LoRA trainable set)");
+  if (sharded) ZeroEngine::adjust_run_settings(zero, &s);
   LlamaModel::plan(r.config, s, &out.plan);
-  if (s.train) AdamW::plan(LlamaModel::trainable_numel(r.config, s), &out.plan);
+  if (sharded)  // rank 0 holds the largest shard
+    ZeroEngine::plan(r.config, zero, r.world_size, 0, &out.plan);
+  else if (s.train)
+    AdamW::plan(LlamaModel::trainable_numel(r.config, s), &out.plan);
   if (!s.flash_attention) {  // plain attention materialises one (T,T) score matrix at a time
     out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
                  "transient");
   }
   for (MemCategory c : kAllCategories) {
     size_t bytes = out.plan.category_bytes(c);
+    for (const auto& b : out.plan.buffers())  // ZeRO-Offload: host arenas are not on the device
+      if (b.category == c && b.arena.ends_with("_host")) {
+        bytes -= b.bytes;
+        out.offloaded_bytes += b.bytes;
+      }
     if (c == MemCategory::kCheckpoints && r.settings.offload_checkpoints) {
-      out.offloaded_bytes = bytes;
+      out.offloaded_bytes += bytes;
       // Two layers' checkpoints stay resident: the one in use and the one being prefetched.
       const size_t per_layer = bytes / std::max<int64_t>(1, r.config.num_hidden_layers + 1);
       bytes = std::min(bytes, 2 * per_layer);
-      out.offloaded_bytes -= bytes;
+      out.offloaded_bytes -= std::min(bytes, out.offloaded_bytes);
     }
     const size_t dev = static_cast<size_t>(static_cast<double>(bytes) * device_factor(c, r.device));
     out.by_category.emplace_back(std::string(mem_category_name(c)), dev);
@@ -64,7 +81,8 @@ std::string PlanResult::describe() const {
   for (const auto& [name, bytes] : by_category)
     if (bytes) s += fmt::format("  {:<16} {:>12}\n", name, format_bytes(bytes));
   s += fmt::format("  {:<16} {:>12}", "total", format_bytes(device_bytes));
-  if (offloaded_bytes) s += fmt::format("\n  (+ {} of checkpoints offloaded)", format_bytes(offloaded_bytes));
+  if (offloaded_bytes)
+    s += fmt::format("\n  (+ {} offloaded to the host)", format_bytes(offloaded_bytes));
   return s;
 }
 

@@ -24,6 +24,10 @@ struct PlanRequest {
   RunSettings settings;    // max_tokens is filled from seq_len * batch
   bool mini_sequence_auto = false;   // chunks from MST's rule for the sequence (overrides)
   PlanDevice device = PlanDevice::kCpuF32;
+  // Data parallel layout (src/dist/zero.h): weights / gradients / optimizer state per rank.
+  int world_size = 1;
+  int zero_stage = 0;
+  bool offload_optimizer = false;  // ZeRO-Offload: optimizer state counted as host memory
 };
 
 struct PlanResult {

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 
+#include "core/check.h"
 #include "core/error.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
@@ -35,7 +37,8 @@ int64_t checkpoint_step(const fs::path& p) {
 }
 
 bool has_model_file(const fs::path& dir) {
-  return fs::exists(dir / "model.safetensors") || fs::exists(dir / "model.safetensors.index.json") ||
+  return fs::exists(dir / "model.safetensors") ||
+         fs::exists(dir / "model.safetensors.index.json") ||
          fs::exists(dir / "adapter_model.safetensors");
 }
 
@@ -59,29 +62,24 @@ const std::vector<std::string>& checkpoint_files() {
   return files;
 }
 
-fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
-                         const ModelConfig& config, LlamaModel& model, AdamW& optimizer,
-                         const nlohmann::json& training_args,
-                         const fs::path& source_dir) {
+namespace {
+
+// Writes checkpoint-<step>: write_weights(folder) puts the model (or adapter) files there; the
+// moments are exp_avg then exp_avg_sq (total each).
+fs::path write_checkpoint(const fs::path& output_dir, const CheckpointState& st,
+                          const std::function<void(const fs::path&)>& write_weights, const float* m,
+                          int64_t total, int64_t optimizer_step,
+                          const nlohmann::json& training_args) {
   const fs::path final_dir = output_dir / fmt::format("checkpoint-{}", st.step);
   const fs::path tmp = output_dir / fmt::format("checkpoint-{}.tmp", st.step);
   std::error_code ec;
   try {
     fs::remove_all(tmp, ec);  // left by an earlier crash
     fs::create_directories(tmp);
-    // f32 master weights, whatever --save_dtype says: resuming must be exact. With LoRA the
-    // adapter is what trains (the base is read again from --model_name_or_path).
-    if (model.settings().lora.enabled) {
-      save_adapter(tmp, model, source_dir.string());
-      write_file_atomic(tmp / "config.json", model_config_to_json(config).dump(2) + "\n");
-    } else {
-      save_model(tmp, config, model.table(), model.params(), DType::kF32, source_dir);
-    }
-    const int64_t total = optimizer.moments_count() / 2;
-    const float* m = optimizer.moments();
+    write_weights(tmp);
     write_safetensors(tmp / kOptimizerFile,
                       {{"exp_avg", {total}, m}, {"exp_avg_sq", {total}, m + total}}, DType::kF32,
-                      {{"step", std::to_string(optimizer.steps_done())}, {"optimizer", "AdamW"}});
+                      {{"step", std::to_string(optimizer_step)}, {"optimizer", "AdamW"}});
     write_file_atomic(tmp / kSchedulerFile,
                       nlohmann::json{{"lr_scheduler_type", schedule_name(st.schedule.type)},
                                      {"warmup_steps", st.schedule.warmup_steps},
@@ -118,6 +116,36 @@ fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
              : fmt::format("the latest complete checkpoint is still '{}'", kept.back().string()));
   }
   return final_dir;
+}
+
+}  // namespace
+
+fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
+                         const ModelConfig& config, LlamaModel& model, AdamW& optimizer,
+                         const nlohmann::json& training_args, const fs::path& source_dir) {
+  // f32 master weights, whatever --save_dtype says: resuming must be exact. With LoRA the
+  // adapter is what trains (the base is read again from --model_name_or_path).
+  auto write_weights = [&](const fs::path& tmp) {
+    if (model.settings().lora.enabled) {
+      save_adapter(tmp, model, source_dir.string());
+      write_file_atomic(tmp / "config.json", model_config_to_json(config).dump(2) + "\n");
+    } else {
+      save_model(tmp, config, model.table(), model.params(), DType::kF32, source_dir);
+    }
+  };
+  return write_checkpoint(output_dir, st, write_weights, optimizer.moments(),
+                          optimizer.moments_count() / 2, optimizer.steps_done(), training_args);
+}
+
+fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
+                         const ModelConfig& config, const CheckpointTensors& t,
+                         const nlohmann::json& training_args, const fs::path& source_dir) {
+  LT_CHECK(t.table && t.params && t.moments);
+  auto write_weights = [&](const fs::path& tmp) {
+    save_model(tmp, config, *t.table, t.params, DType::kF32, source_dir);
+  };
+  return write_checkpoint(output_dir, st, write_weights, t.moments, t.table->total_numel(),
+                          t.optimizer_step, training_args);
 }
 
 std::vector<fs::path> list_checkpoints(const fs::path& output_dir) {
@@ -161,8 +189,13 @@ fs::path resolve_checkpoint(const std::string& spec, const fs::path& output_dir)
   return spec;
 }
 
-CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
-                                LlamaModel& model, AdamW& optimizer) {
+namespace {
+
+// Checks dir, loads the weights through load_weights_from(dir) and the moments into m (exp_avg
+// then exp_avg_sq, total each), and reads the step state.
+CheckpointState read_checkpoint(const fs::path& dir, const ModelConfig& config,
+                                const std::function<void(const fs::path&)>& load_weights_from,
+                                float* m, int64_t total, int64_t* optimizer_step) {
   for (const auto& f : checkpoint_files())
     if (!fs::exists(dir / f))
       fail("--resume_from_checkpoint '{}': {} is missing; this is not a complete checkpoint",
@@ -187,14 +220,9 @@ CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
           "--resume_from_checkpoint '{}' was made for another model: {} is {} there and {} in "
           "--model_name_or_path",
           dir.string(), name, v.first, v.second);
-  if (model.settings().lora.enabled)
-    load_adapter(dir, model);
-  else
-    load_weights(CheckpointReader(dir), model.table(), model.params());
+  load_weights_from(dir);
 
   const auto opt = SafetensorsFile::open(dir / kOptimizerFile);
-  const int64_t total = optimizer.moments_count() / 2;
-  float* m = optimizer.moments();
   const char* names[2] = {"exp_avg", "exp_avg_sq"};
   for (int k = 0; k < 2; ++k) {
     const TensorInfo* t = opt->find(names[k]);
@@ -205,7 +233,7 @@ CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
   }
   CheckpointState st;
   try {
-    optimizer.set_steps_done(std::stoll(opt->metadata().at("step")));
+    *optimizer_step = std::stoll(opt->metadata().at("step"));
     const auto sched = read_json(dir / kSchedulerFile);
     st.schedule.type = parse_schedule(sched.at("lr_scheduler_type").get<std::string>());
     st.schedule.warmup_steps = sched.at("warmup_steps").get<int64_t>();
@@ -226,6 +254,33 @@ CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
     fail("--resume_from_checkpoint '{}': trainer_state.json says step {} but scheduler.json {}",
          dir.string(), st.trainer_state.global_step, st.step);
   return st;
+}
+
+}  // namespace
+
+CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config, LlamaModel& model,
+                                AdamW& optimizer) {
+  auto load_weights_from = [&](const fs::path& d) {
+    if (model.settings().lora.enabled)
+      load_adapter(d, model);
+    else
+      load_weights(CheckpointReader(d), model.table(), model.params());
+  };
+  int64_t optimizer_step = 0;
+  CheckpointState st = read_checkpoint(dir, config, load_weights_from, optimizer.moments(),
+                                       optimizer.moments_count() / 2, &optimizer_step);
+  optimizer.set_steps_done(optimizer_step);
+  return st;
+}
+
+CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
+                                CheckpointTensors* t) {
+  LT_CHECK(t && t->table && t->params && t->moments);
+  auto load_weights_from = [&](const fs::path& d) {
+    load_weights(CheckpointReader(d), *t->table, t->params);
+  };
+  return read_checkpoint(dir, config, load_weights_from, t->moments, t->table->total_numel(),
+                         &t->optimizer_step);
 }
 
 }  // namespace lt

@@ -43,7 +43,23 @@ const std::vector<std::string>& checkpoint_files();
 // UserError says so. Returns the folder.
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       const CheckpointState& state, const ModelConfig& config,
-                                      LlamaModel& model, AdamW& optimizer, const nlohmann::json& training_args,
+                                      LlamaModel& model, AdamW& optimizer,
+                                      const nlohmann::json& training_args,
+                                      const std::filesystem::path& source_dir);
+
+// The tensors of a checkpoint when no single LlamaModel + AdamW holds them: a distributed run
+// (src/dist/zero.h) gathers the whole parameter block and the AdamW moments into host memory.
+// Full fine-tuning; both in ParamTable layout (the layout AdamW over model.trainable() uses).
+struct CheckpointTensors {
+  const ParamTable* table = nullptr;
+  float* params = nullptr;   // (P) f32, P = table->total_numel()
+  float* moments = nullptr;  // (2P) f32: exp_avg then exp_avg_sq
+  int64_t optimizer_step = 0;
+};
+std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
+                                      const CheckpointState& state, const ModelConfig& config,
+                                      const CheckpointTensors& tensors,
+                                      const nlohmann::json& training_args,
                                       const std::filesystem::path& source_dir);
 
 // Complete checkpoints in output_dir, oldest (lowest step) first.
@@ -64,5 +80,8 @@ std::filesystem::path resolve_checkpoint(const std::string& spec,
 // With LoRA the checkpoint holds the adapter (PEFT format) instead of the whole model.
 CheckpointState load_checkpoint(const std::filesystem::path& dir, const ModelConfig& config,
                                 LlamaModel& model, AdamW& optimizer);
+// The same into host tensors (fills params, moments and optimizer_step).
+CheckpointState load_checkpoint(const std::filesystem::path& dir, const ModelConfig& config,
+                                CheckpointTensors* tensors);
 
 }  // namespace lt

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "dist/dist_options.h"
 #include "model/llama.h"
 #include "model/lora.h"
 #include "train/optimizer.h"
@@ -84,6 +85,7 @@ struct TrainOptions {
   bool disable_tqdm = false;               // plain log lines even on a terminal
   // Every flag's value as given or defaulted (training_args.json, MLflow params).
   std::map<std::string, std::string> flag_values;
+  DistOptions dist;  // multi-process runs (src/dist, flags in src/cli/dist_flags.cpp)
 };
 
 // Runs a whole training job; UserError on bad input before anything is written.

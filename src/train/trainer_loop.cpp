@@ -11,6 +11,9 @@
 
 #include "core/check.h"
 #include "core/error.h"
+#include "dist/comm.h"
+#include "dist/ds_config.h"
+#include "dist/zero.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "model/adapter_io.h"
@@ -98,10 +101,28 @@ std::string default_logging_dir(const fs::path& output_dir) {
 
 Trainer::Trainer(const TrainOptions& options) : o_(options) {
   t_start_ = std::chrono::steady_clock::now();
+  init_dist();
   validate();
   load_data();
   setup_model();
   if (!o_.resume_from_checkpoint.empty()) resume();
+  // No rank writes into output_dir before every rank has checked that it may.
+  if (world_size_ > 1) world_->barrier();
+}
+
+// 0. The world of ranks: MPI when started by mpirun / srun, else one process. Rank 0 prints
+// unless --log_all_ranks.
+void Trainer::init_dist() {
+  world_ = init_world(WorldOptions{o_.dist.dist_timeout});
+  world_size_ = world_->size();
+  rank_ = world_->rank();
+  if (rank_ != 0 && !o_.dist.log_all_ranks) std::freopen("/dev/null", "w", stdout);
+  if (o_.dist.sequence_parallel_size != 1 || o_.dist.pipeline_parallel_size != 1 ||
+      o_.dist.fpdt_chunk_size != 0)
+    fail(
+        "--sequence_parallel_size, --pipeline_parallel_size and --fpdt_chunk_size are not "
+        "implemented yet (use 1, 1 and 0)");
+  apply_fsdp(&o_);
 }
 
 Trainer::~Trainer() = default;
@@ -159,12 +180,29 @@ void Trainer::validate() {
     fail("--model_name_or_path '{}' is not a folder", model_dir_.string());
   config_ = load_model_config(model_dir_ / "config.json");
   if (o.model_max_length > 0 && apply_position_interpolation(&config_, o.model_max_length))
-    fmt::print("context extension: model_max_length {} > max_position_embeddings {}: linear "
-               "position interpolation with factor {} (saved in config.json)\n",
-               o.model_max_length, config_.max_position_embeddings, config_.rope_scaling.factor);
+    fmt::print(
+        "context extension: model_max_length {} > max_position_embeddings {}: linear "
+        "position interpolation with factor {} (saved in config.json)\n",
+        o.model_max_length, config_.max_position_embeddings, config_.rope_scaling.factor);
   lora_ = resolve_lora(o.lora, o.seed);
   if (!o.lora.adapter_name_or_path.empty())  // continue an adapter: its r, alpha, targets
     lora_ = read_adapter_config(o.lora.adapter_name_or_path, config_, lora_);
+  // ---- dist: DeepSpeed config (HF "auto" rules) and the ZeRO settings of this run ----
+  if (!o_.dist.deepspeed.empty())
+    for (const auto& note :
+         apply_deepspeed_config_file(o_.dist.deepspeed, world_size_, config_.hidden_size, &o_))
+      fmt::print("{}\n", note);
+  distributed_ = world_size_ > 1 || o_.dist.zero_stage > 0;
+  if (distributed_ && lora_.enabled)
+    fail(
+        "--use_peft_lora with --deepspeed/--fsdp/mpirun is not supported yet (the ZeRO engine "
+        "shards the full parameter block, not the LoRA trainable set); run LoRA in one process");
+  if (distributed_) {
+    const ZeroSettings z = zero_settings(o_.dist);
+    fmt::print("distributed: {} ranks ({}), ZeRO stage {}{}{}\n", world_size_, world_->backend(),
+               z.stage, z.offload_optimizer ? ", optimizer offload" : "",
+               z.offload_params ? ", parameter offload" : "");
+  }
 }
 
 // 2. Data and the step count.
@@ -198,7 +236,8 @@ void Trainer::load_data() {
   }
   const int64_t B = o_.per_device_train_batch_size, G = o_.gradient_accumulation_steps;
   const int64_t rows = static_cast<int64_t>(train_data_.rows.size());
-  const int64_t micro_per_epoch = (rows + B - 1) / B;
+  const int64_t global_b = B * world_size_;  // rows of one micro-batch over all ranks
+  const int64_t micro_per_epoch = (rows + global_b - 1) / global_b;
   steps_per_epoch_ = std::max<int64_t>(1, (micro_per_epoch + G - 1) / G);
   total_steps_ = o_.max_steps > 0
                      ? o_.max_steps
@@ -221,8 +260,13 @@ void Trainer::setup_model() {
                           max_micro_batch_tokens(eval_data_.rows, o_.per_device_eval_batch_size));
   settings_from_options(o_, config_, max_tokens, &rs);
   rs.lora = lora_;
+  const ZeroSettings zero = zero_settings(o_.dist);
+  if (distributed_) ZeroEngine::adjust_run_settings(zero, &rs);
   LlamaModel::plan(config_, rs, &plan_);
-  AdamW::plan(LlamaModel::trainable_numel(config_, rs), &plan_);
+  if (distributed_)
+    ZeroEngine::plan(config_, zero, world_size_, rank_, &plan_);
+  else
+    AdamW::plan(LlamaModel::trainable_numel(config_, rs), &plan_);
   const ParamTable table(config_);
   fmt::print("model: {} ({} layers, hidden {}, vocab {}), {:.2f}M parameters\n",
              config_.architecture, config_.num_hidden_layers, config_.hidden_size,
@@ -241,6 +285,13 @@ void Trainer::setup_model() {
   fmt::print("{}\n", plan_.describe());
   backend_ = make_backend(o_.device);
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
+  if (distributed_) {  // every rank reads the checkpoint and keeps its part
+    engine_ = std::make_unique<ZeroEngine>(*model_, *backend_, *world_, zero, o_.optimizer);
+    std::vector<float> full(model_->table().total_numel());
+    load_weights(reader, model_->table(), full.data());
+    engine_->load_full(full.data());
+    return;
+  }
   if (lora_.enabled) {
     load_base_weights(reader, *model_);
     if (!o_.lora.adapter_name_or_path.empty()) {
@@ -259,8 +310,18 @@ void Trainer::setup_model() {
 // 4. Resume: weights, moments, schedule position, data position and log history.
 void Trainer::resume() {
   const fs::path dir = resolve_checkpoint(o_.resume_from_checkpoint, o_.output_dir);
-  CheckpointState st =
-      load_checkpoint(dir, config_, *model_, *optimizer_);
+  CheckpointState st;
+  if (engine_) {  // every rank reads the whole checkpoint and keeps its part
+    const int64_t P = model_->table().total_numel();
+    std::vector<float> params(P), moments(2 * P);
+    CheckpointTensors t{&model_->table(), params.data(), moments.data(), 0};
+    st = load_checkpoint(dir, config_, &t);
+    engine_->load_full(params.data());
+    engine_->load_moments(moments.data());
+    engine_->set_steps_done(t.optimizer_step);
+  } else {
+    st = load_checkpoint(dir, config_, *model_, *optimizer_);
+  }
   if (st.position.num_rows != position_.num_rows)
     fail(
         "--resume_from_checkpoint '{}' was trained on {} rows but --data_path has {}; the data "
@@ -282,6 +343,13 @@ void Trainer::resume() {
         "continues with {} (warmup {}) as its flags say\n",
         schedule_name(st.schedule.type), st.schedule.warmup_steps, schedule_name(schedule_.type),
         schedule_.warmup_steps);
+  const int64_t global_batch = o_.per_device_train_batch_size * world_size_;
+  if (st.trainer_state.train_batch_size != global_batch)
+    fmt::print(
+        "note: the checkpoint was trained with {} rows per micro-batch over all ranks and this "
+        "run has {} (per-device batch x ranks); its data position counts micro-batches, so the "
+        "rows seen will not line up exactly\n",
+        st.trainer_state.train_batch_size, global_batch);
   step_ = first_step_ = st.step;
   position_ = st.position;
   state_ = st.trainer_state;
@@ -292,10 +360,13 @@ void Trainer::resume() {
 }
 
 void Trainer::open_sinks() {
+  // Under an MPI launcher stdout is often a pseudo-terminal whose output is forwarded line by
+  // line: plain log lines there, never the redrawn bar.
+  const bool lines = o_.disable_tqdm || launched_by_mpi();
+  progress_ = std::make_unique<Progress>(lines ? Progress::Mode::kLines : Progress::detect_mode(),
+                                         first_step_, total_steps_);
+  if (rank_ != 0) return;  // ---- dist: files and trackers belong to rank 0 ----
   fs::create_directories(o_.output_dir);
-  progress_ =
-      std::make_unique<Progress>(o_.disable_tqdm ? Progress::Mode::kLines : Progress::detect_mode(),
-                                 first_step_, total_steps_);
   metrics_ = std::make_unique<MetricsJsonl>(o_.output_dir / "metrics.jsonl",
                                             first_step_ > 0 ? first_step_ : -1);
   for (const auto& r : parse_report_to(o_.report_to)) {
@@ -324,7 +395,7 @@ void Trainer::open_sinks() {
   state_.logging_steps = o_.logging_steps;
   state_.eval_steps = o_.eval_steps;
   state_.save_steps = o_.save_steps;
-  state_.train_batch_size = o_.per_device_train_batch_size;
+  state_.train_batch_size = o_.per_device_train_batch_size * world_size_;
   state_.num_train_epochs =
       static_cast<int64_t>(std::ceil(static_cast<double>(total_steps_) / steps_per_epoch_));
 }
@@ -337,16 +408,18 @@ double Trainer::epoch_float() const {
 
 std::vector<MicroBatch> Trainer::next_step_batches() {
   if (epoch_batches_.empty())
-    epoch_batches_ = epoch_micro_batches(position_.num_rows, o_.per_device_train_batch_size,
-                                         position_.shuffle_seed, position_.epoch);
+    epoch_batches_ =
+        epoch_micro_batches(position_.num_rows, o_.per_device_train_batch_size * world_size_,
+                            position_.shuffle_seed, position_.epoch);
   std::vector<MicroBatch> micro;
   const size_t end =
       std::min(epoch_batches_.size(),
                static_cast<size_t>(position_.micro_batch_index + o_.gradient_accumulation_steps));
   for (size_t j = position_.micro_batch_index; j < end; ++j) {
-    std::vector<const Example*> rows;
-    for (int64_t r : epoch_batches_[j]) rows.push_back(&train_data_.rows[r]);
-    rows_seen_ += static_cast<int64_t>(rows.size());
+    std::vector<const Example*> rows;  // this rank's share: r, r + W, ... (all of it for W = 1)
+    for (size_t k = rank_; k < epoch_batches_[j].size(); k += world_size_)
+      rows.push_back(&train_data_.rows[epoch_batches_[j][k]]);
+    rows_seen_ += static_cast<int64_t>(epoch_batches_[j].size());
     micro.push_back(make_micro_batch(rows));
   }
   position_.micro_batch_index = static_cast<int64_t>(end);
@@ -361,6 +434,7 @@ std::vector<MicroBatch> Trainer::next_step_batches() {
 
 void Trainer::emit(const LogRecord& r) {
   progress_->log(r);
+  if (rank_ != 0) return;
   metrics_->log(r);
   TrainerStateSink(&state_).log(r);  // HF logs the final metrics into log_history too
   for (auto& s : sinks_) s->log(r);
@@ -417,14 +491,53 @@ void Trainer::save() {
   state_.global_step = step_;
   state_.epoch = epoch_float();
   CheckpointState st{step_, state_, position_, schedule_};
-  last_checkpoint_ = save_checkpoint(o_.output_dir, st, config_, *model_,
-                                     *optimizer_, training_args(), model_dir_);
+  std::string msg;
+  if (engine_) {  // gathered on every rank (collectives), written by rank 0
+    const int64_t P = model_->table().total_numel();
+    std::vector<float> params(P), moments(2 * P);
+    engine_->gather_full(params.data());
+    engine_->gather_moments(moments.data());
+    const CheckpointTensors t{&model_->table(), params.data(), moments.data(),
+                              engine_->steps_done()};
+    last_checkpoint_ = o_.output_dir / fmt::format("checkpoint-{}", step_);
+    on_main_rank(
+        [&] {
+          save_checkpoint(o_.output_dir, st, config_, t, training_args(), model_dir_);
+          msg = fmt::format("saved {}", last_checkpoint_.string());
+          for (const auto& p : rotate_checkpoints(o_.output_dir, o_.save_total_limit))
+            msg += fmt::format(" (deleted {}: --save_total_limit {})", p.filename().string(),
+                               o_.save_total_limit);
+        },
+        fmt::format("saving checkpoint-{}", step_));
+  } else {
+    last_checkpoint_ = save_checkpoint(o_.output_dir, st, config_, *model_, *optimizer_,
+                                       training_args(), model_dir_);
+    msg = fmt::format("saved {}", last_checkpoint_.string());
+    for (const auto& p : rotate_checkpoints(o_.output_dir, o_.save_total_limit))
+      msg += fmt::format(" (deleted {}: --save_total_limit {})", p.filename().string(),
+                         o_.save_total_limit);
+  }
   last_saved_step_ = step_;
-  std::string msg = fmt::format("saved {}", last_checkpoint_.string());
-  for (const auto& p : rotate_checkpoints(o_.output_dir, o_.save_total_limit))
-    msg += fmt::format(" (deleted {}: --save_total_limit {})", p.filename().string(),
-                       o_.save_total_limit);
-  progress_->note(msg);
+  if (!msg.empty()) progress_->note(msg);  // empty on ranks other than 0
+}
+
+void Trainer::on_main_rank(const std::function<void()>& write, const std::string& what) {
+  if (world_size_ == 1) return write();
+  // A failure on rank 0 (a full disk) must not leave the other ranks waiting in the next
+  // collective: rank 0 broadcasts the outcome and every rank stops with an error.
+  int ok = 1;
+  std::exception_ptr error;
+  if (rank_ == 0) {
+    try {
+      write();
+    } catch (...) {
+      error = std::current_exception();
+      ok = 0;
+    }
+  }
+  world_->broadcast(&ok, sizeof ok, 0);
+  if (error) std::rethrow_exception(error);
+  if (!ok) fail("{} failed on rank 0 (see its log)", what);
 }
 
 void Trainer::finish(const std::string& status) {
@@ -444,10 +557,12 @@ void Trainer::finish(const std::string& status) {
   emit(r);
   state_.global_step = step_;
   state_.epoch = epoch_float();
-  state_.save(o_.output_dir / "trainer_state.json");
-  write_file_atomic(o_.output_dir / "training_plot.svg",
-                    plot_training_svg(metrics_->history(),
-                                      fmt::format("longtune train: {}", o_.output_dir.string())));
+  if (rank_ == 0) {
+    state_.save(o_.output_dir / "trainer_state.json");
+    write_file_atomic(o_.output_dir / "training_plot.svg",
+                      plot_training_svg(metrics_->history(),
+                                        fmt::format("longtune train: {}", o_.output_dir.string())));
+  }
   for (auto& s : sinks_) s->close(status);
   progress_->close(status);
 }
@@ -467,7 +582,8 @@ TrainOutcome Trainer::train() {
   try {
     while (step_ < total_steps_) {
       const std::vector<MicroBatch> micro = next_step_batches();
-      last_ = train_step(*model_, *optimizer_, o_.optimizer, schedule_, micro, step_);
+      last_ = engine_ ? engine_->train_step(micro, schedule_, step_)
+                      : train_step(*model_, *optimizer_, o_.optimizer, schedule_, micro, step_);
       ++step_;
       window_loss_ += last_.loss;
       total_loss_ += last_.loss;
@@ -489,7 +605,13 @@ TrainOutcome Trainer::train() {
       if ((save_strategy_ == Strategy::kSteps && (step_ % o_.save_steps == 0 || last_step)) ||
           (save_strategy_ == Strategy::kEpoch && (epoch_ended_ || last_step)))
         save();
-      if (const int sig = StopSignalGuard::requested(); sig && !last_step) {
+      int sig = StopSignalGuard::requested();
+      if (world_size_ > 1) {  // every rank stops after the same step (mpirun forwards signals)
+        int64_t any = sig != 0;
+        world_->allreduce_sum(&any, 1);
+        if (any && !sig) sig = SIGTERM;
+      }
+      if (sig && !last_step) {
         if (last_saved_step_ != step_) save();
         progress_->note(fmt::format(
             "stopped by {} after step {}/{}; checkpoint {} is complete. To continue, run the "
@@ -509,11 +631,21 @@ TrainOutcome Trainer::train() {
     finish("KILLED");
   } else {
     finish("FINISHED");
-    if (lora_.enabled)  // the adapter only, in PEFT's format (longtune merge makes a full model)
+    if (engine_) {  // sharded runs are gathered and saved as one model by rank 0
+      std::vector<float> full(model_->table().total_numel());
+      engine_->gather_full(full.data());
+      on_main_rank(
+          [&] {
+            save_model(o_.output_dir, config_, model_->table(), full.data(), save_dtype_,
+                       model_dir_, max_shard_bytes_);
+          },
+          "saving the model");
+    } else if (lora_.enabled) {  // the adapter only, in PEFT's format (longtune merge: full model)
       save_adapter(o_.output_dir, *model_, o_.model_name_or_path.string());
-    else
-      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_, model_dir_,
-                 max_shard_bytes_);
+    } else {
+      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_,
+                 model_dir_, max_shard_bytes_);
+    }
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start_).count();
     fmt::print("saved {} ({}) in {:.1f} s; planned {}, measured peak RSS {}\n",

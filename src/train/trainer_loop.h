@@ -1,10 +1,12 @@
 // The `longtune train` job as a Trainer: validation and data, the memory plan, the step loop,
 // the log sinks (progress, metrics.jsonl, TensorBoard, MLflow, trainer_state.json, plot),
-// evaluation, checkpoints with resume, and a clean stop on SIGINT/SIGTERM.
+// evaluation, checkpoints with resume, and a clean stop on SIGINT/SIGTERM. Over MPI (several
+// ranks, or a ZeRO stage) the steps run through the ZeRO engine and rank 0 writes every file.
 #pragma once
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -22,6 +24,9 @@
 #include "train/trainer.h"
 
 namespace lt {
+
+class Communicator;
+class ZeroEngine;
 
 enum class Strategy { kNo, kSteps, kEpoch };
 
@@ -41,6 +46,7 @@ class Trainer {
   TrainOutcome train();
 
  private:
+  void init_dist();  // the world of ranks (before validate)
   void validate();
   void load_data();
   void setup_model();
@@ -52,6 +58,8 @@ class Trainer {
   void save();
   void emit(const LogRecord& r);
   void finish(const std::string& status);
+  // Runs write on rank 0; every rank learns whether it failed (a collective when distributed).
+  void on_main_rank(const std::function<void()>& write, const std::string& what);
   double epoch_float() const;
   nlohmann::json training_args() const;
 
@@ -71,7 +79,14 @@ class Trainer {
   MemoryPlan plan_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<LlamaModel> model_;
-  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<AdamW> optimizer_;  // single process; the engine holds it otherwise
+
+  // ---- dist: data parallel over world_ (src/dist); rows of a global micro-batch of
+  // world_size x B are dealt out by rank (r, r + W, ...) ----
+  std::unique_ptr<Communicator> world_;
+  int world_size_ = 1, rank_ = 0;
+  bool distributed_ = false;  // world_size_ > 1 or a ZeRO stage: steps go through engine_
+  std::unique_ptr<ZeroEngine> engine_;
 
   // Position: global step and where the data stream stands.
   int64_t step_ = 0, first_step_ = 0;

@@ -1,0 +1,380 @@
+// Multi-rank tests, run by ctest under mpirun (see CMakeLists.txt): collectives against values
+// computed locally, and distributed training (DP, ZeRO 1/2/3, offload) against one process
+// training on the whole batch, in the same program.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdlib>
+#include <random>
+#include <thread>
+
+#include "backend/backend.h"
+#include "dist/comm.h"
+#include "dist/zero.h"
+#include "model/presets.h"
+#include "train/batching.h"
+
+namespace lt {
+namespace {
+
+Communicator* g_world = nullptr;
+
+// ---- Collectives ------------------------------------------------------------------------
+
+TEST(Comm, AllreduceReduceScatterAllgather) {
+  Communicator& c = *g_world;
+  const int W = c.size(), r = c.rank();
+  std::vector<float> x(37);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = float(r + 1) * float(i);
+  c.allreduce_sum(x.data(), x.size());
+  const float ranks_sum = float(W * (W + 1) / 2);
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(x[i], ranks_sum * float(i)) << "at " << i;
+  double d = r + 0.5;
+  c.allreduce_sum(&d, 1);
+  EXPECT_DOUBLE_EQ(d, W * (W - 1) / 2.0 + 0.5 * W);
+  int64_t n = int64_t{1} << 40;
+  c.allreduce_sum(&n, 1);
+  EXPECT_EQ(n, int64_t(W) << 40);
+
+  // Uneven reduce-scatter: rank q receives q+1 elements (rank 0 of a bigger group: none).
+  std::vector<int64_t> counts(W);
+  for (int q = 0; q < W; ++q) counts[q] = q == 0 && W > 2 ? 0 : q + 1;
+  int64_t total = 0, mine_at = 0;
+  for (int q = 0; q < W; ++q) {
+    if (q == r) mine_at = total;
+    total += counts[q];
+  }
+  std::vector<float> send(total), recv(counts[r] + 1, -7.0f);
+  for (int64_t i = 0; i < total; ++i) send[i] = float(i * (r + 1));
+  c.reduce_scatter_sum(recv.data(), send.data(), counts);
+  for (int64_t i = 0; i < counts[r]; ++i) ASSERT_EQ(recv[i], float((mine_at + i) * ranks_sum));
+  EXPECT_EQ(recv[counts[r]], -7.0f) << "wrote past its count";
+
+  // All-gather, out of place and in place.
+  std::vector<float> part(counts[r]), all(total, -1.0f), inplace(total, -1.0f);
+  for (int64_t i = 0; i < counts[r]; ++i) part[i] = inplace[mine_at + i] = float(100 * r + i);
+  c.allgather(all.data(), part.data(), counts);
+  c.allgather(inplace.data(), nullptr, counts);
+  int64_t at = 0;
+  for (int q = 0; q < W; ++q)
+    for (int64_t i = 0; i < counts[q]; ++i, ++at) {
+      ASSERT_EQ(all[at], float(100 * q + i));
+      ASSERT_EQ(inplace[at], float(100 * q + i));
+    }
+}
+
+TEST(Comm, AsyncAllgatherAlltoallSendRecvSplit) {
+  Communicator& c = *g_world;
+  const int W = c.size(), r = c.rank();
+  std::vector<int64_t> counts(W, 3);
+  std::vector<float> part(3, float(r)), all(3 * W);
+  auto req = c.allgather_async(all.data(), part.data(), counts);
+  req->wait();
+  for (int i = 0; i < 3 * W; ++i) ASSERT_EQ(all[i], float(i / 3));
+
+  // alltoall: block j of rank r holds 10 r + j; after, block j of rank r holds 10 j + r.
+  std::vector<float> send(2 * W), recv(2 * W);
+  for (int j = 0; j < W; ++j) send[2 * j] = send[2 * j + 1] = float(10 * r + j);
+  c.alltoall(recv.data(), send.data(), 2);
+  for (int j = 0; j < W; ++j) ASSERT_EQ(recv[2 * j + 1], float(10 * j + r));
+
+  // Ring of send/recv (even ranks send first).
+  if (W > 1) {
+    float out = float(r), in = -1;
+    const int next = (r + 1) % W, prev = (r + W - 1) % W;
+    if (r % 2 == 0) {
+      c.send(&out, 1, next, 5);
+      c.recv(&in, 1, prev, 5);
+    } else {
+      c.recv(&in, 1, prev, 5);
+      c.send(&out, 1, next, 5);
+    }
+    EXPECT_EQ(in, float(prev));
+  }
+  int64_t value = r == 0 ? 4242 : 0;
+  c.broadcast(&value, sizeof(value), 0);
+  EXPECT_EQ(value, 4242);
+
+  // Split into even and odd ranks: sums stay inside each group.
+  auto sub = c.split(r % 2, r, "parity");
+  EXPECT_EQ(sub->size(), (W + 1 - r % 2) / 2);
+  EXPECT_EQ(sub->rank(), r / 2);
+  int64_t s = r;
+  sub->allreduce_sum(&s, 1);
+  int64_t expect = 0;
+  for (int q = r % 2; q < W; q += 2) expect += q;
+  EXPECT_EQ(s, expect);
+  c.barrier();
+  // Byte counters: 2 floats x W blocks went into the alltoall.
+  EXPECT_GE(c.stats().alltoall_bytes, uint64_t(8 * W));
+}
+
+// ---- Training ---------------------------------------------------------------------------
+
+ModelConfig tiny_config(int64_t layers, bool tied) {
+  nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}},
+                      {"model_type", "llama"},
+                      {"hidden_size", 32},
+                      {"intermediate_size", 48},
+                      {"num_hidden_layers", layers},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"head_dim", 8},
+                      {"vocab_size", 61},
+                      {"max_position_embeddings", 64},
+                      {"rms_norm_eps", 1e-5},
+                      {"rope_theta", 10000.0},
+                      {"tie_word_embeddings", tied},
+                      {"torch_dtype", "float32"}};
+  return parse_model_config(j, "tiny test config");
+}
+
+// Rows of 3..17 random tokens; about a third have their first tokens masked (-100 labels).
+std::vector<Example> make_rows(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<Example> rows(n);
+  for (auto& e : rows) {
+    const int64_t len = 3 + int64_t(rng() % 15);
+    for (int64_t t = 0; t < len; ++t) e.input_ids.push_back(int32_t(rng() % vocab));
+    e.labels = e.input_ids;
+    if (rng() % 3 == 0)
+      for (int64_t t = 0; t < len / 2; ++t) e.labels[t] = kIgnoreIndex;
+  }
+  return rows;
+}
+
+struct Layout {
+  ZeroSettings zero;
+  int64_t per_rank_batch = 2, accumulation = 2, steps = 3;
+};
+
+struct Trained {
+  std::vector<double> loss, grad_norm;
+  std::vector<float> params;
+  size_t weights = 0, grads = 0, optimizer = 0;  // this rank's bytes
+  CommStats stats;
+};
+
+// Trains `steps` steps with rows taken in order: each global micro-batch has W x B rows and rank
+// r takes rows r, r + W, ... of it (the data-parallel split of `longtune train`).
+Trained train(const ModelConfig& c, Communicator& comm, const Layout& lay,
+              const std::vector<Example>& rows) {
+  const int W = comm.size(), r = comm.rank();
+  const int64_t B = lay.per_rank_batch, G = lay.accumulation;
+  auto be = make_cpu_backend();
+  RunSettings rs;
+  rs.max_tokens = 17 * B;
+  ZeroEngine::adjust_run_settings(lay.zero, &rs);
+  LlamaModel model(c, *be, rs);
+  OptimizerSettings opt;
+  opt.learning_rate = 2e-3;
+  opt.weight_decay = 0.1;
+  opt.max_grad_norm = 1.0;
+  ZeroEngine engine(model, *be, comm, lay.zero, opt);
+  std::vector<float> full(model.table().total_numel());
+  init_random_weights(model.table(), full.data(), 0.2, 7);
+  engine.load_full(full.data());
+  ScheduleSettings sched{ScheduleType::kLinear, 1, lay.steps};
+  Trained out;
+  comm.reset_stats();
+  size_t next = 0;
+  for (int64_t step = 0; step < lay.steps; ++step) {
+    std::vector<MicroBatch> micro;
+    for (int64_t g = 0; g < G; ++g) {
+      std::vector<const Example*> mine;
+      for (int64_t i = 0; i < W * B; ++i, ++next)
+        if (i % W == r) mine.push_back(&rows.at(next));
+      micro.push_back(make_micro_batch(mine));
+    }
+    const StepResult s = engine.train_step(micro, sched, step);
+    out.loss.push_back(s.loss);
+    out.grad_norm.push_back(s.grad_norm);
+  }
+  out.stats = comm.stats();
+  out.params.resize(full.size());
+  engine.gather_full(out.params.data());
+  out.weights = engine.bytes(MemCategory::kWeights);
+  out.grads = engine.bytes(MemCategory::kGradients);
+  out.optimizer = engine.bytes(MemCategory::kOptimizer);
+  return out;
+}
+
+// The distributed run against one process with the whole batch (W x B rows per micro-batch).
+void expect_same_as_one_process(const Layout& lay, int64_t layers, bool tied) {
+  Communicator& world = *g_world;
+  const ModelConfig c = tiny_config(layers, tied);
+  const auto rows =
+      make_rows(lay.steps * lay.accumulation * world.size() * lay.per_rank_batch, c.vocab_size, 11);
+  const Trained dist = train(c, world, lay, rows);
+  auto local = make_local_communicator("reference");
+  Layout ref = lay;
+  ref.zero = ZeroSettings{};
+  ref.per_rank_batch = lay.per_rank_batch * world.size();
+  const Trained one = train(c, *local, ref, rows);
+  for (size_t s = 0; s < one.loss.size(); ++s) {
+    EXPECT_NEAR(dist.loss[s], one.loss[s], 1e-5 * std::abs(one.loss[s])) << "step " << s;
+    EXPECT_NEAR(dist.grad_norm[s], one.grad_norm[s], 1e-5 * one.grad_norm[s]) << "step " << s;
+  }
+  // AdamW normalises each update, so float-rounding differences of the summed gradients move a
+  // weight by at most a small fraction of lr per step.
+  double worst = 0;
+  size_t at = 0;
+  for (size_t i = 0; i < one.params.size(); ++i) {
+    const double d = std::abs(double(dist.params[i]) - one.params[i]);
+    if (d > worst) worst = d, at = i;
+  }
+  EXPECT_LE(worst, 2e-5) << "worst weight " << at << ": " << dist.params[at] << " (distributed) vs "
+                         << one.params[at] << " (one process)";
+  EXPECT_GT(std::abs(one.loss.back() - one.loss.front()), 1e-4) << "training did not move";
+}
+
+Layout zero_layout(int stage, bool offload = false) {
+  Layout l;
+  l.zero.stage = stage;
+  l.zero.offload_optimizer = offload;
+  return l;
+}
+
+TEST(Dist, DataParallel) { expect_same_as_one_process(zero_layout(0), 2, false); }
+TEST(Dist, Zero1) { expect_same_as_one_process(zero_layout(1), 2, false); }
+TEST(Dist, Zero1SmallBuckets) {
+  Layout l = zero_layout(1);
+  l.zero.reduce_bucket_size = 1000;  // many buckets, shards cut through them
+  l.zero.allgather_bucket_size = 777;
+  expect_same_as_one_process(l, 2, false);
+}
+TEST(Dist, Zero2) { expect_same_as_one_process(zero_layout(2), 2, false); }
+TEST(Dist, Zero2Tied) { expect_same_as_one_process(zero_layout(2), 3, true); }
+TEST(Dist, Zero3) { expect_same_as_one_process(zero_layout(3), 3, false); }
+TEST(Dist, Zero3TiedNoPrefetch) {
+  Layout l = zero_layout(3);
+  l.zero.prefetch = false;
+  expect_same_as_one_process(l, 2, true);
+}
+TEST(Dist, Zero3OffloadOptimizer) { expect_same_as_one_process(zero_layout(3, true), 2, false); }
+TEST(Dist, Zero3OffloadParams) {
+  Layout l = zero_layout(3, true);
+  l.zero.offload_params = true;
+  expect_same_as_one_process(l, 2, false);
+}
+
+// ZeRO-Offload runs the same arithmetic on the host: bitwise equal to the device update.
+TEST(Dist, OffloadIsExact) {
+  Communicator& world = *g_world;
+  const ModelConfig c = tiny_config(2, false);
+  Layout lay = zero_layout(2);
+  const auto rows =
+      make_rows(lay.steps * lay.accumulation * world.size() * lay.per_rank_batch, c.vocab_size, 5);
+  const Trained dev = train(c, world, lay, rows);
+  lay.zero.offload_optimizer = true;
+  const Trained host = train(c, world, lay, rows);
+  for (size_t i = 0; i < dev.params.size(); ++i)
+    ASSERT_EQ(dev.params[i], host.params[i]) << "weight " << i;
+}
+
+// Per-rank memory follows the sharding: at ZeRO-3 weights + gradients + optimizer state are a
+// 1/W shard each, plus the gathered layers (two parameter slots, one gradient slot) and the
+// embedding / LM head gathered for a pass.
+TEST(Dist, Zero3MemoryIsSharded) {
+  Communicator& world = *g_world;
+  const int W = world.size();
+  const ModelConfig c = tiny_config(8, false);
+  Layout lay = zero_layout(3);
+  lay.steps = 1;
+  const auto rows = make_rows(lay.accumulation * W * lay.per_rank_batch, c.vocab_size, 3);
+  const Trained z3 = train(c, world, lay, rows);
+  const ParamTable table(c);
+  const double P = double(table.total_numel());
+  const double full = 16 * P;  // f32 weights, gradients, two moments
+  const double sharded = double(z3.weights + z3.grads + z3.optimizer);
+  const double S = double(ShardLayout(table.total_numel(), W).shard);
+  const double layer = 32 * 4 + 32 * 32 * 2 + 2 * 16 * 32 + 3 * 48 * 32;  // floats
+  const double outer = 2 * 61 * 32 + 32;
+  const double gathered = 4 * (2 * outer + 3 * layer + std::max(outer, layer));
+  EXPECT_LE(sharded, 16 * S + gathered + 4096) << "per-rank bytes " << sharded;
+  EXPECT_GE(sharded, 16 * (P / W) * 0.99);
+  if (world.rank() == 0)
+    std::printf(
+        "ZeRO-3 on %d ranks: %.0f bytes of weights+gradients+optimizer per rank vs %.0f "
+        "in one process (%.3f; shards %.0f + gathered %.0f)\n",
+        W, sharded, full, sharded / full, 16 * S, sharded - 16 * S);
+  if (W >= 2) {
+    EXPECT_LT(sharded, full * (1.0 / W + 0.25));
+  }
+}
+
+// Communication per step against the theory: stage 0 all-reduces P floats; stage 2 reduce-
+// scatters P floats (each rank hands in every gradient) and all-gathers P floats of parameters.
+TEST(Dist, CommunicationBytes) {
+  Communicator& world = *g_world;
+  const ModelConfig c = tiny_config(2, false);
+  const double P = double(ParamTable(c).total_numel());
+  for (int stage : {0, 1, 2, 3}) {
+    Layout lay = zero_layout(stage);
+    lay.steps = 1;
+    lay.accumulation = 1;
+    const auto rows = make_rows(world.size() * lay.per_rank_batch, c.vocab_size, 3);
+    const Trained t = train(c, world, lay, rows);
+    const double grads =
+        double(stage == 0 ? t.stats.allreduce_bytes : t.stats.reduce_scatter_bytes);
+    const double params = double(t.stats.allgather_bytes);
+    if (world.rank() == 0)
+      std::printf(
+          "stage %d: gradient reduction %.0f bytes (%.3f x 4P), parameter all-gather %.0f "
+          "bytes (%.3f x 4P), calls %llu\n",
+          stage, grads, grads / (4 * P), params, params / (4 * P),
+          (unsigned long long)t.stats.calls);
+    EXPECT_GE(grads, 4 * P * 0.999);
+    EXPECT_LE(grads, 4 * P * 1.01 + 64);  // plus the step's counters and loss
+    if (stage == 1 || stage == 2) {
+      EXPECT_NEAR(params, 4 * P, 4 * P * 0.01);
+    }
+    // Stage 3 gathers the layers in forward and (where not still resident) in backward.
+    if (stage == 3) {
+      EXPECT_GE(params, 4 * P * 0.999);
+    }
+    if (stage == 0) {
+      EXPECT_EQ(params, 0);
+    }
+  }
+}
+
+// ---- Faults (run by their own ctest entries; see tests/dist/expect_failure.sh) ---------------
+
+TEST(Fault, KilledRank) {
+  Communicator& c = *g_world;
+  if (c.rank() == c.size() - 1) std::raise(SIGKILL);
+  float x = 1;
+  for (int i = 0; i < 1000; ++i) c.allreduce_sum(&x, 1);
+}
+
+TEST(Fault, HungRank) {
+  Communicator& c = *g_world;
+  if (c.rank() == c.size() - 1) std::this_thread::sleep_for(std::chrono::seconds(120));
+  float x = 1;
+  c.allreduce_sum(&x, 1);
+}
+
+}  // namespace
+}  // namespace lt
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  const char* t = std::getenv("LT_DIST_TIMEOUT");
+  lt::WorldOptions opts;
+  opts.timeout_seconds = t ? std::atof(t) : 120;
+  auto world = lt::init_world(opts);
+  lt::g_world = world.get();
+  if (world->rank() == 0)
+    std::printf("world: %d ranks (%s)\n", world->size(), std::string(world->backend()).c_str());
+  if (world->rank() != 0) {  // rank 0 reports; the others only through the exit code
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  int64_t failed = RUN_ALL_TESTS() != 0;
+  world->allreduce_sum(&failed, 1);
+  world.reset();
+  return failed ? 1 : 0;
+}
