@@ -65,6 +65,8 @@ struct TrainOptions {
   bool train_on_inputs = false;
   bool packing = false;
   std::string chat_template;
+  int64_t max_train_samples = 0;    // 0 = all; else only the data file's first N rows
+  std::filesystem::path cache_dir;  // token cache ("" = $LONGTUNE_CACHE or ~/.cache/longtune)
   std::string save_dtype;  // "" = as loaded; f32, bf16, f16
   LoraOptions lora;        // LoRA / QLoRA (cli/lora_flags.cpp); the adapter is saved, not the model
 
