@@ -197,13 +197,13 @@ TEST_F(DataE2E, BadInputMessages) {
   const std::string long_rows = write(
       "long.json", R"([{"instruction": "Repeat.", "output": ")" + std::string(400, 'x') +
                        R"("}, {"instruction": "Hi", "output": "Hello"}])");
-  auto r = prepare(long_rows, {"--model_max_length", "32", "--dump", (dir_ / "long.jsonl").string()});
+  auto r = prepare(long_rows, {"--model_max_length", "64", "--dump", (dir_ / "long.jsonl").string()});
   ASSERT_EQ(r.rc, 0) << r.err;
-  EXPECT_TRUE(has(r.out, "1 truncated to 32 tokens")) << r.out;
+  EXPECT_TRUE(has(r.out, "1 truncated to 64 tokens")) << r.out;
   std::ifstream dump(dir_ / "long.jsonl");
   std::string line;
   ASSERT_TRUE(std::getline(dump, line));
-  EXPECT_EQ(nlohmann::json::parse(line)["input_ids"].size(), 32u);
+  EXPECT_EQ(nlohmann::json::parse(line)["input_ids"].size(), 64u);
 
   // A tokenizer.json with an unsupported component names it.
   fs::create_directories(dir_ / "unigram");

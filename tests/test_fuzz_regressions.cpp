@@ -40,7 +40,12 @@ void replay(const std::string& target, Run run, size_t min_files) {
     SCOPED_TRACE(f.string());
     const std::vector<uint8_t> data = bytes_of(f);
     try {
-      (run(data.data(), data.size()) == fuzz::Outcome::kAccepted ? accepted : rejected)++;
+      if (run(data.data(), data.size()) == fuzz::Outcome::kAccepted) {
+        ++accepted;
+      } else {
+        ++rejected;
+        std::printf("  %s: %.160s\n", f.filename().c_str(), fuzz::last_rejection().c_str());
+      }
     } catch (const std::exception& e) {
       ADD_FAILURE() << f << ": escaped with a non-UserError exception: " << e.what();
     }

@@ -142,7 +142,7 @@ TEST_F(TokenCacheTest, AnyChangeIsAMiss) {
   // Through the command: every changed setting writes a new cache file.
   ASSERT_EQ(prepare(data_).rc, 0);
   for (const auto& extra : std::vector<std::vector<std::string>>{
-           {"--model_max_length", "16"},
+           {"--model_max_length", "100"},
            {"--train_on_inputs", "True"},
            {"--packing", "True", "--model_max_length", "64"},
            {"--dataset_format", "alpaca"}}) {
@@ -286,7 +286,9 @@ TEST(TokenCacheDir, DefaultFollowsEnvironment) {
   ::unsetenv("LONGTUNE_CACHE");
   const char* home = std::getenv("HOME");
   const char* xdg = std::getenv("XDG_CACHE_HOME");
-  if (home && !xdg) EXPECT_EQ(default_cache_dir(), fs::path(home) / ".cache" / "longtune");
+  if (home && !xdg) {
+    EXPECT_EQ(default_cache_dir(), fs::path(home) / ".cache" / "longtune");
+  }
   if (old) ::setenv("LONGTUNE_CACHE", saved.c_str(), 1);
 }
 

@@ -100,15 +100,19 @@ int cmd_prepare(int argc, char** argv) {
     for (int32_t l : ex.labels) trained += l != kIgnoreIndex;
   }
   fmt::print("data: {}\n", r.summary());
+  const std::string truncation =
+      dopt.model_max_length > 0
+          ? fmt::format("{} truncated to {} tokens", ds.stats.rows_truncated,
+                        dopt.model_max_length)
+          : std::string("no truncation");
   fmt::print(
-      "data: {} rows ({} format) from {}: {} tokens, {} trained; {} rows read, {} kept, "
-      "{} truncated to {} tokens, {} skipped\n",
+      "data: {} rows ({} format) from {}: {} tokens, {} trained; {} rows read, {} kept, {}, "
+      "{} skipped\n",
       ds.rows.size(), dataset_format_name(ds.format), data, tokens, trained, ds.stats.rows_read,
-      ds.stats.rows_kept, ds.stats.rows_truncated, dopt.model_max_length,
-      ds.stats.rows_skipped);
+      ds.stats.rows_kept, truncation, ds.stats.rows_skipped);
   for (const auto& [reason, n] : ds.stats.skip_counts)
     fmt::print("data: skipped {} rows: {}\n", n, reason);
-  for (const std::string& s : ds.stats.skip_reasons) fmt::print("  {}\n", s);
+  for (const std::string& s : ds.stats.skip_reasons) fmt::print("  e.g. {}\n", s);
   if (!dump.empty()) {
     write_dump(dump, ds);
     fmt::print("data: wrote {} rows to {}\n", ds.rows.size(), dump);

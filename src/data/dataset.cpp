@@ -107,6 +107,10 @@ std::string read_file(const std::filesystem::path& path) {
   size_t c = msg.find("column ");
   if (c != std::string::npos && (c = msg.find(": ", c)) != std::string::npos)
     msg = msg.substr(c + 2);
+  // nlohmann checks UTF-8 inside strings; say so plainly rather than as a syntax error.
+  if (msg.find("ill-formed UTF-8") != std::string::npos)
+    fail("{}:{}:{}: invalid UTF-8 in a JSON string (the file must be UTF-8 encoded)", file, line,
+         column);
   fail("{}:{}:{}: malformed JSON: {}", file, line, column, msg);
 }
 

@@ -42,9 +42,16 @@ class MemFile {
   int fd_ = -1;
 };
 
+// The message of the last UserError an entry point caught (for the replay test's log).
+inline std::string& last_rejection() {
+  static std::string message;
+  return message;
+}
+
 // A UserError must say something: an empty message would leave the user guessing.
 inline Outcome rejected(const UserError& e) {
   if (std::strlen(e.what()) == 0) std::abort();
+  last_rejection() = e.what();
   return Outcome::kRejected;
 }
 
