@@ -132,8 +132,8 @@ def dataset_seeds():
                                            {"from": "observation", "value": "4"},
                                            {"from": "gpt", "value": "4"}],
                          "tools": "[{\"name\": \"add\"}]", "system": "sys"}])
-    seed("seed_sharegpt_llama2", 0, 3, 0b00011000, share)
-    seed("seed_sharegpt_mistral", 0, 0, 0b00111000, share)
+    seed("seed_sharegpt_chatml", 0, 3, 0b00001000, share)
+    seed("seed_sharegpt_llama3", 0, 0, 0b00101000, share)
     seed("seed_completion", 1, 4, 0b0100,
          '{"prompt": "The sky is", "completion": " blue."}\n{"prompt": "x", "completion": ""}\n')
     seed("seed_text", 1, 5, 0b1101, '{"text": "one two three four five six seven"}\n{"text": ""}\n')
