@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages longtune builds with, when any is missing (needs root or sudo).
+# --fuzz also installs clang and its sanitizer/libFuzzer runtime for scripts/fuzz.sh (optional).
 set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev libomp-dev nlohmann-json3-dev libcli11-dev
       libfmt-dev libpcre2-dev libicu-dev libyaml-cpp-dev libgtest-dev libgmock-dev
       libopenmpi-dev openmpi-bin python3
-      libprotobuf-dev protobuf-compiler libcurl4-openssl-dev libcrcutil-dev)
+      libprotobuf-dev protobuf-compiler libcurl4-openssl-dev libcrcutil-dev libxxhash-dev)
+[ "${1:-}" = "--fuzz" ] && pkgs+=(clang libclang-rt-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -188,7 +188,8 @@ TEST_F(TrainerProduct, CommandLineFlagsAndConfigFile) {
   write_file_atomic(dir_ / "recipe.yaml",
                     "model_name_or_path: " + model_.string() +
                         "\nbf16: True\noutput_dir: " + (dir_ / "cfg").string() +
-                        "\ncache_dir: C\nmodel_max_length: 32768\n"
+                        "\ncache_dir: " + (dir_ / "token_cache").string() +
+                        "\nmodel_max_length: 32768\n"
                         "use_flash_attn: True\nnum_train_epochs: 1\n"
                         "per_device_train_batch_size: 1\nper_device_eval_batch_size: 1\n"
                         "gradient_accumulation_steps: 8\nevaluation_strategy: \"no\"\n"
@@ -201,7 +202,10 @@ TEST_F(TrainerProduct, CommandLineFlagsAndConfigFile) {
               " --max_steps 2 --report_to none",
           dir_ / "cfg.log");
   ASSERT_EQ(r.rc, 0) << r.output;
-  EXPECT_NE(r.output.find("note: --cache_dir is not used"), std::string::npos) << r.output;
+  // --cache_dir is the tokenized-data cache (data/token_cache.h).
+  EXPECT_NE(r.output.find("data: wrote cache " + (dir_ / "token_cache").string()),
+            std::string::npos)
+      << r.output;
   EXPECT_NE(r.output.find("training: 2 steps"), std::string::npos) << r.output;
   const json args = read_json(dir_ / "cfg" / "checkpoint-2" / "training_args.json");
   EXPECT_EQ(args.at("gradient_accumulation_steps"), "8");

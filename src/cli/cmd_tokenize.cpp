@@ -55,7 +55,7 @@ int cmd_tokenize(int argc, char** argv) {
   nlohmann::json in;
   try {
     in = nlohmann::json::parse(input);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or a number overflow
     fail("tokenize: stdin is not valid JSON: {}", e.what());
   }
   if (!in.is_array()) fail("tokenize: stdin must be a JSON array");

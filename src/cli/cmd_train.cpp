@@ -47,6 +47,12 @@ int cmd_train(int argc, char** argv) {
   add_bool_flag(app, "--train_on_inputs", &o.train_on_inputs, "train prompt tokens too");
   add_bool_flag(app, "--packing", &o.packing, "pack rows into model_max_length sequences");
   app.add_option("--chat_template", o.chat_template, "built-in template name or a file");
+  std::string cache_dir;
+  app.add_option("--max_train_samples", o.max_train_samples,
+                 "read only the first N rows of --data_path (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--cache_dir", cache_dir,
+                 "tokenized-data cache (default: $LONGTUNE_CACHE or ~/.cache/longtune)");
   app.add_option("--save_dtype", o.save_dtype, "f32, bf16 or f16 (default: as loaded)");
   app.add_option("--max_shard_size", o.max_shard_size,
                  "largest model.safetensors shard, like 5GB or 500MiB (default 50GB)");
@@ -76,7 +82,6 @@ int cmd_train(int argc, char** argv) {
                  "TensorBoard folder (default: output_dir/runs/<time>_<host>)");
   add_bool_flag(app, "--disable_tqdm", &o.disable_tqdm, "plain log lines even on a terminal");
   // Hugging Face / LongLoRA flags that have no meaning here: accepted with a note.
-  add_ignored_flag(app, "--cache_dir", "the model is read from --model_name_or_path");
   add_ignored_flag(app, "--tf32", "the CPU backend computes in f32; CUDA picks its own math mode");
   add_ignored_flag(app, "--dataloader_num_workers", "data is tokenized up front");
   add_ignored_flag(app, "--ddp_find_unused_parameters", "every parameter gets a gradient");
@@ -102,6 +107,7 @@ int cmd_train(int argc, char** argv) {
   o.data_path = data;
   o.output_dir = out;
   o.tokenizer = tokenizer;
+  o.cache_dir = cache_dir;
   run_train(o);
   return 0;
 }

@@ -20,6 +20,7 @@ void print_usage() {
       "usage: longtune <command> [flags]\n"
       "commands:\n"
       "  train       fine-tune a Hugging Face model (longtune train --help)\n"
+      "  prepare     tokenize a data set once into the cache train reuses (--dump: as JSONL)\n"
       "  plan        predict peak memory and the longest sequence within a budget\n"
       "  tokenize    JSON array of strings on stdin -> JSON array of id lists (--decode: back)\n"
       "  init        create a randomly initialised model folder of a named shape\n"
@@ -62,7 +63,7 @@ int cli_main(int argc, char** argv, const char* version) {
     static constexpr Command kCommands[] = {
         {"train", cmd_train},       {"init", cmd_init},   {"plan", cmd_plan},
         {"tokenize", cmd_tokenize}, {"merge", cmd_merge}, {"eval", cmd_eval},
-        {"generate", cmd_generate}, {"convert", cmd_convert}};
+        {"generate", cmd_generate}, {"convert", cmd_convert}, {"prepare", cmd_prepare}};
     for (const auto& c : kCommands)
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
     fail("unknown command '{}'; run 'longtune --help' for the list", cmd);

@@ -14,5 +14,6 @@ int cmd_merge(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
 int cmd_convert(int argc, char** argv);
+int cmd_prepare(int argc, char** argv);  // tokenize once into the token cache
 
 }  // namespace lt

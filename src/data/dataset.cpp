@@ -95,6 +95,16 @@ std::string read_file(const std::filesystem::path& path) {
   return ss.str();
 }
 
+// nlohmann's message without its "[json.exception.KIND.ID] " prefix.
+std::string json_message(const nlohmann::json::exception& e) {
+  std::string msg = e.what();
+  if (msg.rfind("[json.exception.", 0) == 0) {
+    const size_t close = msg.find("] ");
+    if (close != std::string::npos) msg = msg.substr(close + 2);
+  }
+  return msg;
+}
+
 // nlohmann's parse_error gives the 1-based byte of the last character read; turn it into
 // "FILE:LINE:COLUMN: message" counted in `text` (which starts at line first_line).
 [[noreturn]] void fail_parse(const std::string& file, const std::string& text, int64_t first_line,
@@ -107,6 +117,10 @@ std::string read_file(const std::filesystem::path& path) {
   size_t c = msg.find("column ");
   if (c != std::string::npos && (c = msg.find(": ", c)) != std::string::npos)
     msg = msg.substr(c + 2);
+  // nlohmann checks UTF-8 inside strings; say so plainly rather than as a syntax error.
+  if (msg.find("ill-formed UTF-8") != std::string::npos)
+    fail("{}:{}:{}: invalid UTF-8 in a JSON string (the file must be UTF-8 encoded)", file, line,
+         column);
   fail("{}:{}:{}: malformed JSON: {}", file, line, column, msg);
 }
 
@@ -137,6 +151,8 @@ std::vector<RawRow> read_rows(const std::filesystem::path& path, const std::stri
         v = Json::parse(l);
       } catch (const nlohmann::json::parse_error& err) {
         fail_parse(file, l, line, err);
+      } catch (const nlohmann::json::exception& err) {  // e.g. out_of_range: number overflow
+        fail("{}:{}: malformed JSON: {}", file, line, json_message(err));
       }
       add(std::move(v), line);
     }
@@ -146,6 +162,8 @@ std::vector<RawRow> read_rows(const std::filesystem::path& path, const std::stri
       v = Json::parse(text);
     } catch (const nlohmann::json::parse_error& err) {
       fail_parse(file, text, 1, err);
+    } catch (const nlohmann::json::exception& err) {
+      fail("{}: malformed JSON: {}", file, json_message(err));
     }
     if (!v.is_array())
       fail(
@@ -624,7 +642,13 @@ class Loader {
 Dataset load_dataset(const std::filesystem::path& path, const Tokenizer* tokenizer,
                      const DatasetOptions& options, int64_t vocab_size) {
   Loader loader(path.string(), tokenizer, options, vocab_size);
-  return loader.run(path);
+  try {
+    return loader.run(path);
+  } catch (const nlohmann::json::exception& e) {
+    // Every field is type-checked before use; this is the net under a check that was missed,
+    // so that bad data is still a message and never a crash.
+    fail("{}: unexpected JSON value: {}", path.string(), json_message(e));
+  }
 }
 
 DatasetFormat parse_dataset_format(const std::string& name) {

@@ -190,17 +190,26 @@ ExprPtr make(ExprKind kind, std::string name = {}) {
 
 enum class NodeKind { kBody, kText, kOutput, kIf, kFor, kSet, kBreak, kContinue };
 
+struct IfBranch;
+
 struct Node {
   NodeKind kind = NodeKind::kBody;
   std::string text;
   ExprPtr expr;                                    // output; set value; for iterable
-  std::vector<std::pair<ExprPtr, Node>> branches;  // if: (condition or null for else, body)
+  std::vector<IfBranch> branches;                  // if: condition (null for else) and body
   std::vector<std::string> targets;                // for / set: names
   std::string attribute;                           // set ns.attribute
   ExprPtr condition;                               // for ... if condition
   std::vector<Node> children;                      // body
   std::vector<Node> else_children;                 // for-else
   int line = 0;
+};
+
+// A named struct rather than std::pair<ExprPtr, Node>: a pair may not hold the incomplete Node
+// (libstdc++ under clang rejects it), while std::vector of an incomplete type is allowed.
+struct IfBranch {
+  ExprPtr condition;
+  Node body;
 };
 
 namespace {
@@ -709,7 +718,7 @@ class BodyParser {
         Node body;
         std::vector<Tok> end;
         std::string w = parse_body(body.children, {"endif", "elif", "else"}, &end);
-        n.branches.emplace_back(std::move(cond), std::move(body));
+        n.branches.push_back(IfBranch{std::move(cond), std::move(body)});
         if (w == "endif") break;
         ExprParser q(std::move(end), line);
         q.expect_name();
@@ -722,7 +731,7 @@ class BodyParser {
         if (w == "else") {
           Node else_body;
           parse_body(else_body.children, {"endif"}, nullptr);
-          n.branches.emplace_back(nullptr, std::move(else_body));
+          n.branches.push_back(IfBranch{nullptr, std::move(else_body)});
           break;
         }
       }
@@ -813,7 +822,7 @@ class Renderer {
         out += py_str(eval(*n.expr), false);
         return Flow::kNormal;
       case NodeKind::kIf:
-        for (const auto& [cond, body] : n.branches) {
+        for (const auto& [cond, body] : n.branches) {  // IfBranch{condition, body}
           if (!cond || truthy(eval(*cond))) return render(body.children, out);
         }
         return Flow::kNormal;

@@ -120,7 +120,7 @@ json parse_json_file(const std::filesystem::path& path) {
   std::string text = read_file(path);
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number overflow
     fail("tokenizer file {} is not valid JSON: {}", path.string(), e.what());
   }
 }
@@ -223,6 +223,9 @@ void HfTokenizer::load(const std::filesystem::path& file) {
       tok::fail_at(at, "expected {\"id\": int, \"content\": string, ...}");
     AddedToken t;
     t.content = a["content"].get<std::string>();
+    if (a["id"].get<int64_t>() < 0 || a["id"].get<int64_t>() >= tok::kMaxTokenId)
+      tok::fail_at(at.at("id"), fmt::format("id {} is outside [0, {})", a["id"].dump(),
+                                            tok::kMaxTokenId));
     t.id = a["id"].get<int32_t>();
     t.special = a.value("special", false);
     t.lstrip = a.value("lstrip", false);
@@ -234,6 +237,15 @@ void HfTokenizer::load(const std::filesystem::path& file) {
     added_by_id_[t.id] = added_.size();
     added_.push_back(std::move(t));
   }
+  // Every id encode() can emit is below vocab_size(): added tokens may sit past the model's
+  // vocabulary, and post-processor ids must name a token.
+  for (const AddedToken& t : added_) vocab_size_ = std::max<int64_t>(vocab_size_, t.id + 1);
+  for (const std::vector<int32_t>* ids : {&post_.prefix, &post_.suffix})
+    for (int32_t id : *ids)
+      if (id < 0 || id >= vocab_size_)
+        tok::fail_at(root.at("post_processor"),
+                     fmt::format("special token id {} is outside the vocabulary [0, {})", id,
+                                 vocab_size_));
   for (size_t k = 0; k < added_.size(); ++k) {
     const AddedToken& t = added_[k];
     if (t.normalized) {
@@ -408,7 +420,13 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::filesystem::path& path) {
   if (!std::filesystem::exists(file))
     fail("tokenizer file {} does not exist (give a tokenizer.json or a folder holding one)",
          file.string());
-  return std::make_unique<HfTokenizer>(file);
+  try {
+    return std::make_unique<HfTokenizer>(file);
+  } catch (const json::exception& e) {
+    // Components check their fields; this catches a mistyped one that a check missed (e.g.
+    // "special": 1 read with value(..., false)), so a bad file is a message, never a crash.
+    fail("tokenizer file {}: a field has an unexpected JSON type: {}", file.string(), e.what());
+  }
 }
 
 }  // namespace lt

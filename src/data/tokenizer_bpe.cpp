@@ -35,6 +35,10 @@ BpeModel::BpeModel(const json& model, const Origin& where) {
     vocab_[it.key()] = id;
     max_id = std::max(max_id, id);
   }
+  // id_to_token_ is indexed by id: an absurd id would allocate gigabytes (found by fuzzing).
+  if (max_id >= kMaxTokenId)
+    fail_at(where.at("vocab"), fmt::format("id {} is absurdly large (ids must be below {})",
+                                           max_id, kMaxTokenId));
   id_to_token_.resize(static_cast<size_t>(max_id + 1));
   for (const auto& [tok, id] : vocab_) id_to_token_[id] = tok;
 

@@ -207,8 +207,16 @@ std::unique_ptr<Decoder> make_decoder(const json& j, const Origin& where) {
     std::string content = j.value("content", std::string(" "));
     size_t i = 0;
     char32_t c = content.empty() ? U' ' : utf8_next(content, i);
-    return std::make_unique<StripDecoder>(c, j.value("start", size_t{0}),
-                                          j.value("stop", size_t{0}));
+    // Counts must be integers: value<size_t>() of 1e99 would be an undefined float conversion
+    // (found by fuzzing under UBSan).
+    auto count = [&](const char* key) -> size_t {
+      auto it = j.find(key);
+      if (it == j.end() || it->is_null()) return 0;
+      if (!it->is_number_integer() || it->get<int64_t>() < 0)
+        fail_at(where.at(key), fmt::format("expected a non-negative integer, found {}", it->dump()));
+      return static_cast<size_t>(it->get<int64_t>());
+    };
+    return std::make_unique<StripDecoder>(c, count("start"), count("stop"));
   }
   if (type == "Replace") {
     if (!j.contains("pattern") || !j.contains("content") || !j["content"].is_string())

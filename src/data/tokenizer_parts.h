@@ -15,6 +15,10 @@
 
 namespace lt::tok {
 
+// Largest token id + 1 a tokenizer file may use: 4M, far above every real vocabulary (the largest
+// are ~256K), so that a corrupt id cannot make the id -> token table allocate gigabytes.
+inline constexpr int32_t kMaxTokenId = 1 << 22;
+
 using json = nlohmann::json;
 
 // ---- UTF-8 and Unicode properties (text_util.cpp) ----

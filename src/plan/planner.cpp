@@ -55,24 +55,38 @@ PlanResult plan_memory(const PlanRequest& r) {
     out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
                  "transient");
   }
+  const bool frozen_base = s.lora.enabled;
   for (MemCategory c : kAllCategories) {
-    size_t bytes = out.plan.category_bytes(c);
-    for (const auto& b : out.plan.buffers())  // ZeRO-Offload: host arenas are not on the device
-      if (b.category == c && b.arena.ends_with("_host")) {
-        bytes -= b.bytes;
+    size_t bytes = 0;  // device bytes of this category, before offload of checkpoints
+    for (const auto& b : out.plan.buffers()) {
+      if (b.category != c) continue;
+      if (b.arena.ends_with("_host")) {  // ZeRO-Offload: host arenas are not on the device
         out.offloaded_bytes += b.bytes;
+        continue;
       }
+      double f = device_factor(c, r.device);
+      if (r.device == PlanDevice::kCudaBf16 && c == MemCategory::kWeights) {
+        if (b.name.rfind("nf4.", 0) == 0) f = 1.0;                  // already 4-bit codes
+        else if (frozen_base && b.name == "params") f = 0.5;        // frozen bf16, no master
+      }
+      bytes += static_cast<size_t>(static_cast<double>(b.bytes) * f);
+    }
     if (c == MemCategory::kCheckpoints && r.settings.offload_checkpoints) {
-      out.offloaded_bytes += bytes;
       // Two layers' checkpoints stay resident: the one in use and the one being prefetched.
       const size_t per_layer = bytes / std::max<int64_t>(1, r.config.num_hidden_layers + 1);
-      bytes = std::min(bytes, 2 * per_layer);
-      out.offloaded_bytes -= std::min(bytes, out.offloaded_bytes);
+      const size_t resident = std::min(bytes, 2 * per_layer);
+      out.offloaded_bytes += bytes - resident;
+      bytes = resident;
     }
-    const size_t dev = static_cast<size_t>(static_cast<double>(bytes) * device_factor(c, r.device));
-    out.by_category.emplace_back(std::string(mem_category_name(c)), dev);
-    out.device_bytes += dev;
+    out.by_category.emplace_back(std::string(mem_category_name(c)), bytes);
+    out.device_bytes += bytes;
   }
+  // What every process holds besides the planned buffers, measured on the engine: code and
+  // libraries, OpenMP thread stacks and OpenBLAS's packing workspace (CPU, about 30-55 MiB
+  // here); the CUDA context and cuBLAS workspaces on a GPU.
+  out.runtime_bytes = r.device == PlanDevice::kCpuF32 ? size_t(64) << 20 : size_t(1) << 30;
+  out.by_category.emplace_back("runtime", out.runtime_bytes);
+  out.device_bytes += out.runtime_bytes;
   return out;
 }
 

@@ -66,6 +66,8 @@ struct TrainOptions {
   bool train_on_inputs = false;
   bool packing = false;
   std::string chat_template;
+  int64_t max_train_samples = 0;    // 0 = all; else only the data file's first N rows
+  std::filesystem::path cache_dir;  // token cache ("" = $LONGTUNE_CACHE or ~/.cache/longtune)
   std::string save_dtype;  // "" = as loaded; f32, bf16, f16
   std::string max_shard_size = "50GB";  // transformers' spelling (io/safetensors.h)
   LoraOptions lora;        // LoRA / QLoRA (cli/lora_flags.cpp); the adapter is saved, not the model

@@ -11,6 +11,7 @@
 
 #include "core/check.h"
 #include "core/error.h"
+#include "data/token_cache.h"
 #include "dist/comm.h"
 #include "dist/ds_config.h"
 #include "dist/zero.h"
@@ -217,14 +218,27 @@ void Trainer::load_data() {
   dopt.train_on_inputs = o_.train_on_inputs;
   dopt.packing = o_.packing;
   dopt.chat_template = o_.chat_template;
-  train_data_ = load_dataset(o_.data_path, tokenizer_.get(), dopt, config_.vocab_size);
+  dopt.max_rows = o_.max_train_samples;
+  // Tokenized once per (data, tokenizer, settings): `longtune prepare` or an earlier run wrote
+  // the cache this reuses (data/token_cache.h).
+  const fs::path used_tok_path = tokenizer_ ? tok_path : fs::path();
+  const fs::path cache_dir = o_.cache_dir.empty() ? default_cache_dir() : o_.cache_dir;
+  auto load = [&](const fs::path& path) {
+    CachedLoad c = load_dataset_cached(path, tokenizer_.get(), used_tok_path, dopt,
+                                       config_.vocab_size, cache_dir, CacheWrite::kBestEffort);
+    if (!c.note.empty()) fmt::print("note: {}\n", c.note);
+    fmt::print("data: {}\n", c.summary());
+    return std::move(c.dataset);
+  };
+  train_data_ = load(o_.data_path);
   if (train_data_.rows.empty()) fail("--data_path '{}' has no usable rows", o_.data_path.string());
   fmt::print("data: {} rows from {} ({} truncated to {} tokens, {} skipped)\n",
              train_data_.rows.size(), o_.data_path.string(), train_data_.stats.rows_truncated,
              dopt.model_max_length, train_data_.stats.rows_skipped);
   if (!o_.eval_data_path.empty()) {
     dopt.packing = false;
-    eval_data_ = load_dataset(o_.eval_data_path, tokenizer_.get(), dopt, config_.vocab_size);
+    dopt.max_rows = 0;
+    eval_data_ = load(o_.eval_data_path);
     if (eval_data_.rows.empty())
       fail("--eval_data_path '{}' has no usable rows", o_.eval_data_path.string());
     has_eval_ = true;
