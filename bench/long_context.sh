@@ -7,6 +7,7 @@
 #   2. the longest sequence that fits a fixed budget (planner), verified by a real training step
 #      at that length whose measured peak must stay within the budget.
 # usage: bench/long_context.sh [BUDGET=512MiB] [SEQS=1024,2048,4096] [THREADS=2] [PY=python3]
+#   SKIP_THROUGHPUT=1: only the longest-sequence part
 # OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are unset for this run (OpenBLAS picks its fastest kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +26,11 @@ R=$OUT/long_context.jsonl
 echo "machine: $(lscpu | grep 'Model name' | sed 's/.*: *//'), $(nproc) cores; threads $THREADS; load $(cut -d' ' -f1-3 /proc/loadavg)"
 declare -A SET=([vanilla]="naive" [flash]="" [mini]="mini=auto" [ckpt]="mini=auto ckpt" [offload]="mini=auto offload")
 echo "== throughput at $SEQS"
-for k in vanilla flash mini ckpt offload; do
+[ "${SKIP_THROUGHPUT:-0}" = 1 ] && SEQS_RUN="" || SEQS_RUN=$SEQS
+for k in $([ -n "$SEQS_RUN" ] && echo vanilla flash mini ckpt offload); do
   build/bench_train "$MODEL" "$SEQS" 2 ${SET[$k]} | sed "s/\"impl\": \"longtune\"/\"impl\": \"longtune\", \"config\": \"$k\"/" | tee -a "$R"
 done
-if "$PY" -c "import torch, transformers" 2>/dev/null; then
+if [ -n "$SEQS_RUN" ] && "$PY" -c "import torch, transformers" 2>/dev/null; then
   for T in ${SEQS//,/ }; do "$PY" bench/torch_train.py "$MODEL" "$T" 2 --threads "$THREADS" 2>/dev/null | tee -a "$R"; done
 fi
 echo "== longest sequence within $BUDGET (planner), verified by one training step"
