@@ -14,6 +14,7 @@
 #include "backend/backend.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "fixture_util.h"
 #include "io/safetensors.h"
 #include "model/adapter_io.h"
 #include "model/llama.h"
@@ -26,34 +27,15 @@
 namespace lt {
 namespace {
 
+using test::expect_close;
+using test::tensor_f32;
+
 namespace fs = std::filesystem;
 const fs::path kRoot = fs::path(LT_SOURCE_DIR);
 const fs::path kModels = kRoot / "tests/fixtures/models";
 const fs::path kLora = kRoot / "tests/fixtures/lora";
 
-void expect_close(const std::string& what, const float* got, const float* want, size_t n,
-                  double atol, double rtol) {
-  double worst = -1;
-  size_t wi = 0;
-  bool bad = false;
-  for (size_t i = 0; i < n; ++i) {
-    const double d = std::fabs(double(got[i]) - double(want[i]));
-    const double excess = d - (atol + rtol * std::fabs(double(want[i])));
-    if (std::isnan(got[i]) != std::isnan(want[i]) || excess > 0) bad = true;
-    if (excess > worst || std::isnan(got[i])) worst = excess, wi = i;
-  }
-  EXPECT_FALSE(bad) << what << ": worst element " << wi << " of " << n << ": got " << got[wi]
-                    << ", want " << want[wi] << " (atol " << atol << ", rtol " << rtol << ")";
-}
 
-std::vector<float> tensor_f32(const SafetensorsFile& f, const std::string& name) {
-  const TensorInfo* t = f.find(name);
-  EXPECT_NE(t, nullptr) << f.path() << " has no tensor " << name;
-  if (!t) return {};
-  std::vector<float> v(t->numel());
-  convert_to_f32(v.data(), t->data, t->dtype, v.size());
-  return v;
-}
 
 template <typename T>
 std::vector<T> tensor_raw(const SafetensorsFile& f, const std::string& name) {

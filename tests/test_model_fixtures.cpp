@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "fixture_util.h"
 #include "io/safetensors.h"
 #include "model/llama.h"
 #include "model/model_io.h"
@@ -20,35 +21,14 @@
 namespace lt {
 namespace {
 
+using test::expect_close;
+using test::tensor_f32;
+
 namespace fs = std::filesystem;
 
 const fs::path kFixtures = fs::path(LT_SOURCE_DIR) / "tests/fixtures/models";
 
-// Compares got (f32) to want, failing with the worst element when |got - want| exceeds
-// atol + rtol * |want| anywhere.
-void expect_close(const std::string& what, const float* got, const float* want, size_t n,
-                  double atol, double rtol) {
-  double worst = -1;
-  size_t wi = 0;
-  bool bad = false;
-  for (size_t i = 0; i < n; ++i) {
-    const double d = std::fabs(double(got[i]) - double(want[i]));
-    const double excess = d - (atol + rtol * std::fabs(double(want[i])));
-    if (std::isnan(got[i]) != std::isnan(want[i]) || excess > 0) bad = true;
-    if (excess > worst || std::isnan(got[i])) worst = excess, wi = i;
-  }
-  EXPECT_FALSE(bad) << what << ": worst element " << wi << " of " << n << ": got " << got[wi]
-                    << ", want " << want[wi] << " (atol " << atol << ", rtol " << rtol << ")";
-}
 
-std::vector<float> tensor_f32(const SafetensorsFile& f, const std::string& name) {
-  const TensorInfo* t = f.find(name);
-  EXPECT_NE(t, nullptr) << "expected.safetensors has no tensor " << name;
-  if (!t) return {};
-  std::vector<float> v(t->numel());
-  convert_to_f32(v.data(), t->data, t->dtype, v.size());
-  return v;
-}
 
 Example example_from_json(const nlohmann::json& row) {
   Example e;
