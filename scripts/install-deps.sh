@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev libomp-dev nlohmann-json3-dev libcli11-dev
       libfmt-dev libpcre2-dev libicu-dev libyaml-cpp-dev libgtest-dev libgmock-dev
-      libopenmpi-dev openmpi-bin python3
+      libopenmpi-dev openmpi-bin python3 python3-venv
       libprotobuf-dev protobuf-compiler libcurl4-openssl-dev libcrcutil-dev libxxhash-dev)
 [ "${1:-}" = "--fuzz" ] && pkgs+=(clang libclang-rt-dev)
 missing=()
