@@ -1,6 +1,7 @@
 // Subcommand dispatch for the longtune command.
 #include "cli/commands.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <new>
@@ -10,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "cli/cmd_tokenize.h"
+#include "cli/config_file.h"
 #include "core/error.h"
 
 namespace lt {
@@ -66,7 +68,12 @@ int cli_main(int argc, char** argv, const char* version) {
         {"generate", cmd_generate}, {"convert", cmd_convert}, {"prepare", cmd_prepare}};
     for (const auto& c : kCommands)
       if (c.name == cmd) return c.run(argc - 1, argv + 1);
-    fail("unknown command '{}'; run 'longtune --help' for the list", cmd);
+    std::string closest;
+    size_t best = std::max<size_t>(2, cmd.size() / 3) + 1;
+    for (const auto& c : kCommands)
+      if (const size_t d = edit_distance(cmd, c.name); d < best) best = d, closest = c.name;
+    fail("unknown command '{}'{}; run 'longtune --help' for the list", cmd,
+         closest.empty() ? "" : fmt::format(" (did you mean '{}'?)", closest));
   } catch (const UserError& e) {
     std::fflush(stdout);  // notes printed before the error stay before it
     fmt::print(stderr, "longtune: error: {}\n", e.what());
