@@ -412,6 +412,7 @@ TEST_F(CliErrors, BadFlags) {
       {"convert llama2c --checkpoint x.bin --tokenizer t.bin --output_dir " + out.string() +
            " --tokeniser t.bin",
        {"--tokeniser", "Did you mean --tokenizer?"}},
+      {"trian --output_dir " + out.string(), {"unknown command 'trian'", "did you mean 'train'?"}},
   };
   for (const FlagCase& c : cases) {
     fs::remove_all(out);
