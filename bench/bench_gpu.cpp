@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "bench/bench_common.h"
 #include "core/error.h"
 
 namespace lt {
@@ -199,11 +200,10 @@ int run(int argc, char** argv) {
     be->synchronize();
     const double head_s = std::chrono::duration<double>(Clock::now() - t0).count() / iters;
     const double model_s = layer_s * layers + head_s;
-    // FLOPs: 6 per parameter per token for the GEMMs (forward 2, backward 4); causal attention
-    // forward 2 * 2 * T^2/2 * H * HD, backward 2.5x that; LM head 6 * V * D per token.
+    // The same FLOP convention as bench_train (bench_common.h), LM head included.
     const double Td = double(T);
-    const double attn = 3.5 * 2.0 * Td * Td * double(QD);
-    const double flops = layers * (6.0 * layer_params * Td + attn) + 6.0 * double(V) * D * Td;
+    const double flops = bench::training_flops(layers * layer_params + double(V) * D, Td,
+                                               double(layers) * double(QD));
     const double mfu = flops / model_s / (peak_tflops * 1e12);
     std::printf("%8lld %12.2f %12.2f %12.3f %14.0f %7.1f%% %12.2f\n", (long long)T,
                 layer_s * 1e3, head_s * 1e3, model_s, Td / model_s, 100.0 * mfu,

@@ -69,8 +69,8 @@ int run(int argc, char** argv) {
   for (int64_t T : seqs) {
     RunSettings rs = base;
     rs.max_tokens = T;
-    if (mini == "auto") mini_sequence_auto(config, T, &rs);
-    else rs.mlp_chunks = rs.lm_head_chunks = std::stoll(mini);
+    if (const auto m = parse_mini_sequence(mini)) rs.mlp_chunks = rs.lm_head_chunks = *m;
+    else mini_sequence_auto(config, T, &rs);
     const Example e = bench_row(T, config.vocab_size);
     std::vector<const Example*> rows = {&e};
     const std::vector<MicroBatch> micro = {make_micro_batch(rows)};
@@ -99,16 +99,14 @@ int run(int argc, char** argv) {
         secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
     }
     const size_t measured = measured_peak_rss();
-    // Model FLOPs per step (no recompute counted): 6 * matmul params * T + causal attention
-    // (QK^T and PV: 2 * 2 * T^2/2 * HD per head forward, x3 with backward).
     const ParamTable table(config);
     const double D = config.hidden_size, V = config.vocab_size;
     // The embedding lookup is no matmul; a tied LM head is (it reuses the embedding).
     const double matmul_params = static_cast<double>(table.total_numel()) -
                                  (config.tie_word_embeddings ? 0.0 : V * D);
-    const double attn = 3.0 * 2.0 * double(T) * double(T) * config.head_dim *
-                        config.num_attention_heads * config.num_hidden_layers;
-    const double flops = 6.0 * matmul_params * T + attn;
+    const double flops = bench::training_flops(
+        matmul_params, double(T),
+        double(config.num_hidden_layers) * config.num_attention_heads * config.head_dim);
     const double gflops = flops / secs / 1e9;
     fmt::print("{{\"impl\": \"longtune\", \"settings\": \"{}\", \"seq\": {}, \"threads\": {}, "
                "\"loss\": {:.6f}, \"step_s\": {:.4f}, \"tokens_per_s\": {:.1f}, \"peak_bytes\": {}, "

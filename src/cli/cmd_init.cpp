@@ -45,11 +45,7 @@ int cmd_init(int argc, char** argv) {
   set("num_key_value_heads", kv_heads);
   set("vocab_size", vocab);
   set("max_position_embeddings", max_pos);
-  DType dt;
-  if (dtype == "f32") dt = DType::kF32;
-  else if (dtype == "bf16") dt = DType::kBF16;
-  else if (dtype == "f16") dt = DType::kF16;
-  else fail("--dtype: '{}' is not allowed; use f32, bf16 or f16", dtype);
+  const DType dt = parse_float_dtype(dtype, "--dtype");
   if (std::filesystem::is_directory(out) && !std::filesystem::is_empty(out) && !overwrite)
     fail("--output_dir '{}' exists and is not empty; pass --overwrite_output_dir True", out);
   const ModelConfig config = parse_model_config(j, "--preset " + preset);

@@ -30,15 +30,7 @@ int cmd_merge(int argc, char** argv) {
   if (!fs::is_directory(model)) fail("--model_name_or_path '{}' is not a folder", model);
   const ModelConfig config = load_model_config(fs::path(model) / "config.json");
   CheckpointReader reader(model);
-  DType save = reader.stored_dtype();
-  if (dtype == "f32" || dtype == "float32")
-    save = DType::kF32;
-  else if (dtype == "bf16" || dtype == "bfloat16")
-    save = DType::kBF16;
-  else if (dtype == "f16" || dtype == "float16")
-    save = DType::kF16;
-  else if (!dtype.empty())
-    fail("--save_dtype: '{}' is not allowed; use f32, bf16 or f16", dtype);
+  const DType save = dtype.empty() ? reader.stored_dtype() : parse_float_dtype(dtype, "--save_dtype");
   const ParamTable table(config);
   std::vector<float> params(table.total_numel());
   load_weights(reader, table, params.data());

@@ -62,15 +62,12 @@ int cmd_plan(int argc, char** argv) {
   r.zero_stage = zero_stage;
   r.offload_optimizer = offload_optimizer;
   r.settings.offload_checkpoints = offload;
-  const bool auto_ms = mini == "auto", auto_ck = ckpt == "auto";
-  if (!auto_ms) {
-    char* end = nullptr;
-    const long long m = std::strtoll(mini.c_str(), &end, 10);
-    if (!end || *end || m < 1) fail("--mini_sequence: '{}' is not allowed; use a positive integer or auto", mini);
-    r.settings.mlp_chunks = r.settings.lm_head_chunks = m;
-  } else {
+  const std::optional<int64_t> chunks = parse_mini_sequence(mini);
+  const bool auto_ms = !chunks, auto_ck = ckpt == "auto";
+  if (chunks)
+    r.settings.mlp_chunks = r.settings.lm_head_chunks = *chunks;
+  else
     r.mini_sequence_auto = true;
-  }
   if (!auto_ck) {
     if (ckpt == "True" || ckpt == "true") r.settings.checkpointing = true;
     else if (ckpt == "False" || ckpt == "false") r.settings.checkpointing = false;

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/check.h"
+#include "core/error.h"
 
 namespace lt {
 
@@ -37,6 +38,13 @@ std::string_view dtype_name(DType t) {
   for (auto& [d, n] : kNames)
     if (d == t) return n;
   return "?";
+}
+
+DType parse_float_dtype(const std::string& s, const std::string& flag) {
+  if (s == "f32" || s == "float32") return DType::kF32;
+  if (s == "bf16" || s == "bfloat16") return DType::kBF16;
+  if (s == "f16" || s == "float16") return DType::kF16;
+  fail("{}: '{}' is not allowed; use f32, bf16 or f16", flag, s);
 }
 
 float f16_to_f32(uint16_t h) {

@@ -28,6 +28,10 @@ inline uint16_t f32_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+// A float storage dtype from its user spelling: f32/float32, bf16/bfloat16, f16/float16.
+// UserError names `flag` and the allowed values otherwise.
+DType parse_float_dtype(const std::string& s, const std::string& flag);
+
 float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 

@@ -117,6 +117,15 @@ int64_t longest_sequence(PlanRequest r, size_t budget, int64_t granularity, int6
   return lo;
 }
 
+std::optional<int64_t> parse_mini_sequence(const std::string& value) {
+  if (value == "auto") return std::nullopt;
+  char* end = nullptr;
+  const long long m = std::strtoll(value.c_str(), &end, 10);
+  if (value.empty() || !end || *end || m < 1)
+    fail("--mini_sequence: '{}' is not allowed; use a positive integer or auto", value);
+  return m;
+}
+
 void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
   // MST's rules: MLP chunks of ~hidden_size tokens; ceil(V/D) LM-head chunks, so that one chunk
   // of logits is as large as the hidden states. Chunks never go below kMinChunkRows rows: below

@@ -55,6 +55,9 @@ struct AutoChoice {
 AutoChoice choose_settings(const PlanRequest& base, size_t budget_bytes, bool auto_mini_sequence,
                            bool auto_checkpointing);
 
+// --mini_sequence: a positive chunk count M, or nullopt for "auto"; UserError otherwise.
+std::optional<int64_t> parse_mini_sequence(const std::string& value);
+
 // MST's published chunk rules: MLP chunks of ~hidden_size tokens, ceil(V/D) LM-head chunks.
 void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s);
 

@@ -1,18 +1,7 @@
 // The training loop (see trainer.h).
 #include "train/trainer.h"
 
-#include <chrono>
-#include <cmath>
-
-#include <fmt/format.h>
-
-#include "core/check.h"
-#include "core/error.h"
-#include "data/dataset.h"
-#include "data/tokenizer.h"
-#include "io/safetensors.h"
-#include "model/model_io.h"
-#include "train/batching.h"
+#include <algorithm>
 
 namespace lt {
 

@@ -45,11 +45,7 @@ Strategy parse_strategy(const std::string& flag, const std::string& v) {
 }
 
 DType parse_save_dtype(const std::string& s, DType loaded) {
-  if (s.empty()) return loaded;
-  if (s == "f32" || s == "float32") return DType::kF32;
-  if (s == "bf16" || s == "bfloat16") return DType::kBF16;
-  if (s == "f16" || s == "float16") return DType::kF16;
-  fail("--save_dtype: '{}' is not allowed; use f32, bf16 or f16", s);
+  return s.empty() ? loaded : parse_float_dtype(s, "--save_dtype");
 }
 
 void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t max_tokens,
@@ -59,15 +55,10 @@ void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t 
   s->offload_checkpoints = o.offload_activations;
   s->offload_dir = o.output_dir.parent_path().empty() ? "." : o.output_dir.parent_path().string();
   s->flash_attention = o.use_flash_attn;
-  if (o.mini_sequence == "auto") {
+  if (const auto m = parse_mini_sequence(o.mini_sequence))
+    s->mlp_chunks = s->lm_head_chunks = *m;
+  else
     mini_sequence_auto(c, max_tokens, s);
-  } else {
-    char* end = nullptr;
-    const long long m = std::strtoll(o.mini_sequence.c_str(), &end, 10);
-    if (!end || *end || m < 1)
-      fail("--mini_sequence: '{}' is not allowed; use a positive integer or auto", o.mini_sequence);
-    s->mlp_chunks = s->lm_head_chunks = m;
-  }
   s->mlp_chunks = std::min(s->mlp_chunks, max_tokens);
   s->lm_head_chunks = std::min(s->lm_head_chunks, max_tokens);
 }
