@@ -265,6 +265,115 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionCase, ::testing::ValuesIn(all_cases())
                          [](const auto& info) { return info.param.name(); });
 
 // ---------------------------------------------------------------------------------------------
+// Blocks (FPDT's chunk pairs): the sequence cut into uneven chunks; each query chunk's output is
+// the online-softmax merge of its blocks against every key chunk (later chunks see nothing),
+// and the blocks' gradients sum to the whole gradient. Both backward work splits.
+
+struct BlockCase {
+  int64_t T, H, KVH, HD, window;
+  bool docs;
+  std::vector<int64_t> cuts;  // chunk boundaries, 0 ... T
+};
+
+// Rows [r0, r0 + n) of a (T, width) tensor.
+Vec rows_of(const Vec& x, int64_t r0, int64_t n, int64_t width) {
+  return Vec(x.begin() + r0 * width, x.begin() + (r0 + n) * width);
+}
+
+TEST(Attention, BlocksMergeToWholeAttention) {
+  const BlockCase cases[] = {{150, 4, 2, 8, 0, false, {0, 40, 97, 150}},
+                             {150, 4, 1, 12, 0, true, {0, 64, 128, 150}},
+                             {200, 8, 2, 16, 37, true, {0, 1, 70, 71, 199, 200}},
+                             {97, 4, 4, 64, 0, true, {0, 97}}};
+  const int threads = omp_get_max_threads();
+  for (const BlockCase& c : cases) {
+    Shape s{1, c.T, c.H, c.KVH, c.HD, c.window, {}};
+    if (c.docs) s.docs = make_docs(1, c.T);
+    SCOPED_TRACE("T " + std::to_string(c.T) + " H " + std::to_string(c.H) + " KVH " +
+                 std::to_string(c.KVH) + " HD " + std::to_string(c.HD));
+    std::mt19937 rng(99 + c.T);
+    const Vec q = random_vec(s.nq(), -2, 2, rng), k = random_vec(s.nkv(), -2, 2, rng),
+              v = random_vec(s.nkv(), -1, 1, rng), dout = random_vec(s.nq(), -1, 1, rng);
+    DVec out_ref, lse_ref, dq_ref, dk_ref, dv_ref;
+    ref_forward(s, to_double(q), to_double(k), to_double(v), out_ref, lse_ref);
+    ref_backward(s, to_double(q), to_double(k), to_double(v), to_double(dout), dq_ref, dk_ref,
+                 dv_ref);
+    const int64_t QD = c.H * c.HD, KVD = c.KVH * c.HD, U = int64_t(c.cuts.size()) - 1;
+    Vec out(s.nq()), lse(c.H * c.T), dq(s.nq(), 0.0f), dk(s.nkv(), 0.0f), dv(s.nkv(), 0.0f);
+    auto block_shape = [&](int64_t i, int64_t j) {
+      AttentionShape a = s.lt();
+      a.q_begin = c.cuts[i], a.Tq = c.cuts[i + 1] - c.cuts[i];
+      a.k_begin = c.cuts[j], a.Tk = c.cuts[j + 1] - c.cuts[j];
+      return a;
+    };
+    for (int64_t i = 0; i < U; ++i) {
+      const int64_t q0 = c.cuts[i], qn = c.cuts[i + 1] - q0;
+      const Vec qi = rows_of(q, q0, qn, QD);
+      Vec o(qn * QD, 0.0f), l(c.H * qn, -std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < U; ++j) {  // j > i: fully masked, must merge as nothing
+        const AttentionShape a = block_shape(i, j);
+        const Vec kj = rows_of(k, a.k_begin, a.Tk, KVD), vj = rows_of(v, a.k_begin, a.Tk, KVD);
+        Vec ob(qn * QD, 77.0f), lb(c.H * qn, 77.0f);
+        attention_forward(ob.data(), lb.data(), qi.data(), kj.data(), vj.data(), a);
+        attention_merge(o.data(), l.data(), ob.data(), lb.data(), qn, c.H, c.HD);
+      }
+      std::copy(o.begin(), o.end(), out.begin() + q0 * QD);
+      for (int64_t h = 0; h < c.H; ++h)
+        std::copy(l.begin() + h * qn, l.begin() + (h + 1) * qn, lse.begin() + h * c.T + q0);
+    }
+    EXPECT_TRUE(close("merged out", out.data(), out_ref, 2e-5, 1e-4));
+    EXPECT_TRUE(close("merged lse", lse.data(), lse_ref, 2e-5, 1e-4));
+    for (int n : {1, 16}) {
+      SCOPED_TRACE(n == 1 ? "one pass" : "two passes");
+      omp_set_num_threads(n);
+      std::fill(dq.begin(), dq.end(), 0.0f);
+      std::fill(dk.begin(), dk.end(), 0.0f);
+      std::fill(dv.begin(), dv.end(), 0.0f);
+      for (int64_t j = 0; j < U; ++j)
+        for (int64_t i = 0; i < U; ++i) {
+          const AttentionShape a = block_shape(i, j);
+          const int64_t qn = a.Tq, kn = a.Tk;
+          const Vec qi = rows_of(q, a.q_begin, qn, QD), oi = rows_of(out, a.q_begin, qn, QD),
+                    di = rows_of(dout, a.q_begin, qn, QD);
+          const Vec kj = rows_of(k, a.k_begin, kn, KVD), vj = rows_of(v, a.k_begin, kn, KVD);
+          Vec li(c.H * qn);
+          for (int64_t h = 0; h < c.H; ++h)
+            for (int64_t r = 0; r < qn; ++r) li[h * qn + r] = lse[h * c.T + a.q_begin + r];
+          Vec bq(qn * QD, 55.0f), bk(kn * KVD, 55.0f), bv(kn * KVD, 55.0f);
+          attention_backward(bq.data(), bk.data(), bv.data(), di.data(), oi.data(), li.data(),
+                             qi.data(), kj.data(), vj.data(), a);
+          for (int64_t e = 0; e < qn * QD; ++e) dq[a.q_begin * QD + e] += bq[e];
+          for (int64_t e = 0; e < kn * KVD; ++e) {
+            dk[a.k_begin * KVD + e] += bk[e];
+            dv[a.k_begin * KVD + e] += bv[e];
+          }
+        }
+      omp_set_num_threads(threads);
+      EXPECT_TRUE(close("summed dq", dq.data(), dq_ref, 5e-5, 2e-4));
+      EXPECT_TRUE(close("summed dk", dk.data(), dk_ref, 5e-5, 2e-4));
+      EXPECT_TRUE(close("summed dv", dv.data(), dv_ref, 5e-5, 2e-4));
+    }
+  }
+}
+
+// A merge keeps NaN in its row and treats a partial with lse -inf as absent.
+TEST(Attention, MergeNanAndEmptyPartials) {
+  const float inf = std::numeric_limits<float>::infinity();
+  Vec out = {1, 2, 3, 4}, lse = {0.5f, -inf};  // rows 2, H 1, HD 2
+  const Vec ob = {10, 20, 30, 40}, lb = {-inf, 0.25f};
+  attention_merge(out.data(), lse.data(), ob.data(), lb.data(), 2, 1, 2);
+  EXPECT_EQ(out[0], 1.0f);
+  EXPECT_EQ(out[1], 2.0f);
+  EXPECT_EQ(lse[0], 0.5f);
+  EXPECT_FLOAT_EQ(out[2], 30.0f);  // the first partial saw nothing: the second one alone
+  EXPECT_FLOAT_EQ(lse[1], 0.25f);
+  const Vec on = {std::nanf(""), 1, 1, 1}, ln = {std::nanf(""), 0};
+  attention_merge(out.data(), lse.data(), on.data(), ln.data(), 2, 1, 2);
+  EXPECT_TRUE(std::isnan(out[0]) && std::isnan(out[1]) && std::isnan(lse[0]));
+  EXPECT_FALSE(std::isnan(out[2]) || std::isnan(lse[1]));
+}
+
+// ---------------------------------------------------------------------------------------------
 
 TEST(Attention, FlashBackwardMatchesFiniteDifferences) {
   Shape s{1, 9, 4, 2, 4, 4, {}};

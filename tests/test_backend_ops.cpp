@@ -14,12 +14,12 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "ops/nf4.h"
 #include "ops/adamw.h"
 #include "ops/attention.h"
 #include "ops/cross_entropy.h"
 #include "ops/embedding.h"
 #include "ops/linear.h"
+#include "ops/nf4.h"
 #include "ops/rmsnorm.h"
 #include "ops/rope.h"
 #include "ops/swiglu.h"
@@ -73,8 +73,8 @@ class DeviceBuffer {
       if (i >= kGuardBytes && i < kGuardBytes + bytes()) continue;
       if (img[i] != kSentinel) {
         ADD_FAILURE() << name_ << ": guard byte " << (i < kGuardBytes ? "before" : "after")
-                      << " the buffer overwritten (offset "
-                      << int64_t(i) - int64_t(kGuardBytes) << ", value " << int(img[i]) << ")";
+                      << " the buffer overwritten (offset " << int64_t(i) - int64_t(kGuardBytes)
+                      << ", value " << int(img[i]) << ")";
         break;
       }
     }
@@ -132,8 +132,8 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
   std::unique_ptr<Backend> be_;
 };
 
-#define EXPECT_CLOSE(got, want, tol, what)                                                     \
-  EXPECT_TRUE(all_close((got).data(), (want).data(), int64_t((want).size()), (tol).atol,      \
+#define EXPECT_CLOSE(got, want, tol, what)                                               \
+  EXPECT_TRUE(all_close((got).data(), (want).data(), int64_t((want).size()), (tol).atol, \
                         (tol).rtol, what))
 
 double max_abs(const Vec& v) {
@@ -212,8 +212,8 @@ TEST_P(BackendOps, Linear) {
     auto d_w = buf("weight", w);
     auto d_b = buf("bias", bias);
     auto d_y = out("out", N * OUT);
-    be_->linear_forward(d_y->get(), d_x->get(), d_w->get(), with_bias ? d_b->get() : nullptr, N,
-                        IN, OUT);
+    be_->linear_forward(d_y->get(), d_x->get(), d_w->get(), with_bias ? d_b->get() : nullptr, N, IN,
+                        OUT);
     EXPECT_CLOSE(d_y->read(), y, gemm(), with_bias ? "linear_forward +bias" : "linear_forward");
   }
   for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
@@ -228,8 +228,8 @@ TEST_P(BackendOps, Linear) {
     auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * IN);
     auto d_dw = buf("dweight", dw0);
     auto d_db = buf("dbias", db0);
-    be_->linear_backward(d_dx->get(), d_dw->get(), d_db->get(), d_dy->get(), d_x->get(),
-                         d_w->get(), N, IN, OUT, acc);
+    be_->linear_backward(d_dx->get(), d_dw->get(), d_db->get(), d_dy->get(), d_x->get(), d_w->get(),
+                         N, IN, OUT, acc);
     EXPECT_CLOSE(d_dx->read(), dx, gemm(), "linear_backward dinp");
     EXPECT_CLOSE(d_dw->read(), dw, gemm(), "linear_backward dweight (+=)");
     EXPECT_CLOSE(d_db->read(), db, gemm(), "linear_backward dbias (+=)");
@@ -308,22 +308,28 @@ TEST_P(BackendOps, Attention) {
       {1, 7, 1, 1, 8, 0, 0},      // tiny: one partial tile
   };
   for (const AttnCase& c : cases) {
-    SCOPED_TRACE(::testing::Message() << "B=" << c.B << " T=" << c.T << " H=" << c.H
-                                      << " KVH=" << c.KVH << " HD=" << c.HD << " window="
-                                      << c.window << " docs=" << c.docs);
+    SCOPED_TRACE(::testing::Message()
+                 << "B=" << c.B << " T=" << c.T << " H=" << c.H << " KVH=" << c.KVH
+                 << " HD=" << c.HD << " window=" << c.window << " docs=" << c.docs);
     const int64_t nq = c.B * c.T * c.H * c.HD, nk = c.B * c.T * c.KVH * c.HD;
-    const Vec q = random_vec(nq, 21, -2, 2), k = random_vec(nk, 22, -2, 2),
-              v = random_vec(nk, 23), dout = random_vec(nq, 24);
+    const Vec q = random_vec(nq, 21, -2, 2), k = random_vec(nk, 22, -2, 2), v = random_vec(nk, 23),
+              dout = random_vec(nq, 24);
     Ids docs(c.B * c.T);
     for (int64_t b = 0; b < c.B; ++b)
       for (int64_t t = 0; t < c.T; ++t)
         docs[b * c.T + t] = c.docs ? int32_t(b * 10 + t * c.docs / c.T) : 0;
-    AttentionShape s{c.B, c.T, c.H, c.KVH, c.HD, c.window, c.docs ? docs.data() : nullptr,
+    AttentionShape s{c.B,
+                     c.T,
+                     c.H,
+                     c.KVH,
+                     c.HD,
+                     c.window,
+                     c.docs ? docs.data() : nullptr,
                      float(1.0 / std::sqrt(double(c.HD)))};
     Vec o(nq), lse(c.B * c.H * c.T), dq(nq), dk(nk), dv(nk);
     attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), s);
-    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), o.data(), lse.data(),
-                       q.data(), k.data(), v.data(), s);
+    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), o.data(), lse.data(), q.data(),
+                       k.data(), v.data(), s);
 
     auto d_q = buf("q", q);
     auto d_k = buf("k", k);
@@ -352,6 +358,105 @@ TEST_P(BackendOps, Attention) {
   }
 }
 
+// Blocks of the attention (FPDT's chunk pairs: queries of one chunk against keys of another,
+// masks in whole-sequence coordinates) and the online-softmax merge of two partial results.
+TEST_P(BackendOps, AttentionBlocksAndMerge) {
+  struct BlockCase {
+    int64_t T, H, KVH, HD, window, docs, q_begin, Tq, k_begin, Tk;
+  };
+  const BlockCase cases[] = {
+      {200, 4, 2, 24, 0, 0, 130, 70, 0, 65},    // a later query chunk against the first keys
+      {200, 4, 2, 24, 0, 3, 64, 66, 64, 66},    // the diagonal block, documents
+      {150, 2, 1, 64, 40, 0, 100, 50, 50, 50},  // window reaching into the previous chunk
+      {90, 2, 2, 8, 0, 0, 0, 45, 45, 45},       // keys after every query: nothing visible
+  };
+  for (const BlockCase& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "T=" << c.T << " q [" << c.q_begin << ", +" << c.Tq
+                                      << ") k [" << c.k_begin << ", +" << c.Tk << ")");
+    const int64_t nq = c.Tq * c.H * c.HD, nk = c.Tk * c.KVH * c.HD;
+    const Vec q = random_vec(nq, 31, -2, 2), k = random_vec(nk, 32, -2, 2), v = random_vec(nk, 33),
+              dout = random_vec(nq, 34);
+    Ids docs(c.T);
+    for (int64_t t = 0; t < c.T; ++t) docs[t] = c.docs ? int32_t(t * c.docs / c.T) : 0;
+    AttentionShape s{1,
+                     c.T,
+                     c.H,
+                     c.KVH,
+                     c.HD,
+                     c.window,
+                     c.docs ? docs.data() : nullptr,
+                     float(1.0 / std::sqrt(double(c.HD)))};
+    s.q_begin = c.q_begin, s.Tq = c.Tq, s.k_begin = c.k_begin, s.Tk = c.Tk;
+    Vec o(nq), lse(c.H * c.Tq), dq(nq), dk(nk), dv(nk);
+    attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), s);
+    // The backward of a block takes the final (merged) out and lse; any finite values do here.
+    Vec lse_final = lse;
+    for (auto& x : lse_final) x = std::isfinite(x) ? x + 0.25f : 0.5f;
+    attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), o.data(), lse_final.data(),
+                       q.data(), k.data(), v.data(), s);
+    auto d_q = buf("q", q);
+    auto d_k = buf("k", k);
+    auto d_v = buf("v", v);
+    auto d_docs = buf("doc_ids", docs);
+    AttentionShape ds = s;
+    ds.doc_ids = c.docs ? d_docs->get() : nullptr;
+    auto d_o = out("out", nq);
+    auto d_lse = out("lse", c.H * c.Tq);
+    be_->attention_forward(d_o->get(), d_lse->get(), d_q->get(), d_k->get(), d_v->get(), ds);
+    EXPECT_CLOSE(d_o->read(), o, attention(max_abs(o)), "block forward out");
+    EXPECT_CLOSE(d_lse->read(), lse, attention(1.0), "block forward lse");
+    auto d_do = buf("dout", dout);
+    auto d_o_ref = buf("out", o);
+    auto d_lse_ref = buf("lse", lse_final);
+    auto d_dq = out("dq", nq);
+    auto d_dk = out("dk", nk);
+    auto d_dv = out("dv", nk);
+    be_->attention_backward(d_dq->get(), d_dk->get(), d_dv->get(), d_do->get(), d_o_ref->get(),
+                            d_lse_ref->get(), d_q->get(), d_k->get(), d_v->get(), ds);
+    EXPECT_CLOSE(d_dq->read(), dq, attention(max_abs(dq)), "block backward dq");
+    EXPECT_CLOSE(d_dk->read(), dk, attention(max_abs(dk)), "block backward dk");
+    EXPECT_CLOSE(d_dv->read(), dv, attention(max_abs(dv)), "block backward dv");
+  }
+  // Merge: rows 0-2 ordinary, row 3 with an empty first partial, row 4 with an empty second
+  // one, row 5 NaN.
+  const int64_t rows = 6, H = 3, HD = 5;
+  Vec a = random_vec(rows * H * HD, 35), b = random_vec(rows * H * HD, 36);
+  Vec la = random_vec(H * rows, 37, -3, 3), lb = random_vec(H * rows, 38, -3, 3);
+  for (int64_t h = 0; h < H; ++h) {
+    la[h * rows + 3] = -kInf;
+    lb[h * rows + 4] = -kInf;
+    lb[h * rows + 5] = kNaN;
+  }
+  Vec want = a, want_l = la;
+  attention_merge(want.data(), want_l.data(), b.data(), lb.data(), rows, H, HD);
+  auto d_a = buf("out", a);
+  auto d_la = buf("lse", la);
+  auto d_b = buf("out_b", b);
+  auto d_lb = buf("lse_b", lb);
+  be_->attention_merge(d_a->get(), d_la->get(), d_b->get(), d_lb->get(), rows, H, HD);
+  const Vec got = d_a->read(), got_l = d_la->read();
+  EXPECT_CLOSE(got, want, elementwise(), "attention_merge out");
+  EXPECT_CLOSE(got_l, want_l, elementwise(), "attention_merge lse");
+  EXPECT_TRUE(std::isnan(got_l[5]) && std::isnan(got[5 * H * HD]));
+}
+
+// copy_2d: strided device-to-device rows (the all-to-all packing); bytes between rows untouched.
+TEST_P(BackendOps, Copy2d) {
+  const Vec src = random_vec(7 * 13, 39);
+  Vec dst0 = random_vec(7 * 9, 40);
+  auto d_src = buf("src", src);
+  auto d_dst = buf("dst", dst0);
+  // Columns 2..6 of each 13-float source row into columns 3..7 of each 9-float destination row.
+  be_->copy_2d(d_dst->get() + 3, 9 * 4, d_src->get() + 2, 13 * 4, 5 * 4, 7);
+  Vec want = dst0;
+  for (int r = 0; r < 7; ++r)
+    for (int c = 0; c < 5; ++c) want[r * 9 + 3 + c] = src[r * 13 + 2 + c];
+  EXPECT_CLOSE(d_dst->read(), want, Tol({0, 0}), "copy_2d");
+  auto d_flat = out("flat", 7 * 13);
+  be_->copy_device(d_flat->get(), d_src->get(), src.size() * 4);
+  EXPECT_CLOSE(d_flat->read(), src, Tol({0, 0}), "copy_device");
+}
+
 TEST_P(BackendOps, LmHeadCrossEntropy) {
   const int64_t N = 37, D = 24, V = 53;
   const Vec h = random_vec(N * D, 25, -2, 2), w = random_vec(V * D, 26);
@@ -365,25 +470,23 @@ TEST_P(BackendOps, LmHeadCrossEntropy) {
     SCOPED_TRACE(::testing::Message() << "chunk=" << chunk);
     const Vec dw0 = random_vec(V * D, 28);
     Vec dh(N * D), dw = dw0, scratch(chunk * V);
-    const double loss = lm_head_cross_entropy(dh.data(), dw.data(), h.data(), w.data(), t.data(),
-                                              N, D, V, chunk, gs, scratch.data());
+    const double loss = lm_head_cross_entropy(dh.data(), dw.data(), h.data(), w.data(), t.data(), N,
+                                              D, V, chunk, gs, scratch.data());
     auto d_h = buf("hidden", h);
     auto d_w = buf("weight", w);
     auto d_t = buf("targets", t);
     auto d_dh = out("dhidden", N * D);
     auto d_dw = buf("dweight", dw0);
     auto d_scratch = out("scratch", chunk * V);
-    const double got = be_->lm_head_cross_entropy(d_dh->get(), d_dw->get(), d_h->get(),
-                                                   d_w->get(), d_t->get(), N, D, V, chunk, gs,
-                                                   d_scratch->get());
+    const double got = be_->lm_head_cross_entropy(d_dh->get(), d_dw->get(), d_h->get(), d_w->get(),
+                                                  d_t->get(), N, D, V, chunk, gs, d_scratch->get());
     EXPECT_NEAR(got, loss, cpu() ? 0.0 : 1e-5 * std::fabs(loss));
     EXPECT_CLOSE(d_dh->read(), dh, gemm(), "lm_head_cross_entropy dhidden");
     EXPECT_CLOSE(d_dw->read(), dw, gemm(), "lm_head_cross_entropy dweight (+=)");
     d_scratch->read();  // guards only
     // Loss only (no gradients).
-    const double got2 = be_->lm_head_cross_entropy(nullptr, nullptr, d_h->get(), d_w->get(),
-                                                    d_t->get(), N, D, V, chunk, gs,
-                                                    d_scratch->get());
+    const double got2 = be_->lm_head_cross_entropy(
+        nullptr, nullptr, d_h->get(), d_w->get(), d_t->get(), N, D, V, chunk, gs, d_scratch->get());
     EXPECT_NEAR(got2, loss, cpu() ? 0.0 : 1e-5 * std::fabs(loss));
   }
 }

@@ -7,16 +7,27 @@
 #include <string>
 #include <string_view>
 
-#include "ops/attention.h"
 #include "ops/adamw.h"
+#include "ops/attention.h"
 #include "ops/common.h"
 #include "ops/lora.h"
 
 namespace lt {
 
 enum class OpKind {
-  kEmbedding, kRmsNorm, kLinear, kRope, kSwiGlu, kAttention, kLmHeadCrossEntropy, kAdamW,
-  kSumSquares, kScale, kAdd, kLora, kNf4Dequantize
+  kEmbedding,
+  kRmsNorm,
+  kLinear,
+  kRope,
+  kSwiGlu,
+  kAttention,
+  kLmHeadCrossEntropy,
+  kAdamW,
+  kSumSquares,
+  kScale,
+  kAdd,
+  kLora,
+  kNf4Dequantize
 };
 
 // Precision of the CUDA backend's linear-layer GEMMs. kF32 keeps the Backend contract (f32
@@ -37,6 +48,17 @@ class Backend {
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void memset_zero(void* p, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // Device-to-device copy of `rows` rows of `row_bytes` bytes: source rows src_pitch bytes
+  // apart, destination rows dst_pitch apart (the packing of sequence-parallel all-to-alls); in
+  // order with the ops. copy_device is a single row.
+  virtual void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                       size_t row_bytes, size_t rows) = 0;
+  void copy_device(void* dst, const void* src, size_t bytes) {
+    copy_2d(dst, bytes, src, bytes, bytes, 1);
+  }
+  // True when device pointers are host addresses (CPU): host libraries such as MPI may then
+  // read and write them directly instead of staging through copies.
+  virtual bool host_addressable() const = 0;
 
   // Pinned (page-locked) host memory for asynchronous transfers (CPU: ordinary memory).
   virtual void* alloc_pinned(size_t bytes) = 0;
@@ -54,15 +76,15 @@ class Backend {
 
   virtual void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N,
                                  int64_t D) = 0;
-  virtual void embedding_backward(float* dweight, const float* dout, const int32_t* ids,
-                                  int64_t N, int64_t D) = 0;
+  virtual void embedding_backward(float* dweight, const float* dout, const int32_t* ids, int64_t N,
+                                  int64_t D) = 0;
   virtual void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight,
                                int64_t N, int64_t D, float eps) = 0;
   virtual void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
                                 const float* weight, const float* rstd, int64_t N, int64_t D,
                                 Accumulate acc) = 0;
-  virtual void linear_forward(float* out, const float* inp, const float* weight,
-                              const float* bias, int64_t N, int64_t IN, int64_t OUT) = 0;
+  virtual void linear_forward(float* out, const float* inp, const float* weight, const float* bias,
+                              int64_t N, int64_t IN, int64_t OUT) = 0;
   virtual void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                                const float* inp, const float* weight, int64_t N, int64_t IN,
                                int64_t OUT, Accumulate acc) = 0;
@@ -80,6 +102,9 @@ class Backend {
   virtual void attention_backward(float* dq, float* dk, float* dv, const float* dout,
                                   const float* out, const float* lse, const float* q,
                                   const float* k, const float* v, const AttentionShape& s) = 0;
+  // ops/attention.h: (out, lse) of rows x H becomes the merge with a second partial result.
+  virtual void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b,
+                               int64_t rows, int64_t H, int64_t HD) = 0;
   virtual double lm_head_cross_entropy(float* dhidden, float* dweight, const float* hidden,
                                        const float* weight, const int32_t* targets, int64_t N,
                                        int64_t D, int64_t V, int64_t chunk, float grad_scale,
@@ -98,8 +123,7 @@ class Backend {
                             const float* b, int64_t N, int64_t IN, int64_t OUT, const LoraCall& c);
   virtual void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float* xd,
                              float* dxd, const float* dout, const float* inp, const float* a,
-                             const float* b, int64_t N, int64_t IN, int64_t OUT,
-                             const LoraCall& c);
+                             const float* b, int64_t N, int64_t IN, int64_t OUT, const LoraCall& c);
   // out (n) f32 from NF4 storage: packed (ceil(n/2)) absmax_q (ceil(n/64)) absmax_scale
   // (ceil(n/64/256)); all device pointers.
   virtual void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,

@@ -245,11 +245,20 @@ void check_shape(const AttentionShape& s) {
   LT_CHECK(s.window >= 0, "window={}", s.window);
   LT_CHECK(s.scale > 0 && std::isfinite(s.scale), "softmax scale={} (set it, e.g. 1/sqrt(HD))",
            s.scale);
+  LT_CHECK(s.q_begin >= 0 && s.Tq >= 0 && s.q_begin + s.q_rows() <= s.T && s.k_begin >= 0 &&
+               s.Tk >= 0 && s.k_begin + s.k_rows() <= s.T,
+           "block queries [{}, +{}) keys [{}, +{}) outside T={}", s.q_begin, s.q_rows(), s.k_begin,
+           s.k_rows(), s.T);
 }
 
-// D[b,h,i] = sum_d dout[b,i,h,d] * out[b,i,h,d] (FlashAttention-2's rowsum(dO * O)).
+bool whole_sequence(const AttentionShape& s) {
+  return s.q_begin == 0 && s.k_begin == 0 && s.q_rows() == s.T && s.k_rows() == s.T;
+}
+
+// D[b,h,i] = sum_d dout[b,i,h,d] * out[b,i,h,d] (FlashAttention-2's rowsum(dO * O)) over the
+// query rows (all T, or the block's Tq).
 std::vector<float> dout_dot_out(const float* dout, const float* out, const AttentionShape& s) {
-  const int64_t B = s.B, T = s.T, H = s.H, HD = s.HD;
+  const int64_t B = s.B, T = s.q_rows(), H = s.H, HD = s.HD;
   std::vector<float> D(B * H * T);
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < B * T; ++bt) {
@@ -276,11 +285,13 @@ std::vector<float> dout_dot_out(const float* dout, const float* out, const Atten
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        const AttentionShape& s) {
   check_shape(s);
-  const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, G = H / KVH;
-  if (B == 0 || T == 0) return;
+  const int64_t B = s.B, H = s.H, KVH = s.KVH, HD = s.HD, G = H / KVH;
+  // Rows of the q / k buffers and where they start in the sequence (whole: T rows from 0).
+  const int64_t TQ = s.q_rows(), TK = s.k_rows(), QB = s.q_begin, KB = s.k_begin;
+  if (B == 0 || TQ == 0) return;
   const Mask mask(s);
   const int64_t ldq = H * HD, ldk = KVH * HD;
-  const int64_t n_qt = (T + kTile - 1) / kTile;
+  const int64_t n_qt = (TQ + kTile - 1) / kTile;
   const int64_t n_tasks = B * H * n_qt;
 
 #pragma omp parallel
@@ -299,8 +310,9 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       // Longest tasks (last query tiles under the causal mask) first.
       const int64_t qtile = n_qt - 1 - task / (B * H);
       const int64_t b = (task % (B * H)) / H, h = task % H, kvh = h / G;
-      const int64_t q0 = qtile * kTile, qn = std::min(kTile, T - q0);
-      const float* qp = q + ((b * T + q0) * H + h) * HD;
+      // q0 and key indices below are positions in the whole sequence; buffers are offset.
+      const int64_t q0l = qtile * kTile, q0 = QB + q0l, qn = std::min(kTile, TQ - q0l);
+      const float* qp = q + ((b * TQ + q0l) * H + h) * HD;
       transpose_tile(qt, qp, ldq, qn, HD, s.scale);
       std::fill(m, m + kTile, kNegInf);
       std::fill(l, l + kTile, 0.0f);
@@ -308,11 +320,13 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 
       int64_t k_first = q0;
       for (int64_t i = q0; i < q0 + qn; ++i) k_first = std::min(k_first, mask.first_key(b, i));
-      const int64_t k_end = q0 + qn;  // causal: no query of the tile sees a later key
-      for (int64_t k0 = k_first / kTile * kTile; k0 < k_end; k0 += kTile) {
+      k_first = std::max(k_first, KB);
+      // Causal: no query of the tile sees a later key; nor any key past the block.
+      const int64_t k_end = std::min(q0 + qn, KB + TK);
+      for (int64_t k0 = KB + (k_first - KB) / kTile * kTile; k0 < k_end; k0 += kTile) {
         const int64_t kn = std::min(kTile, k_end - k0);
-        const float* kp = k + ((b * T + k0) * KVH + kvh) * HD;
-        const float* vp = v + ((b * T + k0) * KVH + kvh) * HD;
+        const float* kp = k + ((b * TK + k0 - KB) * KVH + kvh) * HD;
+        const float* vp = v + ((b * TK + k0 - KB) * KVH + kvh) * HD;
         // S^T (kn, kTile) = K (kn, HD) * Q^T (HD, kTile)
         tile_gemm(st, kTile, kp, ldk, 1, qt, kTile, kn, kTile, HD, false);
         if (!mask.all_visible(b, q0, qn, k0, kn)) {
@@ -360,10 +374,10 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         tile_gemm(o, HD, st, 1, kTile, vp, ldk, qn, HD, kn, true);
       }
       for (int64_t i = 0; i < qn; ++i) {
-        float* oi = out + ((b * T + q0 + i) * H + h) * HD;
+        float* oi = out + ((b * TQ + q0l + i) * H + h) * HD;
         const float inv = l[i] == 0.0f ? 0.0f : 1.0f / l[i];
         for (int64_t d = 0; d < HD; ++d) oi[d] = o[i * HD + d] * inv;
-        lse[(b * H + h) * T + q0 + i] = l[i] == 0.0f ? kNegInf : m[i] + std::log(l[i]);
+        lse[(b * H + h) * TQ + q0l + i] = l[i] == 0.0f ? kNegInf : m[i] + std::log(l[i]);
       }
     }
   }
@@ -405,39 +419,42 @@ struct BackwardArgs {
   const Mask& mask;
   const int64_t* q_last;  // (B, key tiles) last query that sees any key of the tile
 };
+// Positions in the whole sequence below; buffers hold TQ query rows from QB and TK key rows from
+// KB (the whole sequence: T rows from 0).
 
 // dK, dV of key tile `ktile` of (b, kvh), summed over the group's query heads; with
 // `with_dq`, also dq += scale dS K for every visible query tile.
 void backward_key_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b, int64_t kvh,
                        int64_t ktile, bool with_dq) {
   const AttentionShape& s = x.s;
-  const int64_t T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, G = H / KVH;
-  const int64_t ldq = H * HD, ldk = KVH * HD, n_kt = (T + kTile - 1) / kTile;
+  const int64_t H = s.H, KVH = s.KVH, HD = s.HD, G = H / KVH;
+  const int64_t TQ = s.q_rows(), TK = s.k_rows(), QB = s.q_begin, KB = s.k_begin;
+  const int64_t ldq = H * HD, ldk = KVH * HD, n_kt = (TK + kTile - 1) / kTile;
   float* kt_tile = buf.a.get();  // (HD, kTile) K^T
   float* vt_tile = buf.b.get();  // (HD, kTile) V^T
   float* sp = buf.s.get();       // (kTile, kTile) S, then P
   float* dps = buf.dp.get();     // (kTile, kTile) dP, then scale * dS
   float* dk_acc = buf.acc1.get();
   float* dv_acc = buf.acc2.get();
-  const int64_t k0 = ktile * kTile, kn = std::min(kTile, T - k0);
-  const float* kp = x.k + ((b * T + k0) * KVH + kvh) * HD;
-  const float* vp = x.v + ((b * T + k0) * KVH + kvh) * HD;
+  const int64_t k0 = KB + ktile * kTile, kn = std::min(kTile, KB + TK - k0);
+  const float* kp = x.k + ((b * TK + k0 - KB) * KVH + kvh) * HD;
+  const float* vp = x.v + ((b * TK + k0 - KB) * KVH + kvh) * HD;
   transpose_tile(kt_tile, kp, ldk, kn, HD, 1.0f);
   transpose_tile(vt_tile, vp, ldk, kn, HD, 1.0f);
   std::fill(dk_acc, dk_acc + kn * HD, 0.0f);
   std::fill(dv_acc, dv_acc + kn * HD, 0.0f);
-  const int64_t q_end = x.q_last[b * n_kt + ktile] + 1;
+  const int64_t q_end = std::min(x.q_last[b * n_kt + ktile] + 1, QB + TQ);
   for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-    for (int64_t q0 = k0; q0 < q_end; q0 += kTile) {
+    for (int64_t q0 = std::max(k0, QB); q0 < q_end; q0 += kTile) {
       const int64_t qn = std::min(kTile, q_end - q0);
-      const int64_t row0 = (b * T + q0) * H + h;
+      const int64_t row0 = (b * TQ + q0 - QB) * H + h;
       const float* qp = x.q + row0 * HD;
       const float* dop = x.dout + row0 * HD;
       // S (qn, kTile) = Q K^T; dP (qn, kTile) = dO V^T.
       tile_gemm(sp, kTile, qp, ldq, 1, kt_tile, kTile, qn, kTile, HD, false);
       tile_gemm(dps, kTile, dop, ldq, 1, vt_tile, kTile, qn, kTile, HD, false);
-      const float* lse_row = x.lse + (b * H + h) * T + q0;
-      const float* d_row = x.D + (b * H + h) * T + q0;
+      const float* lse_row = x.lse + (b * H + h) * TQ + q0 - QB;
+      const float* d_row = x.D + (b * H + h) * TQ + q0 - QB;
       for (int64_t i = 0; i < qn; ++i) {
         // A row that saw no key (lse = -inf) gets P = 0.
         const v16 li = splat(lse_row[i] == kNegInf ? -kNegInf : lse_row[i]);
@@ -472,7 +489,7 @@ void backward_key_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b, i
     }
   }
   for (int64_t j = 0; j < kn; ++j) {
-    const int64_t row = ((b * T + k0 + j) * KVH + kvh) * HD;
+    const int64_t row = ((b * TK + k0 - KB + j) * KVH + kvh) * HD;
     std::memcpy(x.dk + row, dk_acc + j * HD, HD * sizeof(float));
     std::memcpy(x.dv + row, dv_acc + j * HD, HD * sizeof(float));
   }
@@ -484,7 +501,8 @@ void backward_key_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b, i
 void backward_query_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b, int64_t h,
                          int64_t qtile) {
   const AttentionShape& s = x.s;
-  const int64_t T = s.T, H = s.H, KVH = s.KVH, HD = s.HD, kvh = h / (H / KVH);
+  const int64_t H = s.H, KVH = s.KVH, HD = s.HD, kvh = h / (H / KVH);
+  const int64_t TQ = s.q_rows(), TK = s.k_rows(), QB = s.q_begin, KB = s.k_begin;
   const int64_t ldq = H * HD, ldk = KVH * HD;
   float* qt = buf.a.get();    // (HD, kTile) Q^T
   float* dot = buf.b.get();   // (HD, kTile) dO^T
@@ -492,23 +510,24 @@ void backward_query_tile(const BackwardArgs& x, BackwardBuffers& buf, int64_t b,
   float* dst = buf.dp.get();  // (kTile, kTile) dP^T, then scale * dS^T
   float* dq_acc = buf.acc1.get();
   float* ld = buf.acc2.get();  // (kTile) lse, then (kTile) D
-  const int64_t q0 = qtile * kTile, qn = std::min(kTile, T - q0);
-  const int64_t row0 = (b * T + q0) * H + h;
+  const int64_t q0l = qtile * kTile, q0 = QB + q0l, qn = std::min(kTile, TQ - q0l);
+  const int64_t row0 = (b * TQ + q0l) * H + h;
   transpose_tile(qt, x.q + row0 * HD, ldq, qn, HD, 1.0f);
   transpose_tile(dot, x.dout + row0 * HD, ldq, qn, HD, 1.0f);
   for (int64_t i = 0; i < kTile; ++i) {
-    const float l = i < qn ? x.lse[(b * H + h) * T + q0 + i] : kNegInf;
+    const float l = i < qn ? x.lse[(b * H + h) * TQ + q0l + i] : kNegInf;
     ld[i] = l == kNegInf ? -kNegInf : l;  // no key seen: P = 0
-    ld[kTile + i] = i < qn ? x.D[(b * H + h) * T + q0 + i] : 0.0f;
+    ld[kTile + i] = i < qn ? x.D[(b * H + h) * TQ + q0l + i] : 0.0f;
   }
   std::fill(dq_acc, dq_acc + qn * HD, 0.0f);
   int64_t k_first = q0;
   for (int64_t i = q0; i < q0 + qn; ++i) k_first = std::min(k_first, x.mask.first_key(b, i));
-  const int64_t k_end = q0 + qn;
-  for (int64_t k0 = k_first / kTile * kTile; k0 < k_end; k0 += kTile) {
+  k_first = std::max(k_first, KB);
+  const int64_t k_end = std::min(q0 + qn, KB + TK);
+  for (int64_t k0 = KB + (k_first - KB) / kTile * kTile; k0 < k_end; k0 += kTile) {
     const int64_t kn = std::min(kTile, k_end - k0);
-    const float* kp = x.k + ((b * T + k0) * KVH + kvh) * HD;
-    const float* vp = x.v + ((b * T + k0) * KVH + kvh) * HD;
+    const float* kp = x.k + ((b * TK + k0 - KB) * KVH + kvh) * HD;
+    const float* vp = x.v + ((b * TK + k0 - KB) * KVH + kvh) * HD;
     tile_gemm(st, kTile, kp, ldk, 1, qt, kTile, kn, kTile, HD, false);
     tile_gemm(dst, kTile, vp, ldk, 1, dot, kTile, kn, kTile, HD, false);
     for (int64_t j = 0; j < kn; ++j) {
@@ -545,22 +564,24 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                         const float* lse, const float* q, const float* k, const float* v,
                         const AttentionShape& s) {
   check_shape(s);
-  const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
-  if (B == 0 || T == 0) return;
+  const int64_t B = s.B, H = s.H, KVH = s.KVH, HD = s.HD;
+  const int64_t TQ = s.q_rows(), TK = s.k_rows(), KB = s.k_begin;
+  if (B == 0 || (TQ == 0 && TK == 0)) return;
   const Mask mask(s);
-  const int64_t n_kt = (T + kTile - 1) / kTile;
+  const int64_t n_kt = (TK + kTile - 1) / kTile, n_qt = (TQ + kTile - 1) / kTile;
   const std::vector<float> D = dout_dot_out(dout, out, s);
   std::vector<int64_t> q_last(B * n_kt);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kt = 0; kt < n_kt; ++kt) {
-      int64_t hi = kt * kTile;
-      for (int64_t j = kt * kTile; j < std::min(T, (kt + 1) * kTile); ++j)
+      const int64_t j0 = KB + kt * kTile;
+      int64_t hi = j0;
+      for (int64_t j = j0; j < std::min(KB + TK, j0 + kTile); ++j)
         hi = std::max(hi, mask.last_query(b, j));
       q_last[b * n_kt + kt] = hi;
     }
   const BackwardArgs args{dq, dk, dv, dout, lse, q, k, v, D.data(), s, mask, q_last.data()};
   const bool one_pass = B * KVH >= omp_get_max_threads();
-  if (one_pass) std::fill(dq, dq + B * T * H * HD, 0.0f);
+  if (one_pass) std::fill(dq, dq + B * TQ * H * HD, 0.0f);
 
 #pragma omp parallel
   {
@@ -577,10 +598,30 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       for (int64_t task = 0; task < B * KVH * n_kt; ++task)
         backward_key_tile(args, buf, (task % (B * KVH)) / KVH, task % KVH, task / (B * KVH), false);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < B * H * n_kt; ++task)
-        backward_query_tile(args, buf, (task % (B * H)) / H, task % H, n_kt - 1 - task / (B * H));
+      for (int64_t task = 0; task < B * H * n_qt; ++task)
+        backward_query_tile(args, buf, (task % (B * H)) / H, task % H, n_qt - 1 - task / (B * H));
     }
   }
+}
+
+void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int64_t rows,
+                     int64_t H, int64_t HD) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t h = 0; h < H; ++h) {
+      float& la = lse[h * rows + i];
+      const float lb = lse_b[h * rows + i];
+      if (lb == kNegInf) continue;  // the new block saw no key of this row
+      float* o = out + (i * H + h) * HD;
+      const float* ob = out_b + (i * H + h) * HD;
+      // lse = log(e^la + e^lb); each part weighs e^(l - lse). NaN propagates through both.
+      const float mx = std::max(la, lb);
+      const float merged = mx + std::log(std::exp(la - mx) + std::exp(lb - mx));
+      const float wa = la == kNegInf ? 0.0f : std::exp(la - merged);
+      const float wb = std::exp(lb - merged);
+      for (int64_t d = 0; d < HD; ++d) o[d] = wa * o[d] + wb * ob[d];
+      la = merged;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,6 +648,7 @@ void naive_scores(float* S, const float* q, const float* k, const AttentionShape
 void attention_forward_naive(float* out, float* lse, const float* q, const float* k, const float* v,
                              const AttentionShape& s) {
   check_shape(s);
+  LT_CHECK(whole_sequence(s), "the naive attention runs whole sequences only");
   const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
   if (B == 0 || T == 0) return;
   const Mask mask(s);
@@ -640,6 +682,7 @@ void attention_backward_naive(float* dq, float* dk, float* dv, const float* dout
                               const float* lse, const float* q, const float* k, const float* v,
                               const AttentionShape& s) {
   check_shape(s);
+  LT_CHECK(whole_sequence(s), "the naive attention runs whole sequences only");
   const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, HD = s.HD;
   if (B == 0 || T == 0) return;
   const Mask mask(s);

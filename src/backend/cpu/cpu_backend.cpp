@@ -31,6 +31,13 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
   void memset_zero(void* p, size_t n) override { std::memset(p, 0, n); }
   void synchronize() override {}
+  void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
+               size_t rows) override {
+    for (size_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<char*>(dst) + r * dst_pitch,
+                  static_cast<const char*>(src) + r * src_pitch, row_bytes);
+  }
+  bool host_addressable() const override { return true; }
   void* alloc_pinned(size_t bytes) override { return alloc(bytes); }
   void free_pinned(void* p) override { free(p); }
   void copy_to_host_async(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
@@ -50,9 +57,8 @@ class CpuBackend final : public Backend {
                        int64_t D, float eps) override {
     lt::rmsnorm_forward(out, rstd, inp, w, N, D, eps);
   }
-  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp,
-                        const float* w, const float* rstd, int64_t N, int64_t D,
-                        Accumulate acc) override {
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                        const float* rstd, int64_t N, int64_t D, Accumulate acc) override {
     lt::rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, D, acc);
   }
   void linear_forward(float* out, const float* inp, const float* w, const float* b, int64_t N,
@@ -72,8 +78,8 @@ class CpuBackend final : public Backend {
                     int64_t H, int64_t HD) override {
     lt::rope_forward(out, inp, cos, sin, N, H, HD);
   }
-  void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin,
-                     int64_t N, int64_t H, int64_t HD) override {
+  void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, int64_t N,
+                     int64_t H, int64_t HD) override {
     lt::rope_backward(dinp, dout, cos, sin, N, H, HD);
   }
   void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override {
@@ -91,6 +97,10 @@ class CpuBackend final : public Backend {
                           const float* lse, const float* q, const float* k, const float* v,
                           const AttentionShape& s) override {
     lt::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, s);
+  }
+  void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int64_t rows,
+                       int64_t H, int64_t HD) override {
+    lt::attention_merge(out, lse, out_b, lse_b, rows, H, HD);
   }
   double lm_head_cross_entropy(float* dh, float* dw, const float* h, const float* w,
                                const int32_t* t, int64_t N, int64_t D, int64_t V, int64_t chunk,
@@ -113,8 +123,8 @@ class CpuBackend final : public Backend {
     lt::lora_forward(out, t, xd, inp, a, b, N, IN, OUT, c);
   }
   void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float* xd, float* dxd,
-                     const float* dout, const float* inp, const float* a, const float* b,
-                     int64_t N, int64_t IN, int64_t OUT, const LoraCall& c) override {
+                     const float* dout, const float* inp, const float* a, const float* b, int64_t N,
+                     int64_t IN, int64_t OUT, const LoraCall& c) override {
     lt::lora_backward(dinp, da, db, t, u, xd, dxd, dout, inp, a, b, N, IN, OUT, c);
   }
   void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,

@@ -9,6 +9,10 @@
 // the visible 64-key tiles (K row-major and V transposed in shared memory). Key tiles that no
 // query of the tile can see (causal, window, or disjoint document ranges) are skipped whole.
 //
+// Blocks (AttentionShape::q_begin/Tq/k_begin/Tk, FPDT's chunk pairs): q, out, dout, dq hold TQ
+// rows per batch starting at sequence position QB, k, v, dk, dv TK rows from KB; indices i, j
+// below are positions in the whole sequence (masks, doc ids), buffers are offset by QB / KB.
+//
 // Backward: one block per (key tile of 64, b, kv head); each warp owns 16 keys and accumulates
 // their dK and dV in registers over every query head of the group and every query tile that
 // sees the key tile, recomputing P = exp(S * scale - lse) from the saved lse. dK and dV rows
@@ -33,20 +37,21 @@ constexpr int kThreads = 128;
 constexpr int kPad = 8;      // bf16 padding per shared-memory row: 16 bytes, conflict-free frags
 
 struct FlashParams {
-  const float* q;        // (B,T,H,HD)
-  const float* k;        // (B,T,KVH,HD)
-  const float* v;        // (B,T,KVH,HD)
-  const float* out;      // (B,T,H,HD)   backward only
-  const float* dout;     // (B,T,H,HD)   backward only
-  const float* lse;      // (B,H,T)      backward only (forward writes lse_out)
-  const float* dvec;     // (B,H,T) rowsum(dO * O), backward only
+  const float* q;        // (B,TQ,H,HD)
+  const float* k;        // (B,TK,KVH,HD)
+  const float* v;        // (B,TK,KVH,HD)
+  const float* out;      // (B,TQ,H,HD)   backward only
+  const float* dout;     // (B,TQ,H,HD)   backward only
+  const float* lse;      // (B,H,TQ)      backward only (forward writes lse_out)
+  const float* dvec;     // (B,H,TQ) rowsum(dO * O), backward only
   const int32_t* doc;    // (B,T) or null
-  float* o_out;          // (B,T,H,HD)   forward output
-  float* lse_out;        // (B,H,T)      forward output
-  float* dq;             // (B,T,H,HD)   backward: += (atomics; zeroed by the launcher)
-  float* dk;             // (B,T,KVH,HD) backward: overwritten
-  float* dv;             // (B,T,KVH,HD) backward: overwritten
+  float* o_out;          // (B,TQ,H,HD)   forward output
+  float* lse_out;        // (B,H,TQ)      forward output
+  float* dq;             // (B,TQ,H,HD)   backward: += (atomics; zeroed by the launcher)
+  float* dk;             // (B,TK,KVH,HD) backward: overwritten
+  float* dv;             // (B,TK,KVH,HD) backward: overwritten
   int64_t B, T, H, KVH, HD, window;
+  int64_t TQ, TK, QB, KB;  // the block: query rows [QB, QB+TQ), key rows [KB, KB+TK)
   float scale;
 };
 
@@ -148,16 +153,18 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
   int32_t* qrange_s = kdoc_s + 64;                                    // (2)
 
   const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD;
-  const int64_t n_qt = (T + kTileQ - 1) / kTileQ;
-  const int64_t q0 = (n_qt - 1 - blockIdx.x) * kTileQ;  // longest (last) query tiles first
+  const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
+  const int64_t q_stop = QB + TQ, k_stop = KB + TK;  // past the block's last query / key
+  const int64_t n_qt = (TQ + kTileQ - 1) / kTileQ;
+  const int64_t q0 = QB + (n_qt - 1 - blockIdx.x) * kTileQ;  // longest (last) query tiles first
   const int64_t b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KVH);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int32_t* doc = p.doc ? p.doc + b * T : nullptr;
 
-  stage_tile<HDP>(q_s, nullptr, p.q + (b * T * H + h) * HD, H * HD, q0, T, HD);
+  stage_tile<HDP>(q_s, nullptr, p.q + (b * TQ * H + h) * HD, H * HD, q0 - QB, TQ, HD);
   int32_t qlo = 0, qhi = 0;
   if (doc) {
-    doc_range(qrange_s, doc, q0, T);
+    doc_range(qrange_s, doc, q0, q_stop);
     qlo = qrange_s[0], qhi = qrange_s[1];
   }
   __syncthreads();
@@ -167,21 +174,22 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
 
   // This thread's two query rows (fragment rows g and g + 8 of the warp's 16).
   const int64_t qi[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  const int32_t qdoc[2] = {doc && qi[0] < T ? doc[qi[0]] : 0, doc && qi[1] < T ? doc[qi[1]] : 0};
+  const int32_t qdoc[2] = {doc && qi[0] < q_stop ? doc[qi[0]] : 0,
+                           doc && qi[1] < q_stop ? doc[qi[1]] : 0};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[HDP / 8][4];
 #pragma unroll
   for (int nt = 0; nt < HDP / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
 
-  const int64_t k_first = p.window > 0 ? max(int64_t(0), q0 - p.window + 1) : 0;
-  const int64_t k_end = min(T, q0 + kTileQ);  // causal: no later key is visible
-  for (int64_t k0 = k_first / kTileK * kTileK; k0 < k_end; k0 += kTileK) {
+  const int64_t k_first = p.window > 0 ? max(KB, q0 - p.window + 1) : KB;
+  const int64_t k_end = min(k_stop, q0 + kTileQ);  // causal: no later key is visible
+  for (int64_t k0 = KB + (k_first - KB) / kTileK * kTileK; k0 < k_end; k0 += kTileK) {
     __syncthreads();  // the previous tile's k_s, vt_s and kdoc_s are no longer read
     if (doc) {
-      if (!stage_docs(kdoc_s, doc, k0, T, qlo, qhi)) continue;  // disjoint documents: skip
+      if (!stage_docs(kdoc_s, doc, k0, k_stop, qlo, qhi)) continue;  // disjoint documents: skip
     }
-    stage_tile<HDP>(k_s, nullptr, p.k + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
-    stage_tile<HDP>(nullptr, vt_s, p.v + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
+    stage_tile<HDP>(k_s, nullptr, p.k + (b * TK * KVH + kvh) * HD, KVH * HD, k0 - KB, TK, HD);
+    stage_tile<HDP>(nullptr, vt_s, p.v + (b * TK * KVH + kvh) * HD, KVH * HD, k0 - KB, TK, HD);
     __syncthreads();
 
     // S (16 x 64 per warp) = Q K^T
@@ -203,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
         const int64_t j = k0 + nt * 8 + 2 * t + (e & 1);
-        const bool vis = qi[r] < T && j < T &&
+        const bool vis = qi[r] < q_stop && j < k_stop &&
                          visible(qi[r], j, p.window, qdoc[r], doc ? kdoc_s[j - k0] : 0);
         s[nt][e] = vis ? s[nt][e] * p.scale : -INFINITY;
         mx[r] = fmaxf(mx[r], s[nt][e]);
@@ -254,16 +262,17 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (qi[r] >= T) continue;
+    if (qi[r] >= q_stop) continue;
     const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];
-    float* orow = p.o_out + ((b * T + qi[r]) * H + h) * HD;
+    float* orow = p.o_out + ((b * TQ + qi[r] - QB) * H + h) * HD;
 #pragma unroll
     for (int nt = 0; nt < HDP / 8; ++nt) {
       const int d = nt * 8 + 2 * t;
       if (d < HD) orow[d] = o[nt][2 * r] * inv;
       if (d + 1 < HD) orow[d + 1] = o[nt][2 * r + 1] * inv;
     }
-    if (t == 0) p.lse_out[(b * H + h) * T + qi[r]] = l[r] == 0.0f ? -INFINITY : m[r] + logf(l[r]);
+    if (t == 0)
+      p.lse_out[(b * H + h) * TQ + qi[r] - QB] = l[r] == 0.0f ? -INFINITY : m[r] + logf(l[r]);
   }
 }
 
@@ -308,21 +317,24 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
   int32_t* krange_s = qdoc_s + 64;                                // (2)
 
   const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD, G = H / KVH;
-  const int64_t k0 = int64_t(blockIdx.x) * kTileK;
+  const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
+  const int64_t q_stop = QB + TQ, k_stop = KB + TK;  // past the block's last query / key
+  const int64_t k0 = KB + int64_t(blockIdx.x) * kTileK;
   const int64_t b = blockIdx.y / KVH, kvh = blockIdx.y % KVH;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int32_t* doc = p.doc ? p.doc + b * T : nullptr;
 
-  stage_tile<HDP>(k_s, kt_s, p.k + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
-  stage_tile<HDP>(v_s, nullptr, p.v + (b * T * KVH + kvh) * HD, KVH * HD, k0, T, HD);
+  stage_tile<HDP>(k_s, kt_s, p.k + (b * TK * KVH + kvh) * HD, KVH * HD, k0 - KB, TK, HD);
+  stage_tile<HDP>(v_s, nullptr, p.v + (b * TK * KVH + kvh) * HD, KVH * HD, k0 - KB, TK, HD);
   int32_t klo = 0, khi = 0;
   if (doc) {
-    doc_range(krange_s, doc, k0, T);
+    doc_range(krange_s, doc, k0, k_stop);
     klo = krange_s[0], khi = krange_s[1];
   }
   // This thread's two keys (fragment rows g and g + 8 of the warp's 16).
   const int64_t kj[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
-  const int32_t kdoc[2] = {doc && kj[0] < T ? doc[kj[0]] : 0, doc && kj[1] < T ? doc[kj[1]] : 0};
+  const int32_t kdoc[2] = {doc && kj[0] < k_stop ? doc[kj[0]] : 0,
+                           doc && kj[1] < k_stop ? doc[kj[1]] : 0};
 
   float dk_acc[HDP / 8][4], dv_acc[HDP / 8][4];
 #pragma unroll
@@ -332,22 +344,23 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
 
   // Queries before k0 see none of these keys (causal); with a window, none after
   // k0 + 63 + window - 1.
-  const int64_t q_end = p.window > 0 ? min(T, k0 + kTileK - 1 + p.window) : T;
+  const int64_t q_end = p.window > 0 ? min(q_stop, k0 + kTileK - 1 + p.window) : q_stop;
   for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-    const int64_t row_base = b * T * H + h;  // row (b, i, h) = row_base + i * H
-    for (int64_t q0 = k0; q0 < q_end; q0 += kTileQ) {
+    const int64_t row_base = b * TQ * H + h;  // row (b, i, h) = row_base + (i - QB) * H
+    for (int64_t q0 = max(k0, QB); q0 < q_end; q0 += kTileQ) {
       __syncthreads();  // the previous query tile's shared data is no longer read
       if (doc) {
-        if (!stage_docs(qdoc_s, doc, q0, T, klo, khi)) continue;  // disjoint documents: skip
+        if (!stage_docs(qdoc_s, doc, q0, q_stop, klo, khi)) continue;  // disjoint documents
       }
-      stage_tile<HDP>(q_s, qt_s, p.q + row_base * HD, H * HD, q0, T, HD);
-      stage_tile<HDP>(do_s, dot_s, p.dout + row_base * HD, H * HD, q0, T, HD);
+      stage_tile<HDP>(q_s, qt_s, p.q + row_base * HD, H * HD, q0 - QB, TQ, HD);
+      stage_tile<HDP>(do_s, dot_s, p.dout + row_base * HD, H * HD, q0 - QB, TQ, HD);
       if (threadIdx.x < 64) {
         const int64_t i = q0 + threadIdx.x;
-        // lse = -inf (a row that sees nothing) -> +inf, so P = exp(S - lse) = 0; as rows >= T.
-        const float L = i < T ? p.lse[(b * H + h) * T + i] : INFINITY;
+        // lse = -inf (a row that sees nothing) -> +inf, so P = exp(S - lse) = 0; as rows past
+        // the block.
+        const float L = i < q_stop ? p.lse[(b * H + h) * TQ + i - QB] : INFINITY;
         lse_s[threadIdx.x] = L == -INFINITY ? INFINITY : L;
-        dvec_s[threadIdx.x] = i < T ? p.dvec[(b * H + h) * T + i] : 0.0f;
+        dvec_s[threadIdx.x] = i < q_stop ? p.dvec[(b * H + h) * TQ + i - QB] : 0.0f;
       }
       __syncthreads();
 
@@ -378,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
         for (int e = 0; e < 4; ++e) {
           const int r = e / 2, c = nt * 8 + 2 * t + (e & 1);
           const int64_t i = q0 + c;
-          const bool vis = i < T && kj[r] < T &&
+          const bool vis = i < q_stop && kj[r] < k_stop &&
                            visible(i, kj[r], p.window, doc ? qdoc_s[c] : 0, kdoc[r]);
           const float pv = vis ? __expf(st[nt][e] * p.scale - lse_s[c]) : 0.0f;
           st[nt][e] = pv;
@@ -422,8 +435,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          if (qrow[r] >= T || d >= HD) continue;
-          float* dst = p.dq + (row_base + qrow[r] * H) * HD + d;
+          if (qrow[r] >= q_stop || d >= HD) continue;
+          float* dst = p.dq + (row_base + (qrow[r] - QB) * H) * HD + d;
           atomicAdd(dst, acc[2 * r]);
           if (d + 1 < HD) atomicAdd(dst + 1, acc[2 * r + 1]);
         }
@@ -434,9 +447,9 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
   // dK and dV rows of this key tile: one owner, overwritten.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (kj[r] >= T) continue;
-    float* dkrow = p.dk + ((b * T + kj[r]) * KVH + kvh) * HD;
-    float* dvrow = p.dv + ((b * T + kj[r]) * KVH + kvh) * HD;
+    if (kj[r] >= k_stop) continue;
+    float* dkrow = p.dk + ((b * TK + kj[r] - KB) * KVH + kvh) * HD;
+    float* dvrow = p.dv + ((b * TK + kj[r] - KB) * KVH + kvh) * HD;
 #pragma unroll
     for (int nt = 0; nt < HDP / 8; ++nt) {
       const int d = nt * 8 + 2 * t;
@@ -444,6 +457,28 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
       if (d + 1 < HD) dkrow[d + 1] = dk_acc[nt][2 * r + 1], dvrow[d + 1] = dv_acc[nt][2 * r + 1];
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merge of two partial results (FPDT's chunks): one warp per (row, head).
+
+__global__ void attention_merge_kernel(float* out, float* lse, const float* out_b,
+                                       const float* lse_b, int64_t rows, int64_t H, int64_t HD) {
+  const int64_t task = blockIdx.x * int64_t(blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (task >= rows * H) return;
+  const int64_t i = task / H, h = task % H;
+  const float la = lse[h * rows + i], lb = lse_b[h * rows + i];
+  if (lb == -INFINITY) return;  // the new partial saw no key of this row
+  const float mx = fmaxf(la, lb);
+  // fmaxf drops a NaN operand: keep NaN in its row as the CPU op does.
+  const float merged = (isnan(la) || isnan(lb)) ? NAN : mx + logf(expf(la - mx) + expf(lb - mx));
+  const float wa = la == -INFINITY ? 0.0f : expf(la - merged), wb = expf(lb - merged);
+  float* o = out + task * HD;
+  const float* ob = out_b + task * HD;
+  for (int64_t d = lane; d < HD; d += kWarp) o[d] = wa * o[d] + wb * ob[d];
+  __syncwarp();
+  if (lane == 0) lse[h * rows + i] = merged;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,12 +498,22 @@ void with_padded_head_dim(int64_t HD, F&& f) {
 FlashParams make_params(const AttentionShape& s) {
   FlashParams p{};
   p.B = s.B, p.T = s.T, p.H = s.H, p.KVH = s.KVH, p.HD = s.HD, p.window = s.window;
+  p.TQ = s.q_rows(), p.TK = s.k_rows(), p.QB = s.q_begin, p.KB = s.k_begin;
   p.scale = s.scale;
   p.doc = s.doc_ids;
   return p;
 }
 
 }  // namespace
+
+void attention_merge(const Context& ctx, float* out, float* lse, const float* out_b,
+                     const float* lse_b, int64_t rows, int64_t H, int64_t HD) {
+  const int64_t tasks = rows * H;
+  if (tasks == 0) return;
+  attention_merge_kernel<<<unsigned((tasks + 7) / 8), 256, 0, ctx.stream>>>(out, lse, out_b, lse_b,
+                                                                           rows, H, HD);
+  LT_CUDA_CHECK_LAUNCH();
+}
 
 size_t attention_shared_bytes(int64_t HD) {
   size_t bytes = 0;
@@ -481,10 +526,10 @@ size_t attention_shared_bytes(int64_t HD) {
 
 void attention_forward(const Context& ctx, float* out, float* lse, const float* q,
                        const float* k, const float* v, const AttentionShape& s) {
-  if (s.B == 0 || s.T == 0) return;
+  if (s.B == 0 || s.q_rows() == 0) return;
   FlashParams p = make_params(s);
   p.q = q, p.k = k, p.v = v, p.o_out = out, p.lse_out = lse;
-  const int64_t n_qt = (s.T + kTileQ - 1) / kTileQ;
+  const int64_t n_qt = (s.q_rows() + kTileQ - 1) / kTileQ;
   with_padded_head_dim(s.HD, [&](auto hdp) {
     constexpr int kHdp = decltype(hdp)::value;
     constexpr size_t bytes = forward_shared_bytes<kHdp>();
@@ -499,17 +544,21 @@ void attention_forward(const Context& ctx, float* out, float* lse, const float* 
 void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, const float* dout,
                         const float* out, const float* lse, const float* q, const float* k,
                         const float* v, const AttentionShape& s) {
-  if (s.B == 0 || s.T == 0) return;
-  const int64_t rows = s.B * s.T * s.H;
-  auto* dvec = static_cast<float*>(ctx.scratch->get(size_t(rows) * 4, ctx.stream));
-  dout_dot_out_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream>>>(dvec, dout, out, s.B,
-                                                                         s.T, s.H, s.HD);
-  LT_CUDA_CHECK_LAUNCH();
-  LT_CUDA_CHECK(cudaMemsetAsync(dq, 0, size_t(rows * s.HD) * 4, ctx.stream));
+  if (s.B == 0 || (s.q_rows() == 0 && s.k_rows() == 0)) return;
+  const int64_t rows = s.B * s.q_rows() * s.H;
+  auto* dvec = static_cast<float*>(ctx.scratch->get(size_t(std::max<int64_t>(rows, 1)) * 4,
+                                                     ctx.stream));
+  if (rows > 0) {
+    dout_dot_out_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream>>>(
+        dvec, dout, out, s.B, s.q_rows(), s.H, s.HD);
+    LT_CUDA_CHECK_LAUNCH();
+    LT_CUDA_CHECK(cudaMemsetAsync(dq, 0, size_t(rows * s.HD) * 4, ctx.stream));
+  }
   FlashParams p = make_params(s);
   p.q = q, p.k = k, p.v = v, p.out = out, p.dout = dout, p.lse = lse, p.dvec = dvec;
   p.dq = dq, p.dk = dk, p.dv = dv;
-  const int64_t n_kt = (s.T + kTileK - 1) / kTileK;
+  const int64_t n_kt = (s.k_rows() + kTileK - 1) / kTileK;
+  if (n_kt == 0) return;
   with_padded_head_dim(s.HD, [&](auto hdp) {
     constexpr int kHdp = decltype(hdp)::value;
     constexpr size_t bytes = backward_shared_bytes<kHdp>();

@@ -11,9 +11,9 @@
 #include "backend/backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
-#include "ops/nf4.h"
 #include "core/check.h"
 #include "core/error.h"
+#include "ops/nf4.h"
 
 namespace lt {
 namespace cuda {
@@ -130,6 +130,13 @@ class CudaBackend final : public Backend {
     LT_CUDA_CHECK(cudaStreamSynchronize(copy_));
     LT_CUDA_CHECK(cudaStreamSynchronize(compute_));
   }
+  void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
+               size_t rows) override {
+    if (row_bytes == 0 || rows == 0) return;
+    LT_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                                    cudaMemcpyDeviceToDevice, compute_));
+  }
+  bool host_addressable() const override { return false; }
 
   void* alloc_pinned(size_t bytes) override {
     void* p = nullptr;
@@ -179,9 +186,8 @@ class CudaBackend final : public Backend {
     LT_CHECK(N >= 0 && D >= 1, "rmsnorm_forward: N={} D={}", N, D);
     cuda::rmsnorm_forward(ctx_, out, rstd, inp, w, N, D, eps);
   }
-  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp,
-                        const float* w, const float* rstd, int64_t N, int64_t D,
-                        Accumulate acc) override {
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                        const float* rstd, int64_t N, int64_t D, Accumulate acc) override {
     LT_CHECK(N >= 0 && D >= 1, "rmsnorm_backward: N={} D={}", N, D);
     cuda::rmsnorm_backward(ctx_, dinp, dw, dout, inp, w, rstd, N, D, acc);
   }
@@ -203,14 +209,13 @@ class CudaBackend final : public Backend {
   }
   void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int64_t N,
                     int64_t H, int64_t HD) override {
-    LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_forward: N={} H={} HD={}", N, H,
-             HD);
+    LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_forward: N={} H={} HD={}", N, H, HD);
     cuda::rope_forward(ctx_, out, inp, cos, sin, N, H, HD);
   }
-  void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin,
-                     int64_t N, int64_t H, int64_t HD) override {
-    LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_backward: N={} H={} HD={}", N,
-             H, HD);
+  void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, int64_t N,
+                     int64_t H, int64_t HD) override {
+    LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_backward: N={} H={} HD={}", N, H,
+             HD);
     cuda::rope_backward(ctx_, dinp, dout, cos, sin, N, H, HD);
   }
   void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override {
@@ -233,6 +238,11 @@ class CudaBackend final : public Backend {
     check_attention(s);
     cuda::attention_backward(ctx_, dq, dk, dv, dout, out, lse, q, k, v, s);
   }
+  void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int64_t rows,
+                       int64_t H, int64_t HD) override {
+    LT_CHECK(rows >= 0 && H >= 1 && HD >= 1, "attention_merge: rows={} H={} HD={}", rows, H, HD);
+    cuda::attention_merge(ctx_, out, lse, out_b, lse_b, rows, H, HD);
+  }
   double lm_head_cross_entropy(float* dh, float* dw, const float* h, const float* w,
                                const int32_t* t, int64_t N, int64_t D, int64_t V, int64_t chunk,
                                float gs, float* scratch) override {
@@ -245,11 +255,11 @@ class CudaBackend final : public Backend {
     copy_to_host(host_targets_.data(), t, size_t(N) * sizeof(int32_t));
     for (int64_t n = 0; n < N; ++n) {
       const int32_t y = host_targets_[size_t(n)];
-      LT_CHECK(y == kIgnoreIndex || (y >= 0 && y < V), "target[{}]={} outside [0,{}) and not {}",
-               n, y, V, kIgnoreIndex);
+      LT_CHECK(y == kIgnoreIndex || (y >= 0 && y < V), "target[{}]={} outside [0,{}) and not {}", n,
+               y, V, kIgnoreIndex);
     }
-    return cuda::lm_head_cross_entropy(ctx_, dh, dw, h, w, t, host_targets_.data(), N, D, V,
-                                       chunk, gs, scratch);
+    return cuda::lm_head_cross_entropy(ctx_, dh, dw, h, w, t, host_targets_.data(), N, D, V, chunk,
+                                       gs, scratch);
   }
   void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
                     const AdamWParams& a) override {
@@ -257,9 +267,7 @@ class CudaBackend final : public Backend {
     cuda::adamw_update(ctx_, p, g, m, v, n, a);
   }
   double sum_squares(const float* x, int64_t n) override { return cuda::sum_squares(ctx_, x, n); }
-  void scale_inplace(float* x, int64_t n, float s) override {
-    cuda::scale_inplace(ctx_, x, n, s);
-  }
+  void scale_inplace(float* x, int64_t n, float s) override { cuda::scale_inplace(ctx_, x, n, s); }
   void add_inplace(float* y, const float* x, int64_t n) override {
     cuda::add_inplace(ctx_, y, x, n);
   }
@@ -270,7 +278,8 @@ class CudaBackend final : public Backend {
       absmax_table_ = static_cast<float*>(alloc(256 * sizeof(float)));
       copy_to_device(absmax_table_, dynamic_map_code().data(), 256 * sizeof(float));
     }
-    cuda::nf4_dequantize(ctx_, out, {packed, absmax_q, absmax_table_, absmax_scale, absmax_offset, n});
+    cuda::nf4_dequantize(ctx_, out,
+                         {packed, absmax_q, absmax_table_, absmax_scale, absmax_offset, n});
   }
 
  private:
@@ -283,6 +292,10 @@ class CudaBackend final : public Backend {
   void check_attention(const AttentionShape& s) const {
     LT_CHECK(s.B >= 0 && s.T >= 0 && s.H > 0 && s.KVH > 0 && s.HD > 0,
              "attention: B={} T={} H={} KVH={} HD={}", s.B, s.T, s.H, s.KVH, s.HD);
+    LT_CHECK(s.q_begin >= 0 && s.Tq >= 0 && s.q_begin + s.q_rows() <= s.T && s.k_begin >= 0 &&
+                 s.Tk >= 0 && s.k_begin + s.k_rows() <= s.T,
+             "attention: block queries [{}, +{}) keys [{}, +{}) outside T={}", s.q_begin,
+             s.q_rows(), s.k_begin, s.k_rows(), s.T);
     LT_CHECK(s.H % s.KVH == 0, "attention: H={} is not a multiple of KVH={}", s.H, s.KVH);
     LT_CHECK(s.window >= 0, "attention: window={}", s.window);
     LT_CHECK(s.HD <= cuda::kMaxAttentionHeadDim,

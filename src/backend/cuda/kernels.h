@@ -34,13 +34,13 @@ class Scratch {
 
 // Everything a launcher needs: no globals (the streams and handles belong to one CudaBackend).
 struct Context {
-  cudaStream_t stream = nullptr;         // the compute stream
-  cublasHandle_t cublas = nullptr;       // bound to `stream`
+  cudaStream_t stream = nullptr;    // the compute stream
+  cublasHandle_t cublas = nullptr;  // bound to `stream`
   GemmPrecision precision = GemmPrecision::kF32;
-  Scratch* scratch = nullptr;            // op temporaries (row losses, partial sums, D = dO.O)
-  Scratch* gemm_scratch = nullptr;       // bf16 copies of GEMM inputs (kBf16 only)
-  int num_sms = 1;                       // streaming multiprocessors (grid sizing)
-  size_t max_shared_bytes = 48 << 10;    // opt-in shared memory per block
+  Scratch* scratch = nullptr;          // op temporaries (row losses, partial sums, D = dO.O)
+  Scratch* gemm_scratch = nullptr;     // bf16 copies of GEMM inputs (kBf16 only)
+  int num_sms = 1;                     // streaming multiprocessors (grid sizing)
+  size_t max_shared_bytes = 48 << 10;  // opt-in shared memory per block
 };
 
 // ---- linear.cu: cuBLAS GEMMs --------------------------------------------------------------
@@ -69,16 +69,15 @@ void rope_backward(const Context& ctx, float* dinp, const float* dout, const flo
                    const float* sin, int64_t N, int64_t H, int64_t HD);
 
 // ---- swiglu.cu ----------------------------------------------------------------------------
-void swiglu_forward(const Context& ctx, float* out, const float* gate, const float* up,
-                    int64_t n);
+void swiglu_forward(const Context& ctx, float* out, const float* gate, const float* up, int64_t n);
 void swiglu_backward(const Context& ctx, float* dgate, float* dup, const float* dout,
                      const float* gate, const float* up, int64_t n);
 
 // ---- embedding.cu -------------------------------------------------------------------------
 void embedding_forward(const Context& ctx, float* out, const int32_t* ids, const float* weight,
                        int64_t N, int64_t D);
-void embedding_backward(const Context& ctx, float* dweight, const float* dout,
-                        const int32_t* ids, int64_t N, int64_t D);
+void embedding_backward(const Context& ctx, float* dweight, const float* dout, const int32_t* ids,
+                        int64_t N, int64_t D);
 
 // ---- cross_entropy.cu ---------------------------------------------------------------------
 // host_targets (N) is a host copy of targets (validated by the caller; used to skip chunks
@@ -114,10 +113,12 @@ void nf4_dequantize(const Context& ctx, float* out, const Nf4Device& w);
 inline constexpr int64_t kMaxAttentionHeadDim = 128;
 // Dynamic shared memory the attention kernels need for head dim HD (forward or backward).
 size_t attention_shared_bytes(int64_t HD);
-void attention_forward(const Context& ctx, float* out, float* lse, const float* q,
-                       const float* k, const float* v, const AttentionShape& s);
+void attention_forward(const Context& ctx, float* out, float* lse, const float* q, const float* k,
+                       const float* v, const AttentionShape& s);
 void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, const float* dout,
                         const float* out, const float* lse, const float* q, const float* k,
                         const float* v, const AttentionShape& s);
+void attention_merge(const Context& ctx, float* out, float* lse, const float* out_b,
+                     const float* lse_b, int64_t rows, int64_t H, int64_t HD);
 
 }  // namespace lt::cuda
