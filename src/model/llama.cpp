@@ -23,11 +23,16 @@ int64_t MicroBatch::num_targets() const {
 struct LlamaModel::LayerActs {
   float* attn_in;    // (N,D) input_layernorm output
   float* attn_rstd;  // (N)
-  float* q;          // (N,H,HD) after RoPE
-  float* k;          // (N,KVH,HD) after RoPE
-  float* v;          // (N,KVH,HD)
-  float* attn_out;   // (N,H*HD) attention output before o_proj
-  float* lse;        // (H,N) log-sum-exp per query row
+  // Plain path: q (N,H,HD) and k, v (N,KVH,HD) after RoPE, lse (H,N). Sequence path: the
+  // sequence store in head layout, the whole padded sequence of S = N*P tokens for H/P heads:
+  // q (S,H/P,HD), k and v (S,KVH/P,HD), o_heads (S,H/P,HD), lse (chunks,H/P,chunk); in pinned
+  // host memory with FPDT.
+  float* q;
+  float* k;
+  float* v;
+  float* o_heads;    // sequence path only
+  float* attn_out;   // (N,H*HD) attention output before o_proj (this rank's tokens)
+  float* lse;
   float* x_mid;      // (N,D) residual after attention
   float* ffn_in;     // (N,D) post_attention_layernorm output
   float* ffn_rstd;   // (N)
@@ -35,10 +40,22 @@ struct LlamaModel::LayerActs {
   float* up;         // (N,F) only when the MLP is not chunked, else null
 };
 
-// Working buffers shared by all layers.
-struct LlamaModel::Work {
+// One micro-batch in flight: its tokens and the stage's layer inputs.
+struct LlamaModel::Slot {
   int32_t *ids, *pos, *docs, *targets;  // (N)
+  int32_t* seq_docs;                    // (N*P) sequence path: doc ids of the whole sequence
   float *rope_cos, *rope_sin;           // (N, HD/2)
+  std::vector<float*> res;              // (stage layers + 1) residual stream at layer inputs
+  std::vector<std::unique_ptr<LayerActs>> acts;  // (stage layers) when nothing is recomputed
+  int64_t n = 0;           // tokens here
+  int64_t chunks = 1;      // sequence path: attention chunks of the whole sequence
+  int64_t row0 = 0;        // LoRA dropout: first token's index in the whole sequence
+  uint64_t key = 0;        // LoRA dropout: the micro-batch's ordinal
+  bool training = false;   // the forward was a training pass (a backward may follow)
+};
+
+// Working buffers shared by all layers and slots.
+struct LlamaModel::Work {
   float* inv_freq;                      // (HD/2)
   float *final_in, *final_rstd;         // (N,D), (N)
   float *gate_c, *up_c, *h_c;           // (C,F) MLP chunk (gate_c/up_c null when not chunked)
@@ -49,6 +66,23 @@ struct LlamaModel::Work {
   float *lora_t, *lora_u;               // (N,R) LoRA intermediates
   float *lora_xd, *lora_dxd;            // (N, max IN) dropped-out input and its gradient
   int64_t mlp_chunk = 0, lm_chunk = 0;
+};
+
+// Sequence path (Ulysses / FPDT) working buffers, device unless noted. c = this rank's tokens of
+// one chunk (N with Ulysses), Ce = c * P the chunk's tokens, W = H/P * HD, KW = KVH/P * HD.
+struct LlamaModel::SeqWork {
+  int64_t c = 0;                // most local tokens per chunk
+  bool host_store = false;      // FPDT: the store lives in pinned host memory
+  float *ql, *kl, *vl;          // (c, H*HD), (c, KVH*HD) x2: one chunk's projections
+  float* pack;                  // (c, H*HD) all-to-all send buffer
+  float *q_c, *k_c, *v_c;       // (Ce, W), (Ce, KW) x2: the current chunk in head layout
+  float *o_c, *lse_c;           // (Ce, W), (H/P, Ce): its attention output
+  float *k_s[2], *v_s[2];       // FPDT: K/V of earlier chunks, double-buffered
+  float *o_b, *lse_b;           // FPDT: one block's partial result (merged into o_c, lse_c)
+  float* do_store;              // (S, W) dL/d(attention output), head layout (store)
+  float* do_c;                  // FPDT: (Ce, W) one chunk of it
+  float *dq_acc, *dk_acc, *dv_acc;  // (S, W) all dq; (Ce, KW) x2 dk, dv of one key chunk
+  float *dq_b, *dk_b, *dv_b;    // FPDT: one block's gradients
 };
 
 namespace {
@@ -93,9 +127,24 @@ class ArenaBinder final : public BufferBinder {
   std::map<std::string, Arena>* arenas_;
 };
 
+// The layer range [begin, end) of a stage.
+std::pair<int64_t, int64_t> stage_range(const ModelConfig& c, const RunSettings& s) {
+  const int64_t e = s.layer_end < 0 ? c.num_hidden_layers : s.layer_end;
+  LT_CHECK(s.layer_begin >= 0 && s.layer_begin < e && e <= c.num_hidden_layers,
+           "stage layers [{}, {}) of {}", s.layer_begin, e, c.num_hidden_layers);
+  return {s.layer_begin, e};
+}
+
 ParamTable make_table(const ModelConfig& c, const RunSettings& s) {
-  if (!s.lora.quantize_4bit) return ParamTable(c);
-  return ParamTable(c, [&](const std::string& n) { return !LlamaModel::is_quantized(s.lora, n); });
+  if (!s.lora.quantize_4bit && s.layer_begin == 0 && s.layer_end < 0) return ParamTable(c);
+  return ParamTable(c, [&](const std::string& n) {
+    return LlamaModel::in_stage(c, s, n) && !LlamaModel::is_quantized(s.lora, n);
+  });
+}
+
+LoraTable make_lora_table(const ModelConfig& c, const RunSettings& s) {
+  const auto [l0, l1] = stage_range(c, s);
+  return LoraTable(c, s.lora, l0, l1);
 }
 
 // Byte layout of one NF4 weight's buffer: packed codes, absmax codes, then (4-aligned) scales.
@@ -121,6 +170,18 @@ bool LlamaModel::is_quantized(const LoraSpec& s, const std::string& name) {
   return false;
 }
 
+bool LlamaModel::in_stage(const ModelConfig& c, const RunSettings& s, const std::string& name) {
+  const auto [l0, l1] = stage_range(c, s);
+  const bool first = l0 == 0, last = l1 == c.num_hidden_layers;
+  if (name == "model.embed_tokens.weight") return first || (last && c.tie_word_embeddings);
+  if (name == "model.norm.weight" || name == "lm_head.weight") return last;
+  if (name.rfind("model.layers.", 0) == 0) {
+    const int64_t l = std::strtoll(name.c_str() + 13, nullptr, 10);
+    return l >= l0 && l < l1;
+  }
+  return true;
+}
+
 bool LlamaModel::base_trains(const LoraSpec& s, const std::string& name) {
   if (!s.enabled) return true;
   if (s.train_embed && name == "model.embed_tokens.weight") return true;
@@ -131,7 +192,7 @@ int64_t LlamaModel::trainable_numel(const ModelConfig& config, const RunSettings
   if (!settings.train) return 0;
   int64_t n = 0;
   const ParamTable table = make_table(config, settings);
-  const LoraTable lora(config, settings.lora);
+  const LoraTable lora = make_lora_table(config, settings);
   for (const auto& p : table.params())
     if (base_trains(settings.lora, p.name)) n += int64_t(align_up(size_t(p.numel) * 4) / 4);
   for (const auto& t : lora.tensors()) n += int64_t(align_up(size_t(t.numel) * 4) / 4);
@@ -140,9 +201,11 @@ int64_t LlamaModel::trainable_numel(const ModelConfig& config, const RunSettings
 
 void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
                                  Bound* out) {
+  const auto [l0, l1] = stage_range(c, s);
+  const size_t NL = size_t(l1 - l0);
   const size_t N = s.max_tokens, D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
   const size_t H = c.num_attention_heads, HD = c.head_dim, QD = H * HD;
-  const size_t KVD = c.num_key_value_heads * HD, L = c.num_hidden_layers;
+  const size_t KVD = c.num_key_value_heads * HD;
   const bool save_mlp = s.mlp_chunks == 1;
   const ParamTable table = make_table(c, s);
   const size_t P = table.total_numel();
@@ -160,7 +223,7 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
       if (s.train && base_trains(s.lora, p.name))
         out->base_grads[p.name] =
             b.take("grad." + p.name, p.numel, MemCategory::kGradients, "grads");
-    const LoraTable lt(c, s.lora);
+    const LoraTable lt = make_lora_table(c, s);
     out->lora_params = b.take("lora.params", lt.total_numel(), MemCategory::kWeights, "lora");
     if (s.train)
       out->lora_grads = b.take("lora.grads", lt.total_numel(), MemCategory::kGradients, "lora");
@@ -168,7 +231,7 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     out->nf4.clear();
     const ParamTable full(c);
     for (const auto& p : full.params()) {
-      if (!is_quantized(s.lora, p.name)) continue;
+      if (!is_quantized(s.lora, p.name) || !in_stage(c, s, p.name)) continue;
       const Nf4Layout lay = nf4_layout(p.numel);
       auto* buf = static_cast<uint8_t*>(
           b.take_bytes("nf4." + p.name, lay.bytes, MemCategory::kWeights, "weights_nf4"));
@@ -184,49 +247,71 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     }
   }
 
-  // Residual stream: with training every layer input is kept (these are the checkpoints when
-  // layers are recomputed); without training two buffers alternate.
-  const size_t num_res = s.train ? L + 1 : 2;
-  const MemCategory res_cat = s.checkpointing ? MemCategory::kCheckpoints : MemCategory::kActivations;
-  const bool offload = s.train && s.offload_checkpoints;
-  // Offloaded checkpoints are whole pages so that releasing one never touches its neighbour.
-  const size_t res_count = offload ? (N * D * 4 + kPageSize - 1) / kPageSize * kPageSize / 4 : N * D;
-  out->res.clear();
-  for (size_t l = 0; l < num_res; ++l)
-    out->res.push_back(b.take(fmt::format("res.{}", l), res_count, res_cat,
-                              offload ? "offload" : "activations"));
-
-  const size_t num_sets = (s.train && !s.checkpointing) ? L : 1;
-  out->acts.clear();
-  for (size_t i = 0; i < num_sets; ++i) {
+  // The sequence path keeps q/k/v/out in head layout over the whole sequence (N * P tokens for
+  // H / P heads: the same element counts as this rank's N tokens for H heads); FPDT keeps them
+  // in pinned host memory.
+  const bool seq = s.sequence_path();
+  const size_t SPD = size_t(s.sp_degree);
+  const bool host_store = s.seq_chunk > 0;
+  const std::string store_arena = host_store ? "sequence_host" : "activations";
+  auto declare_acts = [&](const std::string& p) {
     auto a = std::make_unique<LayerActs>();
-    const std::string p = fmt::format("layer{}.", i);
     const std::string arena = "activations";
     a->attn_in = b.take(p + "attn_in", N * D, MemCategory::kActivations, arena);
     a->attn_rstd = b.take(p + "attn_rstd", N, MemCategory::kActivations, arena);
-    a->q = b.take(p + "q", N * QD, MemCategory::kAttention, arena);
-    a->k = b.take(p + "k", N * KVD, MemCategory::kAttention, arena);
-    a->v = b.take(p + "v", N * KVD, MemCategory::kAttention, arena);
+    const std::string qa = seq ? store_arena : arena;
+    a->q = b.take(p + "q", N * QD, MemCategory::kAttention, qa);
+    a->k = b.take(p + "k", N * KVD, MemCategory::kAttention, qa);
+    a->v = b.take(p + "v", N * KVD, MemCategory::kAttention, qa);
+    a->o_heads = seq ? b.take(p + "o_heads", N * QD, MemCategory::kAttention, qa) : nullptr;
     a->attn_out = b.take(p + "attn_out", N * QD, MemCategory::kAttention, arena);
-    a->lse = b.take(p + "lse", H * N, MemCategory::kAttention, arena);
+    a->lse = b.take(p + "lse", H * N, MemCategory::kAttention, qa);
     a->x_mid = b.take(p + "x_mid", N * D, MemCategory::kActivations, arena);
     a->ffn_in = b.take(p + "ffn_in", N * D, MemCategory::kActivations, arena);
     a->ffn_rstd = b.take(p + "ffn_rstd", N, MemCategory::kActivations, arena);
     a->gate = save_mlp ? b.take(p + "gate", N * F, MemCategory::kActivations, arena) : nullptr;
     a->up = save_mlp ? b.take(p + "up", N * F, MemCategory::kActivations, arena) : nullptr;
-    out->acts.push_back(std::move(a));
+    return a;
+  };
+
+  // Slots: the tokens of each micro-batch in flight and the residual stream at every layer
+  // input (with training: the checkpoints when layers are recomputed); without training two
+  // buffers alternate.
+  const size_t slots = s.train ? size_t(s.micro_slots) : 1;
+  LT_CHECK(slots >= 1, "micro_slots {}", s.micro_slots);
+  const size_t num_res = s.train ? NL + 1 : 2;
+  const MemCategory res_cat =
+      s.checkpointing ? MemCategory::kCheckpoints : MemCategory::kActivations;
+  const bool offload = s.train && s.offload_checkpoints;
+  // Offloaded checkpoints are whole pages so that releasing one never touches its neighbour.
+  const size_t res_count =
+      offload ? (N * D * 4 + kPageSize - 1) / kPageSize * kPageSize / 4 : N * D;
+  const bool per_layer_acts = s.train && !s.checkpointing;
+  out->slots.clear();
+  for (size_t i = 0; i < slots; ++i) {
+    auto sl = std::make_unique<Slot>();
+    const std::string p = slots > 1 ? fmt::format("slot{}.", i) : "";
+    auto ints = [&](const std::string& name, size_t n) {
+      return reinterpret_cast<int32_t*>(b.take(p + name, n, MemCategory::kScratch, "scratch"));
+    };
+    sl->ids = ints("ids", N);
+    sl->pos = ints("pos", N);
+    sl->docs = ints("docs", N);
+    sl->targets = ints("targets", N);
+    sl->seq_docs = seq ? ints("seq_docs", N * SPD) : nullptr;
+    sl->rope_cos = b.take(p + "rope_cos", N * HD / 2, MemCategory::kScratch, "scratch");
+    sl->rope_sin = b.take(p + "rope_sin", N * HD / 2, MemCategory::kScratch, "scratch");
+    for (size_t j = 0; j < num_res; ++j)
+      sl->res.push_back(b.take(fmt::format("{}res.{}", p, size_t(l0) + j), res_count, res_cat,
+                               offload ? "offload" : "activations"));
+    if (per_layer_acts)
+      for (size_t j = 0; j < NL; ++j)
+        sl->acts.push_back(declare_acts(fmt::format("{}layer{}.", p, size_t(l0) + j)));
+    out->slots.push_back(std::move(sl));
   }
+  out->shared_acts = per_layer_acts ? nullptr : declare_acts("layer0.");
 
   auto w = std::make_unique<Work>();
-  auto ints = [&](const char* name) {
-    return reinterpret_cast<int32_t*>(b.take(name, N, MemCategory::kScratch, "scratch"));
-  };
-  w->ids = ints("ids");
-  w->pos = ints("pos");
-  w->docs = ints("docs");
-  w->targets = ints("targets");
-  w->rope_cos = b.take("rope_cos", N * HD / 2, MemCategory::kScratch, "scratch");
-  w->rope_sin = b.take("rope_sin", N * HD / 2, MemCategory::kScratch, "scratch");
   w->inv_freq = b.take("inv_freq", HD / 2, MemCategory::kScratch, "scratch");
   w->final_in = b.take("final_in", N * D, MemCategory::kActivations, "activations");
   w->final_rstd = b.take("final_rstd", N, MemCategory::kActivations, "activations");
@@ -237,6 +322,8 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   w->up_c = save_mlp ? nullptr : b.take("mlp.up_c", C * F, MemCategory::kMlpChunk, "scratch");
   w->h_c = b.take("mlp.h_c", C * F, MemCategory::kMlpChunk, "scratch");
   w->lm_scratch = b.take("lm_head.logits", w->lm_chunk * V, MemCategory::kLmHeadChunk, "scratch");
+  w->dh_c = w->dgate_c = w->dup_c = w->dres = w->dnorm = nullptr;
+  w->dattn = w->dq = w->dk = w->dv = nullptr;
   if (s.train) {
     w->dh_c = b.take("mlp.dh_c", C * F, MemCategory::kMlpChunk, "scratch");
     w->dgate_c = b.take("mlp.dgate_c", C * F, MemCategory::kMlpChunk, "scratch");
@@ -262,14 +349,71 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     }
   }
   out->work = std::move(w);
+
+  out->seq = nullptr;
+  if (!seq) return;
+  auto q = std::make_unique<SeqWork>();
+  q->host_store = host_store;
+  q->c = host_store ? std::min<int64_t>(s.seq_chunk / s.sp_degree, int64_t(N)) : int64_t(N);
+  const size_t cq = size_t(q->c) * QD, ckv = size_t(q->c) * KVD, cl = size_t(q->c) * H;
+  auto take = [&](const char* name, size_t n) {
+    return b.take(fmt::format("seq.{}", name), n, MemCategory::kAttention, "scratch");
+  };
+  q->ql = take("q_local", cq);
+  q->kl = take("k_local", ckv);
+  q->vl = take("v_local", ckv);
+  q->pack = take("alltoall", cq);
+  q->q_c = q->k_c = q->v_c = q->o_c = q->lse_c = q->o_b = q->lse_b = nullptr;
+  q->k_s[0] = q->k_s[1] = q->v_s[0] = q->v_s[1] = nullptr;
+  q->do_store = q->do_c = q->dq_acc = q->dk_acc = q->dv_acc = nullptr;
+  q->dq_b = q->dk_b = q->dv_b = nullptr;
+  if (host_store) {  // FPDT: one chunk of everything on the device, two of earlier K/V
+    q->q_c = take("q_chunk", cq);
+    q->k_c = take("k_chunk", ckv);
+    q->v_c = take("v_chunk", ckv);
+    q->o_c = take("out_chunk", cq);
+    q->lse_c = take("lse_chunk", cl);
+    for (int i = 0; i < 2; ++i) {
+      q->k_s[i] = take(i ? "k_prefetch1" : "k_prefetch0", ckv);
+      q->v_s[i] = take(i ? "v_prefetch1" : "v_prefetch0", ckv);
+    }
+    q->o_b = take("out_block", cq);
+    q->lse_b = take("lse_block", cl);
+  }
+  if (s.train) {
+    q->do_store = b.take("seq.dout_heads", N * QD, MemCategory::kAttention,
+                         host_store ? "sequence_host" : "scratch");
+    q->dq_acc = take("dq_heads", N * QD);
+    q->dk_acc = take("dk_heads", ckv);
+    q->dv_acc = take("dv_heads", ckv);
+    if (host_store) {
+      q->do_c = take("dout_chunk", cq);
+      q->dq_b = take("dq_block", cq);
+      q->dk_b = take("dk_block", ckv);
+      q->dv_b = take("dv_block", ckv);
+    }
+  }
+  out->seq = std::move(q);
 }
 
 LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSettings& settings)
     : config_(config), be_(backend), settings_(settings), table_(make_table(config, settings)),
-      lora_table_(config, settings.lora) {
+      lora_table_(make_lora_table(config, settings)) {
   LT_CHECK(settings_.max_tokens > 0 && settings_.mlp_chunks >= 1 && settings_.lm_head_chunks >= 1);
   LT_CHECK(!settings_.offload_checkpoints || settings_.checkpointing,
            "checkpoint offload needs checkpointing");
+  std::tie(layer_begin_, layer_end_) = stage_range(config_, settings_);
+  LT_CHECK(settings_.micro_slots >= 1 && settings_.sp_degree >= 1 && settings_.seq_chunk >= 0);
+  if (settings_.sequence_path()) {
+    const int64_t P = settings_.sp_degree;
+    LT_CHECK(config_.num_attention_heads % P == 0 && config_.num_key_value_heads % P == 0,
+             "sequence parallel degree {} must divide {} heads and {} kv heads", P,
+             config_.num_attention_heads, config_.num_key_value_heads);
+    LT_CHECK(settings_.seq_chunk % P == 0, "FPDT chunk {} is not a multiple of {}",
+             settings_.seq_chunk, P);
+    LT_CHECK(settings_.seq_chunk == 0 || settings_.flash_attention,
+             "FPDT chunks need flash attention");
+  }
   if (settings_.lora.enabled) {
     LT_CHECK(settings_.lora.r > 0, "LoRA rank {}", settings_.lora.r);
     if (!be_.supports(OpKind::kLora) ||
@@ -290,9 +434,10 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   declare_buffers(config_, settings_, binder, &bound);
   params_ = bound.params;
   grads_ = bound.grads;
-  acts_ = std::move(bound.acts);
-  res_ = std::move(bound.res);
+  slots_ = std::move(bound.slots);
+  shared_acts_ = std::move(bound.shared_acts);
   work_ = std::move(bound.work);
+  seq_ = std::move(bound.seq);
   base_grads_ = std::move(bound.base_grads);
   lora_params_ = bound.lora_params;
   lora_grads_ = bound.lora_grads;
@@ -303,7 +448,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
     w_.layers.assign(config_.num_hidden_layers, LayerWeights{});
     g_.layers.assign(config_.num_hidden_layers, LayerWeights{});
   } else {
-    LT_CHECK(w_.embed && w_.final_norm && w_.lm_head);
+    LT_CHECK((!first_stage() || w_.embed) && (!last_stage() || (w_.final_norm && w_.lm_head)));
   }
   if (settings_.lora.enabled)
     g_ = table_.bind([&](const std::string& n) -> float* {
@@ -328,17 +473,17 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
 }
 
 void LlamaModel::build_slots() {
-  slots_.assign(config_.num_hidden_layers, {});
+  lin_.assign(config_.num_hidden_layers, {});
   // External parameters: a layer's slots are built when its views are acquired.
   if (!settings_.external_params)
-    for (int64_t l = 0; l < config_.num_hidden_layers; ++l) build_layer_slots(l);
+    for (int64_t l = layer_begin_; l < layer_end_; ++l) build_layer_slots(l);
 }
 
 void LlamaModel::build_layer_slots(int64_t l) {
   const LayerWeights& w = w_.layers[l];
   const LayerWeights* g = g_.layers.empty() ? nullptr : &g_.layers[l];
   for (int p = 0; p < kNumProj; ++p) {
-    LinearSlot& s = slots_[l][p];
+    LinearSlot& s = lin_[l][p];
     s = LinearSlot{};
     s.proj = Proj(p);
     std::tie(s.in, s.out) = proj_shape(config_, s.proj);
@@ -404,8 +549,8 @@ LoraCall LlamaModel::lora_call(int64_t l, Proj p, int64_t row0) const {
   c.dropout = dropout_on_ ? static_cast<float>(settings_.lora.dropout) : 0.0f;
   // One mask key per (seed, micro-batch, layer, projection); rows and columns index inside it.
   c.seed = settings_.lora.seed * 0x9E3779B97F4A7C15ull ^
-           (micro_batches_done_ << 20 | uint64_t(l) << 4 | uint64_t(p));
-  c.row0 = row0;
+           (slot().key << 20 | uint64_t(l) << 4 | uint64_t(p));
+  c.row0 = row0 + slot().row0;
   return c;
 }
 
@@ -437,8 +582,13 @@ void LlamaModel::plan(const ModelConfig& config, const RunSettings& settings, Me
   declare_buffers(config, settings, planner, &sizes);
 }
 
+float* LlamaModel::res(int64_t l) {
+  const int64_t i = l - layer_begin_;
+  return slot().res[settings_.train ? i : i % 2];
+}
+
 LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
-  return *acts_[acts_.size() == 1 ? 0 : l];
+  return shared_acts_ ? *shared_acts_ : *slot().acts[l - layer_begin_];
 }
 
 void LlamaModel::dump(const std::string& name, const float* data, size_t n) const {
@@ -450,7 +600,7 @@ void LlamaModel::acquire(int64_t unit, LayerWeightsProvider::Pass pass) {
   if (!provider_) return;
   const bool backward = pass == LayerWeightsProvider::Pass::kBackward;
   provider_->acquire(unit, pass, &w_, backward ? &g_ : nullptr);
-  if (unit != LayerWeightsProvider::kOuter) build_layer_slots(unit);  // projections read slots_
+  if (unit != LayerWeightsProvider::kOuter) build_layer_slots(unit);  // projections read lin_
 }
 
 void LlamaModel::release(int64_t unit, LayerWeightsProvider::Pass pass) {
@@ -469,26 +619,49 @@ void LlamaModel::offload_prefetch(int64_t l) {
   it->second.prefetch(res(l), size_t(n_) * config_.hidden_size * 4);
 }
 
-void LlamaModel::prepare(const MicroBatch& mb) {
-  n_ = mb.num_tokens();
+void LlamaModel::prepare(const MicroBatch& mb, int64_t slot_index, bool training) {
+  LT_CHECK(slot_index >= 0 && slot_index < int64_t(slots_.size()), "slot {} of {}", slot_index,
+           slots_.size());
+  cur_ = slot_index;
+  Slot& sl = slot();
+  n_ = sl.n = mb.num_tokens();
   LT_CHECK(n_ > 0 && n_ <= settings_.max_tokens, "micro-batch of {} tokens, planned for {}", n_,
            settings_.max_tokens);
   LT_CHECK(mb.pos.size() == size_t(n_) && mb.docs.size() == size_t(n_) &&
            mb.targets.size() == size_t(n_) && mb.row_start.size() >= 2);
-  Work& w = *work_;
-  be_.copy_to_device(w.ids, mb.ids.data(), n_ * 4);
-  be_.copy_to_device(w.pos, mb.pos.data(), n_ * 4);
-  be_.copy_to_device(w.docs, mb.docs.data(), n_ * 4);
-  be_.copy_to_device(w.targets, mb.targets.data(), n_ * 4);
+  be_.copy_to_device(sl.ids, mb.ids.data(), n_ * 4);
+  be_.copy_to_device(sl.pos, mb.pos.data(), n_ * 4);
+  be_.copy_to_device(sl.docs, mb.docs.data(), n_ * 4);
+  be_.copy_to_device(sl.targets, mb.targets.data(), n_ * 4);
+  sl.chunks = 1;
+  sl.row0 = mb.seq_row0;
+  if (settings_.sequence_path()) {
+    const int64_t P = settings_.sp_degree;
+    LT_CHECK(mb.seq_docs.size() == size_t(n_ * P) && mb.seq_chunks >= 1 &&
+                 n_ % mb.seq_chunks == 0 && n_ / mb.seq_chunks <= seq_->c,
+             "sequence-parallel micro-batch: {} tokens here, {} in the sequence, {} chunks (at "
+             "most {} tokens each here)",
+             n_, mb.seq_docs.size(), mb.seq_chunks, seq_->c);
+    LT_CHECK(!sp_ || sp_->degree() == P, "sequence exchange of degree {} for degree {}",
+             sp_ ? sp_->degree() : 0, P);
+    LT_CHECK(P == 1 || sp_, "sequence parallel degree {} without a SequenceExchange", P);
+    sl.chunks = mb.seq_chunks;
+    be_.copy_to_device(sl.seq_docs, mb.seq_docs.data(), mb.seq_docs.size() * 4);
+  }
+  if (training) sl.key = ++micro_batches_done_;
   // RoPE tables row by row: "dynamic" scaling depends on each row's longest position.
   const int64_t HD = config_.head_dim, half = HD / 2;
+  LT_CHECK(mb.rope_len.empty() || mb.rope_len.size() + 1 == mb.row_start.size());
   for (size_t r = 0; r + 1 < mb.row_start.size(); ++r) {
     const int64_t a = mb.row_start[r], n = mb.row_start[r + 1] - a;
     if (n == 0) continue;
-    const int32_t max_pos = *std::max_element(mb.pos.begin() + a, mb.pos.begin() + a + n);
-    const RopeParams rp = compute_rope_params(config_, max_pos + 1);
-    be_.copy_to_device(w.inv_freq, rp.inv_freq.data(), half * 4);
-    be_.rope_tables(w.rope_cos + a * half, w.rope_sin + a * half, w.pos + a, w.inv_freq,
+    const int64_t len =
+        mb.rope_len.empty()
+            ? int64_t(*std::max_element(mb.pos.begin() + a, mb.pos.begin() + a + n)) + 1
+            : int64_t(mb.rope_len[r]);
+    const RopeParams rp = compute_rope_params(config_, len);
+    be_.copy_to_device(work_->inv_freq, rp.inv_freq.data(), half * 4);
+    be_.rope_tables(sl.rope_cos + a * half, sl.rope_sin + a * half, sl.pos + a, work_->inv_freq,
                     rp.attention_scaling, n, HD);
   }
 }
@@ -496,25 +669,30 @@ void LlamaModel::prepare(const MicroBatch& mb) {
 void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
   const ModelConfig& c = config_;
   const LayerWeights& w = w_.layers[l];
-  const auto& sl = slots_[l];
+  const auto& sl = lin_[l];
   auto slot = [&](Proj p) -> const LinearSlot& { return sl[static_cast<int>(p)]; };
   Work& k = *work_;
+  const Slot& ms = this->slot();
   const int64_t N = n_, D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads;
   const int64_t KVH = c.num_key_value_heads, HD = c.head_dim, QD = H * HD;
   const float* x = res(l);
   float* x_out = res(l + 1);
 
   be_.rmsnorm_forward(a.attn_in, a.attn_rstd, x, w.attn_norm, N, D, c.rms_norm_eps);
-  project(a.q, a.attn_in, slot(Proj::kQ), N, l, 0);
-  project(a.k, a.attn_in, slot(Proj::kK), N, l, 0);
-  project(a.v, a.attn_in, slot(Proj::kV), N, l, 0);
-  be_.rope_forward(a.q, a.q, k.rope_cos, k.rope_sin, N, H, HD);
-  be_.rope_forward(a.k, a.k, k.rope_cos, k.rope_sin, N, KVH, HD);
-  AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), k.docs, 1.0f / std::sqrt(float(HD))};
-  if (settings_.flash_attention)
-    be_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, s);
-  else
-    attention_forward_naive(a.attn_out, a.lse, a.q, a.k, a.v, s);
+  if (settings_.sequence_path()) {
+    seq_attention_forward(l, a);
+  } else {
+    project(a.q, a.attn_in, slot(Proj::kQ), N, l, 0);
+    project(a.k, a.attn_in, slot(Proj::kK), N, l, 0);
+    project(a.v, a.attn_in, slot(Proj::kV), N, l, 0);
+    be_.rope_forward(a.q, a.q, ms.rope_cos, ms.rope_sin, N, H, HD);
+    be_.rope_forward(a.k, a.k, ms.rope_cos, ms.rope_sin, N, KVH, HD);
+    AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), ms.docs, 1.0f / std::sqrt(float(HD))};
+    if (settings_.flash_attention)
+      be_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, s);
+    else
+      attention_forward_naive(a.attn_out, a.lse, a.q, a.k, a.v, s);
+  }
   project(a.x_mid, a.attn_out, slot(Proj::kO), N, l, 0);
   be_.add_inplace(a.x_mid, x, N * D);
   be_.rmsnorm_forward(a.ffn_in, a.ffn_rstd, a.x_mid, w.ffn_norm, N, D, c.rms_norm_eps);
@@ -547,9 +725,10 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
   const ModelConfig& c = config_;
   const LayerWeights& w = w_.layers[l];
   const LayerWeights& g = g_.layers[l];
-  const auto& sl = slots_[l];
+  const auto& sl = lin_[l];
   auto slot = [&](Proj p) -> const LinearSlot& { return sl[static_cast<int>(p)]; };
   Work& k = *work_;
+  const Slot& ms = this->slot();
   const int64_t N = n_, D = c.hidden_size, F = c.intermediate_size, H = c.num_attention_heads;
   const int64_t KVH = c.num_key_value_heads, HD = c.head_dim;
 
@@ -577,85 +756,324 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
 
   // Attention.
   project_backward(k.dattn, slot(Proj::kO), dres, a.attn_out, N, l, 0, Accumulate::kNo);
-  AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), k.docs, 1.0f / std::sqrt(float(HD))};
-  if (settings_.flash_attention)
-    be_.attention_backward(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
-  else
-    attention_backward_naive(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
-  be_.rope_backward(k.dq, k.dq, k.rope_cos, k.rope_sin, N, H, HD);
-  be_.rope_backward(k.dk, k.dk, k.rope_cos, k.rope_sin, N, KVH, HD);
-  project_backward(k.dnorm, slot(Proj::kQ), k.dq, a.attn_in, N, l, 0, Accumulate::kNo);
-  project_backward(k.dnorm, slot(Proj::kK), k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
-  project_backward(k.dnorm, slot(Proj::kV), k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
+  if (settings_.sequence_path()) {
+    seq_attention_backward(l, a);
+  } else {
+    AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), ms.docs, 1.0f / std::sqrt(float(HD))};
+    if (settings_.flash_attention)
+      be_.attention_backward(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
+    else
+      attention_backward_naive(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
+    be_.rope_backward(k.dq, k.dq, ms.rope_cos, ms.rope_sin, N, H, HD);
+    be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
+    project_backward(k.dnorm, slot(Proj::kQ), k.dq, a.attn_in, N, l, 0, Accumulate::kNo);
+    project_backward(k.dnorm, slot(Proj::kK), k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
+    project_backward(k.dnorm, slot(Proj::kV), k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
+  }
   // dres += d(attn_in)/d(x): dres becomes dL/d(x), the gradient at this layer's input.
   be_.rmsnorm_backward(dres, g.attn_norm, k.dnorm, res(l), w.attn_norm, a.attn_rstd, N, D,
                        Accumulate::kYes);
 }
 
-void LlamaModel::forward_layers() {
-  const int64_t N = n_, D = config_.hidden_size;
+// ---- Sequence path: DeepSpeed-Ulysses and FPDT ---------------------------------------------
+//
+// This rank holds chunks x c tokens of a sequence of S = chunks x Ce tokens, Ce = c x P: its
+// c tokens of chunk i are the sequence's [i Ce + r c, i Ce + (r + 1) c) (src/dist/sequence.h
+// lays the tokens out so). After the all-to-all, chunk i of the store is the contiguous range
+// [i Ce, (i + 1) Ce) for this rank's H/P heads; attention runs on those with the masks of the
+// whole sequence.
+
+void LlamaModel::to_heads(float* dst, const float* src, int64_t c, int64_t width) {
+  const int64_t P = settings_.sp_degree, hw = width / P;
+  if (P == 1) return be_.copy_device(dst, src, size_t(c * width) * 4);
+  float* pack = seq_->pack;
+  for (int64_t j = 0; j < P; ++j)  // block j: every token's heads of rank j
+    be_.copy_2d(pack + j * c * hw, hw * 4, src + j * hw, width * 4, hw * 4, c);
+  sp_->alltoall(dst, pack, size_t(c * hw));
+}
+
+void LlamaModel::from_heads(float* dst, const float* src, int64_t c, int64_t width) {
+  const int64_t P = settings_.sp_degree, hw = width / P;
+  if (P == 1) return be_.copy_device(dst, src, size_t(c * width) * 4);
+  float* pack = seq_->pack;
+  // Block j of src (rank j's c tokens) goes back to rank j; block j received holds this rank's
+  // tokens for rank j's heads.
+  sp_->alltoall(pack, src, size_t(c * hw));
+  for (int64_t j = 0; j < P; ++j)
+    be_.copy_2d(dst + j * hw, width * 4, pack + j * c * hw, hw * 4, hw * 4, c);
+}
+
+const float* LlamaModel::fetch_chunk(const float* store, int64_t i, int64_t n, float* stage) {
+  if (!seq_->host_store) return store + i * n;
+  be_.copy_to_device_async(stage, store + i * n, size_t(n) * 4);
+  return stage;
+}
+
+void LlamaModel::put_chunk(float* store, int64_t i, int64_t n, const float* dev) {
+  if (seq_->host_store) be_.copy_to_host_async(store + i * n, dev, size_t(n) * 4);
+}
+
+void LlamaModel::seq_attention_forward(int64_t l, LayerActs& a) {
+  const ModelConfig& cf = config_;
+  SeqWork& q = *seq_;
+  const Slot& ms = slot();
+  const auto& sl = lin_[l];
+  const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
+  const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, D = cf.hidden_size, half = HD / 2;
+  const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
+  AttentionShape whole{1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs,
+                       1.0f / std::sqrt(float(HD))};
+  for (int64_t i = 0; i < u; ++i) {
+    const int64_t r0 = i * c;
+    if (q.host_store) be_.wait_copies();  // the previous chunk's stores have left the buffers
+    project(q.ql, a.attn_in + r0 * D, sl[int(Proj::kQ)], c, l, r0);
+    project(q.kl, a.attn_in + r0 * D, sl[int(Proj::kK)], c, l, r0);
+    project(q.vl, a.attn_in + r0 * D, sl[int(Proj::kV)], c, l, r0);
+    be_.rope_forward(q.ql, q.ql, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
+    be_.rope_forward(q.kl, q.kl, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
+    float* qi = q.host_store ? q.q_c : a.q + i * Ce * W;
+    float* ki = q.host_store ? q.k_c : a.k + i * Ce * KW;
+    float* vi = q.host_store ? q.v_c : a.v + i * Ce * KW;
+    to_heads(qi, q.ql, c, QD);
+    to_heads(ki, q.kl, c, KVD);
+    to_heads(vi, q.vl, c, KVD);
+    put_chunk(a.q, i, Ce * W, qi);
+    put_chunk(a.k, i, Ce * KW, ki);
+    put_chunk(a.v, i, Ce * KW, vi);
+    float* oi = q.host_store ? q.o_c : a.o_heads + i * Ce * W;
+    float* li = q.host_store ? q.lse_c : a.lse + i * HP * Ce;
+    if (u == 1) {
+      if (settings_.flash_attention)
+        be_.attention_forward(oi, li, qi, ki, vi, whole);
+      else
+        attention_forward_naive(oi, li, qi, ki, vi, whole);
+    } else {
+      // Query chunk i against key chunks 0..i, merged by online softmax; K/V of the earlier
+      // chunks come back from the store two at a time (the next one is read while this runs).
+      if (i > 0) fetch_chunk(a.k, 0, Ce * KW, q.k_s[0]), fetch_chunk(a.v, 0, Ce * KW, q.v_s[0]);
+      for (int64_t j = 0; j <= i; ++j) {
+        const float *kj = ki, *vj = vi;
+        if (j < i) {
+          be_.wait_copies();
+          kj = q.host_store ? q.k_s[j % 2] : a.k + j * Ce * KW;
+          vj = q.host_store ? q.v_s[j % 2] : a.v + j * Ce * KW;
+          if (j + 1 < i) {
+            fetch_chunk(a.k, j + 1, Ce * KW, q.k_s[(j + 1) % 2]);
+            fetch_chunk(a.v, j + 1, Ce * KW, q.v_s[(j + 1) % 2]);
+          }
+        }
+        AttentionShape s = whole;
+        s.q_begin = i * Ce, s.Tq = Ce, s.k_begin = j * Ce, s.Tk = Ce;
+        if (j == 0) {
+          be_.attention_forward(oi, li, qi, kj, vj, s);
+        } else {
+          be_.attention_forward(q.o_b, q.lse_b, qi, kj, vj, s);
+          be_.attention_merge(oi, li, q.o_b, q.lse_b, Ce, HP, HD);
+        }
+      }
+    }
+    put_chunk(a.o_heads, i, Ce * W, oi);
+    put_chunk(a.lse, i, HP * Ce, li);
+    from_heads(a.attn_out + r0 * QD, oi, c, QD);
+  }
+  if (q.host_store) be_.wait_copies();
+}
+
+void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
+  const ModelConfig& cf = config_;
+  SeqWork& q = *seq_;
   Work& k = *work_;
-  be_.embedding_forward(res(0), k.ids, w_.embed, N, D);
-  dump("embed", res(0), N * D);
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+  const Slot& ms = slot();
+  const auto& sl = lin_[l];
+  const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
+  const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
+  const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
+  AttentionShape whole{1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs,
+                       1.0f / std::sqrt(float(HD))};
+  // dL/d(attention output) of this rank's tokens (k.dattn) into head layout, chunk by chunk.
+  for (int64_t i = 0; i < u; ++i) {
+    if (q.host_store) be_.wait_copies();
+    float* doi = q.host_store ? q.do_c : q.do_store + i * Ce * W;
+    to_heads(doi, k.dattn + i * c * QD, c, QD);
+    put_chunk(q.do_store, i, Ce * W, doi);
+  }
+  if (q.host_store) be_.wait_copies();
+  if (u == 1) {
+    const float* qs = fetch_chunk(a.q, 0, Ce * W, q.q_c);
+    const float* ks = fetch_chunk(a.k, 0, Ce * KW, q.k_s[0]);
+    const float* vs = fetch_chunk(a.v, 0, Ce * KW, q.v_s[0]);
+    const float* os = fetch_chunk(a.o_heads, 0, Ce * W, q.o_c);
+    const float* ls = fetch_chunk(a.lse, 0, HP * Ce, q.lse_c);
+    const float* ds = fetch_chunk(q.do_store, 0, Ce * W, q.do_c);
+    be_.wait_copies();
+    if (settings_.flash_attention)
+      be_.attention_backward(q.dq_acc, q.dk_acc, q.dv_acc, ds, os, ls, qs, ks, vs, whole);
+    else
+      attention_backward_naive(q.dq_acc, q.dk_acc, q.dv_acc, ds, os, ls, qs, ks, vs, whole);
+    from_heads(k.dq, q.dq_acc, c, QD);
+    from_heads(k.dk, q.dk_acc, c, KVD);
+    from_heads(k.dv, q.dv_acc, c, KVD);
+  } else {
+    // FPDT's backward: key chunks outside, the query chunks that see them inside, with the
+    // saved out and lse (no recompute of the attention forward). dq accumulates over key
+    // chunks; dk/dv of key chunk j are complete after its inner loop, and so is dq of chunk j.
+    be_.memset_zero(q.dq_acc, size_t(u * Ce * W) * 4);
+    for (int64_t j = 0; j < u; ++j) {
+      const float* kj = fetch_chunk(a.k, j, Ce * KW, q.k_s[0]);
+      const float* vj = fetch_chunk(a.v, j, Ce * KW, q.v_s[0]);
+      be_.memset_zero(q.dk_acc, size_t(Ce * KW) * 4);
+      be_.memset_zero(q.dv_acc, size_t(Ce * KW) * 4);
+      for (int64_t i = j; i < u; ++i) {
+        const float* qi = fetch_chunk(a.q, i, Ce * W, q.q_c);
+        const float* oi = fetch_chunk(a.o_heads, i, Ce * W, q.o_c);
+        const float* li = fetch_chunk(a.lse, i, HP * Ce, q.lse_c);
+        const float* di = fetch_chunk(q.do_store, i, Ce * W, q.do_c);
+        be_.wait_copies();
+        AttentionShape s = whole;
+        s.q_begin = i * Ce, s.Tq = Ce, s.k_begin = j * Ce, s.Tk = Ce;
+        be_.attention_backward(q.dq_b, q.dk_b, q.dv_b, di, oi, li, qi, kj, vj, s);
+        be_.add_inplace(q.dq_acc + i * Ce * W, q.dq_b, Ce * W);
+        be_.add_inplace(q.dk_acc, q.dk_b, Ce * KW);
+        be_.add_inplace(q.dv_acc, q.dv_b, Ce * KW);
+      }
+      from_heads(k.dq + j * c * QD, q.dq_acc + j * Ce * W, c, QD);
+      from_heads(k.dk + j * c * KVD, q.dk_acc, c, KVD);
+      from_heads(k.dv + j * c * KVD, q.dv_acc, c, KVD);
+    }
+  }
+  be_.rope_backward(k.dq, k.dq, ms.rope_cos, ms.rope_sin, N, H, HD);
+  be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
+  project_backward(k.dnorm, sl[int(Proj::kQ)], k.dq, a.attn_in, N, l, 0, Accumulate::kNo);
+  project_backward(k.dnorm, sl[int(Proj::kK)], k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
+  project_backward(k.dnorm, sl[int(Proj::kV)], k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
+}
+
+// ---- Passes --------------------------------------------------------------------------------
+
+void LlamaModel::forward_layers(const float* input) {
+  const int64_t N = n_, D = config_.hidden_size;
+  const Slot& sl = slot();
+  if (first_stage()) {
+    be_.embedding_forward(res(layer_begin_), sl.ids, w_.embed, N, D);
+    dump("embed", res(layer_begin_), N * D);
+  } else {
+    LT_CHECK(input, "stage from layer {} needs the previous stage's output", layer_begin_);
+    be_.copy_device(res(layer_begin_), input, size_t(N * D) * 4);
+  }
+  for (int64_t l = layer_begin_; l < layer_end_; ++l) {
     acquire(l, LayerWeightsProvider::Pass::kForward);
     layer_forward(l, acts_for(l), Pass::kForward);
     release(l, LayerWeightsProvider::Pass::kForward);
     offload_release(l);  // res(l) is not needed again until layer l's backward
   }
-  be_.rmsnorm_forward(k.final_in, k.final_rstd, res(config_.num_hidden_layers), w_.final_norm, N,
-                      D, config_.rms_norm_eps);
-  dump("final_norm", k.final_in, N * D);
+  if (last_stage()) {
+    Work& k = *work_;
+    be_.rmsnorm_forward(k.final_in, k.final_rstd, res(layer_end_), w_.final_norm, N, D,
+                        config_.rms_norm_eps);
+    dump("final_norm", k.final_in, N * D);
+  }
 }
 
-double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
-  LT_CHECK(settings_.train, "forward_backward on a model planned without training buffers");
-  using PP = LayerWeightsProvider::Pass;
-  acquire(LayerWeightsProvider::kOuter, PP::kBackward);
-  prepare(mb);
-  ++micro_batches_done_;
-  dropout_on_ = true;  // PEFT applies lora_dropout in train mode only
-  forward_layers();
-  const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
-  const int64_t L = config_.num_hidden_layers;
+void LlamaModel::backward_layers() {
   Work& k = *work_;
-  // Fused LM head + loss: dL/d(final_in) into dnorm, LM-head gradient accumulated.
-  const double loss = be_.lm_head_cross_entropy(k.dnorm, g_.lm_head, k.final_in, w_.lm_head,
-                                                k.targets, N, D, V, k.lm_chunk, grad_scale,
-                                                k.lm_scratch);
-  be_.rmsnorm_backward(k.dres, g_.final_norm, k.dnorm, res(L), w_.final_norm, k.final_rstd, N, D,
-                       Accumulate::kNo);
-  for (int64_t l = L - 1; l >= 0; --l) {
+  using PP = LayerWeightsProvider::Pass;
+  for (int64_t l = layer_end_ - 1; l >= layer_begin_; --l) {
     LayerActs& a = acts_for(l);
-    if (l > 0) offload_prefetch(l - 1);  // the next layer's checkpoint, read ahead
+    if (l > layer_begin_) offload_prefetch(l - 1);  // the next layer's checkpoint, read ahead
     acquire(l, PP::kBackward);
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
     layer_backward(l, a, k.dres);
     release(l, PP::kBackward);
     offload_release(l + 1);
   }
-  if (g_.embed) be_.embedding_backward(g_.embed, k.dres, k.ids, N, D);
+  if (first_stage() && g_.embed)
+    be_.embedding_backward(g_.embed, k.dres, slot().ids, n_, config_.hidden_size);
+}
+
+void LlamaModel::stage_forward(const MicroBatch& mb, int64_t slot_index, const float* input,
+                               bool training) {
+  LT_CHECK(!training || settings_.train, "a training pass on a model planned without training");
+  prepare(mb, slot_index, training);
+  slot().training = training;
+  dropout_on_ = training;  // PEFT applies lora_dropout in train mode only
+  forward_layers(input);
   dropout_on_ = false;
-  release(LayerWeightsProvider::kOuter, PP::kBackward);
+  last_forward_ = slot_index;
+}
+
+const float* LlamaModel::stage_output(int64_t slot_index) {
+  LT_CHECK(!last_stage() && slot_index >= 0 && slot_index < int64_t(slots_.size()));
+  const Slot& sl = *slots_[slot_index];
+  return sl.res[settings_.train ? sl.res.size() - 1 : (layer_end_ - layer_begin_) % 2];
+}
+
+double LlamaModel::stage_loss_backward(int64_t slot_index, float grad_scale) {
+  LT_CHECK(last_stage() && slot_index == last_forward_ && slots_[slot_index]->training,
+           "the loss of slot {} (last forward: slot {})", slot_index, last_forward_);
+  cur_ = slot_index;
+  n_ = slot().n;
+  Work& k = *work_;
+  const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
+  dropout_on_ = true;
+  // Fused LM head + loss: dL/d(final_in) into dnorm, LM-head gradient accumulated.
+  const double loss = be_.lm_head_cross_entropy(k.dnorm, g_.lm_head, k.final_in, w_.lm_head,
+                                                slot().targets, N, D, V, k.lm_chunk, grad_scale,
+                                                k.lm_scratch);
+  be_.rmsnorm_backward(k.dres, g_.final_norm, k.dnorm, res(layer_end_), w_.final_norm,
+                       k.final_rstd, N, D, Accumulate::kNo);
+  backward_layers();
+  dropout_on_ = false;
+  return loss;
+}
+
+double LlamaModel::stage_loss(int64_t slot_index) {
+  LT_CHECK(last_stage() && slot_index == last_forward_);
+  cur_ = slot_index;
+  n_ = slot().n;
+  Work& k = *work_;
+  return be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head, slot().targets, n_,
+                                   config_.hidden_size, config_.vocab_size, k.lm_chunk, 0.0f,
+                                   k.lm_scratch);
+}
+
+void LlamaModel::stage_backward(int64_t slot_index, const float* dout) {
+  LT_CHECK(!last_stage() && slots_[slot_index]->training);
+  cur_ = slot_index;
+  n_ = slot().n;
+  be_.copy_device(work_->dres, dout, size_t(n_ * config_.hidden_size) * 4);
+  dropout_on_ = true;
+  backward_layers();
+  dropout_on_ = false;
+}
+
+const float* LlamaModel::stage_input_grad() {
+  LT_CHECK(!first_stage());
+  return work_->dres;
+}
+
+double LlamaModel::forward_backward(const MicroBatch& mb, float grad_scale) {
+  LT_CHECK(settings_.train, "forward_backward on a model planned without training buffers");
+  LT_CHECK(first_stage() && last_stage(), "forward_backward on a pipeline stage");
+  acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kBackward);
+  stage_forward(mb, 0, nullptr, true);
+  const double loss = stage_loss_backward(0, grad_scale);
+  release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kBackward);
   return loss;
 }
 
 double LlamaModel::forward_loss(const MicroBatch& mb) {
+  LT_CHECK(first_stage() && last_stage(), "forward_loss on a pipeline stage");
   acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
-  prepare(mb);
-  forward_layers();
-  Work& k = *work_;
-  const double loss = be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head,
-                                                k.targets, n_, config_.hidden_size,
-                                                config_.vocab_size, k.lm_chunk, 0.0f, k.lm_scratch);
+  stage_forward(mb, 0, nullptr, false);
+  const double loss = stage_loss(0);
   release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
   return loss;
 }
 
 void LlamaModel::forward_logits(const MicroBatch& mb, float* logits) {
+  LT_CHECK(first_stage() && last_stage(), "forward_logits on a pipeline stage");
   acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
-  prepare(mb);
-  forward_layers();
+  stage_forward(mb, 0, nullptr, false);
   be_.linear_forward(logits, work_->final_in, w_.lm_head, nullptr, n_, config_.hidden_size,
                      config_.vocab_size);
   release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);

@@ -33,6 +33,39 @@ struct RunSettings {
   // Parameters and gradients are not allocated by the model: a LayerWeightsProvider supplies
   // their views layer by layer (ZeRO-2/3, src/dist/zero.h).
   bool external_params = false;
+
+  // ---- Parallel layouts (src/dist) ----
+  // Pipeline stage: this model holds decoder layers [layer_begin, layer_end) (-1: to the last);
+  // the stage with layer 0 also holds the embedding, the stage with the last layer the final
+  // norm and the LM head (and, with tied embeddings, its own copy of the embedding).
+  int64_t layer_begin = 0, layer_end = -1;
+  // Micro-batches in flight at once (a 1F1B pipeline stage: up to stages - stage): each slot has
+  // its own tokens and layer inputs (and activations when nothing is recomputed).
+  int64_t micro_slots = 1;
+  // Sequence parallel (DeepSpeed-Ulysses) degree: max_tokens is then this rank's share of a
+  // sequence, and attention runs on every token for H/P heads between two all-to-alls (through
+  // a SequenceExchange). 1 = off.
+  int64_t sp_degree = 1;
+  // FPDT: the most tokens of the whole sequence in one attention chunk (a multiple of
+  // sp_degree); q/k/v/out of every chunk live in pinned host memory and attention runs chunk
+  // pair by chunk pair with online softmax. 0 = off (one chunk, device-resident).
+  int64_t seq_chunk = 0;
+
+  int64_t num_layers(const ModelConfig& c) const {
+    return (layer_end < 0 ? c.num_hidden_layers : layer_end) - layer_begin;
+  }
+  bool sequence_path() const { return sp_degree > 1 || seq_chunk > 0; }
+};
+
+// The all-to-all of sequence parallelism, on device buffers (src/dist/sequence.h provides it
+// over a communicator). Block j of send goes to rank j of the group; block j of recv came from
+// rank j; n floats per block.
+class SequenceExchange {
+ public:
+  virtual ~SequenceExchange() = default;
+  virtual int degree() const = 0;
+  virtual int rank() const = 0;
+  virtual void alltoall(float* recv, const float* send, size_t n) = 0;
 };
 
 // Supplies parameter (and gradient) views when they are not all resident in the model (ZeRO-2/3
@@ -67,6 +100,14 @@ struct MicroBatch {
   std::vector<int32_t> docs;     // (N) global document index: attention never crosses it
   std::vector<int32_t> targets;  // (N) next-token label (labels shifted within each row)
   std::vector<int64_t> row_start;  // (rows + 1)
+  // Sequence-parallel share (src/dist/sequence.h): these N tokens are seq_chunks equal runs of
+  // a padded sequence of seq_docs.size() tokens (run i of rank r is chunk i's r-th part);
+  // seq_docs are its document ids, rope_len the RoPE length of each row (its longest position
+  // + 1 in the whole sequence). Empty for an ordinary micro-batch.
+  std::vector<int32_t> seq_docs;
+  int64_t seq_chunks = 1;
+  std::vector<int32_t> rope_len;  // (rows) or empty
+  int64_t seq_row0 = 0;           // LoRA dropout rows: the first token's index in the sequence
   int64_t num_tokens() const { return static_cast<int64_t>(ids.size()); }
   int64_t num_targets() const;     // labelled targets (!= kIgnoreIndex)
 };
@@ -121,6 +162,8 @@ class LlamaModel {
   static bool is_quantized(const LoraSpec& s, const std::string& name);
   // True when base tensor `name` trains under this LoRA spec (modules_to_save).
   static bool base_trains(const LoraSpec& s, const std::string& name);
+  // True when base tensor `name` belongs to the pipeline stage of these settings.
+  static bool in_stage(const ModelConfig& c, const RunSettings& s, const std::string& name);
 
   // Forward + backward of one micro-batch. Parameter gradients are accumulated (+=) with
   // grad_scale applied (1 / labelled tokens of the whole effective batch). Returns the sum of
@@ -131,6 +174,31 @@ class LlamaModel {
   // Forward only: logits (N,V) of every token.
   void forward_logits(const MicroBatch& mb, float* logits);
 
+  // ---- Pipeline stages (src/dist/pipeline.h): the same computation piece by piece, with up
+  // to settings.micro_slots micro-batches in flight. Pointers are device pointers (N,D).
+  bool first_stage() const { return layer_begin_ == 0; }
+  bool last_stage() const { return layer_end_ == config_.num_hidden_layers; }
+  int64_t layer_begin() const { return layer_begin_; }
+  int64_t layer_end() const { return layer_end_; }
+  // Forward of this stage's layers for mb in `slot`: from the embedding on the first stage,
+  // else from `input` (the previous stage's output).
+  // `training`: a pass whose backward follows (LoRA dropout on); else forward only.
+  void stage_forward(const MicroBatch& mb, int64_t slot, const float* input, bool training);
+  // The slot's output (not on the last stage), valid until the slot is reused.
+  const float* stage_output(int64_t slot);
+  // Last stage: final norm, LM head and loss, then the backward of its layers (and of the
+  // embedding on a single stage). Returns the loss sum of the slot's micro-batch.
+  double stage_loss_backward(int64_t slot, float grad_scale);
+  // Last stage, forward only: the loss sum of the slot's micro-batch.
+  double stage_loss(int64_t slot);
+  // Backward of this stage's layers from dL/d(output) (the next stage's input gradient).
+  void stage_backward(int64_t slot, const float* dout);
+  // dL/d(input) of the last backward (not on the first stage), valid until the next backward.
+  const float* stage_input_grad();
+  // Sequence parallel: the exchange between the ranks that share a sequence (required when
+  // settings.sp_degree > 1; not owned).
+  void set_sequence_exchange(SequenceExchange* x) { sp_ = x; }
+
   // Debug hook: when set, called with every named intermediate (name, data, count).
   using DumpHook = void (*)(void* user, const std::string& name, const float* data, size_t n);
   void set_dump_hook(DumpHook hook, void* user) { dump_ = hook, dump_user_ = user; }
@@ -138,6 +206,8 @@ class LlamaModel {
  private:
   struct LayerActs;
   struct Work;
+  struct Slot;
+  struct SeqWork;
   // One projection of a layer as the forward and backward see it (see project()).
   struct LinearSlot {
     Proj proj = Proj::kQ;
@@ -156,19 +226,35 @@ class LlamaModel {
     float* lora_params = nullptr;
     float* lora_grads = nullptr;
     std::vector<Nf4Weight> nf4;
-    std::vector<std::unique_ptr<LayerActs>> acts;
-    std::vector<float*> res;
+    std::vector<std::unique_ptr<Slot>> slots;
+    std::unique_ptr<LayerActs> shared_acts;  // with checkpointing: one set for every layer
     std::unique_ptr<Work> work;
+    std::unique_ptr<SeqWork> seq;            // sequence path only
   };
   // The one list of buffers: a sizing binder turns it into the plan, an arena binder binds it.
   static void declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
                               Bound* out);
-  float* res(int64_t l) { return res_[settings_.train ? l : l % 2]; }
-  void prepare(const MicroBatch& mb);
-  void forward_layers();
+  // The residual stream at the input of layer l (l_end: the stage's output) of the slot.
+  float* res(int64_t l);
+  void prepare(const MicroBatch& mb, int64_t slot, bool training);
+  void forward_layers(const float* input);
+  void backward_layers();
   enum class Pass { kForward, kRecompute };
   void layer_forward(int64_t l, LayerActs& a, Pass pass);
   void layer_backward(int64_t l, LayerActs& a, float* dres);
+  // Attention of the sequence path (Ulysses / FPDT): q/k/v projections and RoPE per chunk,
+  // all-to-all to whole sequences of H/P heads, chunked attention, all-to-all back into
+  // a.attn_out; and its backward into k.dnorm (overwritten).
+  void seq_attention_forward(int64_t l, LayerActs& a);
+  void seq_attention_backward(int64_t l, LayerActs& a);
+  // Rows [r0, r0 + c) of a local (., width) tensor -> one chunk of the whole sequence in head
+  // layout (c * P, width / P), and back.
+  void to_heads(float* dst, const float* src, int64_t c, int64_t width);
+  void from_heads(float* dst, const float* src, int64_t c, int64_t width);
+  // Device view of chunk i of a sequence store array (elements per chunk `n`): the array itself
+  // when the store is on the device, else a copy into `stage`.
+  const float* fetch_chunk(const float* store, int64_t i, int64_t n, float* stage);
+  void put_chunk(float* store, int64_t i, int64_t n, const float* dev);
   // out (n,OUT) = inp (n,IN) W^T + b [+ LoRA]; row0 = inp's first token (dropout masks).
   void project(float* out, const float* inp, const LinearSlot& s, int64_t n, int64_t l,
                int64_t row0);
@@ -179,8 +265,10 @@ class LlamaModel {
   const float* base_weight(const LinearSlot& s);
   LoraCall lora_call(int64_t l, Proj p, int64_t row0) const;
   void build_slots();
-  void build_layer_slots(int64_t l);  // slots_[l] from w_.layers[l] and g_.layers[l]
+  void build_layer_slots(int64_t l);  // lin_[l] from w_.layers[l] and g_.layers[l]
   LayerActs& acts_for(int64_t l);
+  Slot& slot() { return *slots_[cur_]; }
+  const Slot& slot() const { return *slots_[cur_]; }
   // Activation offload hooks (no-ops unless settings.offload_checkpoints).
   void offload_release(int64_t l);
   void offload_prefetch(int64_t l);
@@ -202,14 +290,19 @@ class LlamaModel {
   float* lora_params_ = nullptr;
   float* lora_grads_ = nullptr;
   std::vector<Nf4Weight> nf4_;
-  std::vector<std::array<LinearSlot, kNumProj>> slots_;  // (L) x 7
+  std::vector<std::array<LinearSlot, kNumProj>> lin_;  // (L) x 7 (this stage's layers set)
   std::vector<TrainableTensor> trainable_;
   uint64_t micro_batches_done_ = 0;  // keys the LoRA dropout masks
-  bool dropout_on_ = false;          // only inside forward_backward (PEFT: train mode)
-  std::vector<std::unique_ptr<LayerActs>> acts_;
-  std::vector<float*> res_;  // residual stream at each layer input, (N,D)
+  bool dropout_on_ = false;          // only while training (PEFT: train mode)
+  int64_t layer_begin_ = 0, layer_end_ = 0;
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::unique_ptr<LayerActs> shared_acts_;
   std::unique_ptr<Work> work_;
-  int64_t n_ = 0;  // tokens of the current micro-batch
+  std::unique_ptr<SeqWork> seq_;
+  SequenceExchange* sp_ = nullptr;
+  int64_t cur_ = 0;  // the slot being run
+  int64_t last_forward_ = -1;  // the slot whose forward ran last (its final norm is in Work)
+  int64_t n_ = 0;    // tokens of the current slot's micro-batch
   DumpHook dump_ = nullptr;
   void* dump_user_ = nullptr;
   LayerWeightsProvider* provider_ = nullptr;

@@ -116,9 +116,10 @@ std::pair<int64_t, int64_t> proj_shape(const ModelConfig& c, Proj p) {
 
 std::string peft_name(const std::string& hf_name) { return "base_model.model." + hf_name; }
 
-LoraTable::LoraTable(const ModelConfig& c, const LoraSpec& s) {
+LoraTable::LoraTable(const ModelConfig& c, const LoraSpec& s, int64_t layer_begin,
+                     int64_t layer_end) {
   if (!s.enabled) return;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+  for (int64_t l = layer_begin; l < layer_end; ++l)
     for (int p = 0; p < kNumProj; ++p) {
       if (!s.targets[p]) continue;
       const auto [in, out] = proj_shape(c, Proj(p));

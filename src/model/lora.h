@@ -67,7 +67,9 @@ struct LoraTensorInfo {
 class LoraTable {
  public:
   LoraTable() = default;
-  LoraTable(const ModelConfig& c, const LoraSpec& s);
+  LoraTable(const ModelConfig& c, const LoraSpec& s) : LoraTable(c, s, 0, c.num_hidden_layers) {}
+  // Only the adapters of layers [layer_begin, layer_end) (a pipeline stage).
+  LoraTable(const ModelConfig& c, const LoraSpec& s, int64_t layer_begin, int64_t layer_end);
   const std::vector<LoraTensorInfo>& tensors() const { return tensors_; }
   int64_t total_numel() const { return total_; }
   // Index of (layer, proj, is_b) in tensors(), or -1.
