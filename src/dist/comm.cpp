@@ -66,6 +66,14 @@ class LocalCommunicator final : public Communicator {
   void recv(float*, size_t, int src, int) override {
     LT_CHECK(false, "recv from rank {} in a world of one", src);
   }
+  std::unique_ptr<CommRequest> isend(const float*, size_t, int dst, int) override {
+    LT_CHECK(false, "isend to rank {} in a world of one", dst);
+    return nullptr;
+  }
+  std::unique_ptr<CommRequest> irecv(float*, size_t, int src, int) override {
+    LT_CHECK(false, "irecv from rank {} in a world of one", src);
+    return nullptr;
+  }
   void broadcast(void*, size_t, int root) override { LT_CHECK(root == 0); }
   void barrier() override {}
   std::unique_ptr<Communicator> split(int, int, std::string name) override {
@@ -272,6 +280,23 @@ class MpiCommunicator final : public Communicator {
     mpi_check(MPI_Recv(data, static_cast<int>(n), MPI_FLOAT, src, tag, comm_, MPI_STATUS_IGNORE),
               "MPI_Recv", name_);
   }
+  std::unique_ptr<CommRequest> isend(const float* data, size_t n, int dst, int tag) override {
+    LT_CHECK(n < INT32_MAX);
+    stats_.p2p_bytes += n * 4;
+    ++stats_.calls;
+    auto r = std::make_unique<P2pRequest>(this, "isend");
+    mpi_check(MPI_Isend(data, static_cast<int>(n), MPI_FLOAT, dst, tag, comm_, &r->request),
+              "MPI_Isend", name_);
+    return r;
+  }
+  std::unique_ptr<CommRequest> irecv(float* data, size_t n, int src, int tag) override {
+    LT_CHECK(n < INT32_MAX);
+    ++stats_.calls;
+    auto r = std::make_unique<P2pRequest>(this, "irecv");
+    mpi_check(MPI_Irecv(data, static_cast<int>(n), MPI_FLOAT, src, tag, comm_, &r->request),
+              "MPI_Irecv", name_);
+    return r;
+  }
   void broadcast(void* data, size_t bytes, int root) override {
     stats_.broadcast_bytes += bytes;
     ++stats_.calls;
@@ -319,6 +344,20 @@ class MpiCommunicator final : public Communicator {
     IntCounts c;
     MPI_Request request = MPI_REQUEST_NULL;
   };
+  struct P2pRequest final : CommRequest {
+    P2pRequest(MpiCommunicator* owner, const char* what) : comm(owner), op(what) {}
+    ~P2pRequest() override {
+      if (request != MPI_REQUEST_NULL) wait();
+    }
+    void wait() override {
+      if (request == MPI_REQUEST_NULL) return;
+      Watch w(*comm, op);
+      mpi_check(MPI_Wait(&request, MPI_STATUS_IGNORE), "MPI_Wait", comm->name_);
+    }
+    MpiCommunicator* comm;
+    const char* op;
+    MPI_Request request = MPI_REQUEST_NULL;
+  };
   void allreduce(void* data, size_t n, MPI_Datatype type, size_t elem) {
     stats_.allreduce_bytes += n * elem;
     ++stats_.calls;
@@ -362,6 +401,13 @@ std::unique_ptr<Communicator> init_world(const WorldOptions&) {
   return make_local_communicator();
 }
 
+#endif
+
+#ifndef LONGTUNE_HAVE_NCCL
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator&, double, std::string* reason) {
+  if (reason) *reason = "longtune was built without NCCL (it needs the CUDA backend and NCCL)";
+  return nullptr;
+}
 #endif
 
 }  // namespace lt

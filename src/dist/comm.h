@@ -37,7 +37,10 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual std::string_view backend() const = 0;  // "local", "mpi" (later "nccl")
+  virtual std::string_view backend() const = 0;  // "local", "mpi", "nccl"
+  // True when float collectives and point-to-point calls take device pointers (NCCL); else
+  // they take host memory (MPI, local).
+  virtual bool device_memory() const { return false; }
   const std::string& name() const { return name_; }
   const CommStats& stats() const { return stats_; }
   void reset_stats() { stats_ = {}; }
@@ -60,6 +63,10 @@ class Communicator {
   virtual void alltoall(float* recv, const float* send, size_t n) = 0;
   virtual void send(const float* data, size_t n, int dst, int tag) = 0;
   virtual void recv(float* data, size_t n, int src, int tag) = 0;
+  // Nonblocking point to point: the buffer must stay valid (and, for isend, unchanged) until
+  // wait() returns. Messages between two ranks with the same tag arrive in the order sent.
+  virtual std::unique_ptr<CommRequest> isend(const float* data, size_t n, int dst, int tag) = 0;
+  virtual std::unique_ptr<CommRequest> irecv(float* data, size_t n, int src, int tag) = 0;
   // bytes at data on root are copied to every rank.
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
   virtual void barrier() = 0;
@@ -87,9 +94,11 @@ bool launched_by_mpi();
 // one. UserError when launched by MPI but longtune was built without it.
 std::unique_ptr<Communicator> init_world(const WorldOptions& options);
 
-// The NCCL communicator (CUDA backend) belongs here: built only with CUDA, bootstrapped over the
-// MPI world (rank 0 creates the ncclUniqueId and broadcasts it), with the same interface on
-// device pointers. Not written yet.
-// std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device);
+// The NCCL communicator over the ranks of `group` (src/dist/nccl_comm.cpp, built with CUDA and
+// NCCL): bootstrapped over it (its rank 0 creates the ncclUniqueId and broadcasts it); float
+// collectives and point-to-point calls take device pointers, the rest (doubles, int64, bytes,
+// barrier, split) go over `group`. Null with `reason` set when NCCL was not built.
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator& group, double timeout_seconds,
+                                                     std::string* reason);
 
 }  // namespace lt

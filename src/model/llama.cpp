@@ -30,14 +30,14 @@ struct LlamaModel::LayerActs {
   float* q;
   float* k;
   float* v;
-  float* o_heads;    // sequence path only
-  float* attn_out;   // (N,H*HD) attention output before o_proj (this rank's tokens)
+  float* o_heads;   // sequence path only
+  float* attn_out;  // (N,H*HD) attention output before o_proj (this rank's tokens)
   float* lse;
-  float* x_mid;      // (N,D) residual after attention
-  float* ffn_in;     // (N,D) post_attention_layernorm output
-  float* ffn_rstd;   // (N)
-  float* gate;       // (N,F) only when the MLP is not chunked, else null
-  float* up;         // (N,F) only when the MLP is not chunked, else null
+  float* x_mid;     // (N,D) residual after attention
+  float* ffn_in;    // (N,D) post_attention_layernorm output
+  float* ffn_rstd;  // (N)
+  float* gate;      // (N,F) only when the MLP is not chunked, else null
+  float* up;        // (N,F) only when the MLP is not chunked, else null
 };
 
 // One micro-batch in flight: its tokens and the stage's layer inputs.
@@ -47,42 +47,42 @@ struct LlamaModel::Slot {
   float *rope_cos, *rope_sin;           // (N, HD/2)
   std::vector<float*> res;              // (stage layers + 1) residual stream at layer inputs
   std::vector<std::unique_ptr<LayerActs>> acts;  // (stage layers) when nothing is recomputed
-  int64_t n = 0;           // tokens here
-  int64_t chunks = 1;      // sequence path: attention chunks of the whole sequence
-  int64_t row0 = 0;        // LoRA dropout: first token's index in the whole sequence
-  uint64_t key = 0;        // LoRA dropout: the micro-batch's ordinal
-  bool training = false;   // the forward was a training pass (a backward may follow)
+  int64_t n = 0;                                 // tokens here
+  int64_t chunks = 1;     // sequence path: attention chunks of the whole sequence
+  int64_t row0 = 0;       // LoRA dropout: first token's index in the whole sequence
+  uint64_t key = 0;       // LoRA dropout: the micro-batch's ordinal
+  bool training = false;  // the forward was a training pass (a backward may follow)
 };
 
 // Working buffers shared by all layers and slots.
 struct LlamaModel::Work {
-  float* inv_freq;                      // (HD/2)
-  float *final_in, *final_rstd;         // (N,D), (N)
-  float *gate_c, *up_c, *h_c;           // (C,F) MLP chunk (gate_c/up_c null when not chunked)
-  float *dh_c, *dgate_c, *dup_c;        // (C,F) MLP chunk gradients
-  float* lm_scratch;                    // (C_lm, V) logits of one LM-head chunk
+  float* inv_freq;                // (HD/2)
+  float *final_in, *final_rstd;   // (N,D), (N)
+  float *gate_c, *up_c, *h_c;     // (C,F) MLP chunk (gate_c/up_c null when not chunked)
+  float *dh_c, *dgate_c, *dup_c;  // (C,F) MLP chunk gradients
+  float* lm_scratch;              // (C_lm, V) logits of one LM-head chunk
   float *dres, *dnorm, *dattn, *dq, *dk, *dv;  // (N,D) (N,D) (N,H*HD) (N,H*HD) (N,KVH*HD) x2
-  float* nf4_weight;                    // QLoRA: one dequantized (OUT,IN) weight at a time
-  float *lora_t, *lora_u;               // (N,R) LoRA intermediates
-  float *lora_xd, *lora_dxd;            // (N, max IN) dropped-out input and its gradient
+  float* nf4_weight;                           // QLoRA: one dequantized (OUT,IN) weight at a time
+  float *lora_t, *lora_u;                      // (N,R) LoRA intermediates
+  float *lora_xd, *lora_dxd;                   // (N, max IN) dropped-out input and its gradient
   int64_t mlp_chunk = 0, lm_chunk = 0;
 };
 
 // Sequence path (Ulysses / FPDT) working buffers, device unless noted. c = this rank's tokens of
 // one chunk (N with Ulysses), Ce = c * P the chunk's tokens, W = H/P * HD, KW = KVH/P * HD.
 struct LlamaModel::SeqWork {
-  int64_t c = 0;                // most local tokens per chunk
-  bool host_store = false;      // FPDT: the store lives in pinned host memory
-  float *ql, *kl, *vl;          // (c, H*HD), (c, KVH*HD) x2: one chunk's projections
-  float* pack;                  // (c, H*HD) all-to-all send buffer
-  float *q_c, *k_c, *v_c;       // (Ce, W), (Ce, KW) x2: the current chunk in head layout
-  float *o_c, *lse_c;           // (Ce, W), (H/P, Ce): its attention output
-  float *k_s[2], *v_s[2];       // FPDT: K/V of earlier chunks, double-buffered
-  float *o_b, *lse_b;           // FPDT: one block's partial result (merged into o_c, lse_c)
-  float* do_store;              // (S, W) dL/d(attention output), head layout (store)
-  float* do_c;                  // FPDT: (Ce, W) one chunk of it
+  int64_t c = 0;                    // most local tokens per chunk
+  bool host_store = false;          // FPDT: the store lives in pinned host memory
+  float *ql, *kl, *vl;              // (c, H*HD), (c, KVH*HD) x2: one chunk's projections
+  float* pack;                      // (c, H*HD) all-to-all send buffer
+  float *q_c, *k_c, *v_c;           // (Ce, W), (Ce, KW) x2: the current chunk in head layout
+  float *o_c, *lse_c;               // (Ce, W), (H/P, Ce): its attention output
+  float *k_s[2], *v_s[2];           // FPDT: K/V of earlier chunks, double-buffered
+  float *o_b, *lse_b;               // FPDT: one block's partial result (merged into o_c, lse_c)
+  float* do_store;                  // (S, W) dL/d(attention output), head layout (store)
+  float* do_c;                      // FPDT: (Ce, W) one chunk of it
   float *dq_acc, *dk_acc, *dv_acc;  // (S, W) all dq; (Ce, KW) x2 dk, dv of one key chunk
-  float *dq_b, *dk_b, *dv_b;    // FPDT: one block's gradients
+  float *dq_b, *dk_b, *dv_b;        // FPDT: one block's gradients
 };
 
 namespace {
@@ -165,8 +165,7 @@ Nf4Layout nf4_layout(int64_t n) {
 bool LlamaModel::is_quantized(const LoraSpec& s, const std::string& name) {
   if (!s.enabled || !s.quantize_4bit) return false;
   for (int p = 0; p < kNumProj; ++p)
-    if (name.size() > 7 && name.ends_with(std::string(proj_name(Proj(p))) + ".weight"))
-      return true;
+    if (name.size() > 7 && name.ends_with(std::string(proj_name(Proj(p))) + ".weight")) return true;
   return false;
 }
 
@@ -397,7 +396,10 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
 }
 
 LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSettings& settings)
-    : config_(config), be_(backend), settings_(settings), table_(make_table(config, settings)),
+    : config_(config),
+      be_(backend),
+      settings_(settings),
+      table_(make_table(config, settings)),
       lora_table_(make_lora_table(config, settings)) {
   LT_CHECK(settings_.max_tokens > 0 && settings_.mlp_chunks >= 1 && settings_.lm_head_chunks >= 1);
   LT_CHECK(!settings_.offload_checkpoints || settings_.checkpointing,
@@ -489,13 +491,20 @@ void LlamaModel::build_layer_slots(int64_t l) {
     std::tie(s.in, s.out) = proj_shape(config_, s.proj);
     auto pick = [&](const LayerWeights& x) -> std::pair<float*, float*> {
       switch (s.proj) {
-        case Proj::kQ: return {x.attn_q, x.attn_q_bias};
-        case Proj::kK: return {x.attn_k, x.attn_k_bias};
-        case Proj::kV: return {x.attn_v, x.attn_v_bias};
-        case Proj::kO: return {x.attn_o, x.attn_o_bias};
-        case Proj::kGate: return {x.ffn_gate, x.ffn_gate_bias};
-        case Proj::kUp: return {x.ffn_up, x.ffn_up_bias};
-        case Proj::kDown: return {x.ffn_down, x.ffn_down_bias};
+        case Proj::kQ:
+          return {x.attn_q, x.attn_q_bias};
+        case Proj::kK:
+          return {x.attn_k, x.attn_k_bias};
+        case Proj::kV:
+          return {x.attn_v, x.attn_v_bias};
+        case Proj::kO:
+          return {x.attn_o, x.attn_o_bias};
+        case Proj::kGate:
+          return {x.ffn_gate, x.ffn_gate_bias};
+        case Proj::kUp:
+          return {x.ffn_up, x.ffn_up_bias};
+        case Proj::kDown:
+          return {x.ffn_down, x.ffn_down_bias};
       }
       return {nullptr, nullptr};
     };
@@ -821,8 +830,8 @@ void LlamaModel::seq_attention_forward(int64_t l, LayerActs& a) {
   const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
   const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, D = cf.hidden_size, half = HD / 2;
   const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
-  AttentionShape whole{1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs,
-                       1.0f / std::sqrt(float(HD))};
+  AttentionShape whole{
+      1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
   for (int64_t i = 0; i < u; ++i) {
     const int64_t r0 = i * c;
     if (q.host_store) be_.wait_copies();  // the previous chunk's stores have left the buffers
@@ -888,8 +897,8 @@ void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
   const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
   const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
   const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
-  AttentionShape whole{1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs,
-                       1.0f / std::sqrt(float(HD))};
+  AttentionShape whole{
+      1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
   // dL/d(attention output) of this rank's tokens (k.dattn) into head layout, chunk by chunk.
   for (int64_t i = 0; i < u; ++i) {
     if (q.host_store) be_.wait_copies();
@@ -1016,11 +1025,11 @@ double LlamaModel::stage_loss_backward(int64_t slot_index, float grad_scale) {
   const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
   dropout_on_ = true;
   // Fused LM head + loss: dL/d(final_in) into dnorm, LM-head gradient accumulated.
-  const double loss = be_.lm_head_cross_entropy(k.dnorm, g_.lm_head, k.final_in, w_.lm_head,
-                                                slot().targets, N, D, V, k.lm_chunk, grad_scale,
-                                                k.lm_scratch);
-  be_.rmsnorm_backward(k.dres, g_.final_norm, k.dnorm, res(layer_end_), w_.final_norm,
-                       k.final_rstd, N, D, Accumulate::kNo);
+  const double loss =
+      be_.lm_head_cross_entropy(k.dnorm, g_.lm_head, k.final_in, w_.lm_head, slot().targets, N, D,
+                                V, k.lm_chunk, grad_scale, k.lm_scratch);
+  be_.rmsnorm_backward(k.dres, g_.final_norm, k.dnorm, res(layer_end_), w_.final_norm, k.final_rstd,
+                       N, D, Accumulate::kNo);
   backward_layers();
   dropout_on_ = false;
   return loss;

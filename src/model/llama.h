@@ -2,8 +2,8 @@
 // over one micro-batch whose rows are concatenated into N tokens (documents never attend to
 // one another), with mini-sequence MLP / LM head and per-layer activation checkpointing.
 #pragma once
-#include <cstdint>
 #include <array>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
@@ -27,9 +27,9 @@ struct RunSettings {
   // their forward use and their backward use; the next one is prefetched (needs checkpointing).
   bool offload_checkpoints = false;
   std::string offload_dir;
-  bool flash_attention = true; // tiled attention; false = plain O(T^2) attention
-  bool train = true;           // false: no gradients, no backward buffers (eval, generate)
-  LoraSpec lora;               // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
+  bool flash_attention = true;  // tiled attention; false = plain O(T^2) attention
+  bool train = true;            // false: no gradients, no backward buffers (eval, generate)
+  LoraSpec lora;                // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
   // Parameters and gradients are not allocated by the model: a LayerWeightsProvider supplies
   // their views layer by layer (ZeRO-2/3, src/dist/zero.h).
   bool external_params = false;
@@ -87,18 +87,18 @@ class LayerWeightsProvider {
 struct Nf4Weight {
   std::string name;  // Hugging Face name of the (OUT,IN) weight
   int64_t numel = 0;
-  uint8_t* packed = nullptr;     // (ceil(numel/2))
-  uint8_t* absmax_q = nullptr;   // (ceil(numel/64))
-  float* absmax_scale = nullptr; // (ceil(numel/64/256))
-  float absmax_offset = 0;       // host value
+  uint8_t* packed = nullptr;      // (ceil(numel/2))
+  uint8_t* absmax_q = nullptr;    // (ceil(numel/64))
+  float* absmax_scale = nullptr;  // (ceil(numel/64/256))
+  float absmax_offset = 0;        // host value
 };
 
 // One micro-batch: its rows concatenated. Row r spans [row_start[r], row_start[r+1]).
 struct MicroBatch {
-  std::vector<int32_t> ids;      // (N) token ids
-  std::vector<int32_t> pos;      // (N) position ids (restart at each document)
-  std::vector<int32_t> docs;     // (N) global document index: attention never crosses it
-  std::vector<int32_t> targets;  // (N) next-token label (labels shifted within each row)
+  std::vector<int32_t> ids;        // (N) token ids
+  std::vector<int32_t> pos;        // (N) position ids (restart at each document)
+  std::vector<int32_t> docs;       // (N) global document index: attention never crosses it
+  std::vector<int32_t> targets;    // (N) next-token label (labels shifted within each row)
   std::vector<int64_t> row_start;  // (rows + 1)
   // Sequence-parallel share (src/dist/sequence.h): these N tokens are seq_chunks equal runs of
   // a padded sequence of seq_docs.size() tokens (run i of rank r is chunk i's r-th part);
@@ -109,7 +109,7 @@ struct MicroBatch {
   std::vector<int32_t> rope_len;  // (rows) or empty
   int64_t seq_row0 = 0;           // LoRA dropout rows: the first token's index in the sequence
   int64_t num_tokens() const { return static_cast<int64_t>(ids.size()); }
-  int64_t num_targets() const;     // labelled targets (!= kIgnoreIndex)
+  int64_t num_targets() const;  // labelled targets (!= kIgnoreIndex)
 };
 
 // Receives every buffer the model needs: the planner sums them, the allocator binds them.
@@ -212,9 +212,9 @@ class LlamaModel {
   struct LinearSlot {
     Proj proj = Proj::kQ;
     int64_t in = 0, out = 0;
-    const float* weight = nullptr;  // (OUT,IN) f32; null when stored in NF4
-    int64_t nf4 = -1;               // index into nf4_ when quantized
-    const float* bias = nullptr;    // (OUT) or null
+    const float* weight = nullptr;                       // (OUT,IN) f32; null when stored in NF4
+    int64_t nf4 = -1;                                    // index into nf4_ when quantized
+    const float* bias = nullptr;                         // (OUT) or null
     float *grad_weight = nullptr, *grad_bias = nullptr;  // null when frozen
     const float *lora_a = nullptr, *lora_b = nullptr;    // (R,IN), (OUT,R); null: no adapter
     float *grad_a = nullptr, *grad_b = nullptr;
@@ -229,7 +229,7 @@ class LlamaModel {
     std::vector<std::unique_ptr<Slot>> slots;
     std::unique_ptr<LayerActs> shared_acts;  // with checkpointing: one set for every layer
     std::unique_ptr<Work> work;
-    std::unique_ptr<SeqWork> seq;            // sequence path only
+    std::unique_ptr<SeqWork> seq;  // sequence path only
   };
   // The one list of buffers: a sizing binder turns it into the plan, an arena binder binds it.
   static void declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
@@ -300,9 +300,9 @@ class LlamaModel {
   std::unique_ptr<Work> work_;
   std::unique_ptr<SeqWork> seq_;
   SequenceExchange* sp_ = nullptr;
-  int64_t cur_ = 0;  // the slot being run
+  int64_t cur_ = 0;            // the slot being run
   int64_t last_forward_ = -1;  // the slot whose forward ran last (its final norm is in Work)
-  int64_t n_ = 0;    // tokens of the current slot's micro-batch
+  int64_t n_ = 0;              // tokens of the current slot's micro-batch
   DumpHook dump_ = nullptr;
   void* dump_user_ = nullptr;
   LayerWeightsProvider* provider_ = nullptr;
