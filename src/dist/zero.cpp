@@ -26,19 +26,22 @@ std::vector<int64_t> ShardLayout::counts(int64_t b, int64_t e) const {
 
 namespace {
 
-// Where the decoder layers sit in the block: layer l is [begin[l], begin[l+1]); [0, begin[0])
-// holds the embedding and [begin[L], P) the final norm and the LM head (ParamTable's order).
-std::vector<int64_t> layer_extents(const ParamTable& t, int64_t L) {
+// Where the decoder layers of the table sit in its block: layer i of them is [b[i], b[i+1]);
+// [0, b[0]) holds the embedding and [b.back(), P) the final norm and the LM head (ParamTable's
+// order; a pipeline stage's table holds a range of layers and may lack either end).
+std::vector<int64_t> layer_extents(const ParamTable& t) {
   std::vector<int64_t> b;
-  for (int64_t l = 0; l < L; ++l) {
-    const ParamInfo* p = t.find(fmt::format("model.layers.{}.input_layernorm.weight", l));
-    LT_CHECK(p);
-    b.push_back(p->offset);
+  int64_t last = -1;
+  for (const auto& p : t.params()) {
+    if (p.name.rfind("model.layers.", 0) != 0) continue;
+    const int64_t l = std::strtoll(p.name.c_str() + 13, nullptr, 10);
+    if (l != last) b.push_back(p.offset);
+    LT_CHECK(l >= last, "layers out of order at {}", p.name);
+    last = l;
   }
   const ParamInfo* norm = t.find("model.norm.weight");
-  LT_CHECK(norm);
-  b.push_back(norm->offset);
-  for (size_t i = 1; i < b.size(); ++i) LT_CHECK(b[i] >= b[i - 1], "layers out of order");
+  b.push_back(norm ? norm->offset : t.total_numel());
+  if (b.size() == 1) b.insert(b.begin(), b.front());
   return b;
 }
 
@@ -93,11 +96,10 @@ struct ZeroEngine::Buffers {
   float* host_grads = nullptr;       // offload: (S) gradients copied to the host for the update
 };
 
-void ZeroEngine::declare(const ModelConfig& c, const ZeroSettings& z, const ShardLayout& layout,
+void ZeroEngine::declare(const ParamTable& table, const ZeroSettings& z, const ShardLayout& layout,
                          int rank, BufferBinder& b, Buffers* out) {
-  const ParamTable table(c);
   const int64_t P = table.total_numel();
-  const auto ext = layer_extents(table, c.num_hidden_layers);
+  const auto ext = layer_extents(table);
   const int64_t outer = ext.front() + (P - ext.back()), layer = max_layer(ext);
   const int64_t S = z.stage == 0 ? P : layout.end(rank) - layout.begin(rank);
   const MemCategory W = MemCategory::kWeights, G = MemCategory::kGradients;
@@ -136,7 +138,8 @@ void ZeroEngine::plan(const ModelConfig& c, const ZeroSettings& z, int world, in
                       MemoryPlan* plan) {
   PlanTaker taker(plan);
   Buffers sizes;
-  declare(c, z, ShardLayout(ParamTable(c).total_numel(), world), rank, taker, &sizes);
+  const ParamTable table(c);
+  declare(table, z, ShardLayout(table.total_numel(), world), rank, taker, &sizes);
 }
 
 ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, const ZeroSettings& z,
@@ -155,17 +158,20 @@ ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, co
   const int64_t P = table_.total_numel();
   lo_ = z_.stage == 0 ? 0 : layout_.begin(dp_.rank());
   hi_ = z_.stage == 0 ? P : layout_.end(dp_.rank());
-  layer_begin_ = layer_extents(table_, model_.config().num_hidden_layers);
+  LT_CHECK(z_.stage <= 1 || (model_.first_stage() && model_.last_stage()),
+           "ZeRO stage {} on a pipeline stage (stages 0 and 1 only)", z_.stage);
+  layer_begin_ = layer_extents(table_);
+  LT_CHECK(int64_t(layer_begin_.size()) == model_.layer_end() - model_.layer_begin() + 1);
   outer_head_ = layer_begin_.front();
   outer_tail_ = layer_begin_.back();
 
   MemoryPlan plan;
-  ZeroEngine::plan(model_.config(), z_, dp_.size(), dp_.rank(), &plan);
+  declare_sizes(&plan);
   for (const auto& name : plan.arena_names())
     arenas_.emplace(name, Arena("zero." + name, plan.arena_bytes(name)));
   buf_ = std::make_unique<Buffers>();
   ArenaTaker taker(&arenas_);
-  declare(model_.config(), z_, layout_, dp_.rank(), taker, buf_.get());
+  declare(table_, z_, layout_, dp_.rank(), taker, buf_.get());
   const size_t S = static_cast<size_t>(hi_ - lo_);
   be_.memset_zero(buf_->m, S * 4);
   be_.memset_zero(buf_->v, S * 4);
@@ -179,9 +185,15 @@ ZeroEngine::~ZeroEngine() {
   if (z_.stage >= 2) model_.set_weights_provider(nullptr);
 }
 
+void ZeroEngine::declare_sizes(MemoryPlan* plan) const {
+  PlanTaker taker(plan);
+  Buffers sizes;
+  declare(table_, z_, layout_, dp_.rank(), taker, &sizes);
+}
+
 size_t ZeroEngine::bytes(MemCategory c) const {
   MemoryPlan plan;
-  ZeroEngine::plan(model_.config(), z_, dp_.size(), dp_.rank(), &plan);
+  declare_sizes(&plan);
   LlamaModel::plan(model_.config(), model_.settings(), &plan);
   return plan.category_bytes(c);
 }
@@ -422,6 +434,47 @@ void ZeroEngine::update_shard(double lr) {
   if (host && params != buf_->master) be_.copy_to_device(params, buf_->master, S * 4);
 }
 
+void ZeroEngine::zero_grads() {
+  if (z_.stage <= 1)
+    be_.memset_zero(model_.grads(), table_.total_numel() * 4);
+  else
+    be_.memset_zero(buf_->grad_shard, (hi_ - lo_) * 4);
+}
+
+void ZeroEngine::reduce_gradients() {
+  if (z_.stage <= 1) reduce_full_grads();
+}
+
+double ZeroEngine::square_sum(const std::string& excluded) {
+  // Global-norm clipping as torch.nn.utils.clip_grad_norm_: squares of this rank's part, summed
+  // over the ranks (stage 0: every rank holds every gradient, no sum needed).
+  float* grads = shard_grads();
+  double ss = 0;
+  for (const auto& p : table_.params()) {
+    if (p.name == excluded) continue;
+    const int64_t b = std::max(p.offset, lo_), e = std::min(p.offset + p.numel, hi_);
+    if (e > b) ss += be_.sum_squares(grads + (b - lo_), e - b);
+  }
+  if (z_.stage >= 1) dp_.allreduce_sum(&ss, 1);
+  return ss;
+}
+
+void ZeroEngine::clip_and_update(double grad_norm, double lr) {
+  float* grads = shard_grads();
+  if (opt_.max_grad_norm > 0) {
+    const float coef =
+        static_cast<float>(opt_.max_grad_norm) / (static_cast<float>(grad_norm) + 1e-6f);
+    if (coef < 1.0f)
+      for (const auto& p : table_.params()) {
+        const int64_t b = std::max(p.offset, lo_), e = std::min(p.offset + p.numel, hi_);
+        if (e > b) be_.scale_inplace(grads + (b - lo_), e - b, coef);
+      }
+  }
+  update_shard(lr);
+  if (z_.stage == 1 || z_.stage == 2) allgather_full_params();
+  if (z_.stage == 3) invalidate_gathered();
+}
+
 StepResult ZeroEngine::train_step(const std::vector<MicroBatch>& micro,
                                   const ScheduleSettings& schedule, int64_t step_index) {
   StepResult r;
@@ -436,50 +489,33 @@ StepResult ZeroEngine::train_step(const std::vector<MicroBatch>& micro,
   // HF Trainer with num_items_in_batch gathered over devices: every rank scales by 1 / the
   // labelled tokens of the whole step on all ranks, and the sums over ranks add up.
   const float scale = r.num_items > 0 ? 1.0f / static_cast<float>(r.num_items) : 0.0f;
-  if (z_.stage <= 1)
-    be_.memset_zero(model_.grads(), table_.total_numel() * 4);
-  else
-    be_.memset_zero(buf_->grad_shard, (hi_ - lo_) * 4);
+  zero_grads();
   // A rank whose share of a micro-batch is empty still runs (stages 2/3 communicate per layer):
   // one token without a label contributes nothing.
-  MicroBatch empty;
-  empty.ids = {0};
-  empty.pos = {0};
-  empty.docs = {0};
-  empty.targets = {kIgnoreIndex};
-  empty.row_start = {0, 1};
   double loss_sum = 0;
   for (const auto& mb : micro)
-    loss_sum += model_.forward_backward(mb.num_tokens() > 0 ? mb : empty, scale);
+    loss_sum += model_.forward_backward(mb.num_tokens() > 0 ? mb : empty_micro_batch(), scale);
   dp_.allreduce_sum(&loss_sum, 1);
   r.loss = r.num_items > 0 ? loss_sum / static_cast<double>(r.num_items) : 0.0;
-  if (z_.stage <= 1) reduce_full_grads();
-
-  // Global-norm clipping as torch.nn.utils.clip_grad_norm_: squares of this rank's part, summed
-  // over the ranks (stage 0: every rank holds every gradient, no sum needed).
-  float* grads = shard_grads();
-  double ss = 0;
-  for (const auto& p : table_.params()) {
-    const int64_t b = std::max(p.offset, lo_), e = std::min(p.offset + p.numel, hi_);
-    if (e > b) ss += be_.sum_squares(grads + (b - lo_), e - b);
-  }
-  if (z_.stage >= 1) dp_.allreduce_sum(&ss, 1);
-  r.grad_norm = std::sqrt(ss);
-  if (opt_.max_grad_norm > 0) {
-    const float coef =
-        static_cast<float>(opt_.max_grad_norm) / (static_cast<float>(r.grad_norm) + 1e-6f);
-    if (coef < 1.0f)
-      for (const auto& p : table_.params()) {
-        const int64_t b = std::max(p.offset, lo_), e = std::min(p.offset + p.numel, hi_);
-        if (e > b) be_.scale_inplace(grads + (b - lo_), e - b, coef);
-      }
-  }
+  reduce_gradients();
+  r.grad_norm = std::sqrt(square_sum());
   r.learning_rate = opt_.learning_rate * lr_multiplier(schedule.type, step_index,
                                                        schedule.warmup_steps, schedule.total_steps);
-  update_shard(r.learning_rate);
-  if (z_.stage == 1 || z_.stage == 2) allgather_full_params();
-  if (z_.stage == 3) invalidate_gathered();
+  clip_and_update(r.grad_norm, r.learning_rate);
   return r;
+}
+
+const MicroBatch& empty_micro_batch() {
+  static const MicroBatch empty = [] {
+    MicroBatch e;
+    e.ids = {0};
+    e.pos = {0};
+    e.docs = {0};
+    e.targets = {kIgnoreIndex};
+    e.row_start = {0, 1};
+    return e;
+  }();
+  return empty;
 }
 
 }  // namespace lt

@@ -38,6 +38,10 @@ struct ShardLayout {
   std::vector<int64_t> counts(int64_t b, int64_t e) const;
 };
 
+// One token without a label: what a rank runs when its share of a micro-batch is empty (every
+// rank must make the same calls); it adds nothing to the loss or any gradient.
+const MicroBatch& empty_micro_batch();
+
 class ZeroEngine final : public LayerWeightsProvider {
  public:
   // The model must have been built with settings adjusted by adjust_run_settings (stages 2 and 3
@@ -57,9 +61,20 @@ class ZeroEngine final : public LayerWeightsProvider {
 
   // One optimizer step over this rank's micro-batches (every rank passes the same number; an
   // empty one is allowed). Loss normalisation uses the labelled tokens of all ranks, so the step
-  // equals one process running every rank's micro-batches.
+  // equals one process running every rank's micro-batches. The composition of the phases below.
   StepResult train_step(const std::vector<MicroBatch>& micro, const ScheduleSettings& schedule,
                         int64_t step_index);
+
+  // The phases of a step, for callers that run the micro-batches themselves (src/dist/
+  // parallel.h: sequence and pipeline parallelism): zero the gradients; run every forward and
+  // backward; reduce_gradients (stages 0-1: the bucketed all-reduce / reduce-scatter; 2-3:
+  // already done layer by layer); square_sum = this rank's squares of the gradients summed over
+  // the group (stage 0: every rank holds all of them), skipping tensor `excluded`;
+  // clip_and_update with the global norm and the learning rate.
+  void zero_grads();
+  void reduce_gradients();
+  double square_sum(const std::string& excluded = "");
+  void clip_and_update(double grad_norm, double lr);
   // moments (2P floats, host) = AdamW exp_avg then exp_avg_sq of the whole block in ParamTable
   // layout, on every rank (stages 1-3: all-gathered; a collective).
   void gather_moments(float* moments);
@@ -79,8 +94,9 @@ class ZeroEngine final : public LayerWeightsProvider {
 
  private:
   struct Buffers;
-  static void declare(const ModelConfig& c, const ZeroSettings& z, const ShardLayout& layout,
+  static void declare(const ParamTable& table, const ZeroSettings& z, const ShardLayout& layout,
                       int rank, BufferBinder& b, Buffers* out);
+  void declare_sizes(MemoryPlan* plan) const;
   float* shard_params();  // this rank's slice of the parameters (device)
   float* shard_grads();   // this rank's slice of the gradients (device)
   void reduce_full_grads();
