@@ -18,7 +18,10 @@ namespace lt {
 
 IncrementalDecoder::IncrementalDecoder(const ModelConfig& config, const ModelWeights& weights,
                                        int64_t max_len)
-    : c_(config), w_(weights), max_len_(max_len), KVH_(config.num_key_value_heads),
+    : c_(config),
+      w_(weights),
+      max_len_(max_len),
+      KVH_(config.num_key_value_heads),
       HD_(config.head_dim) {
   LT_CHECK(max_len_ > 0, "max_len {}", max_len_);
   LT_CHECK(static_cast<int64_t>(w_.layers.size()) == c_.num_hidden_layers);
@@ -183,8 +186,7 @@ std::string render_chat_prompt(const Tokenizer& tokenizer, const std::string& te
   return render_chat(tmpl, in);
 }
 
-std::vector<int32_t> chat_prompt_ids(const Tokenizer& tokenizer,
-                                     const std::string& template_option,
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tokenizer, const std::string& template_option,
                                      const std::string& message) {
   return tokenizer.encode(render_chat_prompt(tokenizer, template_option, message), false);
 }

@@ -88,8 +88,7 @@ std::vector<int32_t> generate(IncrementalDecoder& decoder, const std::vector<int
 // without adding special tokens (the template writes them).
 std::string render_chat_prompt(const Tokenizer& tokenizer, const std::string& template_option,
                                const std::string& message);
-std::vector<int32_t> chat_prompt_ids(const Tokenizer& tokenizer,
-                                     const std::string& template_option,
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tokenizer, const std::string& template_option,
                                      const std::string& message);
 
 // Turns a growing list of ids into text pieces as they become final (as text-generation-

@@ -187,15 +187,31 @@ bool LlamaModel::base_trains(const LoraSpec& s, const std::string& name) {
   return s.train_norm && (name.ends_with("layernorm.weight") || name == "model.norm.weight");
 }
 
-int64_t LlamaModel::trainable_numel(const ModelConfig& config, const RunSettings& settings) {
-  if (!settings.train) return 0;
-  int64_t n = 0;
+std::vector<TrainableTensor> LlamaModel::trainable_layout(const ModelConfig& config,
+                                                          const RunSettings& settings) {
+  std::vector<TrainableTensor> out;
+  if (!settings.train || settings.external_params) return out;
   const ParamTable table = make_table(config, settings);
+  if (!settings.lora.enabled) {
+    for (const auto& p : table.params())
+      out.push_back({p.name, nullptr, nullptr, p.numel, p.decay});
+    return out;
+  }
   const LoraTable lora = make_lora_table(config, settings);
+  for (const auto& t : lora.tensors()) out.push_back({t.name, nullptr, nullptr, t.numel, true});
   for (const auto& p : table.params())
-    if (base_trains(settings.lora, p.name)) n += int64_t(align_up(size_t(p.numel) * 4) / 4);
-  for (const auto& t : lora.tensors()) n += int64_t(align_up(size_t(t.numel) * 4) / 4);
-  return n;
+    if (base_trains(settings.lora, p.name))
+      out.push_back({p.name, nullptr, nullptr, p.numel, p.decay});
+  return out;
+}
+
+int64_t LlamaModel::trainable_numel(const ModelConfig& config, const RunSettings& settings) {
+  RunSettings s = settings;
+  s.external_params = false;
+  int64_t total = 0;  // each tensor 64-byte aligned, as AdamW lays out its moments
+  for (const auto& t : trainable_layout(config, s))
+    total += int64_t(align_up(size_t(t.numel) * 4) / 4);
+  return total;
 }
 
 void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
@@ -461,16 +477,21 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   build_slots();
   // The trainable set, in the order the optimizer walks it (with external parameters the
   // provider owns them and runs the update).
-  if (settings_.train && !settings_.lora.enabled && !settings_.external_params) {
-    for (const auto& p : table_.params())
-      trainable_.push_back({p.name, params_ + p.offset, grads_ + p.offset, p.numel, p.decay});
-  } else if (settings_.train && settings_.lora.enabled) {
-    for (const auto& t : lora_table_.tensors())
-      trainable_.push_back(
-          {t.name, lora_params_ + t.offset, lora_grads_ + t.offset, t.numel, true});
-    for (const auto& p : table_.params())
-      if (auto it = base_grads_.find(p.name); it != base_grads_.end())
-        trainable_.push_back({p.name, params_ + p.offset, it->second, p.numel, p.decay});
+  trainable_ = trainable_layout(config_, settings_);
+  for (auto& t : trainable_) {
+    if (settings_.lora.enabled) {
+      const int64_t i = lora_table_.index(t.name);
+      if (i >= 0) {
+        t.param = lora_params_ + lora_table_.tensors()[i].offset;
+        t.grad = lora_grads_ + lora_table_.tensors()[i].offset;
+        continue;
+      }
+      t.grad = base_grads_.at(t.name);
+    }
+    const ParamInfo* p = table_.find(t.name);
+    LT_CHECK(p, "trainable tensor {} not in the table", t.name);
+    t.param = params_ + p->offset;
+    if (!settings_.lora.enabled) t.grad = grads_ + p->offset;
   }
 }
 

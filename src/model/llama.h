@@ -146,7 +146,12 @@ class LlamaModel {
   // What the optimizer updates: every table tensor (full fine-tune), or the LoRA A/B tensors
   // followed by the base tensors that also train (embed, norms). Empty when !settings.train.
   const std::vector<TrainableTensor>& trainable() const { return trainable_; }
-  // Sum of trainable()'s numel for a configuration (sizes the optimizer before the model exists).
+  // trainable() of a model of these settings without the pointers (name, numel, decay), in
+  // the same order: how a checkpoint lays out the optimizer moments.
+  static std::vector<TrainableTensor> trainable_layout(const ModelConfig& config,
+                                                       const RunSettings& settings);
+  // Sum of trainable()'s numel (aligned) for a configuration (sizes the optimizer before the
+  // model exists).
   static int64_t trainable_numel(const ModelConfig& config, const RunSettings& settings);
   // Zeroes every trainable gradient (the start of a step).
   void zero_grads();

@@ -146,6 +146,12 @@ int64_t LoraTable::find(int64_t layer, Proj p, bool is_b) const {
   return -1;
 }
 
+int64_t LoraTable::index(const std::string& name) const {
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    if (tensors_[i].name == name) return static_cast<int64_t>(i);
+  return -1;
+}
+
 void init_lora_weights(const LoraTable& table, uint64_t seed, float* block) {
   std::mt19937_64 rng(seed);
   std::fill(block, block + table.total_numel(), 0.0f);

@@ -74,6 +74,8 @@ class LoraTable {
   int64_t total_numel() const { return total_; }
   // Index of (layer, proj, is_b) in tensors(), or -1.
   int64_t find(int64_t layer, Proj p, bool is_b) const;
+  // Index of the tensor with this (PEFT) name in tensors(), or -1.
+  int64_t index(const std::string& name) const;
 
  private:
   std::vector<LoraTensorInfo> tensors_;

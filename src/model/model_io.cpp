@@ -25,7 +25,8 @@ void save_model(const std::filesystem::path& dir, const ModelConfig& config,
   if (source_dir.empty()) return;
   for (const char* f : extra) {
     const auto src = source_dir / f;
-    if (std::filesystem::exists(src) && std::filesystem::absolute(src) != std::filesystem::absolute(dir / f))
+    if (std::filesystem::exists(src) &&
+        std::filesystem::absolute(src) != std::filesystem::absolute(dir / f))
       write_file_atomic(dir / f, read_file(src));
   }
 }

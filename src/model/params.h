@@ -15,7 +15,7 @@ struct ParamInfo {
   std::vector<int64_t> shape;  // as stored in the checkpoint
   int64_t offset = 0;          // in floats from the start of the block
   int64_t numel = 0;
-  bool decay = true;           // AdamW weight decay applies (HF: not biases, not norms)
+  bool decay = true;  // AdamW weight decay applies (HF: not biases, not norms)
 };
 
 // One tensor the optimizer updates: its parameter and gradient (same numel). Full fine-tunes list
@@ -30,19 +30,19 @@ struct TrainableTensor {
 
 // Views of one decoder layer's tensors in a block. Absent biases are null.
 struct LayerWeights {
-  float* attn_norm;             // (D)
-  float *attn_q, *attn_q_bias;  // (H*HD, D), (H*HD)
-  float *attn_k, *attn_k_bias;  // (KVH*HD, D), (KVH*HD)
-  float *attn_v, *attn_v_bias;  // (KVH*HD, D), (KVH*HD)
-  float *attn_o, *attn_o_bias;  // (D, H*HD), (D)
-  float* ffn_norm;              // (D)
+  float* attn_norm;                 // (D)
+  float *attn_q, *attn_q_bias;      // (H*HD, D), (H*HD)
+  float *attn_k, *attn_k_bias;      // (KVH*HD, D), (KVH*HD)
+  float *attn_v, *attn_v_bias;      // (KVH*HD, D), (KVH*HD)
+  float *attn_o, *attn_o_bias;      // (D, H*HD), (D)
+  float* ffn_norm;                  // (D)
   float *ffn_gate, *ffn_gate_bias;  // (F, D), (F)
   float *ffn_up, *ffn_up_bias;      // (F, D), (F)
   float *ffn_down, *ffn_down_bias;  // (D, F), (D)
 };
 
 struct ModelWeights {
-  float* embed;       // (V, D)
+  float* embed;  // (V, D)
   std::vector<LayerWeights> layers;
   float* final_norm;  // (D)
   float* lm_head;     // (V, D); == embed when tied

@@ -54,9 +54,10 @@ nlohmann::json preset_config(const std::string& name) {
     j["use_sliding_window"] = false;
     return j;
   }
-  fail("--preset: '{}' is not a preset; allowed: tiny, small, llama2-7b, llama3-8b, mistral-7b, "
-       "qwen2-7b",
-       name);
+  fail(
+      "--preset: '{}' is not a preset; allowed: tiny, small, llama2-7b, llama3-8b, mistral-7b, "
+      "qwen2-7b",
+      name);
 }
 
 void init_random_weights(const ParamTable& table, float* params, double std, uint64_t seed) {

@@ -2,9 +2,8 @@
 // style random initialisation.
 #pragma once
 #include <cstdint>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "model/params.h"
 

@@ -10,19 +10,31 @@ namespace lt {
 AdamW::AdamW(const ParamTable& table, Backend& backend, const OptimizerSettings& s)
     : be_(backend), s_(s) {
   for (const auto& p : table.params())
-    entries_.push_back({p.offset, p.numel, p.decay, nullptr, nullptr});
+    entries_.push_back({p.offset, p.numel, p.decay, nullptr, nullptr, p.name});
   total_ = table.total_numel();
   allocate();
 }
 
 AdamW::AdamW(const std::vector<TrainableTensor>& set, Backend& backend, const OptimizerSettings& s)
     : be_(backend), s_(s) {
-  for (const auto& t : set) {
+  const std::vector<int64_t> at = set_offsets(set, &total_);
+  for (size_t i = 0; i < set.size(); ++i) {
+    const auto& t = set[i];
     LT_CHECK(t.param && t.grad, "trainable tensor {} without param or grad", t.name);
-    entries_.push_back({total_, t.numel, t.decay, t.param, t.grad});
-    total_ += static_cast<int64_t>(align_up(size_t(t.numel) * 4) / 4);
+    entries_.push_back({at[i], t.numel, t.decay, t.param, t.grad, t.name});
   }
   allocate();
+}
+
+std::vector<int64_t> AdamW::set_offsets(const std::vector<TrainableTensor>& set, int64_t* total) {
+  std::vector<int64_t> at;
+  int64_t n = 0;
+  for (const auto& t : set) {
+    at.push_back(n);
+    n += static_cast<int64_t>(align_up(size_t(t.numel) * 4) / 4);
+  }
+  if (total) *total = n;
+  return at;
 }
 
 void AdamW::allocate() {
@@ -44,20 +56,29 @@ void AdamW::plan(int64_t numel, MemoryPlan* plan) {
   plan->add("adamw.exp_avg_sq", size_t(numel) * 4, MemCategory::kOptimizer, "optimizer");
 }
 
-double AdamW::clip(float* grads) {
-  auto grad_of = [&](const Entry& e) {
-    LT_CHECK(e.grad || grads, "AdamW over a table needs the gradient block");
-    return e.grad ? e.grad : grads + e.offset;
-  };
+float* AdamW::grad_of(const Entry& e, float* grads) const {
+  LT_CHECK(e.grad || grads, "AdamW over a table needs the gradient block");
+  return e.grad ? e.grad : grads + e.offset;
+}
+
+double AdamW::square_sum(float* grads, const std::string& excluded) {
   double ss = 0;
-  for (const auto& e : entries_) ss += be_.sum_squares(grad_of(e), e.numel);
-  const double norm = std::sqrt(ss);
-  if (s_.max_grad_norm > 0) {
-    // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.0 (computed in f32).
-    const float coef = static_cast<float>(s_.max_grad_norm) / (static_cast<float>(norm) + 1e-6f);
-    if (coef < 1.0f)
-      for (const auto& e : entries_) be_.scale_inplace(grad_of(e), e.numel, coef);
-  }
+  for (const auto& e : entries_)
+    if (e.name != excluded) ss += be_.sum_squares(grad_of(e, grads), e.numel);
+  return ss;
+}
+
+void AdamW::clip_to(float* grads, double norm) {
+  if (s_.max_grad_norm <= 0) return;
+  // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.0 (computed in f32).
+  const float coef = static_cast<float>(s_.max_grad_norm) / (static_cast<float>(norm) + 1e-6f);
+  if (coef < 1.0f)
+    for (const auto& e : entries_) be_.scale_inplace(grad_of(e, grads), e.numel, coef);
+}
+
+double AdamW::clip(float* grads) {
+  const double norm = std::sqrt(square_sum(grads));
+  clip_to(grads, norm);
   return norm;
 }
 

@@ -2,6 +2,7 @@
 // with global-norm gradient clipping as torch.nn.utils.clip_grad_norm_.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -29,6 +30,14 @@ class AdamW {
   // Global L2 norm of grads (before clipping), as clip_grad_norm_ returns it; scales grads by
   // max_norm / (norm + 1e-6) when that is below 1.
   double clip(float* grads);
+  // The halves of clip for gradients spread over processes (src/dist/parallel.h): the sum of
+  // squares of this optimizer's gradients (skipping the tensor named `excluded`, set mode), and
+  // the clipping for a given global norm.
+  double square_sum(float* grads, const std::string& excluded = "");
+  void clip_to(float* grads, double norm);
+  // Where each tensor of a trainable set starts in the moments (aligned as the set mode lays
+  // them out), and their total.
+  static std::vector<int64_t> set_offsets(const std::vector<TrainableTensor>& set, int64_t* total);
   // One update with learning rate lr; step() counts from 1.
   void update(float* params, const float* grads, double lr);
   int64_t steps_done() const { return step_; }
@@ -41,9 +50,11 @@ class AdamW {
     int64_t offset;  // into the moments (and, table mode, into the params/grads blocks)
     int64_t numel;
     bool decay;
-    float* param;    // set mode; null in table mode
+    float* param;  // set mode; null in table mode
     float* grad;
+    std::string name;
   };
+  float* grad_of(const Entry& e, float* grads) const;
   void allocate();
   Backend& be_;
   OptimizerSettings s_;
