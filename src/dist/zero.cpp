@@ -136,9 +136,13 @@ void ZeroEngine::adjust_run_settings(const ZeroSettings& z, RunSettings* rs) {
 
 void ZeroEngine::plan(const ModelConfig& c, const ZeroSettings& z, int world, int rank,
                       MemoryPlan* plan) {
+  ZeroEngine::plan(ParamTable(c), z, world, rank, plan);
+}
+
+void ZeroEngine::plan(const ParamTable& table, const ZeroSettings& z, int world, int rank,
+                      MemoryPlan* plan) {
   PlanTaker taker(plan);
   Buffers sizes;
-  const ParamTable table(c);
   declare(table, z, ShardLayout(table.total_numel(), world), rank, taker, &sizes);
 }
 

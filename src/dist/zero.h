@@ -53,6 +53,9 @@ class ZeroEngine final : public LayerWeightsProvider {
   // This rank's buffers (weights, gradients, optimizer) beyond those the model declares.
   static void plan(const ModelConfig& c, const ZeroSettings& z, int world, int rank,
                    MemoryPlan* plan);
+  // The same for a pipeline stage's table (the model's table()).
+  static void plan(const ParamTable& table, const ZeroSettings& z, int world, int rank,
+                   MemoryPlan* plan);
 
   // full: the whole parameter block (P floats, host) on every rank; each keeps its part.
   void load_full(const float* full);

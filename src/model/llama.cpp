@@ -187,6 +187,10 @@ bool LlamaModel::base_trains(const LoraSpec& s, const std::string& name) {
   return s.train_norm && (name.ends_with("layernorm.weight") || name == "model.norm.weight");
 }
 
+ParamTable LlamaModel::param_table(const ModelConfig& config, const RunSettings& settings) {
+  return make_table(config, settings);
+}
+
 std::vector<TrainableTensor> LlamaModel::trainable_layout(const ModelConfig& config,
                                                           const RunSettings& settings) {
   std::vector<TrainableTensor> out;

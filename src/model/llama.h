@@ -146,6 +146,8 @@ class LlamaModel {
   // What the optimizer updates: every table tensor (full fine-tune), or the LoRA A/B tensors
   // followed by the base tensors that also train (embed, norms). Empty when !settings.train.
   const std::vector<TrainableTensor>& trainable() const { return trainable_; }
+  // The parameter table of a model of these settings (its stage's tensors, less NF4 weights).
+  static ParamTable param_table(const ModelConfig& config, const RunSettings& settings);
   // trainable() of a model of these settings without the pointers (name, numel, decay), in
   // the same order: how a checkpoint lays out the optimizer moments.
   static std::vector<TrainableTensor> trainable_layout(const ModelConfig& config,

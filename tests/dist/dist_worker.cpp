@@ -1,20 +1,25 @@
 // Multi-rank tests, run by ctest under mpirun (see CMakeLists.txt): collectives against values
 // computed locally, and distributed training (DP, ZeRO 1/2/3, offload) against one process
 // training on the whole batch, in the same program.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <thread>
 
 #include "backend/backend.h"
+#include "core/error.h"
 #include "dist/comm.h"
+#include "dist/parallel.h"
 #include "dist/zero.h"
 #include "model/presets.h"
 #include "train/batching.h"
+#include "train/optimizer.h"
 
 namespace lt {
 namespace {
@@ -339,6 +344,366 @@ TEST(Dist, CommunicationBytes) {
       EXPECT_EQ(params, 0);
     }
   }
+}
+
+// ---- Sequence and pipeline parallelism, composed with data parallelism ----------------------
+
+struct Para {
+  int64_t sp = 1, pp = 1, fpdt = 0;
+  int zero = 0;
+  bool lora = false, qlora = false, train_embed = false, tied = false, checkpointing = false;
+  int64_t layers = 4, per_replica_batch = 2, accumulation = 3, steps = 3;
+  std::string name() const {
+    return fmt::format("sp{} pp{} fpdt{} zero{}{}{}{}{}{}", sp, pp, fpdt, zero, lora ? " lora" : "",
+                       qlora ? " qlora" : "", train_embed ? " +embed" : "", tied ? " tied" : "",
+                       checkpointing ? " ckpt" : "");
+  }
+};
+
+ModelConfig para_config(const Para& p) {
+  ModelConfig c = tiny_config(p.layers, p.tied);
+  return c;
+}
+
+LoraSpec para_lora(const Para& p) {
+  LoraSpec s;
+  if (!p.lora) return s;
+  LoraOptions o;
+  o.use_peft_lora = true;
+  o.r = 4;
+  o.alpha = 8;
+  o.dropout = 0;
+  o.target_modules = "all-linear";
+  o.load_in_4bit = p.qlora;
+  if (p.train_embed) o.trainable_params = "embed,norm";
+  return resolve_lora(o, 17);
+}
+
+struct ParaRun {
+  std::vector<double> loss, grad_norm;
+  std::vector<float> params;  // full fine-tune: the whole block (rank 0)
+  NamedTensors trainable;     // LoRA (rank 0)
+  CommStats stats;            // of the last step
+  std::vector<int64_t> step_tokens;
+};
+
+// Full-table weights, the LoRA adapter (B made non-zero so every tensor has a gradient at once).
+struct Weights {
+  std::vector<float> full;
+  std::vector<float> lora;
+};
+Weights para_weights(const ModelConfig& c, const LoraSpec& spec) {
+  Weights w;
+  const ParamTable t(c);
+  w.full.resize(t.total_numel());
+  init_random_weights(t, w.full.data(), 0.2, 7);
+  if (spec.enabled) {
+    const LoraTable lt(c, spec);
+    w.lora.resize(lt.total_numel());
+    init_lora_weights(lt, 3, w.lora.data());
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.0f, 0.05f);
+    for (const auto& x : lt.tensors())
+      if (x.is_b)
+        for (int64_t i = 0; i < x.numel; ++i) w.lora[x.offset + i] = nd(rng);
+  }
+  return w;
+}
+
+// Base weights into a (stage) model: its table's tensors by name, the NF4 ones quantized.
+void load_base(LlamaModel& m, const std::vector<float>& full) {
+  const ParamTable whole(m.config());
+  for (const auto& p : m.table().params())
+    std::memcpy(m.params() + p.offset, full.data() + whole.find(p.name)->offset, p.numel * 4);
+  for (size_t i = 0; i < m.nf4_weights().size(); ++i)
+    m.quantize_base_weight(i, full.data() + whole.find(m.nf4_weights()[i].name)->offset);
+}
+
+NamedTensors lora_named(const ModelConfig& c, const LoraSpec& spec, const Weights& w) {
+  NamedTensors t;
+  const LoraTable lt(c, spec);
+  for (const auto& x : lt.tensors())
+    t[x.name].assign(w.lora.begin() + x.offset, w.lora.begin() + x.offset + x.numel);
+  const ParamTable whole(c);
+  for (const auto& p : whole.params())
+    if (LlamaModel::base_trains(spec, p.name))
+      t[p.name].assign(w.full.begin() + p.offset, w.full.begin() + p.offset + p.numel);
+  return t;
+}
+
+OptimizerSettings para_opt() {
+  OptimizerSettings o;
+  o.learning_rate = 2e-3;
+  o.weight_decay = 0.1;
+  o.max_grad_norm = 0.5;  // small enough to clip: the norm must be global over stages
+  return o;
+}
+
+// The micro-batches of step `step`: global micro-batches of dp x B rows; replica d takes rows
+// d, d + dp, ... of each (the split of `longtune train`).
+std::vector<MicroBatch> step_micro(const std::vector<Example>& rows, int64_t step, int dp,
+                                   int replica, int64_t B, int64_t G) {
+  std::vector<MicroBatch> micro;
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<const Example*> mine;
+    const int64_t base = (step * G + g) * dp * B;
+    for (int64_t i = 0; i < dp * B; ++i)
+      if (i % dp == replica) mine.push_back(&rows.at(base + i));
+    micro.push_back(make_micro_batch(mine));
+  }
+  return micro;
+}
+
+ParaRun run_parallel(const Para& p, Communicator& world, const std::vector<Example>& rows) {
+  const ModelConfig c = para_config(p);
+  const LoraSpec spec = para_lora(p);
+  const Weights w = para_weights(c, spec);
+  const ParallelLayout lay = ParallelLayout::make(world.size(), world.rank(), p.sp, p.pp);
+  auto be = make_cpu_backend();
+  RunSettings rs;
+  rs.lora = spec;
+  rs.checkpointing = p.checkpointing;
+  ParallelSettings ps;
+  ps.zero.stage = p.zero;
+  ps.optimizer = para_opt();
+  ps.fpdt_chunk = p.fpdt;
+  ps.micro_per_step = p.accumulation;
+  ps.max_tokens = 17 * p.per_replica_batch;
+  ParallelEngine::adjust_run_settings(c, lay, ps, &rs);
+  LlamaModel model(c, *be, rs);
+  ParallelEngine engine(model, *be, world, lay, ps);
+  if (spec.enabled) {
+    load_base(model, w.full);
+    engine.load_trainable(lora_named(c, spec, w));
+  } else {
+    engine.load_params(w.full.data());
+  }
+  ScheduleSettings sched{ScheduleType::kLinear, 1, p.steps};
+  ParaRun out;
+  for (int64_t step = 0; step < p.steps; ++step) {
+    engine.reset_stats();
+    const auto micro =
+        step_micro(rows, step, lay.dp, lay.replica(), p.per_replica_batch, p.accumulation);
+    int64_t tokens = 0;
+    for (const auto& mb : micro) tokens += mb.num_tokens();
+    out.step_tokens.push_back(tokens);
+    const StepResult r = engine.train_step(micro, sched, step);
+    out.stats = engine.stats();
+    out.loss.push_back(r.loss);
+    out.grad_norm.push_back(r.grad_norm);
+  }
+  if (spec.enabled) {
+    out.trainable = engine.gather_trainable();
+  } else {
+    out.params.resize(w.full.size());
+    engine.gather_params(out.params.data());
+  }
+  return out;
+}
+
+// One process, the product's single-process step (train/trainer.h) on the whole batch.
+ParaRun run_one_process(const Para& p, int dp, const std::vector<Example>& rows) {
+  const ModelConfig c = para_config(p);
+  const LoraSpec spec = para_lora(p);
+  const Weights w = para_weights(c, spec);
+  auto be = make_cpu_backend();
+  RunSettings rs;
+  rs.lora = spec;
+  rs.max_tokens = 17 * p.per_replica_batch * dp;
+  LlamaModel model(c, *be, rs);
+  if (spec.enabled) {
+    load_base(model, w.full);
+    for (const auto& t : model.trainable()) {
+      const auto named = lora_named(c, spec, w);
+      std::memcpy(t.param, named.at(t.name).data(), t.numel * 4);
+    }
+  } else {
+    std::memcpy(model.params(), w.full.data(), w.full.size() * 4);
+  }
+  const OptimizerSettings opt = para_opt();
+  AdamW adam(model.trainable(), *be, opt);
+  ScheduleSettings sched{ScheduleType::kLinear, 1, p.steps};
+  ParaRun out;
+  for (int64_t step = 0; step < p.steps; ++step) {
+    const auto micro = step_micro(rows, step, 1, 0, p.per_replica_batch * dp, p.accumulation);
+    const StepResult r = train_step(model, adam, opt, sched, micro, step);
+    out.loss.push_back(r.loss);
+    out.grad_norm.push_back(r.grad_norm);
+  }
+  if (spec.enabled) {
+    for (const auto& t : model.trainable())
+      out.trainable[t.name].assign(t.param, t.param + t.numel);
+  } else {
+    out.params.assign(model.params(), model.params() + w.full.size());
+  }
+  return out;
+}
+
+void expect_parallel_matches(const Para& p) {
+  Communicator& world = *g_world;
+  SCOPED_TRACE(p.name());
+  const ParallelLayout lay = ParallelLayout::make(world.size(), world.rank(), p.sp, p.pp);
+  const auto rows = make_rows(p.steps * p.accumulation * lay.dp * p.per_replica_batch,
+                              tiny_config(p.layers, p.tied).vocab_size, 11);
+  const ParaRun dist = run_parallel(p, world, rows);
+  const ParaRun one = run_one_process(p, lay.dp, rows);
+  for (size_t s = 0; s < one.loss.size(); ++s) {
+    EXPECT_NEAR(dist.loss[s], one.loss[s], 2e-5 * std::abs(one.loss[s])) << "step " << s;
+    EXPECT_NEAR(dist.grad_norm[s], one.grad_norm[s], 1e-4 * one.grad_norm[s]) << "step " << s;
+  }
+  EXPECT_GT(std::abs(one.loss.back() - one.loss.front()), 1e-4) << "training did not move";
+  if (world.rank() != 0) return;
+  double worst = 0;
+  std::string at;
+  auto compare = [&](const std::string& name, const float* a, const float* b, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double d = std::abs(double(a[i]) - b[i]);
+      if (d > worst) worst = d, at = fmt::format("{}[{}]: {} vs {}", name, i, a[i], b[i]);
+    }
+  };
+  if (p.lora) {
+    ASSERT_EQ(dist.trainable.size(), one.trainable.size());
+    for (const auto& [name, v] : one.trainable) {
+      ASSERT_TRUE(dist.trainable.count(name)) << name;
+      compare(name, dist.trainable.at(name).data(), v.data(), int64_t(v.size()));
+    }
+  } else {
+    compare("params", dist.params.data(), one.params.data(), int64_t(one.params.size()));
+  }
+  EXPECT_LE(worst, 3e-5) << "worst weight " << at << " (distributed vs one process)";
+  std::printf("%s on %d ranks (%s): losses %.6f .. %.6f, worst weight difference %.2e\n",
+              p.name().c_str(), world.size(), lay.describe().c_str(), dist.loss.front(),
+              dist.loss.back(), worst);
+}
+
+Para para(int64_t sp, int64_t pp) {
+  Para p;
+  p.sp = sp;
+  p.pp = pp;
+  return p;
+}
+
+TEST(Parallel, SequenceUlysses) { expect_parallel_matches(para(2, 1)); }
+TEST(Parallel, SequenceFpdt) {
+  Para p = para(2, 1);
+  p.fpdt = 8;  // rows of up to 2 x 17 tokens: several chunks
+  p.checkpointing = true;
+  expect_parallel_matches(p);
+}
+TEST(Parallel, SequenceZero3) {
+  Para p = para(2, 1);
+  p.zero = 3;
+  expect_parallel_matches(p);
+}
+TEST(Parallel, Pipeline) { expect_parallel_matches(para(1, 2)); }
+TEST(Parallel, PipelineZero1Tied) {
+  Para p = para(1, 2);
+  p.zero = 1;
+  p.tied = true;
+  expect_parallel_matches(p);
+}
+TEST(Parallel, PipelineLora) {
+  Para p = para(1, 2);
+  p.lora = true;
+  expect_parallel_matches(p);
+}
+TEST(Parallel, PipelineQloraTiedEmbedTrains) {
+  Para p = para(1, 2);
+  p.lora = p.qlora = p.train_embed = p.tied = true;
+  expect_parallel_matches(p);
+}
+TEST(Parallel, DataParallelLora) {
+  Para p = para(1, 1);
+  p.lora = true;
+  p.zero = 2;  // accepted: the adapter is replicated
+  expect_parallel_matches(p);
+}
+// 4 ranks: the compositions.
+TEST(Parallel, DataTimesPipeline) { expect_parallel_matches(para(1, 2)); }
+TEST(Parallel, DataTimesSequence) { expect_parallel_matches(para(2, 1)); }
+TEST(Parallel, SequenceTimesPipelineFpdt) {
+  Para p = para(2, 2);
+  p.fpdt = 8;
+  expect_parallel_matches(p);
+}
+TEST(Parallel, FourStagesLora) {
+  Para p = para(1, 4);
+  p.lora = true;
+  expect_parallel_matches(p);
+}
+
+// Communication of one step against the theory. Ulysses: per layer and micro-batch, forward
+// all-to-alls of q, k, v and the output, backward of dout, dq, dk, dv: 4 bytes x n x 2 (2 QD +
+// 2 KVD) on each rank (n its tokens). Pipeline: each stage sends one activation (or gradient)
+// of n x D floats per micro-batch.
+TEST(Parallel, CommunicationBytes) {
+  Communicator& world = *g_world;
+  if (world.size() != 2) GTEST_SKIP() << "written for 2 ranks";
+  for (int mode = 0; mode < 2; ++mode) {
+    Para p = mode == 0 ? para(2, 1) : para(1, 2);
+    p.steps = 1;
+    const ModelConfig c = para_config(p);
+    const ParallelLayout lay = ParallelLayout::make(2, world.rank(), p.sp, p.pp);
+    const auto rows = make_rows(p.accumulation * lay.dp * p.per_replica_batch, c.vocab_size, 21);
+    const ParaRun r = run_parallel(p, world, rows);
+    const auto micro =
+        step_micro(rows, 0, lay.dp, lay.replica(), p.per_replica_batch, p.accumulation);
+    const double QD = c.num_attention_heads * c.head_dim, KVD = c.num_key_value_heads * c.head_dim;
+    if (mode == 0) {
+      double want = 0;
+      for (const auto& mb : micro) {
+        const double n = double(sequence_layout(mb.num_tokens(), 2, 0).local_tokens());
+        want += 4 * n * 2 * (2 * QD + 2 * KVD) * c.num_hidden_layers;
+      }
+      if (world.rank() == 0)
+        std::printf("Ulysses SP2: all-to-all %llu bytes per rank per step, theory %.0f\n",
+                    (unsigned long long)r.stats.alltoall_bytes, want);
+      EXPECT_EQ(double(r.stats.alltoall_bytes), want);
+    } else {
+      double want = 0;
+      for (const auto& mb : micro) want += 4.0 * mb.num_tokens() * c.hidden_size;
+      // p2p_bytes counts what this rank sent: stage 0 activations, stage 1 gradients.
+      if (world.rank() == 0)
+        std::printf("pipeline PP2: point-to-point %llu bytes per rank per step, theory %.0f\n",
+                    (unsigned long long)r.stats.p2p_bytes, want);
+      EXPECT_EQ(double(r.stats.p2p_bytes), want);
+    }
+  }
+}
+
+TEST(Parallel, BadLayoutsAreClearErrors) {
+  Communicator& world = *g_world;
+  auto message = [&](auto&& f) {
+    try {
+      f();
+    } catch (const UserError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_NE(
+      message([&] { ParallelLayout::make(world.size(), 0, 3, 1); }).find("does not divide the"),
+      std::string::npos);
+  ModelConfig c = tiny_config(2, false);  // 4 heads, 2 kv heads
+  RunSettings rs;
+  ParallelSettings ps;
+  ps.max_tokens = 16;
+  const ParallelLayout four = ParallelLayout::make(4, 0, 4, 1);
+  EXPECT_NE(message([&] {
+              ParallelEngine::adjust_run_settings(c, four, ps, &rs);
+            }).find("key/value heads must both be multiples"),
+            std::string::npos);
+  const ParallelLayout pp3 = ParallelLayout::make(3, 0, 1, 3);
+  EXPECT_NE(message([&] {
+              ParallelEngine::adjust_run_settings(c, pp3, ps, &rs);
+            }).find("more than the model's 2 decoder layers"),
+            std::string::npos);
+  const ParallelLayout pp2 = ParallelLayout::make(2, 0, 1, 2);
+  ps.zero.stage = 2;
+  EXPECT_NE(message([&] {
+              ParallelEngine::adjust_run_settings(c, pp2, ps, &rs);
+            }).find("ZeRO stage 0 or 1 only"),
+            std::string::npos);
 }
 
 // ---- Faults (run by their own ctest entries; see tests/dist/expect_failure.sh) ---------------
