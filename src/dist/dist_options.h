@@ -17,9 +17,9 @@ struct DistOptions {
   int64_t allgather_bucket_size = 500'000'000;       // elements per parameter all-gather call
   int64_t stage3_prefetch_bucket_size = 50'000'000;  // > 0: prefetch the next layer (ZeRO-3)
   bool gather_16bit_weights_on_model_save = true;
-  int64_t sequence_parallel_size = 1;  // DeepSpeed-Ulysses degree (not implemented yet)
-  int64_t pipeline_parallel_size = 1;  // pipeline stages (not implemented yet)
-  int64_t fpdt_chunk_size = 0;         // FPDT chunk (not implemented yet)
+  int64_t sequence_parallel_size = 1;  // DeepSpeed-Ulysses degree (src/dist/parallel.h)
+  int64_t pipeline_parallel_size = 1;  // pipeline stages
+  int64_t fpdt_chunk_size = 0;         // FPDT chunk tokens (0 = off)
   double dist_timeout = 600;           // seconds a collective may take before the job aborts
   bool log_all_ranks = false;          // every rank prints, not only rank 0
 };

@@ -48,9 +48,6 @@ struct ParallelSettings {
   double timeout_seconds = 600;  // NCCL calls (MPI's watchdog has its own)
 };
 
-// Named host tensors (Hugging Face names; PEFT names for LoRA adapters).
-using NamedTensors = std::map<std::string, std::vector<float>>;
-
 class ParallelEngine {
  public:
   // The settings of this rank's model: its stage's layers and micro-batches in flight, the

@@ -24,21 +24,23 @@ bool module_matches(const std::string& hf_name, const std::string& entry) {
   return hf_name.substr(0, hf_name.rfind('.')).ends_with(entry);
 }
 
-// Every tensor the adapter file of this model must hold: name -> (shape, host destination index).
+// Every tensor an adapter file of this base model and spec holds: its name in the file, its
+// name among the trainable tensors (LoRA tensors: the same PEFT name; base tensors that train:
+// their Hugging Face name), its shape.
 struct Expected {
-  std::string name;
+  std::string file_name, name;
   std::vector<int64_t> shape;
-  bool lora;       // in the LoRA block (else a base tensor that trains)
-  int64_t offset;  // in the LoRA block or the params block
 };
 
-std::vector<Expected> expected_tensors(LlamaModel& m) {
+std::vector<Expected> expected_tensors(const ModelConfig& c, const LoraSpec& spec) {
   std::vector<Expected> out;
-  for (const auto& t : m.lora_table().tensors()) out.push_back({t.name, t.shape, true, t.offset});
-  for (const auto& p : m.table().params())
-    if (m.settings().lora.enabled && LlamaModel::base_trains(m.settings().lora, p.name) &&
-        (m.settings().lora.train_embed || m.settings().lora.train_norm))
-      out.push_back({peft_name(p.name), p.shape, false, p.offset});
+  const LoraTable lora(c, spec);
+  for (const auto& t : lora.tensors()) out.push_back({t.name, t.name, t.shape});
+  const ParamTable table(c);
+  if (spec.train_embed || spec.train_norm)
+    for (const auto& p : table.params())
+      if (LlamaModel::base_trains(spec, p.name))
+        out.push_back({peft_name(p.name), p.name, p.shape});
   return out;
 }
 
@@ -134,7 +136,8 @@ LoraSpec read_adapter_config(const fs::path& dir, const ModelConfig& config, Lor
   return spec;
 }
 
-void load_adapter(const fs::path& dir, LlamaModel& model) {
+NamedTensors read_adapter_tensors(const fs::path& dir, const ModelConfig& config,
+                                  const LoraSpec& spec) {
   const fs::path file = dir / kWeightsFile;
   if (!fs::exists(file)) {
     if (fs::exists(dir / "adapter_model.bin"))
@@ -143,57 +146,77 @@ void load_adapter(const fs::path& dir, LlamaModel& model) {
     fail("adapter folder '{}' has no {}", dir.string(), kWeightsFile);
   }
   auto st = SafetensorsFile::open(file);
-  const auto expected = expected_tensors(model);
+  const auto expected = expected_tensors(config, spec);
   std::set<std::string> wanted;
   // Validate everything first, so a bad file changes nothing.
   for (const auto& e : expected) {
-    wanted.insert(e.name);
-    const TensorInfo* t = st->find(e.name);
+    wanted.insert(e.file_name);
+    const TensorInfo* t = st->find(e.file_name);
     if (!t)
       fail(
           "{}: tensor '{}' is missing (is this adapter for another base model, or trained with "
           "other target modules?)",
-          file.string(), e.name);
+          file.string(), e.file_name);
     if (t->shape != e.shape)
       fail(
           "{}: tensor '{}' has shape {} but this base model needs {} (adapter for another base "
           "model?)",
-          file.string(), e.name, shape_str(t->shape), shape_str(e.shape));
+          file.string(), e.file_name, shape_str(t->shape), shape_str(e.shape));
     if (t->dtype != DType::kF32 && t->dtype != DType::kBF16 && t->dtype != DType::kF16 &&
         t->dtype != DType::kF64)
-      fail("{}: tensor '{}' is not a floating-point tensor", file.string(), e.name);
+      fail("{}: tensor '{}' is not a floating-point tensor", file.string(), e.file_name);
   }
   for (const auto& t : st->tensors())
     if (!wanted.count(t.name))
       fail("{}: unexpected tensor '{}' (not an adapter of this base model with these settings)",
            file.string(), t.name);
-  Backend& be = model.backend();
+  NamedTensors out;
   for (const auto& e : expected) {
-    const TensorInfo* t = st->find(e.name);
-    std::vector<float> host(t->numel());
+    const TensorInfo* t = st->find(e.file_name);
+    auto& host = out[e.name];
+    host.resize(t->numel());
     convert_to_f32(host.data(), t->data, t->dtype, host.size());
-    float* dst = (e.lora ? model.lora_params() : model.params()) + e.offset;
-    be.copy_to_device(dst, host.data(), host.size() * 4);
   }
+  return out;
+}
+
+void load_adapter(const fs::path& dir, LlamaModel& model) {
+  const NamedTensors t = read_adapter_tensors(dir, model.config(), model.settings().lora);
+  // By the model's own tables (a model built without training has no trainable() list).
+  Backend& be = model.backend();
+  for (const auto& x : model.lora_table().tensors())
+    be.copy_to_device(model.lora_params() + x.offset, t.at(x.name).data(), size_t(x.numel) * 4);
+  for (const auto& p : model.table().params())
+    if (auto it = t.find(p.name); it != t.end())
+      be.copy_to_device(model.params() + p.offset, it->second.data(), size_t(p.numel) * 4);
 }
 
 void save_adapter(const fs::path& dir, LlamaModel& model, const std::string& base_model) {
-  const LoraSpec& s = model.settings().lora;
-  LT_CHECK(s.enabled);
-  Backend& be = model.backend();
-  std::vector<std::vector<float>> host;
-  std::vector<TensorToSave> tensors;
-  for (const auto& e : expected_tensors(model)) {
-    int64_t n = 1;
-    for (auto d : e.shape) n *= d;
-    host.emplace_back(n);
-    be.copy_to_host(host.back().data(), (e.lora ? model.lora_params() : model.params()) + e.offset,
-                    n * 4);
-  }
-  size_t i = 0;
-  for (const auto& e : expected_tensors(model))
-    tensors.push_back({e.name, e.shape, host[i++].data()});
+  LT_CHECK(model.settings().lora.enabled && model.first_stage() && model.last_stage());
+  const LoraSpec& spec = model.settings().lora;
+  NamedTensors t;
+  auto take = [&](const std::string& name, const float* src, int64_t n) {
+    auto& host = t[name];
+    host.resize(size_t(n));
+    model.backend().copy_to_host(host.data(), src, host.size() * 4);
+  };
+  for (const auto& x : model.lora_table().tensors())
+    take(x.name, model.lora_params() + x.offset, x.numel);
+  for (const auto& p : model.table().params())
+    if ((spec.train_embed || spec.train_norm) && LlamaModel::base_trains(spec, p.name))
+      take(p.name, model.params() + p.offset, p.numel);
+  save_adapter_tensors(dir, model.config(), model.settings().lora, t, base_model);
+}
 
+void save_adapter_tensors(const fs::path& dir, const ModelConfig& config, const LoraSpec& s,
+                          const NamedTensors& t, const std::string& base_model) {
+  LT_CHECK(s.enabled);
+  std::vector<TensorToSave> tensors;
+  for (const auto& e : expected_tensors(config, s)) {
+    auto it = t.find(e.name);
+    LT_CHECK(it != t.end(), "adapter tensor {} missing", e.name);
+    tensors.push_back({e.file_name, e.shape, it->second.data()});
+  }
   nlohmann::json j;
   j["peft_type"] = "LORA";
   j["task_type"] = "CAUSAL_LM";

@@ -21,9 +21,19 @@ LoraSpec read_adapter_config(const std::filesystem::path& dir, const ModelConfig
 // Every tensor must be there with the model's shape and nothing else may be (an adapter made for
 // another base fails here, naming the file and the tensor); the model is left untouched then.
 void load_adapter(const std::filesystem::path& dir, LlamaModel& model);
+// The same checks, into host tensors keyed as LlamaModel::trainable() names them (adapter
+// tensors by their PEFT names, base tensors that train by their Hugging Face names): every
+// trainable tensor of the whole model under `spec`.
+NamedTensors read_adapter_tensors(const std::filesystem::path& dir, const ModelConfig& config,
+                                  const LoraSpec& spec);
 // Writes dir/adapter_config.json and dir/adapter_model.safetensors (f32) atomically.
 void save_adapter(const std::filesystem::path& dir, LlamaModel& model,
                   const std::string& base_model_name_or_path);
+// The same from host tensors keyed as read_adapter_tensors gives them (a distributed run
+// gathers them from its pipeline stages).
+void save_adapter_tensors(const std::filesystem::path& dir, const ModelConfig& config,
+                          const LoraSpec& spec, const NamedTensors& tensors,
+                          const std::string& base_model_name_or_path);
 // Loads the base model's tensors into the model: f32 table tensors as they are, QLoRA's
 // projection weights quantized to NF4 one at a time.
 void load_base_weights(const CheckpointReader& reader, LlamaModel& model);

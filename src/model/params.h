@@ -3,12 +3,16 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "model/config.h"
 
 namespace lt {
+
+// Named host tensors (f32): Hugging Face names, or PEFT names for LoRA adapter tensors.
+using NamedTensors = std::map<std::string, std::vector<float>>;
 
 struct ParamInfo {
   std::string name;            // Hugging Face name, e.g. model.layers.0.self_attn.q_proj.weight

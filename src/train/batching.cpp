@@ -37,8 +37,7 @@ MicroBatch make_micro_batch(const std::vector<const Example*>& rows) {
 }
 
 std::vector<std::vector<int64_t>> epoch_micro_batches(int64_t num_rows, int64_t batch_size,
-                                                      uint64_t seed, int64_t epoch,
-                                                      bool shuffle) {
+                                                      uint64_t seed, int64_t epoch, bool shuffle) {
   std::vector<int64_t> order(num_rows);
   std::iota(order.begin(), order.end(), 0);
   if (shuffle) {

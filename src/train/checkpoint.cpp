@@ -140,12 +140,17 @@ fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
 fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
                          const ModelConfig& config, const CheckpointTensors& t,
                          const nlohmann::json& training_args, const fs::path& source_dir) {
-  LT_CHECK(t.table && t.params && t.moments);
+  LT_CHECK(t.moments && (t.lora ? t.adapter && t.moments_size : t.table && t.params));
   auto write_weights = [&](const fs::path& tmp) {
-    save_model(tmp, config, *t.table, t.params, DType::kF32, source_dir);
+    if (t.lora) {
+      save_adapter_tensors(tmp, config, *t.lora, *t.adapter, source_dir.string());
+      write_file_atomic(tmp / "config.json", model_config_to_json(config).dump(2) + "\n");
+    } else {
+      save_model(tmp, config, *t.table, t.params, DType::kF32, source_dir);
+    }
   };
-  return write_checkpoint(output_dir, st, write_weights, t.moments, t.table->total_numel(),
-                          t.optimizer_step, training_args);
+  return write_checkpoint(output_dir, st, write_weights, t.moments, t.size(), t.optimizer_step,
+                          training_args);
 }
 
 std::vector<fs::path> list_checkpoints(const fs::path& output_dir) {
@@ -275,12 +280,14 @@ CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config, 
 
 CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config,
                                 CheckpointTensors* t) {
-  LT_CHECK(t && t->table && t->params && t->moments);
+  LT_CHECK(t && t->moments && (t->lora ? t->adapter && t->moments_size : t->table && t->params));
   auto load_weights_from = [&](const fs::path& d) {
-    load_weights(CheckpointReader(d), *t->table, t->params);
+    if (t->lora)
+      *t->adapter = read_adapter_tensors(d, config, *t->lora);
+    else
+      load_weights(CheckpointReader(d), *t->table, t->params);
   };
-  return read_checkpoint(dir, config, load_weights_from, t->moments, t->table->total_numel(),
-                         &t->optimizer_step);
+  return read_checkpoint(dir, config, load_weights_from, t->moments, t->size(), &t->optimizer_step);
 }
 
 }  // namespace lt

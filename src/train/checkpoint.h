@@ -48,13 +48,19 @@ std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       const std::filesystem::path& source_dir);
 
 // The tensors of a checkpoint when no single LlamaModel + AdamW holds them: a distributed run
-// (src/dist/zero.h) gathers the whole parameter block and the AdamW moments into host memory.
-// Full fine-tuning; both in ParamTable layout (the layout AdamW over model.trainable() uses).
+// (src/dist/parallel.h) gathers them into host memory in the one-process layouts.
+//  - Full fine-tuning: the whole parameter block in `table` layout, moments in the same layout.
+//  - LoRA (`lora` set): the adapter's trainable tensors by name (read_adapter_tensors' keys),
+//    moments in LlamaModel::trainable_layout order (the layout AdamW over trainable() uses).
 struct CheckpointTensors {
   const ParamTable* table = nullptr;
-  float* params = nullptr;   // (P) f32, P = table->total_numel()
-  float* moments = nullptr;  // (2P) f32: exp_avg then exp_avg_sq
+  float* params = nullptr;  // (P) f32, P = table->total_numel()
+  const LoraSpec* lora = nullptr;
+  NamedTensors* adapter = nullptr;
+  float* moments = nullptr;  // (2 x moments_size) f32: exp_avg then exp_avg_sq
+  int64_t moments_size = 0;  // per moment; 0: table->total_numel()
   int64_t optimizer_step = 0;
+  int64_t size() const { return moments_size ? moments_size : table->total_numel(); }
 };
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       const CheckpointState& state, const ModelConfig& config,

@@ -16,17 +16,22 @@ ScheduleType parse_schedule(const std::string& name) {
   if (name == "constant_with_warmup") return ScheduleType::kConstantWithWarmup;
   if (name == "linear") return ScheduleType::kLinear;
   if (name == "cosine") return ScheduleType::kCosine;
-  fail("--lr_scheduler_type: '{}' is not supported; allowed: constant, constant_with_warmup, "
-       "linear, cosine",
-       name);
+  fail(
+      "--lr_scheduler_type: '{}' is not supported; allowed: constant, constant_with_warmup, "
+      "linear, cosine",
+      name);
 }
 
 std::string schedule_name(ScheduleType t) {
   switch (t) {
-    case ScheduleType::kConstant: return "constant";
-    case ScheduleType::kConstantWithWarmup: return "constant_with_warmup";
-    case ScheduleType::kLinear: return "linear";
-    case ScheduleType::kCosine: return "cosine";
+    case ScheduleType::kConstant:
+      return "constant";
+    case ScheduleType::kConstantWithWarmup:
+      return "constant_with_warmup";
+    case ScheduleType::kLinear:
+      return "linear";
+    case ScheduleType::kCosine:
+      return "cosine";
   }
   return "?";
 }
@@ -36,7 +41,8 @@ double lr_multiplier(ScheduleType t, int64_t step, int64_t warmup, int64_t total
   if (t == ScheduleType::kConstant) return 1.0;
   if (step < warmup) return s / static_cast<double>(std::max<int64_t>(1, warmup));
   switch (t) {
-    case ScheduleType::kConstantWithWarmup: return 1.0;
+    case ScheduleType::kConstantWithWarmup:
+      return 1.0;
     case ScheduleType::kLinear:
       return std::max(0.0, static_cast<double>(total - step) /
                                static_cast<double>(std::max<int64_t>(1, total - warmup)));
@@ -45,7 +51,8 @@ double lr_multiplier(ScheduleType t, int64_t step, int64_t warmup, int64_t total
                               static_cast<double>(std::max<int64_t>(1, total - warmup));
       return std::max(0.0, 0.5 * (1.0 + std::cos(std::numbers::pi * 0.5 * 2.0 * progress)));
     }
-    default: return 1.0;
+    default:
+      return 1.0;
   }
 }
 

@@ -22,8 +22,8 @@ struct ScheduleSettings {
 };
 
 struct StepResult {
-  double loss = 0;        // sum of token CE / labelled tokens of the step (what HF logs)
-  double grad_norm = 0;   // before clipping
+  double loss = 0;       // sum of token CE / labelled tokens of the step (what HF logs)
+  double grad_norm = 0;  // before clipping
   double learning_rate = 0;
   int64_t num_items = 0;  // labelled tokens of the step
   int64_t tokens = 0;     // all tokens of the step
@@ -66,11 +66,11 @@ struct TrainOptions {
   bool train_on_inputs = false;
   bool packing = false;
   std::string chat_template;
-  int64_t max_train_samples = 0;    // 0 = all; else only the data file's first N rows
-  std::filesystem::path cache_dir;  // token cache ("" = $LONGTUNE_CACHE or ~/.cache/longtune)
-  std::string save_dtype;  // "" = as loaded; f32, bf16, f16
+  int64_t max_train_samples = 0;        // 0 = all; else only the data file's first N rows
+  std::filesystem::path cache_dir;      // token cache ("" = $LONGTUNE_CACHE or ~/.cache/longtune)
+  std::string save_dtype;               // "" = as loaded; f32, bf16, f16
   std::string max_shard_size = "50GB";  // transformers' spelling (io/safetensors.h)
-  LoraOptions lora;        // LoRA / QLoRA (cli/lora_flags.cpp); the adapter is saved, not the model
+  LoraOptions lora;  // LoRA / QLoRA (cli/lora_flags.cpp); the adapter is saved, not the model
 
   // The trainer as a product (trainer_loop.h): evaluation, checkpoints, tracking, progress.
   std::filesystem::path eval_data_path;
@@ -79,12 +79,12 @@ struct TrainOptions {
   int64_t eval_steps = 0;                  // 0: logging_steps (as HF)
   std::string save_strategy = "steps";     // no, steps, epoch
   int64_t save_steps = 500;
-  int64_t save_total_limit = 0;            // 0: keep every checkpoint
-  std::string resume_from_checkpoint;      // "", a checkpoint folder, or "latest"
-  std::string report_to = "tensorboard";   // comma list: tensorboard, mlflow, none, all
-  std::string run_name;                    // MLflow run name (default: output_dir's name)
-  std::filesystem::path logging_dir;       // TensorBoard folder (default output_dir/runs/<time>_<host>)
-  bool disable_tqdm = false;               // plain log lines even on a terminal
+  int64_t save_total_limit = 0;           // 0: keep every checkpoint
+  std::string resume_from_checkpoint;     // "", a checkpoint folder, or "latest"
+  std::string report_to = "tensorboard";  // comma list: tensorboard, mlflow, none, all
+  std::string run_name;                   // MLflow run name (default: output_dir's name)
+  std::filesystem::path logging_dir;  // TensorBoard folder (default output_dir/runs/<time>_<host>)
+  bool disable_tqdm = false;          // plain log lines even on a terminal
   // Every flag's value as given or defaulted (training_args.json, MLflow params).
   std::map<std::string, std::string> flag_values;
   DistOptions dist;  // multi-process runs (src/dist, flags in src/cli/dist_flags.cpp)

@@ -14,6 +14,7 @@
 #include "data/token_cache.h"
 #include "dist/comm.h"
 #include "dist/ds_config.h"
+#include "dist/parallel.h"
 #include "dist/zero.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
@@ -109,11 +110,8 @@ void Trainer::init_dist() {
   world_size_ = world_->size();
   rank_ = world_->rank();
   if (rank_ != 0 && !o_.dist.log_all_ranks) std::freopen("/dev/null", "w", stdout);
-  if (o_.dist.sequence_parallel_size != 1 || o_.dist.pipeline_parallel_size != 1 ||
-      o_.dist.fpdt_chunk_size != 0)
-    fail(
-        "--sequence_parallel_size, --pipeline_parallel_size and --fpdt_chunk_size are not "
-        "implemented yet (use 1, 1 and 0)");
+  layout_ = ParallelLayout::make(world_size_, rank_, o_.dist.sequence_parallel_size,
+                                 o_.dist.pipeline_parallel_size);
   apply_fsdp(&o_);
 }
 
@@ -182,18 +180,22 @@ void Trainer::validate() {
   // ---- dist: DeepSpeed config (HF "auto" rules) and the ZeRO settings of this run ----
   if (!o_.dist.deepspeed.empty())
     for (const auto& note :
-         apply_deepspeed_config_file(o_.dist.deepspeed, world_size_, config_.hidden_size, &o_))
+         apply_deepspeed_config_file(o_.dist.deepspeed, replicas(), config_.hidden_size, &o_))
       fmt::print("{}\n", note);
-  distributed_ = world_size_ > 1 || o_.dist.zero_stage > 0;
-  if (distributed_ && lora_.enabled)
-    fail(
-        "--use_peft_lora with --deepspeed/--fsdp/mpirun is not supported yet (the ZeRO engine "
-        "shards the full parameter block, not the LoRA trainable set); run LoRA in one process");
+  distributed_ = world_size_ > 1 || o_.dist.zero_stage > 0 || o_.dist.fpdt_chunk_size > 0;
   if (distributed_) {
     const ZeroSettings z = zero_settings(o_.dist);
-    fmt::print("distributed: {} ranks ({}), ZeRO stage {}{}{}\n", world_size_, world_->backend(),
+    fmt::print("distributed: {} ({}), ZeRO stage {}{}{}{}\n", layout_.describe(), world_->backend(),
                z.stage, z.offload_optimizer ? ", optimizer offload" : "",
-               z.offload_params ? ", parameter offload" : "");
+               z.offload_params ? ", parameter offload" : "",
+               o_.dist.fpdt_chunk_size > 0
+                   ? fmt::format(", FPDT chunks of {} tokens", o_.dist.fpdt_chunk_size)
+                   : "");
+    if (lora_.enabled && z.stage >= 1 && z.stage <= 2)
+      fmt::print(
+          "note: --use_peft_lora with ZeRO stage {}: the adapter and its optimizer state are "
+          "small and stay replicated on every rank (gradients are all-reduced)\n",
+          z.stage);
   }
 }
 
@@ -241,7 +243,7 @@ void Trainer::load_data() {
   }
   const int64_t B = o_.per_device_train_batch_size, G = o_.gradient_accumulation_steps;
   const int64_t rows = static_cast<int64_t>(train_data_.rows.size());
-  const int64_t global_b = B * world_size_;  // rows of one micro-batch over all ranks
+  const int64_t global_b = B * replicas();  // rows of one micro-batch over all replicas
   const int64_t micro_per_epoch = (rows + global_b - 1) / global_b;
   steps_per_epoch_ = std::max<int64_t>(1, (micro_per_epoch + G - 1) / G);
   total_steps_ = o_.max_steps > 0
@@ -263,13 +265,21 @@ void Trainer::setup_model() {
   if (has_eval_)
     max_tokens = std::max(max_tokens,
                           max_micro_batch_tokens(eval_data_.rows, o_.per_device_eval_batch_size));
-  settings_from_options(o_, config_, max_tokens, &rs);
   rs.lora = lora_;
-  const ZeroSettings zero = zero_settings(o_.dist);
-  if (distributed_) ZeroEngine::adjust_run_settings(zero, &rs);
+  ParallelSettings ps;
+  ps.zero = zero_settings(o_.dist);
+  ps.optimizer = o_.optimizer;
+  ps.fpdt_chunk = o_.dist.fpdt_chunk_size;
+  ps.micro_per_step = o_.gradient_accumulation_steps;
+  ps.max_tokens = max_tokens;
+  ps.timeout_seconds = o_.dist.dist_timeout;
+  // Mini-sequence chunks for the tokens this rank runs (its share of a sequence).
+  settings_from_options(
+      o_, config_, distributed_ ? ParallelEngine::local_max_tokens(layout_, ps) : max_tokens, &rs);
+  if (distributed_) ParallelEngine::adjust_run_settings(config_, layout_, ps, &rs);
   LlamaModel::plan(config_, rs, &plan_);
   if (distributed_)
-    ZeroEngine::plan(config_, zero, world_size_, rank_, &plan_);
+    ParallelEngine::plan(config_, rs, layout_, ps, &plan_);
   else
     AdamW::plan(LlamaModel::trainable_numel(config_, rs), &plan_);
   const ParamTable table(config_);
@@ -291,10 +301,16 @@ void Trainer::setup_model() {
   backend_ = make_backend(o_.device);
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
   if (distributed_) {  // every rank reads the checkpoint and keeps its part
-    engine_ = std::make_unique<ZeroEngine>(*model_, *backend_, *world_, zero, o_.optimizer);
-    std::vector<float> full(model_->table().total_numel());
-    load_weights(reader, model_->table(), full.data());
-    engine_->load_full(full.data());
+    engine_ = std::make_unique<ParallelEngine>(*model_, *backend_, *world_, layout_, ps);
+    if (!lora_.enabled) {
+      const ParamTable whole(config_);
+      std::vector<float> full(whole.total_numel());
+      load_weights(reader, whole, full.data());
+      engine_->load_params(full.data());
+      return;
+    }
+    load_base_weights(reader, *model_);  // this stage's tensors (NF4 where quantized)
+    engine_->load_trainable(initial_adapter(reader));
     return;
   }
   if (lora_.enabled) {
@@ -312,18 +328,49 @@ void Trainer::setup_model() {
   optimizer_ = std::make_unique<AdamW>(model_->trainable(), *backend_, o_.optimizer);
 }
 
+// The adapter a LoRA run starts from, whole-model and by trainable name: --adapter_name_or_path,
+// or PEFT's initialisation (seeded, the same values as one process) with the base tensors that
+// also train as the base model has them.
+NamedTensors Trainer::initial_adapter(const CheckpointReader& reader) const {
+  if (!o_.lora.adapter_name_or_path.empty())
+    return read_adapter_tensors(o_.lora.adapter_name_or_path, config_, lora_);
+  NamedTensors t;
+  const LoraTable lora(config_, lora_);
+  std::vector<float> init(lora.total_numel());
+  init_lora_weights(lora, o_.seed, init.data());
+  for (const auto& x : lora.tensors())
+    t[x.name].assign(init.begin() + x.offset, init.begin() + x.offset + x.numel);
+  const ParamTable whole(config_);
+  for (const auto& p : whole.params())
+    if (LlamaModel::base_trains(lora_, p.name)) {
+      auto& v = t[p.name];
+      v.resize(p.numel);
+      reader.read_f32(p.name, p.shape, v.data());
+    }
+  return t;
+}
+
 // 4. Resume: weights, moments, schedule position, data position and log history.
 void Trainer::resume() {
   const fs::path dir = resolve_checkpoint(o_.resume_from_checkpoint, o_.output_dir);
   CheckpointState st;
   if (engine_) {  // every rank reads the whole checkpoint and keeps its part
-    const int64_t P = model_->table().total_numel();
-    std::vector<float> params(P), moments(2 * P);
-    CheckpointTensors t{&model_->table(), params.data(), moments.data(), 0};
+    const ParamTable whole(config_);
+    std::vector<float> params(lora_.enabled ? 0 : whole.total_numel()),
+        moments(2 * engine_->moments_size());
+    NamedTensors adapter;
+    CheckpointTensors t;
+    t.table = &whole;
+    t.params = params.data();
+    if (lora_.enabled) t.lora = &lora_, t.adapter = &adapter;
+    t.moments = moments.data();
+    t.moments_size = engine_->moments_size();
     st = load_checkpoint(dir, config_, &t);
-    engine_->load_full(params.data());
-    engine_->load_moments(moments.data());
-    engine_->set_steps_done(t.optimizer_step);
+    if (lora_.enabled)
+      engine_->load_trainable(adapter);
+    else
+      engine_->load_params(params.data());
+    engine_->load_moments(moments.data(), t.optimizer_step);
   } else {
     st = load_checkpoint(dir, config_, *model_, *optimizer_);
   }
@@ -348,7 +395,7 @@ void Trainer::resume() {
         "continues with {} (warmup {}) as its flags say\n",
         schedule_name(st.schedule.type), st.schedule.warmup_steps, schedule_name(schedule_.type),
         schedule_.warmup_steps);
-  const int64_t global_batch = o_.per_device_train_batch_size * world_size_;
+  const int64_t global_batch = o_.per_device_train_batch_size * replicas();
   if (st.trainer_state.train_batch_size != global_batch)
     fmt::print(
         "note: the checkpoint was trained with {} rows per micro-batch over all ranks and this "
@@ -400,7 +447,7 @@ void Trainer::open_sinks() {
   state_.logging_steps = o_.logging_steps;
   state_.eval_steps = o_.eval_steps;
   state_.save_steps = o_.save_steps;
-  state_.train_batch_size = o_.per_device_train_batch_size * world_size_;
+  state_.train_batch_size = o_.per_device_train_batch_size * replicas();
   state_.num_train_epochs =
       static_cast<int64_t>(std::ceil(static_cast<double>(total_steps_) / steps_per_epoch_));
 }
@@ -414,15 +461,16 @@ double Trainer::epoch_float() const {
 std::vector<MicroBatch> Trainer::next_step_batches() {
   if (epoch_batches_.empty())
     epoch_batches_ =
-        epoch_micro_batches(position_.num_rows, o_.per_device_train_batch_size * world_size_,
+        epoch_micro_batches(position_.num_rows, o_.per_device_train_batch_size * replicas(),
                             position_.shuffle_seed, position_.epoch);
   std::vector<MicroBatch> micro;
   const size_t end =
       std::min(epoch_batches_.size(),
                static_cast<size_t>(position_.micro_batch_index + o_.gradient_accumulation_steps));
   for (size_t j = position_.micro_batch_index; j < end; ++j) {
-    std::vector<const Example*> rows;  // this rank's share: r, r + W, ... (all of it for W = 1)
-    for (size_t k = rank_; k < epoch_batches_[j].size(); k += world_size_)
+    // This replica's share: d, d + replicas, ... (all of it for one replica).
+    std::vector<const Example*> rows;
+    for (size_t k = size_t(layout_.replica()); k < epoch_batches_[j].size(); k += replicas())
       rows.push_back(&train_data_.rows[epoch_batches_[j][k]]);
     rows_seen_ += static_cast<int64_t>(epoch_batches_[j].size());
     micro.push_back(make_micro_batch(rows));
@@ -464,8 +512,35 @@ void Trainer::log_train_window(double wall_time) {
   t_window_ = std::chrono::steady_clock::now();
 }
 
+EvalResult Trainer::evaluate_distributed() {
+  // Micro-batches of per_device_eval_batch_size x replicas rows in dataset order, split over
+  // the replicas as training splits them; every rank runs the same number of passes.
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto batches =
+      epoch_micro_batches(int64_t(eval_data_.rows.size()),
+                          o_.per_device_eval_batch_size * replicas(), 0, 0, /*shuffle=*/false);
+  std::vector<MicroBatch> micro;
+  EvalResult e;
+  for (const auto& b : batches) {
+    std::vector<const Example*> rows;
+    for (size_t k = size_t(layout_.replica()); k < b.size(); k += replicas())
+      rows.push_back(&eval_data_.rows[b[k]]);
+    for (int64_t i : b) e.num_tokens += int64_t(eval_data_.rows[i].input_ids.size());
+    micro.push_back(make_micro_batch(rows));
+  }
+  const auto [loss_sum, targets] = engine_->eval_loss(micro);
+  e.num_targets = targets;
+  e.num_rows = int64_t(eval_data_.rows.size());
+  e.loss = targets > 0 ? loss_sum / double(targets) : 0.0;
+  e.perplexity = std::exp(e.loss);
+  e.runtime_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return e;
+}
+
 void Trainer::evaluate() {
-  const EvalResult e = evaluate_loss(*model_, eval_data_.rows, o_.per_device_eval_batch_size);
+  const EvalResult e = engine_
+                           ? evaluate_distributed()
+                           : evaluate_loss(*model_, eval_data_.rows, o_.per_device_eval_batch_size);
   LogRecord r;
   r.kind = LogRecord::Kind::kEval;
   r.step = step_;
@@ -497,13 +572,22 @@ void Trainer::save() {
   state_.epoch = epoch_float();
   CheckpointState st{step_, state_, position_, schedule_};
   std::string msg;
-  if (engine_) {  // gathered on every rank (collectives), written by rank 0
-    const int64_t P = model_->table().total_numel();
-    std::vector<float> params(P), moments(2 * P);
-    engine_->gather_full(params.data());
-    engine_->gather_moments(moments.data());
-    const CheckpointTensors t{&model_->table(), params.data(), moments.data(),
-                              engine_->steps_done()};
+  if (engine_) {  // gathered by collectives, written by rank 0
+    const ParamTable whole(config_);
+    std::vector<float> params(lora_.enabled ? 0 : whole.total_numel()),
+        moments(2 * engine_->moments_size());
+    NamedTensors adapter;
+    if (lora_.enabled)
+      adapter = engine_->gather_trainable();
+    else
+      engine_->gather_params(params.data());
+    CheckpointTensors t;
+    t.table = &whole;
+    t.params = params.data();
+    if (lora_.enabled) t.lora = &lora_, t.adapter = &adapter;
+    t.moments = moments.data();
+    t.moments_size = engine_->moments_size();
+    t.optimizer_step = engine_->gather_moments(moments.data());
     last_checkpoint_ = o_.output_dir / fmt::format("checkpoint-{}", step_);
     on_main_rank(
         [&] {
@@ -636,20 +720,29 @@ TrainOutcome Trainer::train() {
     finish("KILLED");
   } else {
     finish("FINISHED");
-    if (engine_) {  // sharded runs are gathered and saved as one model by rank 0
-      std::vector<float> full(model_->table().total_numel());
-      engine_->gather_full(full.data());
+    if (engine_ && lora_.enabled) {  // the adapter, gathered from the stages, by rank 0
+      const NamedTensors adapter = engine_->gather_trainable();
       on_main_rank(
           [&] {
-            save_model(o_.output_dir, config_, model_->table(), full.data(), save_dtype_,
-                       model_dir_, max_shard_bytes_);
+            save_adapter_tensors(o_.output_dir, config_, lora_, adapter,
+                                 o_.model_name_or_path.string());
+          },
+          "saving the adapter");
+    } else if (engine_) {  // sharded runs are gathered and saved as one model by rank 0
+      const ParamTable whole(config_);
+      std::vector<float> full(whole.total_numel());
+      engine_->gather_params(full.data());
+      on_main_rank(
+          [&] {
+            save_model(o_.output_dir, config_, whole, full.data(), save_dtype_, model_dir_,
+                       max_shard_bytes_);
           },
           "saving the model");
     } else if (lora_.enabled) {  // the adapter only, in PEFT's format (longtune merge: full model)
       save_adapter(o_.output_dir, *model_, o_.model_name_or_path.string());
     } else {
-      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_,
-                 model_dir_, max_shard_bytes_);
+      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_, model_dir_,
+                 max_shard_bytes_);
     }
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start_).count();

@@ -14,9 +14,12 @@
 #include "backend/backend.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
+#include "dist/parallel.h"
+#include "io/safetensors.h"
 #include "model/config.h"
 #include "model/llama.h"
 #include "train/checkpoint.h"
+#include "train/evaluate.h"
 #include "train/logging/log_sink.h"
 #include "train/logging/metrics_jsonl.h"
 #include "train/logging/progress.h"
@@ -26,7 +29,7 @@
 namespace lt {
 
 class Communicator;
-class ZeroEngine;
+class ParallelEngine;
 
 enum class Strategy { kNo, kSteps, kEpoch };
 
@@ -51,10 +54,12 @@ class Trainer {
   void load_data();
   void setup_model();
   void resume();
+  NamedTensors initial_adapter(const CheckpointReader& reader) const;
   void open_sinks();
   std::vector<MicroBatch> next_step_batches();  // advances the data position
   void log_train_window(double wall_time);
   void evaluate();
+  EvalResult evaluate_distributed();
   void save();
   void emit(const LogRecord& r);
   void finish(const std::string& status);
@@ -81,12 +86,15 @@ class Trainer {
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<AdamW> optimizer_;  // single process; the engine holds it otherwise
 
-  // ---- dist: data parallel over world_ (src/dist); rows of a global micro-batch of
-  // world_size x B are dealt out by rank (r, r + W, ...) ----
+  // ---- dist: world_ = data x sequence x pipeline (src/dist/parallel.h); rows of a global
+  // micro-batch of replicas x B are dealt out by replica (d, d + replicas, ...); the ranks of
+  // a replica (its sequence and pipeline ranks) share the same rows ----
   std::unique_ptr<Communicator> world_;
   int world_size_ = 1, rank_ = 0;
-  bool distributed_ = false;  // world_size_ > 1 or a ZeRO stage: steps go through engine_
-  std::unique_ptr<ZeroEngine> engine_;
+  ParallelLayout layout_;
+  bool distributed_ = false;  // several ranks, a ZeRO stage or FPDT: steps go through engine_
+  std::unique_ptr<ParallelEngine> engine_;
+  int replicas() const { return layout_.dp; }
 
   // Position: global step and where the data stream stands.
   int64_t step_ = 0, first_step_ = 0;

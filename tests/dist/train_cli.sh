@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# `longtune train` under mpirun (2 ranks, per-device batch 2) against one process with batch 4:
-# the logged loss and grad_norm of every step agree (4 decimals), only rank 0 prints, rank 0
-# saves one model; a sharded run resumes from its own checkpoint; LoRA over MPI is refused with a
-# clear error. Usage: train_cli.sh LONGTUNE MPIRUN REPO_ROOT
+# `longtune train` under mpirun (2 ranks) against one process with the same global batch: the
+# logged loss and grad_norm of every step agree (4 decimals) for data parallel with ZeRO,
+# sequence parallel (Ulysses, FPDT), pipeline stages, and LoRA / QLoRA over data parallel and
+# pipeline stages; only rank 0 prints and saves; checkpoints resume on their own and on other
+# layouts; an impossible layout is a clear error. Usage: train_cli.sh LONGTUNE MPIRUN REPO_ROOT
 set -euo pipefail
 longtune=$1 mpirun=$2 root=$3
 work=$(mktemp -d)
@@ -36,7 +37,8 @@ for variant in "--deepspeed ds.json" "--fsdp shard_grad_op"; do
     echo "FAIL ($variant): steps differ"; paste <(steps one.log) <(steps two.log); status=1
   fi
   if [ "$(grep -c '^step 1/' two.log)" != 1 ]; then echo "FAIL: not only rank 0 logged"; status=1; fi
-  grep -q "distributed: 2 ranks (mpi)" two.log || { echo "FAIL: not distributed"; status=1; }
+  grep -q "distributed: 2 ranks = 2 data-parallel x 1 sequence-parallel x 1 pipeline (mpi)" two.log ||
+    { echo "FAIL: not distributed"; status=1; }
   [ -f two/model.safetensors ] || { echo "FAIL: no saved model"; status=1; }
   echo "$variant:"; steps two.log
 done
@@ -48,11 +50,63 @@ if [ "$(steps one.log | tail -n 2)" != "$(steps resumed.log)" ]; then
   echo "FAIL (resume): steps differ"; paste <(steps one.log | tail -n 2) <(steps resumed.log); status=1
 fi
 grep -q "resumed from two/checkpoint-2" resumed.log || { echo "FAIL: did not resume"; status=1; }
-# LoRA over MPI: a UserError naming the flags, not a crash.
-if "$mpirun" --oversubscribe -np 2 "$longtune" "${common[@]}" --output_dir lora \
-    --per_device_train_batch_size 2 --use_peft_lora True > lora.log 2>&1; then
-  echo "FAIL: LoRA over MPI ran"; status=1
+# Sequence and pipeline parallelism from the command line: one replica of 4 rows per
+# micro-batch over 2 ranks gives the one-process steps.
+for variant in "--sequence_parallel_size 2" "--sequence_parallel_size 2 --fpdt_chunk_size 16" \
+               "--pipeline_parallel_size 2" "--pipeline_parallel_size 2 --deepspeed ds1.json"; do
+  [ -f ds1.json ] || echo '{"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": "auto"}' > ds1.json
+  # shellcheck disable=SC2086
+  "$mpirun" --oversubscribe -np 2 "$longtune" "${common[@]}" --output_dir layout \
+      --per_device_train_batch_size 4 $variant > layout.log
+  if [ "$(steps one.log)" != "$(steps layout.log)" ]; then
+    echo "FAIL ($variant): steps differ"; paste <(steps one.log) <(steps layout.log); status=1
+  fi
+  grep -q "distributed: 2 ranks = 1 data-parallel" layout.log || { echo "FAIL: layout line"; cat layout.log; status=1; }
+  [ -f layout/model.safetensors ] || { echo "FAIL ($variant): no saved model"; status=1; }
+  echo "$variant:"; steps layout.log
+done
+# A pipeline checkpoint resumes in one process (the checkpoint is the one-process layout).
+rm -rf layout/checkpoint-4
+"$longtune" "${common[@]}" --output_dir layout --per_device_train_batch_size 4 \
+    --resume_from_checkpoint latest > layout_resumed.log
+if [ "$(steps one.log | tail -n 2)" != "$(steps layout_resumed.log)" ]; then
+  echo "FAIL (pipeline checkpoint resumed in one process): steps differ"
+  paste <(steps one.log | tail -n 2) <(steps layout_resumed.log); status=1
 fi
-grep -q "use_peft_lora with --deepspeed/--fsdp/mpirun is not supported yet" lora.log ||
-  { echo "FAIL: no LoRA error"; cat lora.log; status=1; }
+grep -q "resumed from layout/checkpoint-2" layout_resumed.log || { echo "FAIL: did not resume"; status=1; }
+# LoRA and QLoRA: data parallel (ZeRO-2 config: the adapter stays replicated) and pipeline
+# stages give the one-process adapter training; the adapter folder is written once.
+lora=(--use_peft_lora True --lora_r 4 --lora_target_modules all-linear --lora_dropout 0)
+for q in "" "--load_in_4bit True"; do
+  # shellcheck disable=SC2086
+  "$longtune" "${common[@]}" "${lora[@]}" $q --output_dir lora_one --per_device_train_batch_size 4 > lora_one.log
+  for variant in "--per_device_train_batch_size 2 --fsdp shard_grad_op" \
+                 "--per_device_train_batch_size 4 --pipeline_parallel_size 2"; do
+    # shellcheck disable=SC2086
+    "$mpirun" --oversubscribe -np 2 "$longtune" "${common[@]}" "${lora[@]}" $q $variant \
+        --output_dir lora_two > lora_two.log
+    if [ "$(steps lora_one.log)" != "$(steps lora_two.log)" ]; then
+      echo "FAIL (LoRA $q $variant): steps differ"; paste <(steps lora_one.log) <(steps lora_two.log); status=1
+    fi
+    [ -f lora_two/adapter_model.safetensors ] && [ -f lora_two/adapter_config.json ] ||
+      { echo "FAIL (LoRA $q $variant): no adapter folder"; status=1; }
+    echo "LoRA $q $variant:"; steps lora_two.log
+  done
+done
+# The LoRA pipeline run's checkpoint-2 resumes over 2 data-parallel ranks.
+rm -rf lora_two/checkpoint-4
+"$mpirun" --oversubscribe -np 2 "$longtune" "${common[@]}" "${lora[@]}" --load_in_4bit True \
+    --output_dir lora_two --per_device_train_batch_size 2 --resume_from_checkpoint latest > lora_resumed.log
+if [ "$(steps lora_one.log | tail -n 2)" != "$(steps lora_resumed.log)" ]; then
+  echo "FAIL (LoRA resume on another layout): steps differ"
+  paste <(steps lora_one.log | tail -n 2) <(steps lora_resumed.log); status=1
+fi
+grep -q "resumed from lora_two/checkpoint-2" lora_resumed.log || { echo "FAIL: LoRA did not resume"; status=1; }
+# A layout that cannot run is a clear error, not a crash.
+if "$mpirun" --oversubscribe -np 2 "$longtune" "${common[@]}" --output_dir bad \
+    --per_device_train_batch_size 2 --pipeline_parallel_size 2 --fsdp full_shard > bad.log 2>&1; then
+  echo "FAIL: pipeline + ZeRO-3 ran"; status=1
+fi
+grep -q "pipeline stages shard with ZeRO stage 0 or 1 only" bad.log ||
+  { echo "FAIL: no pipeline/ZeRO-3 error"; cat bad.log; status=1; }
 exit $status
