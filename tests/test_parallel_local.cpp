@@ -295,6 +295,8 @@ INSTANTIATE_TEST_SUITE_P(
                       SpCase{4, 2, 11, 2, 0, false, 1},   // sliding window
                       SpCase{4, 2, 0, 2, 16, false, 1},   // FPDT over 2 ranks
                       SpCase{4, 2, 11, 2, 12, true, 2},   // FPDT, window, checkpointing
+                      SpCase{4, 2, 0, 1, 8, true, 4},     // many chunks, MLP sub-chunks
+                      SpCase{4, 2, 7, 2, 8, false, 5},    // FPDT, window, no recompute
                       SpCase{4, 4, 0, 4, 0, false, 1},    // Ulysses over 4
                       SpCase{4, 4, 0, 4, 24, false, 1}),  // FPDT over 4
     [](const auto& info) { return info.param.name(); });

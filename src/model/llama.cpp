@@ -68,21 +68,26 @@ struct LlamaModel::Work {
   int64_t mlp_chunk = 0, lm_chunk = 0;
 };
 
-// Sequence path (Ulysses / FPDT) working buffers, device unless noted. c = this rank's tokens of
-// one chunk (N with Ulysses), Ce = c * P the chunk's tokens, W = H/P * HD, KW = KVH/P * HD.
+// Sequence path working buffers (device unless noted). c = this rank's tokens of one chunk (all
+// of them with Ulysses), Ce = c x P the chunk's tokens, W = H/P x HD, KW = KVH/P x HD.
 struct LlamaModel::SeqWork {
-  int64_t c = 0;                    // most local tokens per chunk
-  bool host_store = false;          // FPDT: the store lives in pinned host memory
-  float *ql, *kl, *vl;              // (c, H*HD), (c, KVH*HD) x2: one chunk's projections
-  float* pack;                      // (c, H*HD) all-to-all send buffer
-  float *q_c, *k_c, *v_c;           // (Ce, W), (Ce, KW) x2: the current chunk in head layout
-  float *o_c, *lse_c;               // (Ce, W), (H/P, Ce): its attention output
-  float *k_s[2], *v_s[2];           // FPDT: K/V of earlier chunks, double-buffered
-  float *o_b, *lse_b;               // FPDT: one block's partial result (merged into o_c, lse_c)
-  float* do_store;                  // (S, W) dL/d(attention output), head layout (store)
-  float* do_c;                      // FPDT: (Ce, W) one chunk of it
-  float *dq_acc, *dk_acc, *dv_acc;  // (S, W) all dq; (Ce, KW) x2 dk, dv of one key chunk
-  float *dq_b, *dk_b, *dv_b;        // FPDT: one block's gradients
+  int64_t c = 0;        // most local tokens per chunk
+  bool fpdt = false;    // FPDT: whole layers chunk by chunk, the store in pinned host memory
+  float *ql, *kl, *vl;  // (c, H*HD), (c, KVH*HD) x2: one chunk's projections
+  float* pack;          // (c, H*HD) all-to-all send buffer
+  // Ulysses backward, head layout over the whole sequence: dL/d(out), dq (S, W), dk, dv (S, KW).
+  float *do_heads, *dq_heads, *dk_heads, *dv_heads;
+  // FPDT, one chunk of the layer's per-token tensors: (c,D) (c) (c,H*HD) (c,D) (c,D) (c).
+  float *attn_in, *attn_rstd, *attn_out, *x_mid, *ffn_in, *ffn_rstd;
+  float *q_c, *k_c, *v_c, *o_c, *lse_c;  // the current chunk in head layout; lse (H/P, Ce)
+  float *k_s[2], *v_s[2];                // K/V of earlier chunks, double-buffered
+  float *o_b, *lse_b;                    // one block's partial result (merged into o_c, lse_c)
+  // FPDT backward: query-chunk sets (double-buffered), one block's gradients, dk / dv of the
+  // key chunk in hand, this rank's tokens' gradients of one chunk.
+  float *q_s[2], *o_s[2], *lse_s[2], *do_s[2], *dq_s[2];
+  float *dq_b, *dk_b, *dv_b, *dk_acc, *dv_acc;
+  float *dattn, *dnorm, *dq_l, *dk_l, *dv_l;  // (c,H*HD) (c,D) (c,H*HD) (c,KVH*HD) x2
+  float *do_store, *dq_store;                 // host: dL/d(out) and dq of every chunk (S, W)
 };
 
 namespace {
@@ -271,11 +276,22 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   // in pinned host memory.
   const bool seq = s.sequence_path();
   const size_t SPD = size_t(s.sp_degree);
-  const bool host_store = s.seq_chunk > 0;
-  const std::string store_arena = host_store ? "sequence_host" : "activations";
+  const std::string store_arena = "activations";
+  const bool fpdt = s.seq_chunk > 0;
   auto declare_acts = [&](const std::string& p) {
     auto a = std::make_unique<LayerActs>();
     const std::string arena = "activations";
+    if (fpdt) {  // FPDT: per-token tensors live per chunk in SeqWork; the store on the host
+      const std::string h = "sequence_host";
+      std::memset(static_cast<void*>(a.get()), 0, sizeof(LayerActs));
+      a->q = b.take(p + "q", N * QD, MemCategory::kAttention, h);
+      a->k = b.take(p + "k", N * KVD, MemCategory::kAttention, h);
+      a->v = b.take(p + "v", N * KVD, MemCategory::kAttention, h);
+      a->o_heads = b.take(p + "o_heads", N * QD, MemCategory::kAttention, h);
+      a->lse = b.take(p + "lse", H * N, MemCategory::kAttention, h);
+      a->attn_out = b.take(p + "attn_out", N * QD, MemCategory::kAttention, h);
+      return a;
+    }
     a->attn_in = b.take(p + "attn_in", N * D, MemCategory::kActivations, arena);
     a->attn_rstd = b.take(p + "attn_rstd", N, MemCategory::kActivations, arena);
     const std::string qa = seq ? store_arena : arena;
@@ -334,11 +350,15 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   w->inv_freq = b.take("inv_freq", HD / 2, MemCategory::kScratch, "scratch");
   w->final_in = b.take("final_in", N * D, MemCategory::kActivations, "activations");
   w->final_rstd = b.take("final_rstd", N, MemCategory::kActivations, "activations");
-  w->mlp_chunk = ceil_div(N, s.mlp_chunks);
+  // FPDT runs the MLP inside each sequence chunk: mini-sequence chunks no longer than that.
+  const int64_t fpdt_rows = fpdt ? std::min<int64_t>(s.seq_chunk / s.sp_degree, int64_t(N)) : 0;
+  const bool chunked_mlp = !save_mlp || fpdt;
+  w->mlp_chunk = fpdt ? std::min(ceil_div(N, s.mlp_chunks), fpdt_rows) : ceil_div(N, s.mlp_chunks);
   w->lm_chunk = ceil_div(N, s.lm_head_chunks);
   const size_t C = w->mlp_chunk;
-  w->gate_c = save_mlp ? nullptr : b.take("mlp.gate_c", C * F, MemCategory::kMlpChunk, "scratch");
-  w->up_c = save_mlp ? nullptr : b.take("mlp.up_c", C * F, MemCategory::kMlpChunk, "scratch");
+  w->gate_c =
+      chunked_mlp ? b.take("mlp.gate_c", C * F, MemCategory::kMlpChunk, "scratch") : nullptr;
+  w->up_c = chunked_mlp ? b.take("mlp.up_c", C * F, MemCategory::kMlpChunk, "scratch") : nullptr;
   w->h_c = b.take("mlp.h_c", C * F, MemCategory::kMlpChunk, "scratch");
   w->lm_scratch = b.take("lm_head.logits", w->lm_chunk * V, MemCategory::kLmHeadChunk, "scratch");
   w->dh_c = w->dgate_c = w->dup_c = w->dres = w->dnorm = nullptr;
@@ -348,11 +368,13 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     w->dgate_c = b.take("mlp.dgate_c", C * F, MemCategory::kMlpChunk, "scratch");
     w->dup_c = b.take("mlp.dup_c", C * F, MemCategory::kMlpChunk, "scratch");
     w->dres = b.take("grad.res", N * D, MemCategory::kScratch, "scratch");
-    w->dnorm = b.take("grad.norm", N * D, MemCategory::kScratch, "scratch");
-    w->dattn = b.take("grad.attn_out", N * QD, MemCategory::kAttention, "scratch");
-    w->dq = b.take("grad.q", N * QD, MemCategory::kAttention, "scratch");
-    w->dk = b.take("grad.k", N * KVD, MemCategory::kAttention, "scratch");
-    w->dv = b.take("grad.v", N * KVD, MemCategory::kAttention, "scratch");
+    if (!fpdt) {  // FPDT keeps these per chunk (SeqWork)
+      w->dnorm = b.take("grad.norm", N * D, MemCategory::kScratch, "scratch");
+      w->dattn = b.take("grad.attn_out", N * QD, MemCategory::kAttention, "scratch");
+      w->dq = b.take("grad.q", N * QD, MemCategory::kAttention, "scratch");
+      w->dk = b.take("grad.k", N * KVD, MemCategory::kAttention, "scratch");
+      w->dv = b.take("grad.v", N * KVD, MemCategory::kAttention, "scratch");
+    }
   }
   w->nf4_weight = w->lora_t = w->lora_u = w->lora_xd = w->lora_dxd = nullptr;
   if (s.lora.quantize_4bit)
@@ -372,45 +394,71 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   out->seq = nullptr;
   if (!seq) return;
   auto q = std::make_unique<SeqWork>();
-  q->host_store = host_store;
-  q->c = host_store ? std::min<int64_t>(s.seq_chunk / s.sp_degree, int64_t(N)) : int64_t(N);
-  const size_t cq = size_t(q->c) * QD, ckv = size_t(q->c) * KVD, cl = size_t(q->c) * H;
-  auto take = [&](const char* name, size_t n) {
-    return b.take(fmt::format("seq.{}", name), n, MemCategory::kAttention, "scratch");
+  std::memset(static_cast<void*>(q.get()), 0, sizeof(SeqWork));
+  q->fpdt = fpdt;
+  q->c = fpdt ? fpdt_rows : int64_t(N);
+  const size_t cr = size_t(q->c), cq = cr * QD, ckv = cr * KVD, cl = cr * H;
+  auto take = [&](const std::string& name, size_t n) {
+    return b.take("seq." + name, n, MemCategory::kAttention, "scratch");
   };
   q->ql = take("q_local", cq);
   q->kl = take("k_local", ckv);
   q->vl = take("v_local", ckv);
   q->pack = take("alltoall", cq);
-  q->q_c = q->k_c = q->v_c = q->o_c = q->lse_c = q->o_b = q->lse_b = nullptr;
-  q->k_s[0] = q->k_s[1] = q->v_s[0] = q->v_s[1] = nullptr;
-  q->do_store = q->do_c = q->dq_acc = q->dk_acc = q->dv_acc = nullptr;
-  q->dq_b = q->dk_b = q->dv_b = nullptr;
-  if (host_store) {  // FPDT: one chunk of everything on the device, two of earlier K/V
-    q->q_c = take("q_chunk", cq);
-    q->k_c = take("k_chunk", ckv);
-    q->v_c = take("v_chunk", ckv);
-    q->o_c = take("out_chunk", cq);
-    q->lse_c = take("lse_chunk", cl);
-    for (int i = 0; i < 2; ++i) {
-      q->k_s[i] = take(i ? "k_prefetch1" : "k_prefetch0", ckv);
-      q->v_s[i] = take(i ? "v_prefetch1" : "v_prefetch0", ckv);
+  if (!fpdt) {
+    if (s.train) {
+      q->do_heads = take("dout_heads", N * QD);
+      q->dq_heads = take("dq_heads", N * QD);
+      q->dk_heads = take("dk_heads", N * KVD);
+      q->dv_heads = take("dv_heads", N * KVD);
     }
-    q->o_b = take("out_block", cq);
-    q->lse_b = take("lse_block", cl);
+    out->seq = std::move(q);
+    return;
   }
+  // FPDT: everything of a layer one chunk at a time; two chunks of earlier K/V (and, in
+  // backward, of the query-side tensors) so that the next one is read while this one runs.
+  auto act = [&](const std::string& name, size_t n) {
+    return b.take("seq." + name, n, MemCategory::kActivations, "scratch");
+  };
+  q->attn_in = act("attn_in", cr * D);
+  q->attn_rstd = act("attn_rstd", cr);
+  q->attn_out = act("attn_out", cq);
+  q->x_mid = act("x_mid", cr * D);
+  q->ffn_in = act("ffn_in", cr * D);
+  q->ffn_rstd = act("ffn_rstd", cr);
+  q->q_c = take("q_chunk", cq);
+  q->k_c = take("k_chunk", ckv);
+  q->v_c = take("v_chunk", ckv);
+  q->o_c = take("out_chunk", cq);
+  q->lse_c = take("lse_chunk", cl);
+  for (int i = 0; i < 2; ++i) {
+    const std::string n = std::to_string(i);
+    q->k_s[i] = take("k_prefetch" + n, ckv);
+    q->v_s[i] = take("v_prefetch" + n, ckv);
+  }
+  q->o_b = take("out_block", cq);
+  q->lse_b = take("lse_block", cl);
   if (s.train) {
-    q->do_store = b.take("seq.dout_heads", N * QD, MemCategory::kAttention,
-                         host_store ? "sequence_host" : "scratch");
-    q->dq_acc = take("dq_heads", N * QD);
-    q->dk_acc = take("dk_heads", ckv);
-    q->dv_acc = take("dv_heads", ckv);
-    if (host_store) {
-      q->do_c = take("dout_chunk", cq);
-      q->dq_b = take("dq_block", cq);
-      q->dk_b = take("dk_block", ckv);
-      q->dv_b = take("dv_block", ckv);
+    for (int i = 0; i < 2; ++i) {
+      const std::string n = std::to_string(i);
+      q->q_s[i] = take("q_prefetch" + n, cq);
+      q->o_s[i] = take("out_prefetch" + n, cq);
+      q->lse_s[i] = take("lse_prefetch" + n, cl);
+      q->do_s[i] = take("dout_prefetch" + n, cq);
+      q->dq_s[i] = take("dq_prefetch" + n, cq);
     }
+    q->dq_b = take("dq_block", cq);
+    q->dk_b = take("dk_block", ckv);
+    q->dv_b = take("dv_block", ckv);
+    q->dk_acc = take("dk_chunk", ckv);
+    q->dv_acc = take("dv_chunk", ckv);
+    q->dattn = take("grad.attn_out", cq);
+    q->dnorm = act("grad.norm", cr * D);
+    q->dq_l = take("grad.q", cq);
+    q->dk_l = take("grad.k", ckv);
+    q->dv_l = take("grad.v", ckv);
+    q->do_store = b.take("seq.dout_heads", N * QD, MemCategory::kAttention, "sequence_host");
+    q->dq_store = b.take("seq.dq_heads", N * QD, MemCategory::kAttention, "sequence_host");
   }
   out->seq = std::move(q);
 }
@@ -701,6 +749,7 @@ void LlamaModel::prepare(const MicroBatch& mb, int64_t slot_index, bool training
 }
 
 void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
+  if (seq_ && seq_->fpdt) return fpdt_forward(l, a, pass);
   const ModelConfig& c = config_;
   const LayerWeights& w = w_.layers[l];
   const auto& sl = lin_[l];
@@ -756,6 +805,7 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
 }
 
 void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
+  if (seq_ && seq_->fpdt) return fpdt_backward(l, a, dres);
   const ModelConfig& c = config_;
   const LayerWeights& w = w_.layers[l];
   const LayerWeights& g = g_.layers[l];
@@ -838,79 +888,38 @@ void LlamaModel::from_heads(float* dst, const float* src, int64_t c, int64_t wid
 }
 
 const float* LlamaModel::fetch_chunk(const float* store, int64_t i, int64_t n, float* stage) {
-  if (!seq_->host_store) return store + i * n;
   be_.copy_to_device_async(stage, store + i * n, size_t(n) * 4);
   return stage;
 }
 
 void LlamaModel::put_chunk(float* store, int64_t i, int64_t n, const float* dev) {
-  if (seq_->host_store) be_.copy_to_host_async(store + i * n, dev, size_t(n) * 4);
+  be_.copy_to_host_async(store + i * n, dev, size_t(n) * 4);
 }
 
+// DeepSpeed-Ulysses: q/k/v of all this rank's tokens, all-to-all to the whole sequence for H/P
+// heads (kept on the device), attention, all-to-all of the output back.
 void LlamaModel::seq_attention_forward(int64_t l, LayerActs& a) {
   const ModelConfig& cf = config_;
   SeqWork& q = *seq_;
   const Slot& ms = slot();
   const auto& sl = lin_[l];
   const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
-  const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, D = cf.hidden_size, half = HD / 2;
-  const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
+  const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
   AttentionShape whole{
-      1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
-  for (int64_t i = 0; i < u; ++i) {
-    const int64_t r0 = i * c;
-    if (q.host_store) be_.wait_copies();  // the previous chunk's stores have left the buffers
-    project(q.ql, a.attn_in + r0 * D, sl[int(Proj::kQ)], c, l, r0);
-    project(q.kl, a.attn_in + r0 * D, sl[int(Proj::kK)], c, l, r0);
-    project(q.vl, a.attn_in + r0 * D, sl[int(Proj::kV)], c, l, r0);
-    be_.rope_forward(q.ql, q.ql, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
-    be_.rope_forward(q.kl, q.kl, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
-    float* qi = q.host_store ? q.q_c : a.q + i * Ce * W;
-    float* ki = q.host_store ? q.k_c : a.k + i * Ce * KW;
-    float* vi = q.host_store ? q.v_c : a.v + i * Ce * KW;
-    to_heads(qi, q.ql, c, QD);
-    to_heads(ki, q.kl, c, KVD);
-    to_heads(vi, q.vl, c, KVD);
-    put_chunk(a.q, i, Ce * W, qi);
-    put_chunk(a.k, i, Ce * KW, ki);
-    put_chunk(a.v, i, Ce * KW, vi);
-    float* oi = q.host_store ? q.o_c : a.o_heads + i * Ce * W;
-    float* li = q.host_store ? q.lse_c : a.lse + i * HP * Ce;
-    if (u == 1) {
-      if (settings_.flash_attention)
-        be_.attention_forward(oi, li, qi, ki, vi, whole);
-      else
-        attention_forward_naive(oi, li, qi, ki, vi, whole);
-    } else {
-      // Query chunk i against key chunks 0..i, merged by online softmax; K/V of the earlier
-      // chunks come back from the store two at a time (the next one is read while this runs).
-      if (i > 0) fetch_chunk(a.k, 0, Ce * KW, q.k_s[0]), fetch_chunk(a.v, 0, Ce * KW, q.v_s[0]);
-      for (int64_t j = 0; j <= i; ++j) {
-        const float *kj = ki, *vj = vi;
-        if (j < i) {
-          be_.wait_copies();
-          kj = q.host_store ? q.k_s[j % 2] : a.k + j * Ce * KW;
-          vj = q.host_store ? q.v_s[j % 2] : a.v + j * Ce * KW;
-          if (j + 1 < i) {
-            fetch_chunk(a.k, j + 1, Ce * KW, q.k_s[(j + 1) % 2]);
-            fetch_chunk(a.v, j + 1, Ce * KW, q.v_s[(j + 1) % 2]);
-          }
-        }
-        AttentionShape s = whole;
-        s.q_begin = i * Ce, s.Tq = Ce, s.k_begin = j * Ce, s.Tk = Ce;
-        if (j == 0) {
-          be_.attention_forward(oi, li, qi, kj, vj, s);
-        } else {
-          be_.attention_forward(q.o_b, q.lse_b, qi, kj, vj, s);
-          be_.attention_merge(oi, li, q.o_b, q.lse_b, Ce, HP, HD);
-        }
-      }
-    }
-    put_chunk(a.o_heads, i, Ce * W, oi);
-    put_chunk(a.lse, i, HP * Ce, li);
-    from_heads(a.attn_out + r0 * QD, oi, c, QD);
-  }
-  if (q.host_store) be_.wait_copies();
+      1, N * P, H / P, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
+  project(q.ql, a.attn_in, sl[int(Proj::kQ)], N, l, 0);
+  project(q.kl, a.attn_in, sl[int(Proj::kK)], N, l, 0);
+  project(q.vl, a.attn_in, sl[int(Proj::kV)], N, l, 0);
+  be_.rope_forward(q.ql, q.ql, ms.rope_cos, ms.rope_sin, N, H, HD);
+  be_.rope_forward(q.kl, q.kl, ms.rope_cos, ms.rope_sin, N, KVH, HD);
+  to_heads(a.q, q.ql, N, QD);
+  to_heads(a.k, q.kl, N, KVD);
+  to_heads(a.v, q.vl, N, KVD);
+  if (settings_.flash_attention)
+    be_.attention_forward(a.o_heads, a.lse, a.q, a.k, a.v, whole);
+  else
+    attention_forward_naive(a.o_heads, a.lse, a.q, a.k, a.v, whole);
+  from_heads(a.attn_out, a.o_heads, N, QD);
 }
 
 void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
@@ -921,65 +930,208 @@ void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
   const auto& sl = lin_[l];
   const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
   const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
-  const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
   AttentionShape whole{
-      1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
-  // dL/d(attention output) of this rank's tokens (k.dattn) into head layout, chunk by chunk.
-  for (int64_t i = 0; i < u; ++i) {
-    if (q.host_store) be_.wait_copies();
-    float* doi = q.host_store ? q.do_c : q.do_store + i * Ce * W;
-    to_heads(doi, k.dattn + i * c * QD, c, QD);
-    put_chunk(q.do_store, i, Ce * W, doi);
-  }
-  if (q.host_store) be_.wait_copies();
-  if (u == 1) {
-    const float* qs = fetch_chunk(a.q, 0, Ce * W, q.q_c);
-    const float* ks = fetch_chunk(a.k, 0, Ce * KW, q.k_s[0]);
-    const float* vs = fetch_chunk(a.v, 0, Ce * KW, q.v_s[0]);
-    const float* os = fetch_chunk(a.o_heads, 0, Ce * W, q.o_c);
-    const float* ls = fetch_chunk(a.lse, 0, HP * Ce, q.lse_c);
-    const float* ds = fetch_chunk(q.do_store, 0, Ce * W, q.do_c);
-    be_.wait_copies();
-    if (settings_.flash_attention)
-      be_.attention_backward(q.dq_acc, q.dk_acc, q.dv_acc, ds, os, ls, qs, ks, vs, whole);
-    else
-      attention_backward_naive(q.dq_acc, q.dk_acc, q.dv_acc, ds, os, ls, qs, ks, vs, whole);
-    from_heads(k.dq, q.dq_acc, c, QD);
-    from_heads(k.dk, q.dk_acc, c, KVD);
-    from_heads(k.dv, q.dv_acc, c, KVD);
-  } else {
-    // FPDT's backward: key chunks outside, the query chunks that see them inside, with the
-    // saved out and lse (no recompute of the attention forward). dq accumulates over key
-    // chunks; dk/dv of key chunk j are complete after its inner loop, and so is dq of chunk j.
-    be_.memset_zero(q.dq_acc, size_t(u * Ce * W) * 4);
-    for (int64_t j = 0; j < u; ++j) {
-      const float* kj = fetch_chunk(a.k, j, Ce * KW, q.k_s[0]);
-      const float* vj = fetch_chunk(a.v, j, Ce * KW, q.v_s[0]);
-      be_.memset_zero(q.dk_acc, size_t(Ce * KW) * 4);
-      be_.memset_zero(q.dv_acc, size_t(Ce * KW) * 4);
-      for (int64_t i = j; i < u; ++i) {
-        const float* qi = fetch_chunk(a.q, i, Ce * W, q.q_c);
-        const float* oi = fetch_chunk(a.o_heads, i, Ce * W, q.o_c);
-        const float* li = fetch_chunk(a.lse, i, HP * Ce, q.lse_c);
-        const float* di = fetch_chunk(q.do_store, i, Ce * W, q.do_c);
-        be_.wait_copies();
-        AttentionShape s = whole;
-        s.q_begin = i * Ce, s.Tq = Ce, s.k_begin = j * Ce, s.Tk = Ce;
-        be_.attention_backward(q.dq_b, q.dk_b, q.dv_b, di, oi, li, qi, kj, vj, s);
-        be_.add_inplace(q.dq_acc + i * Ce * W, q.dq_b, Ce * W);
-        be_.add_inplace(q.dk_acc, q.dk_b, Ce * KW);
-        be_.add_inplace(q.dv_acc, q.dv_b, Ce * KW);
-      }
-      from_heads(k.dq + j * c * QD, q.dq_acc + j * Ce * W, c, QD);
-      from_heads(k.dk + j * c * KVD, q.dk_acc, c, KVD);
-      from_heads(k.dv + j * c * KVD, q.dv_acc, c, KVD);
-    }
-  }
+      1, N * P, H / P, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
+  to_heads(q.do_heads, k.dattn, N, QD);
+  if (settings_.flash_attention)
+    be_.attention_backward(q.dq_heads, q.dk_heads, q.dv_heads, q.do_heads, a.o_heads, a.lse, a.q,
+                           a.k, a.v, whole);
+  else
+    attention_backward_naive(q.dq_heads, q.dk_heads, q.dv_heads, q.do_heads, a.o_heads, a.lse, a.q,
+                             a.k, a.v, whole);
+  from_heads(k.dq, q.dq_heads, N, QD);
+  from_heads(k.dk, q.dk_heads, N, KVD);
+  from_heads(k.dv, q.dv_heads, N, KVD);
   be_.rope_backward(k.dq, k.dq, ms.rope_cos, ms.rope_sin, N, H, HD);
   be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
   project_backward(k.dnorm, sl[int(Proj::kQ)], k.dq, a.attn_in, N, l, 0, Accumulate::kNo);
   project_backward(k.dnorm, sl[int(Proj::kK)], k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
   project_backward(k.dnorm, sl[int(Proj::kV)], k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
+}
+
+// ---- FPDT: whole layers chunk by chunk -----------------------------------------------------
+//
+// This rank holds u chunks x c tokens of a sequence of S = u x Ce tokens, Ce = c x P: its c
+// tokens of chunk i are the sequence's [i Ce + r c, i Ce + (r + 1) c) (src/dist/sequence.h lays
+// the tokens out so), and after the all-to-all chunk i is the contiguous range [i Ce, (i+1) Ce)
+// for this rank's H/P heads. Per chunk i the forward runs the norm, q/k/v, RoPE, the
+// all-to-all, attention of chunk i against chunks 0..i (online softmax; earlier K/V come back
+// from pinned host memory two at a time, the next read while this one runs), the all-to-all
+// back, o_proj and the MLP; only the residual stream is whole. q, k, v, out, lse and this rank's
+// attention output go to the host store. The backward first runs each chunk's MLP and o_proj
+// backward (recomputing their inputs from the store) into dL/d(out), then the attention backward
+// with key chunks outside and the query chunks that see them inside (dq accumulates in the host
+// store), and finishes each key chunk's q/k/v and norm backward as soon as its gradients are
+// complete. The device holds a few chunks of everything and the (N, D) residual gradient.
+
+void LlamaModel::fpdt_forward(int64_t l, LayerActs& a, Pass pass) {
+  const ModelConfig& cf = config_;
+  SeqWork& q = *seq_;
+  Work& k = *work_;
+  const Slot& ms = slot();
+  const LayerWeights& w = w_.layers[l];
+  const auto& sl = lin_[l];
+  const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
+  const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, D = cf.hidden_size, half = HD / 2;
+  const int64_t F = cf.intermediate_size;
+  const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
+  AttentionShape whole{
+      1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
+  for (int64_t i = 0; i < u; ++i) {
+    const int64_t r0 = i * c;
+    const float* x = res(l) + r0 * D;
+    be_.wait_copies();  // the previous chunk's stores have left the chunk buffers
+    be_.rmsnorm_forward(q.attn_in, q.attn_rstd, x, w.attn_norm, c, D, cf.rms_norm_eps);
+    project(q.ql, q.attn_in, sl[int(Proj::kQ)], c, l, r0);
+    project(q.kl, q.attn_in, sl[int(Proj::kK)], c, l, r0);
+    project(q.vl, q.attn_in, sl[int(Proj::kV)], c, l, r0);
+    be_.rope_forward(q.ql, q.ql, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
+    be_.rope_forward(q.kl, q.kl, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
+    to_heads(q.q_c, q.ql, c, QD);
+    to_heads(q.k_c, q.kl, c, KVD);
+    to_heads(q.v_c, q.vl, c, KVD);
+    put_chunk(a.q, i, Ce * W, q.q_c);
+    put_chunk(a.k, i, Ce * KW, q.k_c);
+    put_chunk(a.v, i, Ce * KW, q.v_c);
+    if (i > 0) fetch_chunk(a.k, 0, Ce * KW, q.k_s[0]), fetch_chunk(a.v, 0, Ce * KW, q.v_s[0]);
+    for (int64_t j = 0; j <= i; ++j) {
+      const float *kj = q.k_c, *vj = q.v_c;
+      if (j < i) {
+        be_.wait_copies();
+        kj = q.k_s[j % 2], vj = q.v_s[j % 2];
+        if (j + 1 < i) {
+          fetch_chunk(a.k, j + 1, Ce * KW, q.k_s[(j + 1) % 2]);
+          fetch_chunk(a.v, j + 1, Ce * KW, q.v_s[(j + 1) % 2]);
+        }
+      }
+      AttentionShape s = whole;
+      s.q_begin = i * Ce, s.Tq = Ce, s.k_begin = j * Ce, s.Tk = Ce;
+      if (j == 0) {
+        be_.attention_forward(q.o_c, q.lse_c, q.q_c, kj, vj, s);
+      } else {
+        be_.attention_forward(q.o_b, q.lse_b, q.q_c, kj, vj, s);
+        be_.attention_merge(q.o_c, q.lse_c, q.o_b, q.lse_b, Ce, HP, HD);
+      }
+    }
+    put_chunk(a.o_heads, i, Ce * W, q.o_c);
+    put_chunk(a.lse, i, HP * Ce, q.lse_c);
+    from_heads(q.attn_out, q.o_c, c, QD);
+    put_chunk(a.attn_out, i, c * QD, q.attn_out);
+    if (pass == Pass::kRecompute) continue;  // the backward redoes o_proj and the MLP per chunk
+    project(q.x_mid, q.attn_out, sl[int(Proj::kO)], c, l, r0);
+    be_.add_inplace(q.x_mid, x, c * D);
+    be_.rmsnorm_forward(q.ffn_in, q.ffn_rstd, q.x_mid, w.ffn_norm, c, D, cf.rms_norm_eps);
+    float* out = res(l + 1) + r0 * D;
+    for (int64_t m0 = 0; m0 < c; m0 += k.mlp_chunk) {
+      const int64_t n = std::min(k.mlp_chunk, c - m0);
+      project(k.gate_c, q.ffn_in + m0 * D, sl[int(Proj::kGate)], n, l, r0 + m0);
+      project(k.up_c, q.ffn_in + m0 * D, sl[int(Proj::kUp)], n, l, r0 + m0);
+      be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
+      project(out + m0 * D, k.h_c, sl[int(Proj::kDown)], n, l, r0 + m0);
+    }
+    be_.add_inplace(out, q.x_mid, c * D);
+  }
+  be_.wait_copies();
+}
+
+void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
+  const ModelConfig& cf = config_;
+  SeqWork& q = *seq_;
+  Work& k = *work_;
+  const Slot& ms = slot();
+  const LayerWeights& w = w_.layers[l];
+  const LayerWeights& g = g_.layers[l];
+  const auto& sl = lin_[l];
+  const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
+  const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, D = cf.hidden_size, half = HD / 2;
+  const int64_t F = cf.intermediate_size;
+  const int64_t u = ms.chunks, c = n_ / u, Ce = c * P, W = QD / P, KW = KVD / P, HP = H / P;
+  AttentionShape whole{
+      1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
+  // 1. Per chunk: o_proj, norm and MLP recomputed from the stored attention output; their
+  // backward turns dres (dL/d output) into dL/d x_mid and gives dL/d(attention output).
+  for (int64_t i = 0; i < u; ++i) {
+    const int64_t r0 = i * c;
+    const float* x = res(l) + r0 * D;
+    float* dr = dres + r0 * D;
+    be_.wait_copies();
+    fetch_chunk(a.attn_out, i, c * QD, q.attn_out);
+    be_.wait_copies();
+    project(q.x_mid, q.attn_out, sl[int(Proj::kO)], c, l, r0);
+    be_.add_inplace(q.x_mid, x, c * D);
+    be_.rmsnorm_forward(q.ffn_in, q.ffn_rstd, q.x_mid, w.ffn_norm, c, D, cf.rms_norm_eps);
+    for (int64_t m0 = 0; m0 < c; m0 += k.mlp_chunk) {
+      const int64_t n = std::min(k.mlp_chunk, c - m0);
+      const float* ffn_in = q.ffn_in + m0 * D;
+      const int64_t row = r0 + m0;
+      project(k.gate_c, ffn_in, sl[int(Proj::kGate)], n, l, row);
+      project(k.up_c, ffn_in, sl[int(Proj::kUp)], n, l, row);
+      be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
+      project_backward(k.dh_c, sl[int(Proj::kDown)], dr + m0 * D, k.h_c, n, l, row,
+                       Accumulate::kNo);
+      be_.swiglu_backward(k.dgate_c, k.dup_c, k.dh_c, k.gate_c, k.up_c, n * F);
+      project_backward(q.dnorm + m0 * D, sl[int(Proj::kGate)], k.dgate_c, ffn_in, n, l, row,
+                       Accumulate::kNo);
+      project_backward(q.dnorm + m0 * D, sl[int(Proj::kUp)], k.dup_c, ffn_in, n, l, row,
+                       Accumulate::kYes);
+    }
+    be_.rmsnorm_backward(dr, g.ffn_norm, q.dnorm, q.x_mid, w.ffn_norm, q.ffn_rstd, c, D,
+                         Accumulate::kYes);
+    project_backward(q.dattn, sl[int(Proj::kO)], dr, q.attn_out, c, l, r0, Accumulate::kNo);
+    to_heads(q.do_s[0], q.dattn, c, QD);
+    put_chunk(q.do_store, i, Ce * W, q.do_s[0]);
+  }
+  // 2. Attention backward, key chunk j outside, query chunks i >= j inside (their tensors read
+  // ahead into the other buffer set). dq_i is complete once j = i, dk_j and dv_j after their
+  // inner loop: then chunk j's RoPE, q/k/v and norm backward finish dL/dx of its tokens.
+  for (int64_t j = 0; j < u; ++j) {
+    be_.wait_copies();
+    const float* kj = fetch_chunk(a.k, j, Ce * KW, q.k_s[0]);
+    const float* vj = fetch_chunk(a.v, j, Ce * KW, q.v_s[0]);
+    auto fetch_set = [&](int64_t i, int set) {
+      fetch_chunk(a.q, i, Ce * W, q.q_s[set]);
+      fetch_chunk(a.o_heads, i, Ce * W, q.o_s[set]);
+      fetch_chunk(a.lse, i, HP * Ce, q.lse_s[set]);
+      fetch_chunk(q.do_store, i, Ce * W, q.do_s[set]);
+      if (j > 0) fetch_chunk(q.dq_store, i, Ce * W, q.dq_s[set]);
+    };
+    fetch_set(j, 0);
+    be_.memset_zero(q.dk_acc, size_t(Ce * KW) * 4);
+    be_.memset_zero(q.dv_acc, size_t(Ce * KW) * 4);
+    for (int64_t i = j; i < u; ++i) {
+      const int set = int((i - j) % 2);
+      be_.wait_copies();
+      if (i + 1 < u) fetch_set(i + 1, 1 - set);
+      AttentionShape s = whole;
+      s.q_begin = i * Ce, s.Tq = Ce, s.k_begin = j * Ce, s.Tk = Ce;
+      be_.attention_backward(q.dq_b, q.dk_b, q.dv_b, q.do_s[set], q.o_s[set], q.lse_s[set],
+                             q.q_s[set], kj, vj, s);
+      be_.add_inplace(q.dk_acc, q.dk_b, Ce * KW);
+      be_.add_inplace(q.dv_acc, q.dv_b, Ce * KW);
+      // dq_i: the first key chunk writes it, later ones add to it.
+      if (j > 0) be_.add_inplace(q.dq_s[set], q.dq_b, Ce * W);
+      const float* dq_i = j > 0 ? q.dq_s[set] : q.dq_b;
+      if (i == j) {  // complete: this key chunk's own query chunk
+        from_heads(q.dq_l, dq_i, c, QD);
+      } else {
+        put_chunk(q.dq_store, i, Ce * W, dq_i);
+        be_.wait_copies();  // dq_b / dq_s are written again by the next block
+      }
+    }
+    from_heads(q.dk_l, q.dk_acc, c, KVD);
+    from_heads(q.dv_l, q.dv_acc, c, KVD);
+    const int64_t r0 = j * c;
+    const float* x = res(l) + r0 * D;
+    be_.rope_backward(q.dq_l, q.dq_l, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
+    be_.rope_backward(q.dk_l, q.dk_l, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
+    be_.rmsnorm_forward(q.attn_in, q.attn_rstd, x, w.attn_norm, c, D, cf.rms_norm_eps);
+    project_backward(q.dnorm, sl[int(Proj::kQ)], q.dq_l, q.attn_in, c, l, r0, Accumulate::kNo);
+    project_backward(q.dnorm, sl[int(Proj::kK)], q.dk_l, q.attn_in, c, l, r0, Accumulate::kYes);
+    project_backward(q.dnorm, sl[int(Proj::kV)], q.dv_l, q.attn_in, c, l, r0, Accumulate::kYes);
+    be_.rmsnorm_backward(dres + r0 * D, g.attn_norm, q.dnorm, x, w.attn_norm, q.attn_rstd, c, D,
+                         Accumulate::kYes);
+  }
+  be_.wait_copies();
 }
 
 // ---- Passes --------------------------------------------------------------------------------
@@ -1049,12 +1201,20 @@ double LlamaModel::stage_loss_backward(int64_t slot_index, float grad_scale) {
   Work& k = *work_;
   const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
   dropout_on_ = true;
-  // Fused LM head + loss: dL/d(final_in) into dnorm, LM-head gradient accumulated.
-  const double loss =
-      be_.lm_head_cross_entropy(k.dnorm, g_.lm_head, k.final_in, w_.lm_head, slot().targets, N, D,
-                                V, k.lm_chunk, grad_scale, k.lm_scratch);
-  be_.rmsnorm_backward(k.dres, g_.final_norm, k.dnorm, res(layer_end_), w_.final_norm, k.final_rstd,
-                       N, D, Accumulate::kNo);
+  // Fused LM head + loss: dL/d(final_in) into dnorm, LM-head gradient accumulated; FPDT runs
+  // it per sequence chunk (its dnorm holds one chunk).
+  double loss = 0;
+  const bool fpdt = seq_ && seq_->fpdt;
+  const int64_t rows = fpdt ? seq_->c : N;
+  float* dnorm = fpdt ? seq_->dnorm : k.dnorm;
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t n = std::min(rows, N - r0);
+    loss += be_.lm_head_cross_entropy(dnorm, g_.lm_head, k.final_in + r0 * D, w_.lm_head,
+                                      slot().targets + r0, n, D, V, std::min(k.lm_chunk, n),
+                                      grad_scale, k.lm_scratch);
+    be_.rmsnorm_backward(k.dres + r0 * D, g_.final_norm, dnorm, res(layer_end_) + r0 * D,
+                         w_.final_norm, k.final_rstd + r0, n, D, Accumulate::kNo);
+  }
   backward_layers();
   dropout_on_ = false;
   return loss;

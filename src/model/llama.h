@@ -249,17 +249,20 @@ class LlamaModel {
   enum class Pass { kForward, kRecompute };
   void layer_forward(int64_t l, LayerActs& a, Pass pass);
   void layer_backward(int64_t l, LayerActs& a, float* dres);
-  // Attention of the sequence path (Ulysses / FPDT): q/k/v projections and RoPE per chunk,
-  // all-to-all to whole sequences of H/P heads, chunked attention, all-to-all back into
-  // a.attn_out; and its backward into k.dnorm (overwritten).
+  // DeepSpeed-Ulysses attention: q/k/v projections and RoPE, all-to-all to whole sequences of
+  // H/P heads, attention, all-to-all back into a.attn_out; its backward into k.dnorm.
   void seq_attention_forward(int64_t l, LayerActs& a);
   void seq_attention_backward(int64_t l, LayerActs& a);
-  // Rows [r0, r0 + c) of a local (., width) tensor -> one chunk of the whole sequence in head
-  // layout (c * P, width / P), and back.
+  // FPDT: a whole layer's forward (kRecompute: up to the stored attention output) and backward,
+  // chunk by chunk over the sequence.
+  void fpdt_forward(int64_t l, LayerActs& a, Pass pass);
+  void fpdt_backward(int64_t l, LayerActs& a, float* dres);
+  // Rows of a local (c, width) tensor -> one chunk of the whole sequence in head layout
+  // (c * P, width / P), and back.
   void to_heads(float* dst, const float* src, int64_t c, int64_t width);
   void from_heads(float* dst, const float* src, int64_t c, int64_t width);
-  // Device view of chunk i of a sequence store array (elements per chunk `n`): the array itself
-  // when the store is on the device, else a copy into `stage`.
+  // FPDT's host store: chunk i (n floats per chunk) read into the device buffer `stage` (an
+  // asynchronous copy: wait_copies() before use), and written from a device buffer.
   const float* fetch_chunk(const float* store, int64_t i, int64_t n, float* stage);
   void put_chunk(float* store, int64_t i, int64_t n, const float* dev);
   // out (n,OUT) = inp (n,IN) W^T + b [+ LoRA]; row0 = inp's first token (dropout masks).

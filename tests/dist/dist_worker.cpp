@@ -98,6 +98,32 @@ TEST(Comm, AsyncAllgatherAlltoallSendRecvSplit) {
     }
     EXPECT_EQ(in, float(prev));
   }
+  // Nonblocking point to point: every rank sends to every other at once (blocking sends of
+  // large messages would deadlock here); two messages per pair with the same tag arrive in
+  // order.
+  if (W > 1) {
+    const size_t n = 100000;  // past MPI's eager limit: a rendezvous send
+    std::vector<std::vector<float>> out(W), in(W);
+    std::vector<std::unique_ptr<CommRequest>> reqs;
+    for (int q = 0; q < W; ++q) {
+      if (q == r) continue;
+      out[q].assign(2 * n, float(10 * r + q));
+      for (size_t i = n; i < 2 * n; ++i) out[q][i] = -float(10 * r + q);
+      in[q].assign(2 * n, 0.0f);
+      reqs.push_back(c.isend(out[q].data(), n, q, 9));
+      reqs.push_back(c.isend(out[q].data() + n, n, q, 9));
+    }
+    for (int q = 0; q < W; ++q) {
+      if (q == r) continue;
+      auto first = c.irecv(in[q].data(), n, q, 9);
+      first->wait();
+      c.recv(in[q].data() + n, n, q, 9);
+      ASSERT_EQ(in[q][0], float(10 * q + r));
+      ASSERT_EQ(in[q][n - 1], float(10 * q + r));
+      ASSERT_EQ(in[q][n], -float(10 * q + r)) << "messages out of order";
+    }
+    for (auto& q : reqs) q->wait();
+  }
   int64_t value = r == 0 ? 4242 : 0;
   c.broadcast(&value, sizeof(value), 0);
   EXPECT_EQ(value, 4242);
@@ -588,6 +614,12 @@ TEST(Parallel, SequenceFpdt) {
   Para p = para(2, 1);
   p.fpdt = 8;  // rows of up to 2 x 17 tokens: several chunks
   p.checkpointing = true;
+  expect_parallel_matches(p);
+}
+TEST(Parallel, SequenceFpdtQlora) {
+  Para p = para(2, 1);
+  p.fpdt = 6;
+  p.lora = p.qlora = p.train_embed = true;
   expect_parallel_matches(p);
 }
 TEST(Parallel, SequenceZero3) {
