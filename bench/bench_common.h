@@ -24,13 +24,6 @@ inline double sgemm_peak_gflops(int n = 1024, int reps = 5) {
   return best;
 }
 
-// Model FLOPs of one training step (forward + backward, recomputation not counted), PaLM's
-// convention: 6 per matmul parameter per token, plus causal attention 6 * T^2 per unit of
-// L * H * HD (QK^T and PV, 2 * T^2/2 * HD each per head forward, backward twice that).
-inline double training_flops(double matmul_params, double tokens, double attn_width) {
-  return 6.0 * matmul_params * tokens + 6.0 * tokens * tokens * attn_width;
-}
-
 // Resets the kernel's peak-RSS counter (VmHWM) to the current RSS; false if not permitted.
 inline bool reset_peak_rss() {
   std::ofstream f("/proc/self/clear_refs");

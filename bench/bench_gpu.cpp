@@ -15,6 +15,8 @@
 
 #include "backend/backend.h"
 #include "bench/bench_common.h"
+#include "model/presets.h"
+#include "plan/planner.h"
 #include "core/error.h"
 
 namespace lt {
@@ -104,7 +106,6 @@ int run(int argc, char** argv) {
   }
   const Shape s;
   const int64_t D = s.D, QD = s.H * s.HD, KVD = s.KVH * s.HD, F = s.F, V = s.V;
-  const double layer_params = double(D) * (QD + 2 * KVD) + double(QD) * D + 3.0 * D * F;
   std::printf("bench_gpu: Llama-3-8B layer (D %lld H %lld KVH %lld HD %lld F %lld V %lld), "
               "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated\n",
               (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD, (long long)F,
@@ -200,10 +201,11 @@ int run(int argc, char** argv) {
     be->synchronize();
     const double head_s = std::chrono::duration<double>(Clock::now() - t0).count() / iters;
     const double model_s = layer_s * layers + head_s;
-    // The same FLOP convention as bench_train (bench_common.h), LM head included.
+    // PaLM's model FLOPs (plan/planner.h), as bench_train and `longtune plan` count them.
     const double Td = double(T);
-    const double flops = bench::training_flops(layers * layer_params + double(V) * D, Td,
-                                               double(layers) * double(QD));
+    nlohmann::json shape = preset_config("llama3-8b");
+    shape["num_hidden_layers"] = layers;
+    const double flops = training_flops(parse_model_config(shape, "llama3-8b"), Td, Td);
     const double mfu = flops / model_s / (peak_tflops * 1e12);
     std::printf("%8lld %12.2f %12.2f %12.3f %14.0f %7.1f%% %12.2f\n", (long long)T,
                 layer_s * 1e3, head_s * 1e3, model_s, Td / model_s, 100.0 * mfu,

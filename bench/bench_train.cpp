@@ -99,14 +99,8 @@ int run(int argc, char** argv) {
         secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
     }
     const size_t measured = measured_peak_rss();
-    const ParamTable table(config);
-    const double D = config.hidden_size, V = config.vocab_size;
-    // The embedding lookup is no matmul; a tied LM head is (it reuses the embedding).
-    const double matmul_params = static_cast<double>(table.total_numel()) -
-                                 (config.tie_word_embeddings ? 0.0 : V * D);
-    const double flops = bench::training_flops(
-        matmul_params, double(T),
-        double(config.num_hidden_layers) * config.num_attention_heads * config.head_dim);
+    // PaLM's model FLOPs (plan/planner.h), the same count bench_gpu and `longtune plan` use.
+    const double flops = training_flops(config, double(T), double(T));
     const double gflops = flops / secs / 1e9;
     fmt::print("{{\"impl\": \"longtune\", \"settings\": \"{}\", \"seq\": {}, \"threads\": {}, "
                "\"loss\": {:.6f}, \"step_s\": {:.4f}, \"tokens_per_s\": {:.1f}, \"peak_bytes\": {}, "

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "core/error.h"
+#include "dist/parallel.h"
 #include "dist/zero.h"
 #include "train/optimizer.h"
 
@@ -33,35 +34,20 @@ constexpr MemCategory kAllCategories[] = {
 
 }  // namespace
 
-PlanResult plan_memory(const PlanRequest& r) {
-  PlanResult out;
-  RunSettings s = r.settings;
-  s.max_tokens = r.seq_len * r.batch;
-  if (r.mini_sequence_auto) mini_sequence_auto(r.config, s.max_tokens, &s);
-  const bool sharded = s.train && (r.world_size > 1 || r.zero_stage > 0);
-  ZeroSettings zero;
-  zero.stage = r.zero_stage;
-  zero.offload_optimizer = r.offload_optimizer;
-  if (sharded && s.lora.enabled)
-    fail("--use_peft_lora with --world_size > 1 or --zero_stage > 0 is not supported yet (the "
-         "ZeRO engine shards the full parameter block, not the LoRA trainable set)");
-  if (sharded) ZeroEngine::adjust_run_settings(zero, &s);
-  LlamaModel::plan(r.config, s, &out.plan);
-  if (sharded)  // rank 0 holds the largest shard
-    ZeroEngine::plan(r.config, zero, r.world_size, 0, &out.plan);
-  else if (s.train)
-    AdamW::plan(LlamaModel::trainable_numel(r.config, s), &out.plan);
-  if (!s.flash_attention) {  // plain attention materialises one (T,T) score matrix at a time
-    out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
-                 "transient");
-  }
-  const bool frozen_base = s.lora.enabled;
+namespace {
+
+// Device bytes of a plan: host arenas ("*_host") are off the device, checkpoints offloaded but
+// two (the one in use and the one being prefetched).
+void account(PlanResult* out, const PlanRequest& r, bool offload_checkpoints) {
+  const bool frozen_base = r.settings.lora.enabled;
+  out->device_bytes = out->offloaded_bytes = 0;
+  out->by_category.clear();
   for (MemCategory c : kAllCategories) {
-    size_t bytes = 0;  // device bytes of this category, before offload of checkpoints
-    for (const auto& b : out.plan.buffers()) {
+    size_t bytes = 0, largest = 0;  // device bytes of this category, before checkpoint offload
+    for (const auto& b : out->plan.buffers()) {
       if (b.category != c) continue;
-      if (b.arena.ends_with("_host")) {  // ZeRO-Offload: host arenas are not on the device
-        out.offloaded_bytes += b.bytes;
+      if (b.arena.ends_with("_host")) {  // ZeRO-Offload, FPDT's store, pipeline staging
+        out->offloaded_bytes += b.bytes;
         continue;
       }
       double f = device_factor(c, r.device);
@@ -69,25 +55,166 @@ PlanResult plan_memory(const PlanRequest& r) {
         if (b.name.rfind("nf4.", 0) == 0) f = 1.0;                  // already 4-bit codes
         else if (frozen_base && b.name == "params") f = 0.5;        // frozen bf16, no master
       }
-      bytes += static_cast<size_t>(static_cast<double>(b.bytes) * f);
+      const size_t dev = static_cast<size_t>(static_cast<double>(b.bytes) * f);
+      bytes += dev;
+      largest = std::max(largest, dev);
     }
-    if (c == MemCategory::kCheckpoints && r.settings.offload_checkpoints) {
-      // Two layers' checkpoints stay resident: the one in use and the one being prefetched.
-      const size_t per_layer = bytes / std::max<int64_t>(1, r.config.num_hidden_layers + 1);
-      const size_t resident = std::min(bytes, 2 * per_layer);
-      out.offloaded_bytes += bytes - resident;
+    if (c == MemCategory::kCheckpoints && offload_checkpoints) {
+      const size_t resident = std::min(bytes, 2 * largest);
+      out->offloaded_bytes += bytes - resident;
       bytes = resident;
     }
-    out.by_category.emplace_back(std::string(mem_category_name(c)), bytes);
-    out.device_bytes += bytes;
+    out->by_category.emplace_back(std::string(mem_category_name(c)), bytes);
+    out->device_bytes += bytes;
   }
   // What every process holds besides the planned buffers, measured on the engine: code and
   // libraries, OpenMP thread stacks and OpenBLAS's packing workspace (CPU, about 30-55 MiB
-  // here); the CUDA context and cuBLAS workspaces on a GPU.
-  out.runtime_bytes = r.device == PlanDevice::kCpuF32 ? size_t(64) << 20 : size_t(1) << 30;
-  out.by_category.emplace_back("runtime", out.runtime_bytes);
-  out.device_bytes += out.runtime_bytes;
-  return out;
+  // here); the CUDA context, NCCL and cuBLAS workspaces on a GPU.
+  out->runtime_bytes = r.device == PlanDevice::kCpuF32 ? size_t(64) << 20 : size_t(1) << 30;
+  out->by_category.emplace_back("runtime", out->runtime_bytes);
+  out->device_bytes += out->runtime_bytes;
+}
+
+ParallelSettings parallel_settings(const PlanRequest& r) {
+  ParallelSettings ps;
+  ps.zero.stage = r.zero_stage;
+  ps.zero.offload_optimizer = r.offload_optimizer || r.offload_params;
+  ps.zero.offload_params = r.offload_params;
+  ps.fpdt_chunk = r.fpdt_chunk;
+  ps.micro_per_step = r.micro_per_step;
+  ps.max_tokens = r.seq_len * r.batch;
+  return ps;
+}
+
+}  // namespace
+
+PlanResult plan_memory(const PlanRequest& r) {
+  RunSettings s = r.settings;
+  s.max_tokens = r.seq_len * r.batch;
+  if (!r.parallel() || !s.train) {
+    PlanResult out;
+    if (r.mini_sequence_auto) mini_sequence_auto(r.config, s.max_tokens, &s);
+    LlamaModel::plan(r.config, s, &out.plan);
+    if (s.train) AdamW::plan(LlamaModel::trainable_numel(r.config, s), &out.plan);
+    if (!s.flash_attention)  // plain attention materialises one (T,T) score matrix at a time
+      out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2,
+                   MemCategory::kAttention, "transient");
+    account(&out, r, r.settings.offload_checkpoints);
+    return out;
+  }
+  // Every pipeline stage (replica 0, sequence rank 0: all ranks of a stage plan alike, rank 0
+  // of a ZeRO group holds the largest shard); the largest peak is the layout's.
+  const ParallelSettings ps = parallel_settings(r);
+  PlanResult best;
+  for (int stage = 0; stage < r.pipeline_parallel; ++stage) {
+    const ParallelLayout probe = ParallelLayout::make(r.world_size, 0, r.sequence_parallel,
+                                                      r.pipeline_parallel);
+    const ParallelLayout lay = ParallelLayout::make(r.world_size, probe.rank_of(stage, 0, 0),
+                                                    r.sequence_parallel, r.pipeline_parallel);
+    RunSettings st = s;
+    if (r.mini_sequence_auto)
+      mini_sequence_auto(r.config, ParallelEngine::local_max_tokens(lay, ps), &st);
+    ParallelEngine::adjust_run_settings(r.config, lay, ps, &st);
+    PlanResult p;
+    p.stage = stage;
+    LlamaModel::plan(r.config, st, &p.plan);
+    ParallelEngine::plan(r.config, st, lay, ps, &p.plan);
+    if (!st.flash_attention)
+      p.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2,
+                 MemCategory::kAttention, "transient");
+    account(&p, r, st.offload_checkpoints);
+    if (stage == 0 || p.device_bytes > best.device_bytes) best = std::move(p);
+  }
+  return best;
+}
+
+GpuSpec gpu_spec(const std::string& name) {
+  const double GB = 1e9;
+  // Dense bf16 peaks and NVLink per direction from NVIDIA's data sheets; PCIe and network are
+  // what a copy engine and a 200 / 400 Gb/s NIC per GPU deliver in practice.
+  if (name == "a100-40gb") return {name, size_t(40) << 30, 312e12, 300 * GB, 25 * GB, 25 * GB, 8};
+  if (name == "a100-80gb") return {name, size_t(80) << 30, 312e12, 300 * GB, 25 * GB, 25 * GB, 8};
+  if (name == "h100-80gb") return {name, size_t(80) << 30, 989e12, 450 * GB, 50 * GB, 50 * GB, 8};
+  if (name == "h200") return {name, size_t(140) << 30, 989e12, 450 * GB, 50 * GB, 50 * GB, 8};
+  fail("--gpu: '{}' is not known; use a100-40gb, a100-80gb, h100-80gb or h200", name);
+}
+
+double training_flops(const ModelConfig& c, double tokens, double row_tokens) {
+  const double D = double(c.hidden_size), F = double(c.intermediate_size);
+  const double QD = double(c.num_attention_heads * c.head_dim);
+  const double KVD = double(c.num_key_value_heads * c.head_dim);
+  const double per_layer = D * QD * 2 + D * KVD * 2 + 3 * D * F;  // q, o, k, v, gate, up, down
+  const double matmul = double(c.num_hidden_layers) * per_layer + double(c.vocab_size) * D;
+  return 6.0 * matmul * tokens + 6.0 * tokens * row_tokens * double(c.num_hidden_layers) * QD;
+}
+
+std::string StepEstimate::describe() const {
+  return fmt::format(
+      "estimated step {:.2f} s ({:.0f} tokens/s, MFU {:.1f}%): compute {:.2f} s, all-to-all "
+      "{:.2f} s, pipeline point-to-point {:.2f} s, exposed gradient sync {:.2f} s, exposed host "
+      "copies {:.2f} s",
+      step_s, tokens_per_s, 100 * mfu, compute_s, alltoall_s, p2p_s, grad_sync_s, host_copy_s);
+}
+
+StepEstimate estimate_step(const PlanRequest& r, const GpuSpec& g, double assumed_mfu) {
+  const ModelConfig& c = r.config;
+  const int W = r.world_size, SP = r.sequence_parallel, PP = r.pipeline_parallel;
+  const int DP = W / (SP * PP);
+  const double M = double(std::max<int64_t>(1, r.micro_per_step));
+  const double tokens_mb = double(r.seq_len * r.batch);  // one replica's micro-batch
+  const double model = training_flops(c, tokens_mb * M * DP, double(r.seq_len));
+  // Recomputation: checkpointing runs each layer's forward again (a third of the training
+  // FLOPs); mini-sequence MLP chunks recompute gate/up (2 of the 6 x D x F per token, about a
+  // tenth more of the MLP).
+  double executed = model * (r.settings.checkpointing ? 4.0 / 3.0 : 1.0);
+  StepEstimate e;
+  e.flops_per_device = executed / W;
+  const double bubble = 1.0 + double(PP - 1) / M;  // 1F1B
+  e.compute_s = e.flops_per_device / (g.peak_flops * assumed_mfu) * bubble;
+  const double L = double(c.num_hidden_layers) / PP, D = double(c.hidden_size);
+  const double QD = double(c.num_attention_heads * c.head_dim);
+  const double KVD = double(c.num_key_value_heads * c.head_dim);
+  const double n = tokens_mb / SP;  // this rank's tokens of a micro-batch
+  const double bf16 = 2;
+  auto link = [&](int group) { return group <= g.gpus_per_node ? g.intra_node_bw : g.inter_node_bw; };
+  if (SP > 1) {  // per layer: q, k, v, out forward; dout, dq, dk, dv backward (tests/dist)
+    double bytes = M * L * bf16 * n * 2 * (2 * QD + 2 * KVD);
+    if (r.settings.checkpointing) bytes *= 1.5;  // the forward's four again
+    e.alltoall_s = bytes * (SP - 1) / SP / link(SP);
+  }
+  if (PP > 1) e.p2p_s = M * 2 * bf16 * n * D / link(W);  // activation + gradient per boundary
+  {
+    const double P = double(ParamTable(c).total_numel()) / PP;
+    const double trainable =
+        r.settings.lora.enabled ? double(LlamaModel::trainable_numel(c, r.settings)) / PP : P;
+    const int G = DP * SP;  // the ZeRO group of a stage
+    if (G > 1) {
+      double bytes = 2 * trainable * bf16 * (G - 1) / G;    // reduce-scatter + all-gather
+      if (r.zero_stage == 3) bytes += 2 * P * bf16 * (G - 1) / G;  // gathers in the backward
+      e.grad_sync_s = std::max(0.0, bytes / link(G) - 0.5 * e.compute_s);
+    }
+  }
+  {
+    double host = 0;
+    if (r.settings.offload_checkpoints) host += M * 2 * L * n * D * bf16;  // out and back in
+    if (r.fpdt_chunk > 0) {  // the store written once, K/V read back per later chunk, the
+      const double u = std::max(1.0, std::ceil(tokens_mb / double(r.fpdt_chunk)));  // query
+      const double store = n * (3 * QD + 2 * KVD);                                  // side
+      host += M * L * bf16 *
+              (store + n * 2 * KVD * (u - 1) / 2 +              // forward
+               n * 2 * KVD + n * (4 * QD) * (u + 1) / 2 + n * 2 * QD);  // backward
+      if (r.settings.checkpointing) host += M * L * bf16 * (store + n * 2 * KVD * (u - 1) / 2);
+    }
+    if (r.offload_optimizer || r.offload_params) {  // gradients out, updated weights back
+      const double P = double(ParamTable(c).total_numel()) / PP / (DP * SP);
+      host += 2 * P * bf16;
+    }
+    e.host_copy_s = std::max(0.0, host / g.host_bw - e.compute_s);
+  }
+  e.step_s = e.compute_s + e.alltoall_s + e.p2p_s + e.grad_sync_s + e.host_copy_s;
+  e.tokens_per_s = tokens_mb * M * DP / e.step_s;
+  e.mfu = model / (W * g.peak_flops * e.step_s);
+  return e;
 }
 
 std::string PlanResult::describe() const {

@@ -24,14 +24,25 @@ struct PlanRequest {
   RunSettings settings;    // max_tokens is filled from seq_len * batch
   bool mini_sequence_auto = false;   // chunks from MST's rule for the sequence (overrides)
   PlanDevice device = PlanDevice::kCpuF32;
-  // Data parallel layout (src/dist/zero.h): weights / gradients / optimizer state per rank.
+  // The cluster layout (src/dist/parallel.h): world_size ranks = data-parallel replicas x
+  // sequence_parallel x pipeline_parallel; ZeRO over the ranks of each pipeline stage.
   int world_size = 1;
   int zero_stage = 0;
   bool offload_optimizer = false;  // ZeRO-Offload: optimizer state counted as host memory
+  bool offload_params = false;     // ZeRO-3: the parameter shard in host memory
+  int sequence_parallel = 1;
+  int pipeline_parallel = 1;
+  int64_t fpdt_chunk = 0;          // FPDT chunk tokens (0: off)
+  int64_t micro_per_step = 1;      // gradient accumulation (the pipeline's micro-batches)
+  bool parallel() const {
+    return world_size > 1 || zero_stage > 0 || fpdt_chunk > 0 || sequence_parallel > 1 ||
+           pipeline_parallel > 1;
+  }
 };
 
 struct PlanResult {
   MemoryPlan plan;          // buffers as the engine allocates them (f32 element counts)
+  int stage = 0;            // pipeline: the stage planned (the one with the largest peak)
   size_t device_bytes = 0;  // predicted peak on the compute device
   size_t offloaded_bytes = 0;  // checkpoints kept off the device (host RAM or a file)
   size_t runtime_bytes = 0;    // fixed per-process overhead (libraries, thread pools, context)
@@ -39,7 +50,39 @@ struct PlanResult {
   std::string describe() const;
 };
 
+// The peak of the rank that needs the most (UserError for a layout that cannot run).
 PlanResult plan_memory(const PlanRequest& r);
+
+// A GPU for the step-time estimate: dense bf16 peak, memory, and the bandwidths its
+// collectives, point-to-point messages and host copies see (per GPU, one direction).
+struct GpuSpec {
+  std::string name;
+  size_t memory_bytes = 0;
+  double peak_flops = 0;         // dense bf16 tensor-core FLOP/s
+  double intra_node_bw = 0;      // NVLink, bytes/s
+  double inter_node_bw = 0;      // network per GPU, bytes/s
+  double host_bw = 0;            // PCIe, bytes/s
+  int gpus_per_node = 8;
+};
+// a100-40gb, a100-80gb, h100-80gb, h200; UserError lists them for an unknown name.
+GpuSpec gpu_spec(const std::string& name);
+
+// Model FLOPs of one training step of `tokens` tokens in rows of `row_tokens` (PaLM's
+// convention, recomputation not counted): 6 per matmul parameter per token plus causal
+// attention, 6 x row_tokens x tokens per unit of L x H x HD.
+double training_flops(const ModelConfig& c, double tokens, double row_tokens);
+
+// Step time of a layout from its FLOPs and communication volumes (the volumes the multi-rank
+// tests measure): compute at assumed_mfu of the peak with the 1F1B bubble, plus the
+// all-to-all and point-to-point time (on the critical path), the gradient reduction beyond what
+// overlaps the backward, and host copies (offload, FPDT) beyond what overlaps compute.
+struct StepEstimate {
+  double flops_per_device = 0;  // executed (recomputation included)
+  double compute_s = 0, alltoall_s = 0, p2p_s = 0, grad_sync_s = 0, host_copy_s = 0;
+  double step_s = 0, tokens_per_s = 0, mfu = 0;  // mfu: model FLOPs / (world x peak x step)
+  std::string describe() const;
+};
+StepEstimate estimate_step(const PlanRequest& r, const GpuSpec& gpu, double assumed_mfu);
 
 // Longest seq_len (multiple of `granularity`) whose plan fits budget_bytes; 0 if none.
 int64_t longest_sequence(PlanRequest r, size_t budget_bytes, int64_t granularity = 256,
