@@ -15,9 +15,9 @@
 
 #include "backend/backend.h"
 #include "bench/bench_common.h"
+#include "core/error.h"
 #include "model/presets.h"
 #include "plan/planner.h"
-#include "core/error.h"
 
 namespace lt {
 namespace {
@@ -98,36 +98,37 @@ int run(int argc, char** argv) {
     }
   }
   std::string reason;
-  auto be = make_cuda_backend(&reason, precision == "f32" ? GemmPrecision::kF32
-                                                          : GemmPrecision::kBf16);
+  auto be =
+      make_cuda_backend(&reason, precision == "f32" ? GemmPrecision::kF32 : GemmPrecision::kBf16);
   if (!be) {
     std::printf("bench_gpu: skipped: no CUDA device: %s\n", reason.c_str());
     return 0;
   }
   const Shape s;
   const int64_t D = s.D, QD = s.H * s.HD, KVD = s.KVH * s.HD, F = s.F, V = s.V;
-  std::printf("bench_gpu: Llama-3-8B layer (D %lld H %lld KVH %lld HD %lld F %lld V %lld), "
-              "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated\n",
-              (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD, (long long)F,
-              (long long)V, precision.c_str(), peak_tflops, (long long)layers);
-  std::printf("%8s %12s %12s %12s %14s %8s %12s\n", "tokens", "layer_ms", "lm_head_ms",
-              "model_s", "model_tok/s", "MFU", "bench_GiB");
+  std::printf(
+      "bench_gpu: Llama-3-8B layer (D %lld H %lld KVH %lld HD %lld F %lld V %lld), "
+      "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated\n",
+      (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD, (long long)F, (long long)V,
+      precision.c_str(), peak_tflops, (long long)layers);
+  std::printf("%8s %12s %12s %12s %14s %8s %12s\n", "tokens", "layer_ms", "lm_head_ms", "model_s",
+              "model_tok/s", "MFU", "bench_GiB");
   for (int64_t T : token_counts) {
     Buffers m(*be);
     const float ws = 0.02f;
-    float* wq = m.f32(QD * D, ws, 1), *wk = m.f32(KVD * D, ws, 2), *wv = m.f32(KVD * D, ws, 3);
-    float* wo = m.f32(D * QD, ws, 4), *wg = m.f32(F * D, ws, 5), *wu = m.f32(F * D, ws, 6);
-    float* wd = m.f32(D * F, ws, 7), *n1 = m.f32(D, 1.0f, 8), *n2 = m.f32(D, 1.0f, 9);
-    float* gq = m.f32(QD * D), *gk = m.f32(KVD * D), *gv = m.f32(KVD * D), *go = m.f32(D * QD);
-    float* gg = m.f32(F * D), *gu = m.f32(F * D), *gd = m.f32(D * F), *gn1 = m.f32(D),
+    float *wq = m.f32(QD * D, ws, 1), *wk = m.f32(KVD * D, ws, 2), *wv = m.f32(KVD * D, ws, 3);
+    float *wo = m.f32(D * QD, ws, 4), *wg = m.f32(F * D, ws, 5), *wu = m.f32(F * D, ws, 6);
+    float *wd = m.f32(D * F, ws, 7), *n1 = m.f32(D, 1.0f, 8), *n2 = m.f32(D, 1.0f, 9);
+    float *gq = m.f32(QD * D), *gk = m.f32(KVD * D), *gv = m.f32(KVD * D), *go = m.f32(D * QD);
+    float *gg = m.f32(F * D), *gu = m.f32(F * D), *gd = m.f32(D * F), *gn1 = m.f32(D),
           *gn2 = m.f32(D);
-    float* x = m.f32(T * D, 1.0f, 10), *a_in = m.f32(T * D), *rs1 = m.f32(T), *q = m.f32(T * QD);
-    float* k = m.f32(T * KVD), *v = m.f32(T * KVD), *att = m.f32(T * QD), *lse = m.f32(s.H * T);
-    float* xm = m.f32(T * D), *f_in = m.f32(T * D), *rs2 = m.f32(T), *gate = m.f32(T * F);
-    float* up = m.f32(T * F), *hh = m.f32(T * F), *y = m.f32(T * D);
-    float* dy = m.f32(T * D, 1e-3f, 11), *dh = m.f32(T * F), *dgate = m.f32(T * F),
+    float *x = m.f32(T * D, 1.0f, 10), *a_in = m.f32(T * D), *rs1 = m.f32(T), *q = m.f32(T * QD);
+    float *k = m.f32(T * KVD), *v = m.f32(T * KVD), *att = m.f32(T * QD), *lse = m.f32(s.H * T);
+    float *xm = m.f32(T * D), *f_in = m.f32(T * D), *rs2 = m.f32(T), *gate = m.f32(T * F);
+    float *up = m.f32(T * F), *hh = m.f32(T * F), *y = m.f32(T * D);
+    float *dy = m.f32(T * D, 1e-3f, 11), *dh = m.f32(T * F), *dgate = m.f32(T * F),
           *dup = m.f32(T * F), *dnorm = m.f32(T * D), *dres = m.f32(T * D), *datt = m.f32(T * QD);
-    float* dq = m.f32(T * QD), *dk = m.f32(T * KVD), *dv = m.f32(T * KVD);
+    float *dq = m.f32(T * QD), *dk = m.f32(T * KVD), *dv = m.f32(T * KVD);
     const int64_t half = s.HD / 2;
     std::vector<int32_t> pos(static_cast<size_t>(T)), targets(static_cast<size_t>(T));
     std::vector<float> inv_freq(static_cast<size_t>(half));
@@ -137,11 +138,11 @@ int run(int argc, char** argv) {
     int32_t* d_tgt = m.i32(targets);
     float* d_if = m.f32(half);
     be->copy_to_device(d_if, inv_freq.data(), size_t(half) * 4);
-    float* cos = m.f32(T * half), *sin = m.f32(T * half);
+    float *cos = m.f32(T * half), *sin = m.f32(T * half);
     be->rope_tables(cos, sin, d_pos, d_if, 1.0f, T, s.HD);
     // LM head: chunks of 4096 rows (the logits chunk is 4096 x V floats = 2 GiB).
     const int64_t chunk = std::min<int64_t>(T, 4096);
-    float* w_lm = m.f32(V * D, ws, 12), *g_lm = m.f32(V * D), *ce_scratch = m.f32(chunk * V);
+    float *w_lm = m.f32(V * D, ws, 12), *g_lm = m.f32(V * D), *ce_scratch = m.f32(chunk * V);
     AttentionShape as{1, T, s.H, s.KVH, s.HD, 0, nullptr, float(1.0 / std::sqrt(double(s.HD)))};
 
     auto layer = [&]() {
@@ -179,8 +180,8 @@ int run(int argc, char** argv) {
     };
     double loss = 0;
     auto head = [&]() {
-      loss = be->lm_head_cross_entropy(dnorm, g_lm, y, w_lm, d_tgt, T, D, V, chunk,
-                                       1.0f / float(T), ce_scratch);
+      loss = be->lm_head_cross_entropy(dnorm, g_lm, y, w_lm, d_tgt, T, D, V, chunk, 1.0f / float(T),
+                                       ce_scratch);
     };
     // Validate once: finite loss and a finite gradient norm.
     layer();
@@ -207,14 +208,15 @@ int run(int argc, char** argv) {
     shape["num_hidden_layers"] = layers;
     const double flops = training_flops(parse_model_config(shape, "llama3-8b"), Td, Td);
     const double mfu = flops / model_s / (peak_tflops * 1e12);
-    std::printf("%8lld %12.2f %12.2f %12.3f %14.0f %7.1f%% %12.2f\n", (long long)T,
-                layer_s * 1e3, head_s * 1e3, model_s, Td / model_s, 100.0 * mfu,
+    std::printf("%8lld %12.2f %12.2f %12.3f %14.0f %7.1f%% %12.2f\n", (long long)T, layer_s * 1e3,
+                head_s * 1e3, model_s, Td / model_s, 100.0 * mfu,
                 double(m.bytes()) / double(1ull << 30));
     std::fflush(stdout);
   }
-  std::printf("note: one layer's weights, gradients and activations (no recompute) plus the LM "
-              "head; full 8B f32 training state (~128 GB) does not fit one GPU, LoRA is not in "
-              "this bench\n");
+  std::printf(
+      "note: one layer's weights, gradients and activations (no recompute) plus the LM "
+      "head; full 8B f32 training state (~128 GB) does not fit one GPU, LoRA is not in "
+      "this bench\n");
   return 0;
 }
 

@@ -5,6 +5,7 @@
 //
 // usage: bench_train MODEL_DIR SEQ[,SEQ...] [steps=3] [settings...]
 //   settings: naive (plain attention), mini=M|auto, ckpt, offload
+#include <fmt/format.h>
 #include <omp.h>
 
 #include <chrono>
@@ -13,8 +14,6 @@
 #include <cstring>
 #include <sstream>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "backend/backend.h"
 #include "bench/bench_common.h"
@@ -41,7 +40,9 @@ Example bench_row(int64_t T, int64_t V) {
 
 int run(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: bench_train MODEL_DIR SEQ[,SEQ...] [steps] [naive] [mini=M|auto] [ckpt] [offload]\n");
+    std::fprintf(stderr,
+                 "usage: bench_train MODEL_DIR SEQ[,SEQ...] [steps] [naive] [mini=M|auto] [ckpt] "
+                 "[offload]\n");
     return 2;
   }
   const std::filesystem::path dir = argv[1];
@@ -53,11 +54,16 @@ int run(int argc, char** argv) {
   std::string mini = "1", label;
   for (int i = 4; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "naive") base.flash_attention = false;
-    else if (a == "ckpt") base.checkpointing = true;
-    else if (a == "offload") base.checkpointing = base.offload_checkpoints = true;
-    else if (a.rfind("mini=", 0) == 0) mini = a.substr(5);
-    else fail("unknown setting '{}'", a);
+    if (a == "naive")
+      base.flash_attention = false;
+    else if (a == "ckpt")
+      base.checkpointing = true;
+    else if (a == "offload")
+      base.checkpointing = base.offload_checkpoints = true;
+    else if (a.rfind("mini=", 0) == 0)
+      mini = a.substr(5);
+    else
+      fail("unknown setting '{}'", a);
     label += (label.empty() ? "" : "+") + a;
   }
   if (label.empty()) label = "default";
@@ -69,8 +75,10 @@ int run(int argc, char** argv) {
   for (int64_t T : seqs) {
     RunSettings rs = base;
     rs.max_tokens = T;
-    if (const auto m = parse_mini_sequence(mini)) rs.mlp_chunks = rs.lm_head_chunks = *m;
-    else mini_sequence_auto(config, T, &rs);
+    if (const auto m = parse_mini_sequence(mini))
+      rs.mlp_chunks = rs.lm_head_chunks = *m;
+    else
+      mini_sequence_auto(config, T, &rs);
     const Example e = bench_row(T, config.vocab_size);
     std::vector<const Example*> rows = {&e};
     const std::vector<MicroBatch> micro = {make_micro_batch(rows)};
@@ -102,12 +110,13 @@ int run(int argc, char** argv) {
     // PaLM's model FLOPs (plan/planner.h), the same count bench_gpu and `longtune plan` use.
     const double flops = training_flops(config, double(T), double(T));
     const double gflops = flops / secs / 1e9;
-    fmt::print("{{\"impl\": \"longtune\", \"settings\": \"{}\", \"seq\": {}, \"threads\": {}, "
-               "\"loss\": {:.6f}, \"step_s\": {:.4f}, \"tokens_per_s\": {:.1f}, \"peak_bytes\": {}, "
-               "\"predicted_bytes\": {}, \"gflops\": {:.1f}, \"sgemm_peak_gflops\": {:.1f}, "
-               "\"mfu\": {:.3f}}}\n",
-               label, T, threads, first_loss, secs, T / secs, measured, predicted, gflops, peak,
-               gflops / peak);
+    fmt::print(
+        "{{\"impl\": \"longtune\", \"settings\": \"{}\", \"seq\": {}, \"threads\": {}, "
+        "\"loss\": {:.6f}, \"step_s\": {:.4f}, \"tokens_per_s\": {:.1f}, \"peak_bytes\": {}, "
+        "\"predicted_bytes\": {}, \"gflops\": {:.1f}, \"sgemm_peak_gflops\": {:.1f}, "
+        "\"mfu\": {:.3f}}}\n",
+        label, T, threads, first_loss, secs, T / secs, measured, predicted, gflops, peak,
+        gflops / peak);
     std::fflush(stdout);
     if (!std::isfinite(first_loss)) fail("loss is not finite at seq {}", T);
   }

@@ -7,6 +7,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "model/presets.h"
 #include "plan/planner.h"
 #include "train/batching.h"
 #include "train/optimizer.h"
@@ -15,10 +16,14 @@ namespace lt {
 namespace {
 
 ModelConfig mid_config() {
-  nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 128},
-                      {"intermediate_size", 352},               {"num_hidden_layers", 2},
-                      {"num_attention_heads", 4},               {"num_key_value_heads", 2},
-                      {"vocab_size", 8000},                     {"max_position_embeddings", 8192},
+  nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}},
+                      {"hidden_size", 128},
+                      {"intermediate_size", 352},
+                      {"num_hidden_layers", 2},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"vocab_size", 8000},
+                      {"max_position_embeddings", 8192},
                       {"rms_norm_eps", 1e-5}};
   return parse_model_config(j, "mid_config");
 }
@@ -133,6 +138,88 @@ TEST(Planner, AutoPicksTheFastestSettingsThatFit) {
   const AutoChoice impossible = choose_settings(r, 1 << 20, true, true);
   EXPECT_FALSE(impossible.fits);
   EXPECT_NE(impossible.why.find("exceeds"), std::string::npos) << impossible.why;
+}
+
+// FPDT chunks whole layers: past the residual stream (kept, offloaded but two) and its
+// gradient, device memory no longer grows with the sequence; Ulysses keeps every layer's
+// per-token tensors for the whole sequence.
+TEST(Planner, FpdtDeviceMemoryGrowsOnlyWithTheResidualStream) {
+  PlanRequest r;
+  r.config = parse_model_config(preset_config("llama3-8b"), "llama3-8b");
+  r.device = PlanDevice::kCudaBf16;
+  r.world_size = 4;
+  r.sequence_parallel = 4;
+  r.zero_stage = 3;
+  r.offload_optimizer = true;
+  r.settings.checkpointing = r.settings.offload_checkpoints = true;
+  r.settings.mlp_chunks = r.settings.lm_head_chunks = 512;
+  auto per_token = [&](int64_t chunk) {
+    r.fpdt_chunk = chunk;
+    r.seq_len = 1 << 20;
+    const double a = double(plan_memory(r).device_bytes);
+    r.seq_len = 1 << 21;
+    const double b = double(plan_memory(r).device_bytes);
+    return (b - a) / double(1 << 20);  // device bytes per token of the sequence
+  };
+  const double ulysses = per_token(0), fpdt = per_token(65536);
+  const double D = double(r.config.hidden_size);
+  std::printf(
+      "device bytes per sequence token on each of 4 ranks: Ulysses %.0f, FPDT %.0f "
+      "(hidden %g)\n",
+      ulysses, fpdt, D);
+  EXPECT_LT(fpdt, 0.3 * ulysses);
+  // What remains per local token (bf16): two resident checkpoints, the residual gradient, the
+  // final norm's input, RoPE tables and token ids: under 6 hidden vectors.
+  EXPECT_LT(fpdt * 4, 6 * D * 2 * 1.1);
+}
+
+// FPDT's headline (Yao et al. 2024): an 8B model at 2M tokens on 4 x A100-40GB. The planner
+// finds it fits with FPDT chunks (sequence parallel 4, ZeRO-3, offloaded optimizer and
+// checkpoints), and not with plain Ulysses.
+TEST(Planner, EightBillionAtTwoMillionTokensOnFourA100) {
+  PlanRequest r;
+  r.config = parse_model_config(preset_config("llama3-8b"), "llama3-8b");
+  apply_position_interpolation(&r.config, 2097152);
+  r.device = PlanDevice::kCudaBf16;
+  r.seq_len = 2097152;
+  r.world_size = 4;
+  r.sequence_parallel = 4;
+  r.zero_stage = 3;
+  r.offload_optimizer = true;
+  r.settings.checkpointing = r.settings.offload_checkpoints = true;
+  r.settings.mlp_chunks = r.settings.lm_head_chunks = 512;
+  const GpuSpec a100 = gpu_spec("a100-40gb");
+  r.fpdt_chunk = 65536;
+  const PlanResult fpdt = plan_memory(r);
+  r.fpdt_chunk = 0;
+  const PlanResult ulysses = plan_memory(r);
+  std::printf("8B at 2M tokens per A100-40GB: FPDT %s, Ulysses %s\n",
+              format_bytes(fpdt.device_bytes).c_str(), format_bytes(ulysses.device_bytes).c_str());
+  EXPECT_LE(fpdt.device_bytes, a100.memory_bytes);
+  EXPECT_GT(ulysses.device_bytes, 1.5 * a100.memory_bytes);
+  r.fpdt_chunk = 65536;
+  const StepEstimate e = estimate_step(r, a100, 0.5);
+  std::printf("%s\n", e.describe().c_str());
+  EXPECT_GT(e.step_s, 0);
+  EXPECT_GT(e.mfu, 0.2);
+  EXPECT_LE(e.mfu, 0.5);
+  // Attention dominates at 2M tokens: FLOPs are about 6 x 2M x 2M x L x H x HD.
+  const double attention = 6.0 * 2097152.0 * 2097152.0 * 32 * 4096;
+  EXPECT_NEAR(training_flops(r.config, 2097152, 2097152) / attention, 1.0, 0.05);
+}
+
+TEST(Planner, SequenceParallelStretchesTheLongestSequence) {
+  PlanRequest r;
+  r.config = mid_config();
+  r.settings.checkpointing = true;
+  r.mini_sequence_auto = true;
+  const size_t budget = size_t(256) << 20;
+  const int64_t one = longest_sequence(r, budget);
+  r.world_size = r.sequence_parallel = 2;  // the model has 2 kv heads
+  const int64_t two = longest_sequence(r, budget);
+  std::printf("longest sequence in 256 MiB per rank: 1 rank %lld, Ulysses over 2 %lld\n",
+              (long long)one, (long long)two);
+  EXPECT_GT(two, 1.7 * one);
 }
 
 TEST(Planner, ParseBytes) {

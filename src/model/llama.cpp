@@ -73,10 +73,8 @@ struct LlamaModel::Work {
 struct LlamaModel::SeqWork {
   int64_t c = 0;        // most local tokens per chunk
   bool fpdt = false;    // FPDT: whole layers chunk by chunk, the store in pinned host memory
-  float *ql, *kl, *vl;  // (c, H*HD), (c, KVH*HD) x2: one chunk's projections
   float* pack;          // (c, H*HD) all-to-all send buffer
-  // Ulysses backward, head layout over the whole sequence: dL/d(out), dq (S, W), dk, dv (S, KW).
-  float *do_heads, *dq_heads, *dk_heads, *dv_heads;
+  float *ql, *kl, *vl;  // FPDT: (c, H*HD), (c, KVH*HD) x2: one chunk's projections
   // FPDT, one chunk of the layer's per-token tensors: (c,D) (c) (c,H*HD) (c,D) (c,D) (c).
   float *attn_in, *attn_rstd, *attn_out, *x_mid, *ffn_in, *ffn_rstd;
   float *q_c, *k_c, *v_c, *o_c, *lse_c;  // the current chunk in head layout; lse (H/P, Ce)
@@ -348,19 +346,26 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
 
   auto w = std::make_unique<Work>();
   w->inv_freq = b.take("inv_freq", HD / 2, MemCategory::kScratch, "scratch");
-  w->final_in = b.take("final_in", N * D, MemCategory::kActivations, "activations");
-  w->final_rstd = b.take("final_rstd", N, MemCategory::kActivations, "activations");
+  // The final norm and the LM head run on the last pipeline stage only.
+  const bool last = l1 == c.num_hidden_layers;
+  w->final_in =
+      last ? b.take("final_in", N * D, MemCategory::kActivations, "activations") : nullptr;
+  w->final_rstd =
+      last ? b.take("final_rstd", N, MemCategory::kActivations, "activations") : nullptr;
   // FPDT runs the MLP inside each sequence chunk: mini-sequence chunks no longer than that.
   const int64_t fpdt_rows = fpdt ? std::min<int64_t>(s.seq_chunk / s.sp_degree, int64_t(N)) : 0;
   const bool chunked_mlp = !save_mlp || fpdt;
   w->mlp_chunk = fpdt ? std::min(ceil_div(N, s.mlp_chunks), fpdt_rows) : ceil_div(N, s.mlp_chunks);
-  w->lm_chunk = ceil_div(N, s.lm_head_chunks);
+  w->lm_chunk =
+      fpdt ? std::min(ceil_div(N, s.lm_head_chunks), fpdt_rows) : ceil_div(N, s.lm_head_chunks);
   const size_t C = w->mlp_chunk;
   w->gate_c =
       chunked_mlp ? b.take("mlp.gate_c", C * F, MemCategory::kMlpChunk, "scratch") : nullptr;
   w->up_c = chunked_mlp ? b.take("mlp.up_c", C * F, MemCategory::kMlpChunk, "scratch") : nullptr;
   w->h_c = b.take("mlp.h_c", C * F, MemCategory::kMlpChunk, "scratch");
-  w->lm_scratch = b.take("lm_head.logits", w->lm_chunk * V, MemCategory::kLmHeadChunk, "scratch");
+  w->lm_scratch =
+      last ? b.take("lm_head.logits", w->lm_chunk * V, MemCategory::kLmHeadChunk, "scratch")
+           : nullptr;
   w->dh_c = w->dgate_c = w->dup_c = w->dres = w->dnorm = nullptr;
   w->dattn = w->dq = w->dk = w->dv = nullptr;
   if (s.train) {
@@ -401,20 +406,14 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   auto take = [&](const std::string& name, size_t n) {
     return b.take("seq." + name, n, MemCategory::kAttention, "scratch");
   };
-  q->ql = take("q_local", cq);
-  q->kl = take("k_local", ckv);
-  q->vl = take("v_local", ckv);
   q->pack = take("alltoall", cq);
-  if (!fpdt) {
-    if (s.train) {
-      q->do_heads = take("dout_heads", N * QD);
-      q->dq_heads = take("dq_heads", N * QD);
-      q->dk_heads = take("dk_heads", N * KVD);
-      q->dv_heads = take("dv_heads", N * KVD);
-    }
+  if (!fpdt) {  // Ulysses: its exchanges run in place on the plain path's buffers
     out->seq = std::move(q);
     return;
   }
+  q->ql = take("q_local", cq);
+  q->kl = take("k_local", ckv);
+  q->vl = take("v_local", ckv);
   // FPDT: everything of a layer one chunk at a time; two chunks of earlier K/V (and, in
   // backward, of the query-side tensors) so that the next one is read while this one runs.
   auto act = [&](const std::string& name, size_t n) {
@@ -869,7 +868,10 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
 
 void LlamaModel::to_heads(float* dst, const float* src, int64_t c, int64_t width) {
   const int64_t P = settings_.sp_degree, hw = width / P;
-  if (P == 1) return be_.copy_device(dst, src, size_t(c * width) * 4);
+  if (P == 1) {
+    if (dst != src) be_.copy_device(dst, src, size_t(c * width) * 4);
+    return;
+  }
   float* pack = seq_->pack;
   for (int64_t j = 0; j < P; ++j)  // block j: every token's heads of rank j
     be_.copy_2d(pack + j * c * hw, hw * 4, src + j * hw, width * 4, hw * 4, c);
@@ -878,7 +880,10 @@ void LlamaModel::to_heads(float* dst, const float* src, int64_t c, int64_t width
 
 void LlamaModel::from_heads(float* dst, const float* src, int64_t c, int64_t width) {
   const int64_t P = settings_.sp_degree, hw = width / P;
-  if (P == 1) return be_.copy_device(dst, src, size_t(c * width) * 4);
+  if (P == 1) {
+    if (dst != src) be_.copy_device(dst, src, size_t(c * width) * 4);
+    return;
+  }
   float* pack = seq_->pack;
   // Block j of src (rank j's c tokens) goes back to rank j; block j received holds this rank's
   // tokens for rank j's heads.
@@ -897,24 +902,25 @@ void LlamaModel::put_chunk(float* store, int64_t i, int64_t n, const float* dev)
 }
 
 // DeepSpeed-Ulysses: q/k/v of all this rank's tokens, all-to-all to the whole sequence for H/P
-// heads (kept on the device), attention, all-to-all of the output back.
+// heads (kept on the device), attention, all-to-all of the output back. The exchanges run in
+// place (to_heads / from_heads read their source whole before writing), so Ulysses needs no
+// buffers beyond the plain path's but the head-layout output and the all-to-all's send buffer.
 void LlamaModel::seq_attention_forward(int64_t l, LayerActs& a) {
   const ModelConfig& cf = config_;
-  SeqWork& q = *seq_;
   const Slot& ms = slot();
   const auto& sl = lin_[l];
   const int64_t P = settings_.sp_degree, H = cf.num_attention_heads, KVH = cf.num_key_value_heads;
   const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
   AttentionShape whole{
       1, N * P, H / P, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
-  project(q.ql, a.attn_in, sl[int(Proj::kQ)], N, l, 0);
-  project(q.kl, a.attn_in, sl[int(Proj::kK)], N, l, 0);
-  project(q.vl, a.attn_in, sl[int(Proj::kV)], N, l, 0);
-  be_.rope_forward(q.ql, q.ql, ms.rope_cos, ms.rope_sin, N, H, HD);
-  be_.rope_forward(q.kl, q.kl, ms.rope_cos, ms.rope_sin, N, KVH, HD);
-  to_heads(a.q, q.ql, N, QD);
-  to_heads(a.k, q.kl, N, KVD);
-  to_heads(a.v, q.vl, N, KVD);
+  project(a.q, a.attn_in, sl[int(Proj::kQ)], N, l, 0);
+  project(a.k, a.attn_in, sl[int(Proj::kK)], N, l, 0);
+  project(a.v, a.attn_in, sl[int(Proj::kV)], N, l, 0);
+  be_.rope_forward(a.q, a.q, ms.rope_cos, ms.rope_sin, N, H, HD);
+  be_.rope_forward(a.k, a.k, ms.rope_cos, ms.rope_sin, N, KVH, HD);
+  to_heads(a.q, a.q, N, QD);
+  to_heads(a.k, a.k, N, KVD);
+  to_heads(a.v, a.v, N, KVD);
   if (settings_.flash_attention)
     be_.attention_forward(a.o_heads, a.lse, a.q, a.k, a.v, whole);
   else
@@ -924,7 +930,6 @@ void LlamaModel::seq_attention_forward(int64_t l, LayerActs& a) {
 
 void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
   const ModelConfig& cf = config_;
-  SeqWork& q = *seq_;
   Work& k = *work_;
   const Slot& ms = slot();
   const auto& sl = lin_[l];
@@ -932,16 +937,14 @@ void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
   const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
   AttentionShape whole{
       1, N * P, H / P, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
-  to_heads(q.do_heads, k.dattn, N, QD);
+  to_heads(k.dattn, k.dattn, N, QD);  // dL/d(out) in head layout
   if (settings_.flash_attention)
-    be_.attention_backward(q.dq_heads, q.dk_heads, q.dv_heads, q.do_heads, a.o_heads, a.lse, a.q,
-                           a.k, a.v, whole);
+    be_.attention_backward(k.dq, k.dk, k.dv, k.dattn, a.o_heads, a.lse, a.q, a.k, a.v, whole);
   else
-    attention_backward_naive(q.dq_heads, q.dk_heads, q.dv_heads, q.do_heads, a.o_heads, a.lse, a.q,
-                             a.k, a.v, whole);
-  from_heads(k.dq, q.dq_heads, N, QD);
-  from_heads(k.dk, q.dk_heads, N, KVD);
-  from_heads(k.dv, q.dv_heads, N, KVD);
+    attention_backward_naive(k.dq, k.dk, k.dv, k.dattn, a.o_heads, a.lse, a.q, a.k, a.v, whole);
+  from_heads(k.dq, k.dq, N, QD);
+  from_heads(k.dk, k.dk, N, KVD);
+  from_heads(k.dv, k.dv, N, KVD);
   be_.rope_backward(k.dq, k.dq, ms.rope_cos, ms.rope_sin, N, H, HD);
   be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
   project_backward(k.dnorm, sl[int(Proj::kQ)], k.dq, a.attn_in, N, l, 0, Accumulate::kNo);

@@ -1,10 +1,10 @@
 // Memory planner (see planner.h).
 #include "plan/planner.h"
 
+#include <fmt/format.h>
+
 #include <cctype>
 #include <cmath>
-
-#include <fmt/format.h>
 
 #include "core/error.h"
 #include "dist/parallel.h"
@@ -19,16 +19,21 @@ namespace {
 double device_factor(MemCategory c, PlanDevice d) {
   if (d == PlanDevice::kCpuF32) return 1.0;
   switch (c) {
-    case MemCategory::kWeights: return 1.5;    // bf16 weights + f32 master copy
-    case MemCategory::kGradients: return 0.5;  // bf16 gradients
-    case MemCategory::kOptimizer: return 1.0;  // f32 moments
-    case MemCategory::kLmHeadChunk: return 1.0;  // logits stay f32
-    default: return 0.5;                       // bf16 activations and scratch
+    case MemCategory::kWeights:
+      return 1.5;  // bf16 weights + f32 master copy
+    case MemCategory::kGradients:
+      return 0.5;  // bf16 gradients
+    case MemCategory::kOptimizer:
+      return 1.0;  // f32 moments
+    case MemCategory::kLmHeadChunk:
+      return 1.0;  // logits stay f32
+    default:
+      return 0.5;  // bf16 activations and scratch
   }
 }
 
 constexpr MemCategory kAllCategories[] = {
-    MemCategory::kWeights,     MemCategory::kGradients, MemCategory::kOptimizer,
+    MemCategory::kWeights,     MemCategory::kGradients,   MemCategory::kOptimizer,
     MemCategory::kCheckpoints, MemCategory::kActivations, MemCategory::kAttention,
     MemCategory::kMlpChunk,    MemCategory::kLmHeadChunk, MemCategory::kScratch};
 
@@ -52,8 +57,14 @@ void account(PlanResult* out, const PlanRequest& r, bool offload_checkpoints) {
       }
       double f = device_factor(c, r.device);
       if (r.device == PlanDevice::kCudaBf16 && c == MemCategory::kWeights) {
-        if (b.name.rfind("nf4.", 0) == 0) f = 1.0;                  // already 4-bit codes
-        else if (frozen_base && b.name == "params") f = 0.5;        // frozen bf16, no master
+        if (b.name.rfind("nf4.", 0) == 0)
+          f = 1.0;  // already 4-bit codes
+        else if (frozen_base && b.name == "params")
+          f = 0.5;  // frozen bf16, no master
+        else if (b.name.rfind("zero.gathered", 0) == 0)
+          f = 0.5;  // gathered bf16 copies
+        else if (b.name == "zero.param_shard" && r.offload_optimizer)
+          f = 0.5;  // master: host
       }
       const size_t dev = static_cast<size_t>(static_cast<double>(b.bytes) * f);
       bytes += dev;
@@ -107,8 +118,9 @@ PlanResult plan_memory(const PlanRequest& r) {
   const ParallelSettings ps = parallel_settings(r);
   PlanResult best;
   for (int stage = 0; stage < r.pipeline_parallel; ++stage) {
-    const ParallelLayout probe = ParallelLayout::make(r.world_size, 0, r.sequence_parallel,
-                                                      r.pipeline_parallel);
+    if (r.only_stage >= 0 && stage != r.only_stage) continue;
+    const ParallelLayout probe =
+        ParallelLayout::make(r.world_size, 0, r.sequence_parallel, r.pipeline_parallel);
     const ParallelLayout lay = ParallelLayout::make(r.world_size, probe.rank_of(stage, 0, 0),
                                                     r.sequence_parallel, r.pipeline_parallel);
     RunSettings st = s;
@@ -120,10 +132,10 @@ PlanResult plan_memory(const PlanRequest& r) {
     LlamaModel::plan(r.config, st, &p.plan);
     ParallelEngine::plan(r.config, st, lay, ps, &p.plan);
     if (!st.flash_attention)
-      p.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2,
-                 MemCategory::kAttention, "transient");
+      p.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
+                 "transient");
     account(&p, r, st.offload_checkpoints);
-    if (stage == 0 || p.device_bytes > best.device_bytes) best = std::move(p);
+    if (best.plan.buffers().empty() || p.device_bytes > best.device_bytes) best = std::move(p);
   }
   return best;
 }
@@ -176,21 +188,28 @@ StepEstimate estimate_step(const PlanRequest& r, const GpuSpec& g, double assume
   const double KVD = double(c.num_key_value_heads * c.head_dim);
   const double n = tokens_mb / SP;  // this rank's tokens of a micro-batch
   const double bf16 = 2;
-  auto link = [&](int group) { return group <= g.gpus_per_node ? g.intra_node_bw : g.inter_node_bw; };
+  auto link = [&](int group) {
+    return group <= g.gpus_per_node ? g.intra_node_bw : g.inter_node_bw;
+  };
   if (SP > 1) {  // per layer: q, k, v, out forward; dout, dq, dk, dv backward (tests/dist)
     double bytes = M * L * bf16 * n * 2 * (2 * QD + 2 * KVD);
     if (r.settings.checkpointing) bytes *= 1.5;  // the forward's four again
+    e.alltoall_bytes = bytes;
     e.alltoall_s = bytes * (SP - 1) / SP / link(SP);
   }
-  if (PP > 1) e.p2p_s = M * 2 * bf16 * n * D / link(W);  // activation + gradient per boundary
+  if (PP > 1) {  // each stage sends an activation (or a gradient) per micro-batch
+    e.p2p_bytes = M * bf16 * n * D;
+    e.p2p_s = 2 * e.p2p_bytes / link(W);  // one each way across a boundary
+  }
   {
     const double P = double(ParamTable(c).total_numel()) / PP;
     const double trainable =
         r.settings.lora.enabled ? double(LlamaModel::trainable_numel(c, r.settings)) / PP : P;
     const int G = DP * SP;  // the ZeRO group of a stage
     if (G > 1) {
-      double bytes = 2 * trainable * bf16 * (G - 1) / G;    // reduce-scatter + all-gather
+      double bytes = 2 * trainable * bf16 * (G - 1) / G;           // reduce-scatter + all-gather
       if (r.zero_stage == 3) bytes += 2 * P * bf16 * (G - 1) / G;  // gathers in the backward
+      e.grad_sync_bytes = bytes;
       e.grad_sync_s = std::max(0.0, bytes / link(G) - 0.5 * e.compute_s);
     }
   }
@@ -201,7 +220,7 @@ StepEstimate estimate_step(const PlanRequest& r, const GpuSpec& g, double assume
       const double u = std::max(1.0, std::ceil(tokens_mb / double(r.fpdt_chunk)));  // query
       const double store = n * (3 * QD + 2 * KVD);                                  // side
       host += M * L * bf16 *
-              (store + n * 2 * KVD * (u - 1) / 2 +              // forward
+              (store + n * 2 * KVD * (u - 1) / 2 +                      // forward
                n * 2 * KVD + n * (4 * QD) * (u + 1) / 2 + n * 2 * QD);  // backward
       if (r.settings.checkpointing) host += M * L * bf16 * (store + n * 2 * KVD * (u - 1) / 2);
     }
@@ -209,6 +228,7 @@ StepEstimate estimate_step(const PlanRequest& r, const GpuSpec& g, double assume
       const double P = double(ParamTable(c).total_numel()) / PP / (DP * SP);
       host += 2 * P * bf16;
     }
+    e.host_bytes = host;
     e.host_copy_s = std::max(0.0, host / g.host_bw - e.compute_s);
   }
   e.step_s = e.compute_s + e.alltoall_s + e.p2p_s + e.grad_sync_s + e.host_copy_s;
@@ -264,22 +284,28 @@ void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
     return std::max<int64_t>(1, (t + rows - 1) / rows);
   };
   s->mlp_chunks = chunks_for_rows(c.hidden_size);
-  const int64_t lm_chunks = std::max<int64_t>(1, (c.vocab_size + c.hidden_size - 1) / c.hidden_size);
+  const int64_t lm_chunks =
+      std::max<int64_t>(1, (c.vocab_size + c.hidden_size - 1) / c.hidden_size);
   s->lm_head_chunks = chunks_for_rows((t + lm_chunks - 1) / lm_chunks);
 }
 
 AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms, bool auto_ck) {
   struct Candidate {
-    bool mini, ckpt, offload;
+    bool mini, ckpt, offload, fine;
     const char* what;
   };
   // Fastest first: chunking costs a recompute of gate/up per chunk (~+10% step time),
-  // checkpointing one extra forward (~+33%), offload only copies (hidden by prefetch).
+  // checkpointing one extra forward (~+33%), offload only copies (hidden by prefetch). Very
+  // long sequences may need chunks finer than MST's rule (whose LM-head chunk of logits is as
+  // large as the hidden states): 1024-row chunks, still large enough for compute-bound GEMMs.
   const Candidate cands[] = {
-      {false, false, false, "no memory-saving technique needed"},
-      {true, false, false, "mini-sequence MLP/LM head (cheapest saving: logits and MLP intermediates)"},
-      {true, true, false, "mini-sequence + per-layer checkpointing (one extra forward)"},
-      {true, true, true, "mini-sequence + checkpointing + checkpoint offload"},
+      {false, false, false, false, "no memory-saving technique needed"},
+      {true, false, false, false,
+       "mini-sequence MLP/LM head (cheapest saving: logits and MLP intermediates)"},
+      {true, true, false, false, "mini-sequence + per-layer checkpointing (one extra forward)"},
+      {true, true, true, false, "mini-sequence + checkpointing + checkpoint offload"},
+      {true, true, true, true,
+       "1024-row mini-sequence chunks + checkpointing + checkpoint offload"},
   };
   AutoChoice best;
   for (const auto& c : cands) {
@@ -289,14 +315,27 @@ AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms,
       if (!c.mini) r.settings.mlp_chunks = r.settings.lm_head_chunks = 1;
     } else if (c.mini && r.settings.mlp_chunks == 1 && r.settings.lm_head_chunks == 1) {
       continue;  // the user fixed the chunks
+    } else if (c.fine) {
+      continue;
     }
-    if (auto_ck) r.settings.checkpointing = c.ckpt;
-    else if (c.ckpt != r.settings.checkpointing) continue;
+    if (c.fine) {
+      const int64_t t =
+          std::max<int64_t>(1, r.seq_len * r.batch / std::max(1, r.sequence_parallel));
+      r.mini_sequence_auto = false;
+      r.settings.mlp_chunks = r.settings.lm_head_chunks = std::max<int64_t>(1, (t + 1023) / 1024);
+    }
+    if (auto_ck)
+      r.settings.checkpointing = c.ckpt;
+    else if (c.ckpt != r.settings.checkpointing)
+      continue;
     r.settings.offload_checkpoints = c.offload;
     if (c.offload && !r.settings.checkpointing) continue;
     const PlanResult p = plan_memory(r);
     best.settings = r.settings;
-    if (r.mini_sequence_auto) mini_sequence_auto(r.config, r.seq_len * r.batch, &best.settings);
+    if (r.mini_sequence_auto)
+      mini_sequence_auto(r.config,
+                         (r.seq_len * r.batch + r.sequence_parallel - 1) / r.sequence_parallel,
+                         &best.settings);
     if (p.device_bytes <= budget) {
       best.fits = true;
       best.why = fmt::format("{}: predicted {} fits the budget of {}", c.what,
@@ -321,12 +360,18 @@ size_t parse_bytes(const std::string& s, const std::string& flag) {
   std::string unit = s.substr(i);
   for (auto& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   double mult = 1;
-  if (unit.empty() || unit == "b") mult = 1;
-  else if (unit == "k" || unit == "kb" || unit == "kib") mult = 1024.0;
-  else if (unit == "m" || unit == "mb" || unit == "mib") mult = 1024.0 * 1024;
-  else if (unit == "g" || unit == "gb" || unit == "gib") mult = 1024.0 * 1024 * 1024;
-  else if (unit == "t" || unit == "tb" || unit == "tib") mult = 1024.0 * 1024 * 1024 * 1024;
-  else fail("{}: unit '{}' is not known; use B, KiB, MiB, GiB or TiB", flag, unit);
+  if (unit.empty() || unit == "b")
+    mult = 1;
+  else if (unit == "k" || unit == "kb" || unit == "kib")
+    mult = 1024.0;
+  else if (unit == "m" || unit == "mb" || unit == "mib")
+    mult = 1024.0 * 1024;
+  else if (unit == "g" || unit == "gb" || unit == "gib")
+    mult = 1024.0 * 1024 * 1024;
+  else if (unit == "t" || unit == "tb" || unit == "tib")
+    mult = 1024.0 * 1024 * 1024 * 1024;
+  else
+    fail("{}: unit '{}' is not known; use B, KiB, MiB, GiB or TiB", flag, unit);
   if (v <= 0) fail("{}: '{}' must be positive", flag, s);
   return static_cast<size_t>(v * mult);
 }
@@ -336,8 +381,8 @@ bool apply_position_interpolation(ModelConfig* c, int64_t model_max_length) {
   if (c->rope_scaling.type != RopeType::kDefault) return false;
   c->rope_scaling = RopeScaling{};
   c->rope_scaling.type = RopeType::kLinear;
-  c->rope_scaling.factor =
-      std::ceil(static_cast<double>(model_max_length) / static_cast<double>(c->max_position_embeddings));
+  c->rope_scaling.factor = std::ceil(static_cast<double>(model_max_length) /
+                                     static_cast<double>(c->max_position_embeddings));
   return true;
 }
 

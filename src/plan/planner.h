@@ -19,10 +19,10 @@ enum class PlanDevice { kCpuF32, kCudaBf16 };
 
 struct PlanRequest {
   ModelConfig config;
-  int64_t seq_len = 0;     // tokens per row
-  int64_t batch = 1;       // rows per micro-batch
-  RunSettings settings;    // max_tokens is filled from seq_len * batch
-  bool mini_sequence_auto = false;   // chunks from MST's rule for the sequence (overrides)
+  int64_t seq_len = 0;              // tokens per row
+  int64_t batch = 1;                // rows per micro-batch
+  RunSettings settings;             // max_tokens is filled from seq_len * batch
+  bool mini_sequence_auto = false;  // chunks from MST's rule for the sequence (overrides)
   PlanDevice device = PlanDevice::kCpuF32;
   // The cluster layout (src/dist/parallel.h): world_size ranks = data-parallel replicas x
   // sequence_parallel x pipeline_parallel; ZeRO over the ranks of each pipeline stage.
@@ -32,8 +32,9 @@ struct PlanRequest {
   bool offload_params = false;     // ZeRO-3: the parameter shard in host memory
   int sequence_parallel = 1;
   int pipeline_parallel = 1;
-  int64_t fpdt_chunk = 0;          // FPDT chunk tokens (0: off)
-  int64_t micro_per_step = 1;      // gradient accumulation (the pipeline's micro-batches)
+  int64_t fpdt_chunk = 0;      // FPDT chunk tokens (0: off)
+  int64_t micro_per_step = 1;  // gradient accumulation (the pipeline's micro-batches)
+  int only_stage = -1;         // plan this pipeline stage (-1: the largest of all)
   bool parallel() const {
     return world_size > 1 || zero_stage > 0 || fpdt_chunk > 0 || sequence_parallel > 1 ||
            pipeline_parallel > 1;
@@ -41,9 +42,9 @@ struct PlanRequest {
 };
 
 struct PlanResult {
-  MemoryPlan plan;          // buffers as the engine allocates them (f32 element counts)
-  int stage = 0;            // pipeline: the stage planned (the one with the largest peak)
-  size_t device_bytes = 0;  // predicted peak on the compute device
+  MemoryPlan plan;             // buffers as the engine allocates them (f32 element counts)
+  int stage = 0;               // pipeline: the stage planned (the one with the largest peak)
+  size_t device_bytes = 0;     // predicted peak on the compute device
   size_t offloaded_bytes = 0;  // checkpoints kept off the device (host RAM or a file)
   size_t runtime_bytes = 0;    // fixed per-process overhead (libraries, thread pools, context)
   std::vector<std::pair<std::string, size_t>> by_category;  // device bytes per category
@@ -58,10 +59,10 @@ PlanResult plan_memory(const PlanRequest& r);
 struct GpuSpec {
   std::string name;
   size_t memory_bytes = 0;
-  double peak_flops = 0;         // dense bf16 tensor-core FLOP/s
-  double intra_node_bw = 0;      // NVLink, bytes/s
-  double inter_node_bw = 0;      // network per GPU, bytes/s
-  double host_bw = 0;            // PCIe, bytes/s
+  double peak_flops = 0;     // dense bf16 tensor-core FLOP/s
+  double intra_node_bw = 0;  // NVLink, bytes/s
+  double inter_node_bw = 0;  // network per GPU, bytes/s
+  double host_bw = 0;        // PCIe, bytes/s
   int gpus_per_node = 8;
 };
 // a100-40gb, a100-80gb, h100-80gb, h200; UserError lists them for an unknown name.
@@ -79,6 +80,8 @@ double training_flops(const ModelConfig& c, double tokens, double row_tokens);
 struct StepEstimate {
   double flops_per_device = 0;  // executed (recomputation included)
   double compute_s = 0, alltoall_s = 0, p2p_s = 0, grad_sync_s = 0, host_copy_s = 0;
+  // Bytes one device hands to each kind of transfer per step (bf16 payloads).
+  double alltoall_bytes = 0, p2p_bytes = 0, grad_sync_bytes = 0, host_bytes = 0;
   double step_s = 0, tokens_per_s = 0, mfu = 0;  // mfu: model FLOPs / (world x peak x step)
   std::string describe() const;
 };

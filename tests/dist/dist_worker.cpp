@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -18,6 +19,7 @@
 #include "dist/parallel.h"
 #include "dist/zero.h"
 #include "model/presets.h"
+#include "plan/planner.h"
 #include "train/batching.h"
 #include "train/optimizer.h"
 
@@ -691,6 +693,17 @@ TEST(Parallel, CommunicationBytes) {
         std::printf("Ulysses SP2: all-to-all %llu bytes per rank per step, theory %.0f\n",
                     (unsigned long long)r.stats.alltoall_bytes, want);
       EXPECT_EQ(double(r.stats.alltoall_bytes), want);
+      // The planner's step estimate counts the same volume (in bf16: half the f32 bytes).
+      double planned = 0;
+      for (const auto& mb : micro) {
+        PlanRequest q;
+        q.config = c;
+        q.seq_len = sequence_layout(mb.num_tokens(), 2, 0).padded_tokens();
+        q.world_size = 2;
+        q.sequence_parallel = 2;
+        planned += 2 * estimate_step(q, gpu_spec("h100-80gb"), 0.5).alltoall_bytes;
+      }
+      EXPECT_EQ(planned, want) << "planner's all-to-all volume";
     } else {
       double want = 0;
       for (const auto& mb : micro) want += 4.0 * mb.num_tokens() * c.hidden_size;
@@ -699,7 +712,97 @@ TEST(Parallel, CommunicationBytes) {
         std::printf("pipeline PP2: point-to-point %llu bytes per rank per step, theory %.0f\n",
                     (unsigned long long)r.stats.p2p_bytes, want);
       EXPECT_EQ(double(r.stats.p2p_bytes), want);
+      double planned = 0;
+      for (const auto& mb : micro) {
+        PlanRequest q;
+        q.config = c;
+        q.seq_len = mb.num_tokens();
+        q.world_size = 2;
+        q.pipeline_parallel = 2;
+        planned += 2 * estimate_step(q, gpu_spec("h100-80gb"), 0.5).p2p_bytes;
+      }
+      EXPECT_EQ(planned, want) << "planner's point-to-point volume";
     }
+  }
+}
+
+// Each rank's measured peak memory against `longtune plan`'s prediction for the layout (on
+// CPU every arena is resident, host ones included): within 15%.
+TEST(Parallel, PlanMatchesMeasuredPeak) {
+  Communicator& world = *g_world;
+  if (world.size() != 2) GTEST_SKIP() << "written for 2 ranks";
+  nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}},
+                      {"hidden_size", 128},
+                      {"intermediate_size", 352},
+                      {"num_hidden_layers", 2},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"vocab_size", 8000},
+                      {"max_position_embeddings", 8192},
+                      {"rms_norm_eps", 1e-5}};
+  const ModelConfig c = parse_model_config(j, "mid");
+  const int64_t T = 2048;
+  Example e;
+  std::mt19937 rng(1);
+  for (int64_t t = 0; t < T; ++t) e.input_ids.push_back(int32_t(rng() % c.vocab_size));
+  e.labels = e.input_ids;
+  std::vector<const Example*> rows = {&e};
+  const std::vector<MicroBatch> micro = {make_micro_batch(rows), make_micro_batch(rows)};
+  struct Case {
+    const char* name;
+    int sp, pp;
+    int64_t fpdt;
+  };
+  auto run = [&](const Case& k, int64_t tokens, const PlanRequest& req,
+                 const std::vector<float>& full) {
+    Example ex = e;
+    ex.input_ids.resize(tokens);
+    ex.labels.resize(tokens);
+    std::vector<const Example*> one = {&ex};
+    const std::vector<MicroBatch> mbs = {make_micro_batch(one), make_micro_batch(one)};
+    auto be = make_cpu_backend();
+    const ParallelLayout lay = ParallelLayout::make(2, world.rank(), k.sp, k.pp);
+    RunSettings rs = req.settings;
+    ParallelSettings ps;
+    ps.fpdt_chunk = k.fpdt;
+    ps.micro_per_step = 2;
+    ps.max_tokens = tokens;
+    ParallelEngine::adjust_run_settings(c, lay, ps, &rs);
+    LlamaModel model(c, *be, rs);
+    ParallelEngine engine(model, *be, world, lay, ps);
+    engine.load_params(full.data());
+    engine.train_step(mbs, ScheduleSettings{}, 0);
+  };
+  const std::vector<float> full(ParamTable(c).total_numel(), 0.01f);
+  for (const Case& k : {Case{"Ulysses SP2", 2, 1, 0}, Case{"FPDT SP2 chunk 512", 2, 1, 512},
+                        Case{"PP2", 1, 2, 0}}) {
+    PlanRequest req;
+    req.config = c;
+    req.seq_len = T;
+    req.world_size = 2;
+    req.sequence_parallel = k.sp;
+    req.pipeline_parallel = k.pp;
+    req.fpdt_chunk = k.fpdt;
+    req.micro_per_step = 2;
+    req.settings.mlp_chunks = req.settings.lm_head_chunks = 8;
+    req.settings.checkpointing = true;
+    const ParallelLayout lay = ParallelLayout::make(2, world.rank(), k.sp, k.pp);
+    req.only_stage = lay.stage();  // this rank's stage
+    const PlanResult plan = plan_memory(req);
+    const size_t predicted = plan.plan.total_bytes();  // every arena, host ones too
+    // A short step first: the one-time overhead (thread pools, OpenBLAS and MPI buffers) is
+    // then resident and the comparison measures what the plan covers.
+    run(k, 256, req, full);
+    world.barrier();
+    const size_t before = current_rss();
+    std::ofstream("/proc/self/clear_refs") << "5";
+    run(k, T, req, full);
+    const size_t measured = measured_peak_rss() - before;
+    const double ratio = double(measured) / double(predicted);
+    std::printf("%s rank %d (stage %d): predicted %s, measured %s, ratio %.3f\n", k.name,
+                world.rank(), lay.stage(), format_bytes(predicted).c_str(),
+                format_bytes(measured).c_str(), ratio);
+    EXPECT_NEAR(ratio, 1.0, 0.15) << k.name << " rank " << world.rank();
   }
 }
 
