@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian packages longtune builds with, when any is missing (needs root or sudo).
+# Installs the Debian packages longtune builds and tests with, when any is missing (needs root or
+# sudo); Slurm and munge serve the srun launch test (tests/dist/srun_train.sh).
 # --fuzz also installs clang and its sanitizer/libFuzzer runtime for scripts/fuzz.sh (optional).
 set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev libomp-dev nlohmann-json3-dev libcli11-dev
       libfmt-dev libpcre2-dev libicu-dev libyaml-cpp-dev libgtest-dev libgmock-dev
-      libopenmpi-dev openmpi-bin python3 python3-venv
+      libopenmpi-dev openmpi-bin slurm-wlm munge python3 python3-venv
       libprotobuf-dev protobuf-compiler libcurl4-openssl-dev libcrcutil-dev libxxhash-dev)
 [ "${1:-}" = "--fuzz" ] && pkgs+=(clang libclang-rt-dev)
 missing=()
