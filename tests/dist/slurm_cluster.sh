@@ -26,7 +26,7 @@ munged --key-file="$dir/munge.key" --socket="$dir/munge.sock" --pid-file="$dir/m
 pids+=($!)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
 user=$(id -un)
 cat > "$dir/slurm.conf" <<CONF
 ClusterName=longtune

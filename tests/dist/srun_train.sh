@@ -19,7 +19,7 @@ common=(train --model_name_or_path "$root/tests/fixtures/models/llama_gqa" --dat
 "$longtune" "${common[@]}" --output_dir one --per_device_train_batch_size 4 > one.log || exit 1
 cat > run.sh <<RUN
 set -e
-srun --mpi=pmix -n 2 "$longtune" ${common[*]} --output_dir two --per_device_train_batch_size 2 > two.log
+srun --immediate=60 --mpi=pmix -n 2 "$longtune" ${common[*]} --output_dir two --per_device_train_batch_size 2 > two.log
 RUN
 bash "$root/tests/dist/slurm_cluster.sh" bash run.sh
 rc=$?
