@@ -120,8 +120,8 @@ class ParallelEngine::Optimizer {
 class ParallelEngine::ZeroOptimizer final : public Optimizer {
  public:
   ZeroOptimizer(LlamaModel& m, Backend& be, Communicator& group, const ZeroSettings& z,
-                const OptimizerSettings& o)
-      : zero(m, be, group, z, o) {}
+                const OptimizerSettings& o, Communicator* device_group)
+      : zero(m, be, group, z, o, device_group) {}
   void zero_grads() override { zero.zero_grads(); }
   void reduce_gradients() override { zero.reduce_gradients(); }
   double square_sum(const std::string& excluded) override { return zero.square_sum(excluded); }
@@ -253,14 +253,27 @@ ParallelEngine::ParallelEngine(LlamaModel& model, Backend& backend, Communicator
   seq_group_ = world_.split(stage * lay_.dp + replica, seq, "sequence");
   pipe_group_ = world_.split(replica * lay_.sp + seq, stage, "pipeline");
   leaders_ = world_.split(replica == 0 && seq == 0 ? 0 : 1, stage, "stage_leaders");
+  // A device backend's collectives on device buffers go over NCCL (bootstrapped over the MPI
+  // groups); MPI keeps the host-memory ones. The pipeline stages' messages are staged through
+  // host buffers over MPI either way.
+  if (!be_.host_addressable() && world_.size() > 1) {
+    std::string why;
+    stage_nccl_ = make_nccl_communicator(*stage_group_, ps_.timeout_seconds, &why);
+    if (!stage_nccl_)
+      fail("--device {} over {} ranks needs NCCL for its collectives: {}", be_.name(),
+           world_.size(), why);
+    if (lay_.sp > 1) seq_nccl_ = make_nccl_communicator(*seq_group_, ps_.timeout_seconds, &why);
+  }
+  Communicator& stage_dev = stage_nccl_ ? *stage_nccl_ : *stage_group_;
   if (model_.settings().sequence_path()) {
-    exchange_ = std::make_unique<CommSequenceExchange>(*seq_group_, be_);
+    exchange_ = std::make_unique<CommSequenceExchange>(seq_nccl_ ? *seq_nccl_ : *seq_group_, be_);
     model_.set_sequence_exchange(exchange_.get());
   }
   if (model_.settings().lora.enabled)
-    opt_ = std::make_unique<ReplicatedOptimizer>(model_, be_, *stage_group_, ps_.optimizer);
+    opt_ = std::make_unique<ReplicatedOptimizer>(model_, be_, stage_dev, ps_.optimizer);
   else
-    opt_ = std::make_unique<ZeroOptimizer>(model_, be_, *stage_group_, ps_.zero, ps_.optimizer);
+    opt_ = std::make_unique<ZeroOptimizer>(model_, be_, *stage_group_, ps_.zero, ps_.optimizer,
+                                           stage_nccl_.get());
   if (lay_.pp > 1 && model_.config().tie_word_embeddings && model_.last_stage())
     tied_copy_ = "model.embed_tokens.weight";
   if (lay_.pp > 1) {
@@ -591,14 +604,16 @@ int64_t ParallelEngine::gather_moments(float* full) {
 
 CommStats ParallelEngine::stats() const {
   CommStats s = world_.stats();
-  for (const auto* g : {stage_group_.get(), seq_group_.get(), pipe_group_.get(), leaders_.get()})
+  for (const auto* g : {stage_group_.get(), seq_group_.get(), pipe_group_.get(), leaders_.get(),
+                       stage_nccl_.get(), seq_nccl_.get()})
     if (g) add_stats(&s, g->stats());
   return s;
 }
 
 void ParallelEngine::reset_stats() {
   world_.reset_stats();
-  for (auto* g : {stage_group_.get(), seq_group_.get(), pipe_group_.get(), leaders_.get()})
+  for (auto* g : {stage_group_.get(), seq_group_.get(), pipe_group_.get(), leaders_.get(),
+                 stage_nccl_.get(), seq_nccl_.get()})
     if (g) g->reset_stats();
 }
 

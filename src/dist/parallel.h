@@ -123,6 +123,8 @@ class ParallelEngine {
   std::unique_ptr<Communicator> seq_group_;    // the sp ranks of this replica and stage
   std::unique_ptr<Communicator> pipe_group_;   // the pp ranks of this (replica, seq)
   std::unique_ptr<Communicator> leaders_;      // the (replica 0, seq 0) rank of every stage
+  // NCCL over the stage and sequence groups (a device backend; null on CPU).
+  std::unique_ptr<Communicator> stage_nccl_, seq_nccl_;
   std::unique_ptr<CommSequenceExchange> exchange_;
   std::unique_ptr<Optimizer> opt_;
   std::string tied_copy_;  // last stage with tied embeddings: the copy's name ("" if none)

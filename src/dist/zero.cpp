@@ -147,10 +147,11 @@ void ZeroEngine::plan(const ParamTable& table, const ZeroSettings& z, int world,
 }
 
 ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, const ZeroSettings& z,
-                       const OptimizerSettings& opt)
+                       const OptimizerSettings& opt, Communicator* device_dp)
     : model_(model),
       be_(backend),
       dp_(dp),
+      dev_(device_dp ? *device_dp : dp),
       z_(z),
       opt_(opt),
       table_(model.table()),
@@ -284,13 +285,13 @@ void ZeroEngine::gather_range(int64_t b, int64_t e, float* dst) {
   const auto counts = layout_.counts(b, e);
   const int64_t own = counts[dp_.rank()];
   const float* src = own > 0 ? shard_params() + (std::max(b, lo_) - lo_) : shard_params();
-  dp_.allgather(dst, src, counts);
+  dev_.allgather(dst, src, counts);
 }
 
 void ZeroEngine::reduce_scatter_add(int64_t b, int64_t e, const float* src) {
   if (e <= b) return;
   const auto counts = layout_.counts(b, e);
-  dp_.reduce_scatter_sum(buf_->scratch, src, counts);
+  dev_.reduce_scatter_sum(buf_->scratch, src, counts);
   const int64_t own = counts[dp_.rank()];
   if (own > 0) be_.add_inplace(buf_->grad_shard + (std::max(b, lo_) - lo_), buf_->scratch, own);
 }
@@ -303,13 +304,13 @@ void ZeroEngine::reduce_full_grads() {
   for (int64_t b = 0; b < P; b += z_.reduce_bucket_size) {
     const int64_t e = std::min(P, b + z_.reduce_bucket_size);
     if (z_.stage == 0) {
-      dp_.allreduce_sum(g + b, e - b);
+      dev_.allreduce_sum(g + b, e - b);
       continue;
     }
     const auto counts = layout_.counts(b, e);
-    dp_.reduce_scatter_sum(buf_->scratch, g + b, counts);
+    dev_.reduce_scatter_sum(buf_->scratch, g + b, counts);
     const int64_t own = counts[dp_.rank()];
-    if (own > 0) std::memcpy(g + std::max(b, lo_), buf_->scratch, own * 4);  // device copy
+    if (own > 0) be_.copy_device(g + std::max(b, lo_), buf_->scratch, size_t(own) * 4);
   }
 }
 
@@ -318,7 +319,7 @@ void ZeroEngine::allgather_full_params() {
   float* p = z_.stage == 2 ? buf_->full_params : model_.params();
   for (int64_t b = 0; b < P; b += z_.allgather_bucket_size) {
     const int64_t e = std::min(P, b + z_.allgather_bucket_size);
-    dp_.allgather(p + b, nullptr, layout_.counts(b, e));
+    dev_.allgather(p + b, nullptr, layout_.counts(b, e));
   }
 }
 
@@ -385,7 +386,7 @@ void ZeroEngine::acquire(int64_t unit, Pass pass, ModelWeights* w, ModelWeights*
       const auto counts = layout_.counts(nb, ne);
       const float* src =
           counts[dp_.rank()] > 0 ? shard_params() + (std::max(nb, lo_) - lo_) : shard_params();
-      pending_[1 - s] = dp_.allgather_async(buf_->layer_params[1 - s], src, counts);
+      pending_[1 - s] = dev_.allgather_async(buf_->layer_params[1 - s], src, counts);
       slot_unit_[1 - s] = next;
     }
   } else {

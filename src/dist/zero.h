@@ -46,8 +46,10 @@ class ZeroEngine final : public LayerWeightsProvider {
  public:
   // The model must have been built with settings adjusted by adjust_run_settings (stages 2 and 3
   // supply its parameters and gradients); the engine registers itself as its provider.
+  // dp runs the collectives on host memory (gathers for checkpoints, scalars); device_dp, when
+  // given (NCCL over the same ranks), those on the device's gradients and parameters.
   ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, const ZeroSettings& z,
-             const OptimizerSettings& opt);
+             const OptimizerSettings& opt, Communicator* device_dp = nullptr);
   ~ZeroEngine() override;
   static void adjust_run_settings(const ZeroSettings& z, RunSettings* rs);
   // This rank's buffers (weights, gradients, optimizer) beyond those the model declares.
@@ -112,6 +114,7 @@ class ZeroEngine final : public LayerWeightsProvider {
   LlamaModel& model_;
   Backend& be_;
   Communicator& dp_;
+  Communicator& dev_;  // device-buffer collectives (dp_ unless NCCL)
   ZeroSettings z_;
   OptimizerSettings opt_;
   const ParamTable& table_;
