@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "ops/adamw.h"
 #include "ops/attention.h"
@@ -55,6 +56,12 @@ class Backend {
                        size_t row_bytes, size_t rows) = 0;
   void copy_device(void* dst, const void* src, size_t bytes) {
     copy_2d(dst, bytes, src, bytes, bytes, 1);
+  }
+  // n floats of device memory into a new host vector.
+  std::vector<float> download(const float* src, size_t n) {
+    std::vector<float> host(n);
+    if (n) copy_to_host(host.data(), src, n * 4);
+    return host;
   }
   // True when device pointers are host addresses (CPU): host libraries such as MPI may then
   // read and write them directly instead of staging through copies.
@@ -135,7 +142,12 @@ std::unique_ptr<Backend> make_cpu_backend();
 // The CUDA backend on device 0, or null when it was not built or no GPU is present (reason set).
 std::unique_ptr<Backend> make_cuda_backend(std::string* reason,
                                            GemmPrecision gemm = GemmPrecision::kF32);
-// "cpu" or "cuda"; UserError for an unknown or unavailable device.
+// A backend with `inner`'s arithmetic whose device memory is unreadable outside its own calls
+// and that reports itself as not host-addressable (backend/cpu/guarded_backend.cpp): on a CPU
+// it shows that nothing above the backend touches device memory directly.
+std::unique_ptr<Backend> make_guarded_backend(std::unique_ptr<Backend> inner);
+// "cpu", "cuda" or "cpu-guarded" (the CPU backend guarded); UserError for an unknown or
+// unavailable device.
 std::unique_ptr<Backend> make_backend(std::string_view device);
 
 }  // namespace lt

@@ -11,8 +11,8 @@
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "io/safetensors.h"
-#include "model/llama.h"
 #include "model/adapter_io.h"
+#include "model/llama.h"
 #include "model/model_io.h"
 #include "train/batching.h"
 #include "train/evaluate.h"
@@ -63,9 +63,13 @@ int cmd_eval(int argc, char** argv) {
   rs.max_tokens = max_micro_batch_tokens(ds.rows, batch_size);
   auto backend = make_backend(device);
   LlamaModel m(config, *backend, rs);
-  load_weights(CheckpointReader(model_dir), m.table(), m.params());
-  // A PEFT adapter is merged into the weights (W += scale * B A), as merge_and_unload does.
-  if (!adapter.empty()) merge_adapter(adapter, config, m.table(), m.params());
+  {  // Weights on the host; a PEFT adapter is merged into them (W += scale * B A), as
+     // merge_and_unload does; then to the device.
+    std::vector<float> host(size_t(m.table().total_numel()));
+    load_weights(CheckpointReader(model_dir), m.table(), host.data());
+    if (!adapter.empty()) merge_adapter(adapter, config, m.table(), host.data());
+    backend->copy_to_device(m.params(), host.data(), host.size() * 4);
+  }
   const EvalResult r = evaluate_loss(m, ds.rows, batch_size);
   fmt::print("eval_loss {:.6f}  perplexity {:.4f}  ({} rows, {} labelled tokens, {:.2f} s)\n",
              r.loss, r.perplexity, r.num_rows, r.num_targets, r.runtime_s);

@@ -4,9 +4,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <cerrno>
-
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -19,15 +18,24 @@ namespace lt {
 
 std::string_view mem_category_name(MemCategory c) {
   switch (c) {
-    case MemCategory::kWeights: return "weights";
-    case MemCategory::kGradients: return "gradients";
-    case MemCategory::kOptimizer: return "optimizer state";
-    case MemCategory::kCheckpoints: return "checkpoints";
-    case MemCategory::kActivations: return "activations";
-    case MemCategory::kAttention: return "attention";
-    case MemCategory::kMlpChunk: return "MLP chunks";
-    case MemCategory::kLmHeadChunk: return "LM-head chunks";
-    case MemCategory::kScratch: return "scratch";
+    case MemCategory::kWeights:
+      return "weights";
+    case MemCategory::kGradients:
+      return "gradients";
+    case MemCategory::kOptimizer:
+      return "optimizer state";
+    case MemCategory::kCheckpoints:
+      return "checkpoints";
+    case MemCategory::kActivations:
+      return "activations";
+    case MemCategory::kAttention:
+      return "attention";
+    case MemCategory::kMlpChunk:
+      return "MLP chunks";
+    case MemCategory::kLmHeadChunk:
+      return "LM-head chunks";
+    case MemCategory::kScratch:
+      return "scratch";
   }
   return "?";
 }
@@ -67,8 +75,9 @@ std::string MemoryPlan::describe() const {
   std::string s = "memory plan:\n";
   for (int c = 0; c <= static_cast<int>(MemCategory::kScratch); ++c) {
     size_t bytes = category_bytes(static_cast<MemCategory>(c));
-    if (bytes) s += fmt::format("  {:<16} {:>12}\n", mem_category_name(static_cast<MemCategory>(c)),
-                                format_bytes(bytes));
+    if (bytes)
+      s += fmt::format("  {:<16} {:>12}\n", mem_category_name(static_cast<MemCategory>(c)),
+                       format_bytes(bytes));
   }
   s += fmt::format("  {:<16} {:>12}\n", "total", format_bytes(total_bytes()));
   s += "  arenas:";
@@ -92,30 +101,47 @@ Arena Arena::file_backed(std::string name, size_t bytes, const std::string& dir)
   if (bytes == 0) return a;
   std::string tmpl = (dir.empty() ? std::string("/tmp") : dir) + "/longtune-offload-XXXXXX";
   a.fd_ = mkstemp(tmpl.data());
-  if (a.fd_ < 0) fail("activation offload: cannot create a file in '{}': {}", dir, std::strerror(errno));
+  if (a.fd_ < 0)
+    fail("activation offload: cannot create a file in '{}': {}", dir, std::strerror(errno));
   unlink(tmpl.c_str());  // the file lives as long as the mapping
   if (ftruncate(a.fd_, static_cast<off_t>(bytes)) != 0)
     fail("activation offload: cannot size the file in '{}' to {}: {}", dir, format_bytes(bytes),
          std::strerror(errno));
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, a.fd_, 0);
   if (p == MAP_FAILED)
-    fail("activation offload: cannot map {} in '{}': {}", format_bytes(bytes), dir, std::strerror(errno));
+    fail("activation offload: cannot map {} in '{}': {}", format_bytes(bytes), dir,
+         std::strerror(errno));
   a.base_ = static_cast<char*>(p);
   return a;
 }
 
+Arena Arena::external(std::string name, void* base, size_t bytes, std::function<void(void*)> free) {
+  Arena a;
+  a.name_ = std::move(name);
+  a.capacity_ = bytes;
+  a.base_ = static_cast<char*>(base);
+  a.free_ = std::move(free);
+  return a;
+}
+
 Arena::~Arena() {
-  if (base_) munmap(base_, capacity_);
+  if (free_) {
+    if (base_) free_(base_);
+  } else if (base_) {
+    munmap(base_, capacity_);
+  }
   if (fd_ >= 0) close(fd_);
 }
 
 void Arena::release(void* p, size_t bytes) {
+  if (free_) return;
   auto start = (reinterpret_cast<uintptr_t>(p) + kPageSize - 1) & ~(kPageSize - 1);
   auto end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kPageSize - 1);
   if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
 }
 
 void Arena::prefetch(void* p, size_t bytes) {
+  if (free_) return;
   auto start = reinterpret_cast<uintptr_t>(p) & ~(kPageSize - 1);
   auto end = reinterpret_cast<uintptr_t>(p) + bytes;
   if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_WILLNEED);
@@ -125,7 +151,13 @@ Arena::Arena(Arena&& o) noexcept { *this = std::move(o); }
 
 Arena& Arena::operator=(Arena&& o) noexcept {
   if (this != &o) {
-    if (base_) munmap(base_, capacity_);
+    if (free_) {
+      if (base_) free_(base_);
+    } else if (base_) {
+      munmap(base_, capacity_);
+    }
+    free_ = std::move(o.free_);
+    o.free_ = nullptr;
     name_ = std::move(o.name_);
     if (fd_ >= 0) close(fd_);
     base_ = o.base_;

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -60,6 +61,10 @@ class Arena {
   // release() leave the process's resident memory and live on in the file (activation offload
   // on CPU runs); prefetch() asks the kernel to read them back ahead of use.
   static Arena file_backed(std::string name, size_t bytes, const std::string& dir);
+  // An arena over memory allocated elsewhere (a backend's device or pinned host memory,
+  // backend/arena.h); `free` gives it back when the arena goes. release / prefetch do nothing.
+  static Arena external(std::string name, void* base, size_t bytes,
+                        std::function<void(void*)> free);
   ~Arena();
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
@@ -74,7 +79,7 @@ class Arena {
   // Releases every buffer taken (the allocation stays).
   void reset() { used_ = 0; }
   // Drops [p, p+bytes) from resident memory (whole pages inside the range); file-backed arenas
-  // keep the contents, anonymous ones lose them.
+  // keep the contents, anonymous ones lose them; external ones are left alone.
   void release(void* p, size_t bytes);
   // Starts reading [p, p+bytes) back in (whole pages covering the range).
   void prefetch(void* p, size_t bytes);
@@ -89,6 +94,7 @@ class Arena {
   char* base_ = nullptr;
   size_t capacity_ = 0, used_ = 0, high_water_ = 0;
   int fd_ = -1;
+  std::function<void(void*)> free_;  // external arenas
 };
 
 // Peak resident set size of this process so far (VmHWM), in bytes.

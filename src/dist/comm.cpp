@@ -228,6 +228,10 @@ class MpiCommunicator final : public Communicator {
   void reduce_scatter_sum(float* recv, const float* send,
                           const std::vector<int64_t>& counts) override {
     LT_CHECK(static_cast<int>(counts.size()) == size_);
+    if (size_ == 1) {  // a group of one (a pipeline stage without replicas): nothing to send
+      if (recv != send) std::memmove(recv, send, counts[0] * sizeof(float));
+      return;
+    }
     IntCounts c(counts);
     stats_.reduce_scatter_bytes += sum_counts(counts) * 4;
     ++stats_.calls;
@@ -237,6 +241,10 @@ class MpiCommunicator final : public Communicator {
   }
   void allgather(float* recv, const float* send, const std::vector<int64_t>& counts) override {
     LT_CHECK(static_cast<int>(counts.size()) == size_);
+    if (size_ == 1) {
+      if (send && recv != send) std::memmove(recv, send, counts[0] * sizeof(float));
+      return;
+    }
     IntCounts c(counts);
     stats_.allgather_bytes += sum_counts(counts) * 4;
     ++stats_.calls;
@@ -359,6 +367,7 @@ class MpiCommunicator final : public Communicator {
     MPI_Request request = MPI_REQUEST_NULL;
   };
   void allreduce(void* data, size_t n, MPI_Datatype type, size_t elem) {
+    if (size_ == 1) return;
     stats_.allreduce_bytes += n * elem;
     ++stats_.calls;
     Watch w(*this, "allreduce");

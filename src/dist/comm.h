@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "backend/backend.h"
+
 namespace lt {
 
 // Bytes this process handed to each kind of operation (payload sizes, f32 = 4 bytes), and the
@@ -93,6 +95,11 @@ bool launched_by_mpi();
 // MPI_Finalize when the last communicator of that world is destroyed), else the local world of
 // one. UserError when launched by MPI but longtune was built without it.
 std::unique_ptr<Communicator> init_world(const WorldOptions& options);
+
+// Float collectives and point-to-point calls on device buffers of `be` over a host
+// communicator (MPI), staged through host memory; the rest as `host` does it
+// (src/dist/staged_comm.cpp). The fallback of a device backend without NCCL.
+std::unique_ptr<Communicator> make_staged_communicator(Communicator& host, Backend& be);
 
 // The NCCL communicator over the ranks of `group` (src/dist/nccl_comm.cpp, built with CUDA and
 // NCCL): bootstrapped over it (its rank 0 creates the ncclUniqueId and broadcasts it); float

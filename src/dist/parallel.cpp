@@ -256,13 +256,15 @@ ParallelEngine::ParallelEngine(LlamaModel& model, Backend& backend, Communicator
   // A device backend's collectives on device buffers go over NCCL (bootstrapped over the MPI
   // groups); MPI keeps the host-memory ones. The pipeline stages' messages are staged through
   // host buffers over MPI either way.
+  // Without NCCL (or without a GPU for it) they are staged through host memory over MPI.
   if (!be_.host_addressable() && world_.size() > 1) {
     std::string why;
     stage_nccl_ = make_nccl_communicator(*stage_group_, ps_.timeout_seconds, &why);
-    if (!stage_nccl_)
-      fail("--device {} over {} ranks needs NCCL for its collectives: {}", be_.name(),
-           world_.size(), why);
-    if (lay_.sp > 1) seq_nccl_ = make_nccl_communicator(*seq_group_, ps_.timeout_seconds, &why);
+    if (!stage_nccl_) stage_nccl_ = make_staged_communicator(*stage_group_, be_);
+    if (lay_.sp > 1) {
+      seq_nccl_ = make_nccl_communicator(*seq_group_, ps_.timeout_seconds, &why);
+      if (!seq_nccl_) seq_nccl_ = make_staged_communicator(*seq_group_, be_);
+    }
   }
   Communicator& stage_dev = stage_nccl_ ? *stage_nccl_ : *stage_group_;
   if (model_.settings().sequence_path()) {
@@ -605,7 +607,7 @@ int64_t ParallelEngine::gather_moments(float* full) {
 CommStats ParallelEngine::stats() const {
   CommStats s = world_.stats();
   for (const auto* g : {stage_group_.get(), seq_group_.get(), pipe_group_.get(), leaders_.get(),
-                       stage_nccl_.get(), seq_nccl_.get()})
+                        stage_nccl_.get(), seq_nccl_.get()})
     if (g) add_stats(&s, g->stats());
   return s;
 }
@@ -613,7 +615,7 @@ CommStats ParallelEngine::stats() const {
 void ParallelEngine::reset_stats() {
   world_.reset_stats();
   for (auto* g : {stage_group_.get(), seq_group_.get(), pipe_group_.get(), leaders_.get(),
-                 stage_nccl_.get(), seq_nccl_.get()})
+                  stage_nccl_.get(), seq_nccl_.get()})
     if (g) g->reset_stats();
 }
 

@@ -123,7 +123,8 @@ class ParallelEngine {
   std::unique_ptr<Communicator> seq_group_;    // the sp ranks of this replica and stage
   std::unique_ptr<Communicator> pipe_group_;   // the pp ranks of this (replica, seq)
   std::unique_ptr<Communicator> leaders_;      // the (replica 0, seq 0) rank of every stage
-  // NCCL over the stage and sequence groups (a device backend; null on CPU).
+  // A device backend's stage and sequence groups on device buffers: NCCL, or MPI staged
+  // through host memory (null on a host-addressable backend).
   std::unique_ptr<Communicator> stage_nccl_, seq_nccl_;
   std::unique_ptr<CommSequenceExchange> exchange_;
   std::unique_ptr<Optimizer> opt_;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "backend/arena.h"
 #include "core/check.h"
 
 namespace lt {
@@ -173,7 +174,7 @@ ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, co
   MemoryPlan plan;
   declare_sizes(&plan);
   for (const auto& name : plan.arena_names())
-    arenas_.emplace(name, Arena("zero." + name, plan.arena_bytes(name)));
+    arenas_.emplace(name, make_backend_arena(be_, name, plan.arena_bytes(name)));
   buf_ = std::make_unique<Buffers>();
   ArenaTaker taker(&arenas_);
   declare(table_, z_, layout_, dp_.rank(), taker, buf_.get());

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "backend/arena.h"
 #include "core/check.h"
 #include "core/error.h"
 #include "ops/nf4.h"
@@ -483,6 +484,11 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
     LT_CHECK(settings_.seq_chunk == 0 || settings_.flash_attention,
              "FPDT chunks need flash attention");
   }
+  if (!settings_.flash_attention && !be_.host_addressable())
+    fail(
+        "--use_flash_attn False runs the plain attention, the CPU specification; --device {} "
+        "needs flash attention",
+        be_.name());
   if (settings_.lora.enabled) {
     LT_CHECK(settings_.lora.r > 0, "LoRA rank {}", settings_.lora.r);
     if (!be_.supports(OpKind::kLora) ||
@@ -495,8 +501,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   declare_buffers(config_, settings_, planner, &sizes);
   for (const auto& name : plan.arena_names()) {
     const size_t bytes = plan.arena_bytes(name);
-    arenas_.emplace(name, name == "offload" ? Arena::file_backed(name, bytes, settings_.offload_dir)
-                                            : Arena(name, bytes));
+    arenas_.emplace(name, make_backend_arena(be_, name, bytes, settings_.offload_dir));
   }
   ArenaBinder binder(&arenas_);
   Bound bound;
@@ -673,7 +678,10 @@ LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
 }
 
 void LlamaModel::dump(const std::string& name, const float* data, size_t n) const {
-  if (dump_) dump_(dump_user_, name, data, n);
+  if (!dump_) return;
+  if (be_.host_addressable()) return dump_(dump_user_, name, data, n);
+  const std::vector<float> host = be_.download(data, n);  // the hook reads host memory
+  dump_(dump_user_, name, host.data(), n);
 }
 
 void LlamaModel::acquire(int64_t unit, LayerWeightsProvider::Pass pass) {

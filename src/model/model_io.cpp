@@ -10,6 +10,16 @@ void load_weights(const CheckpointReader& reader, const ParamTable& table, float
   for (const auto& p : table.params()) reader.read_f32(p.name, p.shape, params + p.offset);
 }
 
+void load_weights(const CheckpointReader& reader, const ParamTable& table, float* params,
+                  Backend& be) {
+  std::vector<float> host;
+  for (const auto& p : table.params()) {
+    host.resize(size_t(p.numel));
+    reader.read_f32(p.name, p.shape, host.data());
+    be.copy_to_device(params + p.offset, host.data(), host.size() * 4);
+  }
+}
+
 void save_model(const std::filesystem::path& dir, const ModelConfig& config,
                 const ParamTable& table, const float* params, DType dtype,
                 const std::filesystem::path& source_dir, size_t max_shard_bytes) {

@@ -130,10 +130,14 @@ fs::path save_checkpoint(const fs::path& output_dir, const CheckpointState& st,
       save_adapter(tmp, model, source_dir.string());
       write_file_atomic(tmp / "config.json", model_config_to_json(config).dump(2) + "\n");
     } else {
-      save_model(tmp, config, model.table(), model.params(), DType::kF32, source_dir);
+      const std::vector<float> params =
+          model.backend().download(model.params(), size_t(model.table().total_numel()));
+      save_model(tmp, config, model.table(), params.data(), DType::kF32, source_dir);
     }
   };
-  return write_checkpoint(output_dir, st, write_weights, optimizer.moments(),
+  const std::vector<float> moments =
+      model.backend().download(optimizer.moments(), size_t(optimizer.moments_count()));
+  return write_checkpoint(output_dir, st, write_weights, moments.data(),
                           optimizer.moments_count() / 2, optimizer.steps_done(), training_args);
 }
 
@@ -269,11 +273,13 @@ CheckpointState load_checkpoint(const fs::path& dir, const ModelConfig& config, 
     if (model.settings().lora.enabled)
       load_adapter(d, model);
     else
-      load_weights(CheckpointReader(d), model.table(), model.params());
+      load_weights(CheckpointReader(d), model.table(), model.params(), model.backend());
   };
   int64_t optimizer_step = 0;
-  CheckpointState st = read_checkpoint(dir, config, load_weights_from, optimizer.moments(),
+  std::vector<float> moments(size_t(optimizer.moments_count()));
+  CheckpointState st = read_checkpoint(dir, config, load_weights_from, moments.data(),
                                        optimizer.moments_count() / 2, &optimizer_step);
+  model.backend().copy_to_device(optimizer.moments(), moments.data(), moments.size() * 4);
   optimizer.set_steps_done(optimizer_step);
   return st;
 }

@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "backend/arena.h"
 #include "core/check.h"
 
 namespace lt {
@@ -40,7 +41,7 @@ std::vector<int64_t> AdamW::set_offsets(const std::vector<TrainableTensor>& set,
 void AdamW::allocate() {
   MemoryPlan plan;
   AdamW::plan(total_, &plan);
-  arena_ = Arena("optimizer", plan.arena_bytes("optimizer"));
+  arena_ = make_backend_arena(be_, "optimizer", plan.arena_bytes("optimizer"));
   m_ = arena_.take<float>("adamw.exp_avg", total_);
   v_ = arena_.take<float>("adamw.exp_avg_sq", total_);
   be_.memset_zero(m_, total_ * 4);

@@ -42,7 +42,7 @@ class AdamW {
   void update(float* params, const float* grads, double lr);
   int64_t steps_done() const { return step_; }
   void set_steps_done(int64_t s) { step_ = s; }
-  float* moments() { return m_; }  // (2 * total) : m then v, same layout as the params
+  float* moments() { return m_; }  // (2 * total) device memory: m then v, the params' layout
   int64_t moments_count() const { return 2 * total_; }
 
  private:

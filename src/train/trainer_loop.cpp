@@ -323,7 +323,7 @@ void Trainer::setup_model() {
       backend_->copy_to_device(model_->lora_params(), init.data(), init.size() * 4);
     }
   } else {
-    load_weights(reader, model_->table(), model_->params());
+    load_weights(reader, model_->table(), model_->params(), *backend_);
   }
   optimizer_ = std::make_unique<AdamW>(model_->trainable(), *backend_, o_.optimizer);
 }
@@ -671,8 +671,19 @@ TrainOutcome Trainer::train() {
   try {
     while (step_ < total_steps_) {
       const std::vector<MicroBatch> micro = next_step_batches();
-      last_ = engine_ ? engine_->train_step(micro, schedule_, step_)
-                      : train_step(*model_, *optimizer_, o_.optimizer, schedule_, micro, step_);
+      if (engine_) {
+        const CommStats before = engine_->stats();
+        last_ = engine_->train_step(micro, schedule_, step_);
+        const CommStats after = engine_->stats();
+        step_comm_.allreduce_bytes += after.allreduce_bytes - before.allreduce_bytes;
+        step_comm_.reduce_scatter_bytes += after.reduce_scatter_bytes - before.reduce_scatter_bytes;
+        step_comm_.allgather_bytes += after.allgather_bytes - before.allgather_bytes;
+        step_comm_.alltoall_bytes += after.alltoall_bytes - before.alltoall_bytes;
+        step_comm_.p2p_bytes += after.p2p_bytes - before.p2p_bytes;
+        step_comm_.calls += after.calls - before.calls;
+      } else {
+        last_ = train_step(*model_, *optimizer_, o_.optimizer, schedule_, micro, step_);
+      }
       ++step_;
       window_loss_ += last_.loss;
       total_loss_ += last_.loss;
@@ -741,7 +752,9 @@ TrainOutcome Trainer::train() {
     } else if (lora_.enabled) {  // the adapter only, in PEFT's format (longtune merge: full model)
       save_adapter(o_.output_dir, *model_, o_.model_name_or_path.string());
     } else {
-      save_model(o_.output_dir, config_, model_->table(), model_->params(), save_dtype_, model_dir_,
+      const std::vector<float> params =
+          backend_->download(model_->params(), size_t(model_->table().total_numel()));
+      save_model(o_.output_dir, config_, model_->table(), params.data(), save_dtype_, model_dir_,
                  max_shard_bytes_);
     }
     const double secs =
@@ -749,6 +762,15 @@ TrainOutcome Trainer::train() {
     fmt::print("saved {} ({}) in {:.1f} s; planned {}, measured peak RSS {}\n",
                o_.output_dir.string(), dtype_name(save_dtype_), secs,
                format_bytes(plan_.total_bytes()), format_bytes(measured_peak_rss()));
+    if (engine_ && step_ > first_step_) {
+      const double n = double(step_ - first_step_);
+      fmt::print(
+          "communication per step on rank {}: all-reduce {:.0f}, reduce-scatter {:.0f}, "
+          "all-gather {:.0f}, all-to-all {:.0f}, point-to-point {:.0f} bytes ({:.0f} calls)\n",
+          rank_, step_comm_.allreduce_bytes / n, step_comm_.reduce_scatter_bytes / n,
+          step_comm_.allgather_bytes / n, step_comm_.alltoall_bytes / n, step_comm_.p2p_bytes / n,
+          step_comm_.calls / n);
+    }
   }
   out.step = step_;
   out.last_checkpoint = last_checkpoint_;

@@ -94,6 +94,7 @@ class Trainer {
   ParallelLayout layout_;
   bool distributed_ = false;  // several ranks, a ZeRO stage or FPDT: steps go through engine_
   std::unique_ptr<ParallelEngine> engine_;
+  CommStats step_comm_;  // what the training steps handed to communication (this rank)
   int replicas() const { return layout_.dp; }
 
   // Position: global step and where the data stream stands.

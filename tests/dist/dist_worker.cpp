@@ -442,7 +442,8 @@ Weights para_weights(const ModelConfig& c, const LoraSpec& spec) {
 void load_base(LlamaModel& m, const std::vector<float>& full) {
   const ParamTable whole(m.config());
   for (const auto& p : m.table().params())
-    std::memcpy(m.params() + p.offset, full.data() + whole.find(p.name)->offset, p.numel * 4);
+    m.backend().copy_to_device(m.params() + p.offset, full.data() + whole.find(p.name)->offset,
+                               p.numel * 4);
   for (size_t i = 0; i < m.nf4_weights().size(); ++i)
     m.quantize_base_weight(i, full.data() + whole.find(m.nf4_weights()[i].name)->offset);
 }
@@ -487,7 +488,10 @@ ParaRun run_parallel(const Para& p, Communicator& world, const std::vector<Examp
   const LoraSpec spec = para_lora(p);
   const Weights w = para_weights(c, spec);
   const ParallelLayout lay = ParallelLayout::make(world.size(), world.rank(), p.sp, p.pp);
-  auto be = make_cpu_backend();
+  // LT_TEST_DEVICE=cpu-guarded runs the layouts on the guarded CPU backend: the device paths
+  // (collectives and point-to-point staged through host memory) with the CPU's arithmetic.
+  const char* device = std::getenv("LT_TEST_DEVICE");
+  auto be = make_backend(device ? device : "cpu");
   RunSettings rs;
   rs.lora = spec;
   rs.checkpointing = p.checkpointing;

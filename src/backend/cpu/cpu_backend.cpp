@@ -1,10 +1,15 @@
 // The CPU backend: forwards each op to its implementation in src/ops.
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "backend/backend.h"
 #include "core/check.h"
 #include "core/error.h"
+#include "core/memory.h"
 #include "ops/cross_entropy.h"
 #include "ops/embedding.h"
 #include "ops/linear.h"
@@ -21,12 +26,30 @@ class CpuBackend final : public Backend {
  public:
   std::string_view name() const override { return "cpu"; }
   bool supports(OpKind) const override { return true; }
+  // Device memory of the CPU backend: anonymous mappings (zeroed, committed page by page as they
+  // are touched, so a planned but unused buffer costs no resident memory).
   void* alloc(size_t bytes) override {
-    void* p = std::aligned_alloc(64, (bytes + 63) & ~size_t(63));
-    if (!p && bytes) fail("out of host memory allocating {} bytes", bytes);
+    if (bytes == 0) return nullptr;
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      fail("out of host memory allocating {} ({} bytes); see the memory plan above",
+           format_bytes(bytes), bytes);
+    std::lock_guard<std::mutex> lock(mu_);
+    sizes_[p] = bytes;
     return p;
   }
-  void free(void* p) override { std::free(p); }
+  void free(void* p) override {
+    if (!p) return;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = sizes_.find(p);
+      LT_CHECK(it != sizes_.end(), "free of memory this backend did not allocate");
+      bytes = it->second;
+      sizes_.erase(it);
+    }
+    munmap(p, bytes);
+  }
   void copy_to_device(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
   void copy_to_host(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
   void memset_zero(void* p, size_t n) override { std::memset(p, 0, n); }
@@ -131,6 +154,10 @@ class CpuBackend final : public Backend {
                       const float* absmax_scale, float absmax_offset, int64_t n) override {
     lt::nf4_dequantize(out, packed, absmax_q, absmax_scale, absmax_offset, n);
   }
+
+ private:
+  std::mutex mu_;
+  std::map<void*, size_t> sizes_;
 };
 
 }  // namespace
@@ -146,13 +173,14 @@ std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision) {
 
 std::unique_ptr<Backend> make_backend(std::string_view device) {
   if (device == "cpu") return make_cpu_backend();
+  if (device == "cpu-guarded") return make_guarded_backend(make_cpu_backend());
   if (device == "cuda") {
     std::string reason;
     auto b = make_cuda_backend(&reason);
     if (!b) fail("--device cuda: {}", reason);
     return b;
   }
-  fail("--device: '{}' is not a device; allowed: cpu, cuda", device);
+  fail("--device: '{}' is not a device; allowed: cpu, cuda, cpu-guarded", device);
 }
 
 }  // namespace lt

@@ -1,0 +1,21 @@
+// Arenas of a backend's memory (core/memory.h's Arena over Backend::alloc): one allocation per
+// arena, buffers bound by offset. Which memory an arena gets follows its name:
+//  - "*_host" (ZeRO-Offload's optimizer, FPDT's store, pipeline staging): pinned host memory;
+//  - "offload" (activation checkpoints): on a host-addressable backend an unlinked memory-mapped
+//    file in `offload_dir` (pages leave resident memory between uses), else pinned host memory
+//    (device kernels read it through unified addressing);
+//  - everything else: device memory.
+#pragma once
+#include <string>
+
+#include "backend/backend.h"
+#include "core/memory.h"
+
+namespace lt {
+
+Arena make_backend_arena(Backend& be, const std::string& name, size_t bytes,
+                         const std::string& offload_dir = "");
+// True when the arena of this name is host memory on this backend.
+bool host_arena(const Backend& be, const std::string& name);
+
+}  // namespace lt

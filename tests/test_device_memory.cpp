@@ -1,0 +1,270 @@
+// The device-memory discipline of everything above the backend, on a machine without a GPU: the
+// guarded CPU backend (`--device cpu-guarded`: device memory unreadable outside backend calls,
+// not host-addressable) must give the CPU backend's results exactly, for every training path
+// and for the trainer's loading, checkpoints, resume and saving. Host code that touched device
+// memory directly would crash these tests with SIGSEGV.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <regex>
+
+#include "backend/backend.h"
+#include "cli_runner.h"
+#include "dist/sequence.h"
+#include "model/llama.h"
+#include "model/presets.h"
+#include "train/batching.h"
+#include "train/optimizer.h"
+#include "train/trainer.h"
+
+namespace lt {
+namespace {
+
+namespace fs = std::filesystem;
+
+ModelConfig config() {
+  nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}},
+                      {"hidden_size", 32},
+                      {"intermediate_size", 40},
+                      {"num_hidden_layers", 2},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"head_dim", 8},
+                      {"vocab_size", 37},
+                      {"max_position_embeddings", 128},
+                      {"rms_norm_eps", 1e-5}};
+  return parse_model_config(j, "device memory test");
+}
+
+std::vector<Example> rows(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<Example> out(6);
+  for (auto& e : out) {
+    const int64_t len = 6 + int64_t(rng() % 20);
+    for (int64_t t = 0; t < len; ++t) e.input_ids.push_back(int32_t(rng() % 37));
+    e.labels = e.input_ids;
+    e.labels[0] = kIgnoreIndex;
+  }
+  return out;
+}
+
+struct Outcome {
+  std::vector<double> loss, grad_norm;
+  std::vector<std::vector<float>> trainable;  // final values, host
+  std::vector<float> logits;
+};
+
+// Two optimizer steps of three micro-batches, then forward-only logits, on `device`.
+Outcome train(const std::string& device, RunSettings rs, bool fpdt) {
+  const ModelConfig c = config();
+  auto be = make_backend(device);
+  const auto r = rows(3);
+  std::vector<MicroBatch> mbs;
+  for (size_t i = 0; i < r.size(); i += 2) {
+    std::vector<const Example*> p = {&r[i], &r[i + 1]};
+    mbs.push_back(make_micro_batch(p));
+    if (fpdt) mbs.back() = sequence_shard(mbs.back(), 1, 0, rs.seq_chunk);
+    rs.max_tokens = std::max(rs.max_tokens, mbs.back().num_tokens());
+  }
+  LlamaModel m(c, *be, rs);
+  const ParamTable full(c);
+  std::vector<float> w(full.total_numel());
+  init_random_weights(full, w.data(), 0.3, 11);
+  for (const auto& p : m.table().params())
+    be->copy_to_device(m.params() + p.offset, w.data() + full.find(p.name)->offset, p.numel * 4);
+  for (size_t i = 0; i < m.nf4_weights().size(); ++i)
+    m.quantize_base_weight(i, w.data() + full.find(m.nf4_weights()[i].name)->offset);
+  if (rs.lora.enabled) {  // B non-zero so that every adapter tensor has a gradient at once
+    std::vector<float> lora(m.lora_table().total_numel());
+    std::mt19937 rng(2);
+    std::normal_distribution<float> nd(0.0f, 0.1f);
+    for (auto& x : lora) x = nd(rng);
+    be->copy_to_device(m.lora_params(), lora.data(), lora.size() * 4);
+  }
+  OptimizerSettings opt;
+  opt.learning_rate = 1e-2;
+  opt.max_grad_norm = 0.5;
+  AdamW adam(m.trainable(), *be, opt);
+  ScheduleSettings sched{ScheduleType::kConstant, 0, 2};
+  Outcome out;
+  for (int64_t s = 0; s < 2; ++s) {
+    const StepResult res = train_step(m, adam, opt, sched, mbs, s);
+    out.loss.push_back(res.loss);
+    out.grad_norm.push_back(res.grad_norm);
+  }
+  for (const auto& t : m.trainable()) out.trainable.push_back(be->download(t.param, t.numel));
+  if (!fpdt) {
+    RunSettings er = rs;
+    er.train = false;
+    out.logits.resize(size_t(mbs[0].num_tokens()) * c.vocab_size);
+    auto host = be->download(m.params(), m.table().total_numel());
+    LlamaModel e(c, *be, er);
+    be->copy_to_device(e.params(), host.data(), host.size() * 4);
+    for (size_t i = 0; i < e.nf4_weights().size(); ++i)
+      e.quantize_base_weight(i, w.data() + full.find(e.nf4_weights()[i].name)->offset);
+    if (rs.lora.enabled)
+      be->copy_device(e.lora_params(), m.lora_params(), m.lora_table().total_numel() * 4);
+    std::vector<float> dev_logits;
+    float* d = static_cast<float*>(be->alloc(out.logits.size() * 4));
+    e.forward_logits(mbs[0], d);
+    be->copy_to_host(out.logits.data(), d, out.logits.size() * 4);
+    be->free(d);
+  }
+  return out;
+}
+
+struct Case {
+  const char* name;
+  RunSettings rs;
+  bool fpdt;
+};
+
+TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
+  std::vector<Case> cases;
+  cases.push_back({"plain", RunSettings{}, false});
+  {
+    RunSettings s;
+    s.mlp_chunks = s.lm_head_chunks = 3;
+    s.checkpointing = s.offload_checkpoints = true;
+    s.offload_dir = "/tmp";
+    cases.push_back({"mini-sequence + checkpointing + offload", s, false});
+  }
+  {
+    RunSettings s;
+    LoraOptions o;
+    o.use_peft_lora = true;
+    o.r = 4;
+    o.target_modules = "all-linear";
+    o.dropout = 0.1;
+    o.trainable_params = "embed,norm";
+    s.lora = resolve_lora(o, 5);
+    cases.push_back({"LoRA with dropout, embed and norms", s, false});
+    o.load_in_4bit = true;
+    o.dropout = 0;
+    o.trainable_params = "";
+    s.lora = resolve_lora(o, 5);
+    s.checkpointing = true;
+    cases.push_back({"QLoRA + checkpointing", s, false});
+  }
+  {
+    RunSettings s;
+    s.seq_chunk = 8;
+    s.checkpointing = true;
+    cases.push_back({"FPDT chunks on one rank", s, true});
+  }
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.name);
+    const Outcome cpu = train("cpu", k.rs, k.fpdt);
+    const Outcome guarded = train("cpu-guarded", k.rs, k.fpdt);
+    EXPECT_EQ(guarded.loss, cpu.loss);
+    EXPECT_EQ(guarded.grad_norm, cpu.grad_norm);
+    ASSERT_EQ(guarded.trainable.size(), cpu.trainable.size());
+    for (size_t i = 0; i < cpu.trainable.size(); ++i)
+      ASSERT_EQ(guarded.trainable[i], cpu.trainable[i]) << "trainable tensor " << i;
+    EXPECT_EQ(guarded.logits, cpu.logits);
+    EXPECT_GT(std::abs(cpu.loss[1] - cpu.loss[0]), 1e-5) << "training moved";
+  }
+}
+
+TEST(DeviceMemory, GuardedMemoryReallyIsGuarded) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto be = make_backend("cpu-guarded");
+  EXPECT_FALSE(be->host_addressable());
+  float* p = static_cast<float*>(be->alloc(64));
+  const float one = 1.0f;
+  be->copy_to_device(p, &one, 4);
+  float back = 0;
+  be->copy_to_host(&back, p, 4);
+  EXPECT_EQ(back, 1.0f);
+  EXPECT_DEATH(
+      {
+        volatile float x = p[0];
+        (void)x;
+      },
+      "")
+      << "a host read of device memory";
+  be->free(p);
+}
+
+// The trainer's whole job on the guarded backend: loading, steps, a checkpoint, resume, the
+// saved model and the adapter, all as on the CPU backend.
+TEST(DeviceMemory, TrainerJobMatchesTheCpuBackend) {
+  const fs::path dir = fs::temp_directory_path() / fmt::format("lt_devmem_{}", getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  {
+    std::ofstream f(dir / "data.jsonl");
+    for (int i = 0; i < 24; ++i) {
+      f << "{\"input_ids\": [";
+      for (int t = 0; t < 5 + i % 9; ++t) f << (t ? "," : "") << (i * 13 + t * 7) % 97;
+      f << "]}\n";
+    }
+  }
+  const std::string model = std::string(LT_SOURCE_DIR) + "/tests/fixtures/models/llama_gqa";
+  auto steps = [](const std::string& out) {
+    std::vector<std::string> s;
+    std::regex re(R"(step (\d+)/\d+ +epoch \S+ +loss (\S+) .*grad_norm (\S+))");
+    std::smatch m;
+    std::istringstream in(out);
+    for (std::string line; std::getline(in, line);)
+      if (std::regex_search(line, m, re))
+        s.push_back(m[1].str() + " " + m[2].str() + " " + m[3].str());
+    return s;
+  };
+  for (bool lora : {false, true}) {
+    SCOPED_TRACE(lora ? "LoRA" : "full fine-tune");
+    std::vector<std::string> base = {"train",
+                                     "--model_name_or_path",
+                                     model,
+                                     "--data_path",
+                                     (dir / "data.jsonl").string(),
+                                     "--max_steps",
+                                     "4",
+                                     "--logging_steps",
+                                     "1",
+                                     "--save_steps",
+                                     "2",
+                                     "--per_device_train_batch_size",
+                                     "2",
+                                     "--report_to",
+                                     "none",
+                                     "--disable_tqdm",
+                                     "True",
+                                     "--overwrite_output_dir",
+                                     "True",
+                                     "--learning_rate",
+                                     "1e-3",
+                                     "--gradient_checkpointing",
+                                     "True"};
+    if (lora) base.insert(base.end(), {"--use_peft_lora", "True", "--lora_dropout", "0"});
+    std::map<std::string, std::vector<std::string>> got;
+    for (const std::string device : {"cpu", "cpu-guarded"}) {
+      auto args = base;
+      const fs::path out = dir / (device + (lora ? "_lora" : ""));
+      args.insert(args.end(), {"--device", device, "--output_dir", out.string()});
+      const auto r = testing::run_cli(args);
+      ASSERT_EQ(r.rc, 0) << r.err;
+      got[device] = steps(r.out);
+      // Resume from checkpoint-2: steps 3 and 4 again.
+      fs::remove_all(out / "checkpoint-4");
+      args.insert(args.end(), {"--resume_from_checkpoint", "latest"});
+      const auto again = testing::run_cli(args);
+      ASSERT_EQ(again.rc, 0) << again.err;
+      for (const auto& s : steps(again.out)) got[device + " resumed"].push_back(s);
+      EXPECT_TRUE(fs::exists(out / (lora ? "adapter_model.safetensors" : "model.safetensors")));
+    }
+    ASSERT_EQ(got["cpu"].size(), 4u);
+    EXPECT_EQ(got["cpu-guarded"], got["cpu"]);
+    EXPECT_EQ(got["cpu-guarded resumed"], got["cpu resumed"]);
+    EXPECT_EQ(got["cpu resumed"],
+              std::vector<std::string>(got["cpu"].begin() + 2, got["cpu"].end()));
+  }
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace lt
