@@ -19,6 +19,7 @@
 #include "ops/cross_entropy.h"
 #include "ops/embedding.h"
 #include "ops/linear.h"
+#include "ops/lora.h"
 #include "ops/nf4.h"
 #include "ops/rmsnorm.h"
 #include "ops/rope.h"
@@ -107,13 +108,15 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
   void SetUp() override {
     if (GetParam() == "cpu") {
       be_ = make_cpu_backend();
+    } else if (GetParam() == "cpu-guarded") {  // device memory unreadable from the host
+      be_ = make_backend("cpu-guarded");
     } else {
       std::string reason;
       be_ = make_cuda_backend(&reason);
       if (!be_) GTEST_SKIP() << "no CUDA device: " << reason;
     }
   }
-  bool cpu() const { return be_->name() == "cpu"; }
+  bool cpu() const { return be_->name() == "cpu" || be_->name() == "cpu-guarded"; }
   // Same formula, same f32 rounding except a few ulp (libm vs CUDA math, summation order).
   Tol elementwise() const { return cpu() ? Tol{0, 0} : Tol{1e-6, 4e-6}; }
   // GEMMs and reductions over K terms in a different order (f32 accumulation).
@@ -457,6 +460,52 @@ TEST_P(BackendOps, Copy2d) {
   EXPECT_CLOSE(d_flat->read(), src, Tol({0, 0}), "copy_device");
 }
 
+// LoRA: the low-rank path and its gradients, with and without dropout (the masks are a hash
+// of (seed, row, column): every backend drops the same elements).
+TEST_P(BackendOps, Lora) {
+  const int64_t N = 37, IN = 48, OUT = 29;
+  for (float p : {0.0f, 0.25f}) {
+    SCOPED_TRACE(::testing::Message() << "dropout " << p);
+    LoraCall c;
+    c.R = 5;
+    c.scale = 0.75f;
+    c.dropout = p;
+    c.seed = 12345;
+    c.row0 = 17;
+    const Vec x = random_vec(N * IN, 70), a = random_vec(c.R * IN, 71),
+              b = random_vec(OUT * c.R, 72);
+    const Vec out0 = random_vec(N * OUT, 73), dout = random_vec(N * OUT, 74);
+    const Vec dx0 = random_vec(N * IN, 75), da0 = random_vec(c.R * IN, 76),
+              db0 = random_vec(OUT * c.R, 77);
+    Vec want = out0, t(N * c.R), xd(N * IN), u(N * c.R), dxd(N * IN);
+    lora_forward(want.data(), t.data(), xd.data(), x.data(), a.data(), b.data(), N, IN, OUT, c);
+    Vec dx = dx0, da = da0, db = db0;
+    lora_backward(dx.data(), da.data(), db.data(), t.data(), u.data(), xd.data(), dxd.data(),
+                  dout.data(), x.data(), a.data(), b.data(), N, IN, OUT, c);
+    auto d_x = buf("inp", x);
+    auto d_a = buf("a", a);
+    auto d_b = buf("b", b);
+    auto d_out = buf("out", out0);
+    auto d_t = out("t", N * c.R);
+    auto d_u = out("u", N * c.R);
+    auto d_xd = out("xd", N * IN);
+    auto d_dxd = out("dxd", N * IN);
+    be_->lora_forward(d_out->get(), d_t->get(), d_xd->get(), d_x->get(), d_a->get(), d_b->get(), N,
+                      IN, OUT, c);
+    EXPECT_CLOSE(d_out->read(), want, gemm(), "lora_forward out (+=)");
+    auto d_dout = buf("dout", dout);
+    auto d_dx = buf("dinp", dx0);
+    auto d_da = buf("da", da0);
+    auto d_db = buf("db", db0);
+    be_->lora_backward(d_dx->get(), d_da->get(), d_db->get(), d_t->get(), d_u->get(), d_xd->get(),
+                       d_dxd->get(), d_dout->get(), d_x->get(), d_a->get(), d_b->get(), N, IN, OUT,
+                       c);
+    EXPECT_CLOSE(d_dx->read(), dx, gemm(), "lora_backward dinp (+=)");
+    EXPECT_CLOSE(d_da->read(), da, gemm(), "lora_backward da (+=)");
+    EXPECT_CLOSE(d_db->read(), db, gemm(), "lora_backward db (+=)");
+  }
+}
+
 TEST_P(BackendOps, LmHeadCrossEntropy) {
   const int64_t N = 37, D = 24, V = 53;
   const Vec h = random_vec(N * D, 25, -2, 2), w = random_vec(V * D, 26);
@@ -585,8 +634,10 @@ TEST_P(BackendOps, AsyncCopiesThroughPinnedMemory) {
   be_->free_pinned(pinned);
 }
 
-INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu", "cuda"),
-                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu", "cpu-guarded", "cuda"),
+                         [](const ::testing::TestParamInfo<std::string>& i) {
+                           return i.param == "cpu-guarded" ? std::string("cpu_guarded") : i.param;
+                         });
 
 // bf16 GEMM mode of the CUDA backend: inputs rounded to bf16 (relative error 2^-9 each), f32
 // accumulation; compared with the f32 CPU op with a tolerance scaled by sqrt(K).

@@ -7,14 +7,6 @@
 namespace lt {
 
 namespace {
-// splitmix64 finaliser: a good 64-bit mix for counter-based random numbers.
-uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 // xd (N,IN) = dropout(inp) with the mask of c.
 void apply_dropout(float* xd, const float* inp, int64_t N, int64_t IN, const LoraCall& c) {
 #pragma omp parallel for schedule(static) if (N * IN > (1 << 15))
@@ -23,13 +15,6 @@ void apply_dropout(float* xd, const float* inp, int64_t N, int64_t IN, const Lor
       xd[n * IN + j] = inp[n * IN + j] * lora_dropout_factor(c.seed, c.row0 + n, j, IN, c.dropout);
 }
 }  // namespace
-
-float lora_dropout_factor(uint64_t seed, int64_t row, int64_t col, int64_t IN, float p) {
-  if (p <= 0) return 1.0f;
-  const uint64_t h = mix64(seed ^ mix64(uint64_t(row) * uint64_t(IN) + uint64_t(col)));
-  const float u = float(h >> 40) * (1.0f / 16777216.0f);  // 24 random bits in [0, 1)
-  return u < p ? 0.0f : 1.0f / (1.0f - p);
-}
 
 void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a, const float* b,
                   int64_t N, int64_t IN, int64_t OUT, const LoraCall& c) {

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "ops/common.h"
+#include "ops/lora_mask.h"
 
 namespace lt {
 
@@ -16,9 +17,6 @@ struct LoraCall {
   uint64_t seed = 0;     // mask key (one per micro-batch, layer and projection)
   int64_t row0 = 0;      // absolute row of inp's first row (mini-sequence chunks keep their mask)
 };
-
-// Keep-mask value of element (row, col): 0 or 1/(1-p) (inverted dropout as torch.nn.Dropout).
-float lora_dropout_factor(uint64_t seed, int64_t row, int64_t col, int64_t IN, float p);
 
 // out (N,OUT) += scale * (dropout(inp) (N,IN) @ a^T) @ b^T, with a (R,IN) and b (OUT,R).
 // t (N,R) and xd (N,IN, only used when dropout > 0) are scratch.

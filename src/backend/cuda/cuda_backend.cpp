@@ -90,11 +90,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string_view name() const override { return "cuda"; }
-  bool supports(OpKind op) const override {
-    // Attention supports HD <= 128 (checked per call). LoRA's fused op has no CUDA kernel yet:
-    // the model refuses LoRA runs on this backend with a clear error.
-    return op != OpKind::kLora;
-  }
+  bool supports(OpKind) const override { return true; }  // attention: HD <= 128 (per call)
 
   // ---- memory and transfers ----------------------------------------------------------------
   void* alloc(size_t bytes) override {
@@ -270,6 +266,22 @@ class CudaBackend final : public Backend {
   void scale_inplace(float* x, int64_t n, float s) override { cuda::scale_inplace(ctx_, x, n, s); }
   void add_inplace(float* y, const float* x, int64_t n) override {
     cuda::add_inplace(ctx_, y, x, n);
+  }
+  void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
+                    const float* b, int64_t N, int64_t IN, int64_t OUT,
+                    const LoraCall& c) override {
+    LT_CHECK(c.R > 0 && N >= 0, "lora_forward R={} N={}", c.R, N);
+    LT_CHECK(c.dropout <= 0 || xd, "lora_forward: dropout needs the xd scratch");
+    check_gemm_dims("lora_forward", N, IN, OUT);
+    cuda::lora_forward(ctx_, out, t, xd, inp, a, b, N, IN, OUT, c);
+  }
+  void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float* xd, float* dxd,
+                     const float* dout, const float* inp, const float* a, const float* b, int64_t N,
+                     int64_t IN, int64_t OUT, const LoraCall& c) override {
+    LT_CHECK(c.R > 0 && N >= 0, "lora_backward R={} N={}", c.R, N);
+    LT_CHECK(c.dropout <= 0 || (xd && dxd), "lora_backward: dropout needs the xd/dxd scratch");
+    check_gemm_dims("lora_backward", N, IN, OUT);
+    cuda::lora_backward(ctx_, dinp, da, db, t, u, xd, dxd, dout, inp, a, b, N, IN, OUT, c);
   }
   void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
                       const float* absmax_scale, float absmax_offset, int64_t n) override {

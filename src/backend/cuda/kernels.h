@@ -108,6 +108,14 @@ struct Nf4Device {
 };
 void nf4_dequantize(const Context& ctx, float* out, const Nf4Device& w);
 
+// ---- lora.cu: LoRA's low-rank GEMMs and dropout with the CPU op's masks --------------------
+void lora_forward(const Context& ctx, float* out, float* t, float* xd, const float* inp,
+                  const float* a, const float* b, int64_t N, int64_t IN, int64_t OUT,
+                  const LoraCall& c);
+void lora_backward(const Context& ctx, float* dinp, float* da, float* db, float* t, float* u,
+                   float* xd, float* dxd, const float* dout, const float* inp, const float* a,
+                   const float* b, int64_t N, int64_t IN, int64_t OUT, const LoraCall& c);
+
 // ---- attention.cu: FlashAttention-2 on tensor cores (bf16 operands, f32 accumulation) -----
 // Supported head dims: HD <= kMaxAttentionHeadDim (padded to 32, 64 or 128 inside).
 inline constexpr int64_t kMaxAttentionHeadDim = 128;
