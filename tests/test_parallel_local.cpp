@@ -73,15 +73,22 @@ struct Result {
   Named grads;
 };
 
+// Base weights by Hugging Face name, LoRA adapters (when the model has them) by PEFT name.
 void load(LlamaModel& m, const Named& weights) {
   for (const auto& p : m.table().params())
     std::memcpy(m.params() + p.offset, weights.at(p.name).data(), p.numel * 4);
+  for (const auto& t : m.lora_table().tensors())
+    std::memcpy(m.lora_params() + t.offset, weights.at(t.name).data(), t.numel * 4);
 }
 
+// The trainable tensors' gradients: the base's (full fine-tuning) or the adapters' (LoRA).
 Named grads_of(LlamaModel& m) {
   Named g;
-  for (const auto& p : m.table().params())
-    g[p.name].assign(m.grads() + p.offset, m.grads() + p.offset + p.numel);
+  if (m.grads())
+    for (const auto& p : m.table().params())
+      g[p.name].assign(m.grads() + p.offset, m.grads() + p.offset + p.numel);
+  for (const auto& t : m.lora_table().tensors())
+    g[t.name].assign(m.lora_grads() + t.offset, m.lora_grads() + t.offset + t.numel);
   return g;
 }
 
@@ -91,19 +98,44 @@ int64_t targets(const std::vector<MicroBatch>& mbs) {
   return n;
 }
 
-Named random_weights(const ModelConfig& c) {
+// LoRA r=4 on every projection with dropout p (PEFT's lora_dropout): the masks are keyed by each
+// token's index in the whole sequence, so every layout drops the same elements.
+LoraSpec lora_spec(double p) {
+  LoraOptions o;
+  o.use_peft_lora = true;
+  o.r = 4;
+  o.target_modules = "all-linear";
+  o.dropout = p;
+  return resolve_lora(o, 11);
+}
+
+// Random base weights and, with `lora`, random adapters (B too, so every path of the masks
+// reaches a gradient).
+Named random_weights(const ModelConfig& c, const LoraSpec& lora = {}) {
   const ParamTable t(c);
   std::vector<float> block(t.total_numel());
   init_random_weights(t, block.data(), 0.25, 5);
   Named w;
   for (const auto& p : t.params())
     w[p.name].assign(block.begin() + p.offset, block.begin() + p.offset + p.numel);
+  if (lora.enabled) {
+    std::mt19937 rng(17);
+    std::uniform_real_distribution<float> u(-0.3f, 0.3f);
+    const LoraTable table(c, lora);
+    for (const auto& a : table.tensors()) {
+      auto& v = w[a.name];
+      v.resize(a.numel);
+      for (float& x : v) x = u(rng);
+    }
+  }
   return w;
 }
 
-Result reference(const ModelConfig& c, const Named& w, const std::vector<MicroBatch>& mbs) {
+Result reference(const ModelConfig& c, const Named& w, const std::vector<MicroBatch>& mbs,
+                 const LoraSpec& lora = {}) {
   auto be = make_cpu_backend();
   RunSettings rs;
+  rs.lora = lora;
   for (const auto& mb : mbs) rs.max_tokens = std::max(rs.max_tokens, mb.num_tokens());
   LlamaModel m(c, *be, rs);
   load(m, w);
@@ -229,9 +261,12 @@ struct SpCase {
   int64_t heads, kv_heads, window, P, chunk;
   bool checkpointing;
   int64_t mini_sequence;
+  double lora_dropout = -1;  // >= 0: LoRA with this dropout
+  LoraSpec lora() const { return lora_dropout >= 0 ? lora_spec(lora_dropout) : LoraSpec{}; }
   std::string name() const {
-    return fmt::format("H{}_KVH{}_w{}_P{}_chunk{}{}_ms{}", heads, kv_heads, window, P, chunk,
-                       checkpointing ? "_ckpt" : "", mini_sequence);
+    return fmt::format("H{}_KVH{}_w{}_P{}_chunk{}{}_ms{}{}", heads, kv_heads, window, P, chunk,
+                       checkpointing ? "_ckpt" : "", mini_sequence,
+                       lora_dropout >= 0 ? "_lora_dropout" : "");
   }
 };
 
@@ -254,6 +289,7 @@ Result sequence_parallel(const ModelConfig& c, const Named& w, const std::vector
       rs.seq_chunk = k.chunk;
       rs.checkpointing = k.checkpointing;
       rs.mlp_chunks = rs.lm_head_chunks = k.mini_sequence;
+      rs.lora = k.lora();
       LlamaModel m(c, *be, rs);
       ThreadExchange x(group, r);
       m.set_sequence_exchange(&x);
@@ -280,25 +316,28 @@ class SequenceParallel : public ::testing::TestWithParam<SpCase> {};
 TEST_P(SequenceParallel, SameLossAndGradientsAsOneRank) {
   const SpCase k = GetParam();
   const ModelConfig c = config(k.heads, k.kv_heads, k.window, false);
-  const Named w = random_weights(c);
+  const Named w = random_weights(c, k.lora());
   const auto r = rows(7, c.vocab_size, 3);
   const auto mbs = batches(r, 3);  // packed rows: documents never attend to one another
-  const Result want = reference(c, w, mbs);
+  const Result want = reference(c, w, mbs, k.lora());
   expect_same(want, sequence_parallel(c, w, mbs, k), 2e-5, k.name());
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Layouts, SequenceParallel,
-    ::testing::Values(SpCase{4, 2, 0, 1, 16, false, 1},   // FPDT on one rank: chunks only
-                      SpCase{4, 2, 0, 2, 0, false, 1},    // Ulysses, GQA
-                      SpCase{4, 2, 0, 2, 0, true, 3},     // + checkpointing, mini-sequence
-                      SpCase{4, 2, 11, 2, 0, false, 1},   // sliding window
-                      SpCase{4, 2, 0, 2, 16, false, 1},   // FPDT over 2 ranks
-                      SpCase{4, 2, 11, 2, 12, true, 2},   // FPDT, window, checkpointing
-                      SpCase{4, 2, 0, 1, 8, true, 4},     // many chunks, MLP sub-chunks
-                      SpCase{4, 2, 7, 2, 8, false, 5},    // FPDT, window, no recompute
-                      SpCase{4, 4, 0, 4, 0, false, 1},    // Ulysses over 4
-                      SpCase{4, 4, 0, 4, 24, false, 1}),  // FPDT over 4
+    ::testing::Values(SpCase{4, 2, 0, 1, 16, false, 1},        // FPDT on one rank: chunks only
+                      SpCase{4, 2, 0, 2, 0, false, 1},         // Ulysses, GQA
+                      SpCase{4, 2, 0, 2, 0, true, 3},          // + checkpointing, mini-sequence
+                      SpCase{4, 2, 11, 2, 0, false, 1},        // sliding window
+                      SpCase{4, 2, 0, 2, 16, false, 1},        // FPDT over 2 ranks
+                      SpCase{4, 2, 11, 2, 12, true, 2},        // FPDT, window, checkpointing
+                      SpCase{4, 2, 0, 1, 8, true, 4},          // many chunks, MLP sub-chunks
+                      SpCase{4, 2, 7, 2, 8, false, 5},         // FPDT, window, no recompute
+                      SpCase{4, 4, 0, 4, 0, false, 1},         // Ulysses over 4
+                      SpCase{4, 4, 0, 4, 24, false, 1},        // FPDT over 4
+                      SpCase{4, 2, 0, 2, 0, false, 2, 0.3},    // Ulysses, LoRA with dropout
+                      SpCase{4, 2, 0, 2, 8, true, 3, 0.3},     // FPDT chunks, LoRA with dropout
+                      SpCase{4, 4, 0, 4, 24, false, 2, 0.3}),  // FPDT over 4, LoRA dropout
     [](const auto& info) { return info.param.name(); });
 
 // ---- Pipeline stages -----------------------------------------------------------------------

@@ -989,13 +989,15 @@ void LlamaModel::fpdt_forward(int64_t l, LayerActs& a, Pass pass) {
   AttentionShape whole{
       1, u * Ce, HP, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
   for (int64_t i = 0; i < u; ++i) {
-    const int64_t r0 = i * c;
+    // Local row of the chunk's first token, and its row in the whole sequence relative to this
+    // rank's first (LoRA dropout masks follow the token, whatever the layout).
+    const int64_t r0 = i * c, g0 = i * Ce;
     const float* x = res(l) + r0 * D;
     be_.wait_copies();  // the previous chunk's stores have left the chunk buffers
     be_.rmsnorm_forward(q.attn_in, q.attn_rstd, x, w.attn_norm, c, D, cf.rms_norm_eps);
-    project(q.ql, q.attn_in, sl[int(Proj::kQ)], c, l, r0);
-    project(q.kl, q.attn_in, sl[int(Proj::kK)], c, l, r0);
-    project(q.vl, q.attn_in, sl[int(Proj::kV)], c, l, r0);
+    project(q.ql, q.attn_in, sl[int(Proj::kQ)], c, l, g0);
+    project(q.kl, q.attn_in, sl[int(Proj::kK)], c, l, g0);
+    project(q.vl, q.attn_in, sl[int(Proj::kV)], c, l, g0);
     be_.rope_forward(q.ql, q.ql, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
     be_.rope_forward(q.kl, q.kl, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
     to_heads(q.q_c, q.ql, c, QD);
@@ -1029,16 +1031,16 @@ void LlamaModel::fpdt_forward(int64_t l, LayerActs& a, Pass pass) {
     from_heads(q.attn_out, q.o_c, c, QD);
     put_chunk(a.attn_out, i, c * QD, q.attn_out);
     if (pass == Pass::kRecompute) continue;  // the backward redoes o_proj and the MLP per chunk
-    project(q.x_mid, q.attn_out, sl[int(Proj::kO)], c, l, r0);
+    project(q.x_mid, q.attn_out, sl[int(Proj::kO)], c, l, g0);
     be_.add_inplace(q.x_mid, x, c * D);
     be_.rmsnorm_forward(q.ffn_in, q.ffn_rstd, q.x_mid, w.ffn_norm, c, D, cf.rms_norm_eps);
     float* out = res(l + 1) + r0 * D;
     for (int64_t m0 = 0; m0 < c; m0 += k.mlp_chunk) {
       const int64_t n = std::min(k.mlp_chunk, c - m0);
-      project(k.gate_c, q.ffn_in + m0 * D, sl[int(Proj::kGate)], n, l, r0 + m0);
-      project(k.up_c, q.ffn_in + m0 * D, sl[int(Proj::kUp)], n, l, r0 + m0);
+      project(k.gate_c, q.ffn_in + m0 * D, sl[int(Proj::kGate)], n, l, g0 + m0);
+      project(k.up_c, q.ffn_in + m0 * D, sl[int(Proj::kUp)], n, l, g0 + m0);
       be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
-      project(out + m0 * D, k.h_c, sl[int(Proj::kDown)], n, l, r0 + m0);
+      project(out + m0 * D, k.h_c, sl[int(Proj::kDown)], n, l, g0 + m0);
     }
     be_.add_inplace(out, q.x_mid, c * D);
   }
@@ -1062,19 +1064,19 @@ void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
   // 1. Per chunk: o_proj, norm and MLP recomputed from the stored attention output; their
   // backward turns dres (dL/d output) into dL/d x_mid and gives dL/d(attention output).
   for (int64_t i = 0; i < u; ++i) {
-    const int64_t r0 = i * c;
+    const int64_t r0 = i * c, g0 = i * Ce;  // local row, dropout row (as in fpdt_forward)
     const float* x = res(l) + r0 * D;
     float* dr = dres + r0 * D;
     be_.wait_copies();
     fetch_chunk(a.attn_out, i, c * QD, q.attn_out);
     be_.wait_copies();
-    project(q.x_mid, q.attn_out, sl[int(Proj::kO)], c, l, r0);
+    project(q.x_mid, q.attn_out, sl[int(Proj::kO)], c, l, g0);
     be_.add_inplace(q.x_mid, x, c * D);
     be_.rmsnorm_forward(q.ffn_in, q.ffn_rstd, q.x_mid, w.ffn_norm, c, D, cf.rms_norm_eps);
     for (int64_t m0 = 0; m0 < c; m0 += k.mlp_chunk) {
       const int64_t n = std::min(k.mlp_chunk, c - m0);
       const float* ffn_in = q.ffn_in + m0 * D;
-      const int64_t row = r0 + m0;
+      const int64_t row = g0 + m0;
       project(k.gate_c, ffn_in, sl[int(Proj::kGate)], n, l, row);
       project(k.up_c, ffn_in, sl[int(Proj::kUp)], n, l, row);
       be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
@@ -1088,7 +1090,7 @@ void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
     }
     be_.rmsnorm_backward(dr, g.ffn_norm, q.dnorm, q.x_mid, w.ffn_norm, q.ffn_rstd, c, D,
                          Accumulate::kYes);
-    project_backward(q.dattn, sl[int(Proj::kO)], dr, q.attn_out, c, l, r0, Accumulate::kNo);
+    project_backward(q.dattn, sl[int(Proj::kO)], dr, q.attn_out, c, l, g0, Accumulate::kNo);
     to_heads(q.do_s[0], q.dattn, c, QD);
     put_chunk(q.do_store, i, Ce * W, q.do_s[0]);
   }
@@ -1131,14 +1133,14 @@ void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
     }
     from_heads(q.dk_l, q.dk_acc, c, KVD);
     from_heads(q.dv_l, q.dv_acc, c, KVD);
-    const int64_t r0 = j * c;
+    const int64_t r0 = j * c, g0 = j * Ce;
     const float* x = res(l) + r0 * D;
     be_.rope_backward(q.dq_l, q.dq_l, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
     be_.rope_backward(q.dk_l, q.dk_l, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
     be_.rmsnorm_forward(q.attn_in, q.attn_rstd, x, w.attn_norm, c, D, cf.rms_norm_eps);
-    project_backward(q.dnorm, sl[int(Proj::kQ)], q.dq_l, q.attn_in, c, l, r0, Accumulate::kNo);
-    project_backward(q.dnorm, sl[int(Proj::kK)], q.dk_l, q.attn_in, c, l, r0, Accumulate::kYes);
-    project_backward(q.dnorm, sl[int(Proj::kV)], q.dv_l, q.attn_in, c, l, r0, Accumulate::kYes);
+    project_backward(q.dnorm, sl[int(Proj::kQ)], q.dq_l, q.attn_in, c, l, g0, Accumulate::kNo);
+    project_backward(q.dnorm, sl[int(Proj::kK)], q.dk_l, q.attn_in, c, l, g0, Accumulate::kYes);
+    project_backward(q.dnorm, sl[int(Proj::kV)], q.dv_l, q.attn_in, c, l, g0, Accumulate::kYes);
     be_.rmsnorm_backward(dres + r0 * D, g.attn_norm, q.dnorm, x, w.attn_norm, q.attn_rstd, c, D,
                          Accumulate::kYes);
   }
