@@ -1,6 +1,6 @@
-// Full fine-tune vs LoRA vs QLoRA on one small Llama shape: planned bytes per base parameter
-// (weights, gradients, optimizer state) and the time of one training step (forward, backward,
-// AdamW). Usage: bench_lora [tokens=256] [steps=3]
+// Full fine-tune vs LoRA (f32 or bf16 base) vs QLoRA on one small Llama shape: planned bytes per
+// base parameter (weights, gradients, optimizer state) and the time of one training step (forward,
+// backward, AdamW). Usage: bench_lora [tokens=256] [steps=3]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -49,7 +49,8 @@ int main(int argc, char** argv) {
   std::printf("bytes per base parameter (planned) and median step time\n");
   std::printf("%-6s %11s %11s %11s %11s %14s %9s\n", "mode", "weights", "grads", "optimizer",
               "total", "adapter params", "step ms");
-  for (int mode = 0; mode < 3; ++mode) {
+  const char* names[] = {"full", "lora", "qlora", "lora16"};  // lora16: bf16 base projections
+  for (int mode = 0; mode < 4; ++mode) {
     RunSettings rs;
     rs.max_tokens = tokens;
     if (mode > 0) {
@@ -59,13 +60,14 @@ int main(int argc, char** argv) {
       rs.lora.dropout = 0.05;
       rs.lora.targets.fill(true);
       rs.lora.quantize_4bit = mode == 2;
+      rs.lora.base_bf16 = mode == 3;
     }
     MemoryPlan plan;
     LlamaModel::plan(c, rs, &plan);
     AdamW::plan(LlamaModel::trainable_numel(c, rs), &plan);
     auto be = make_cpu_backend();
     LlamaModel m(c, *be, rs);
-    // Random weights (norms 1); NF4 weights quantized from the same distribution.
+    // Random weights (norms 1); NF4 / bf16 weights packed from the same distribution.
     std::normal_distribution<float> nd(0.0f, 0.02f);
     std::vector<float> host;
     for (const auto& p : m.table().params()) {
@@ -73,10 +75,10 @@ int main(int argc, char** argv) {
       const bool norm = p.shape.size() == 1;
       for (int64_t i = 0; i < p.numel; ++i) dst[i] = norm ? 1.0f : nd(rng);
     }
-    for (size_t i = 0; i < m.nf4_weights().size(); ++i) {
-      host.resize(m.nf4_weights()[i].numel);
+    for (size_t i = 0; i < m.packed_weights().size(); ++i) {
+      host.resize(m.packed_weights()[i].numel);
       for (auto& x : host) x = nd(rng);
-      m.quantize_base_weight(i, host.data());
+      m.pack_base_weight(i, host.data());
     }
     if (mode > 0) init_lora_weights(m.lora_table(), 3, m.lora_params());
     OptimizerSettings opt;
@@ -102,12 +104,8 @@ int main(int argc, char** argv) {
     const double w = double(plan.category_bytes(MemCategory::kWeights));
     const double g = double(plan.category_bytes(MemCategory::kGradients));
     const double o = double(plan.category_bytes(MemCategory::kOptimizer));
-    std::printf("%-6s %11.3f %11.3f %11.3f %11.3f %14lld %9.1f\n",
-                mode == 0   ? "full"
-                : mode == 1 ? "lora"
-                            : "qlora",
-                w / P, g / P, o / P, (w + g + o) / P, (long long)m.lora_table().total_numel(),
-                ms[ms.size() / 2]);
+    std::printf("%-6s %11.3f %11.3f %11.3f %11.3f %14lld %9.1f\n", names[mode], w / P, g / P, o / P,
+                (w + g + o) / P, (long long)m.lora_table().total_numel(), ms[ms.size() / 2]);
   }
   std::printf(
       "(QLoRA weights include the f32 embeddings, LM head and norms; the projections "

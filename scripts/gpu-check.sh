@@ -65,7 +65,7 @@ step ctest-all 240 ctest --test-dir "$BUILD" -j8 --output-on-failure --timeout 2
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SAN" ]; then
   step sanitizer-memcheck 150 "$SAN" --tool memcheck --error-exitcode 9 \
-    "$BUILD/test_backend_ops" --gtest_filter='*SwiGlu/cuda:*Linear/cuda:*LmHeadCrossEntropy/cuda:*Attention/cuda:*RmsNorm/cuda:*Nf4*/cuda'
+    "$BUILD/test_backend_ops" --gtest_filter='*SwiGlu/cuda:*Linear/cuda:*LmHeadCrossEntropy/cuda:*Attention/cuda:*RmsNorm/cuda:*Nf4*/cuda:*Lora/cuda:*Bf16ToF32/cuda'
   step sanitizer-racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 \
     "$BUILD/test_backend_ops" --gtest_filter='*Attention/cuda'
 else
@@ -83,14 +83,14 @@ else
   TOK=$DATA/tokenizers/llama2
   step train-init 60 "$BUILD/longtune" init --preset tiny --vocab_size 32000 --seed 1 \
     --output_dir "$TMP/model"
-  for dev in cpu cuda; do
-    step "train-$dev" 150 "$BUILD/longtune" train --model_name_or_path "$TMP/model" \
-      --tokenizer "$TOK" --data_path "$DATA/instructions/llamafactory_alpaca_en_demo.json" \
-      --output_dir "$TMP/out-$dev" --max_steps 8 --logging_steps 1 --learning_rate 1e-3 \
-      --per_device_train_batch_size 2 --model_max_length 256 --seed 1 --device "$dev"
-  done
-  if [ -s "$OUT/train-cpu.log" ] && [ -s "$OUT/train-cuda.log" ]; then
-    python3 - "$OUT/train-cpu.log" "$OUT/train-cuda.log" > "$OUT/train-compare.log" 2>&1 <<'PY'
+  # compare NAME: the losses of train-NAME-cpu.log and train-NAME-cuda.log, line by line.
+  compare() {
+    local name=$1
+    if ! [ -s "$OUT/train-$name-cpu.log" ] || ! [ -s "$OUT/train-$name-cuda.log" ]; then
+      note "SKIP  compare-$name: a training log is empty"
+      return
+    fi
+    python3 - "$OUT/train-$name-cpu.log" "$OUT/train-$name-cuda.log" > "$OUT/compare-$name.log" 2>&1 <<'PY'
 import re, sys
 def losses(path):
     return [float(m.group(1)) for m in re.finditer(r"loss ([0-9.eE+-]+|nan|inf)", open(path).read())]
@@ -106,11 +106,23 @@ for i, (a, b) in enumerate(zip(cpu, gpu)):
 print(f"{len(cpu)} cpu lines, {len(gpu)} cuda lines")
 sys.exit(1 if bad else 0)
 PY
-    if [ $? -eq 0 ]; then note "PASS  train-compare (losses within 2e-2 relative)"
-    else note "FAIL  train-compare: see train-compare.log"; fi
-  else
-    note "SKIP  train-compare: a training log is empty"
-  fi
+    if [ $? -eq 0 ]; then note "PASS  compare-$name (losses within 2e-2 relative)"
+    else note "FAIL  compare-$name: see compare-$name.log"; fi
+  }
+  # Full fine-tune in f32 storage, then LoRA over a bf16 base with bf16 GEMMs on the GPU.
+  for cfg in full lora-bf16; do
+    extra=()
+    [ "$cfg" = lora-bf16 ] && extra=(--use_peft_lora True --lora_target_modules all-linear \
+      --lora_dropout 0 --bf16 True)
+    for dev in cpu cuda; do
+      step "train-$cfg-$dev" 150 "$BUILD/longtune" train --model_name_or_path "$TMP/model" \
+        --tokenizer "$TOK" --data_path "$DATA/instructions/llamafactory_alpaca_en_demo.json" \
+        --output_dir "$TMP/out-$cfg-$dev" --max_steps 8 --logging_steps 1 --learning_rate 1e-3 \
+        --per_device_train_batch_size 2 --model_max_length 256 --seed 1 --device "$dev" \
+        "${extra[@]}"
+    done
+    compare "$cfg"
+  done
 fi
 
 # 5. Benchmarks (validated before timing), if time is left.

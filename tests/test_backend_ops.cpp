@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -14,6 +15,8 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/dtype.h"
+#include "core/error.h"
 #include "ops/adamw.h"
 #include "ops/attention.h"
 #include "ops/cross_entropy.h"
@@ -611,6 +614,31 @@ TEST_P(BackendOps, Nf4Dequantize) {
   EXPECT_CLOSE(d_out->read(), want, Tol({0, 0}), "nf4_dequantize");
 }
 
+// bf16 -> f32 widening (the bf16 base weights of LoRA with --bf16 True): bit-exact on every
+// backend, odd length, with NaN, +-Inf, -0 and subnormals among the values.
+TEST_P(BackendOps, Bf16ToF32) {
+  const int64_t n = 1001;
+  const Vec x = random_vec(n, 80, -3, 3);
+  std::vector<uint16_t> in(n);
+  for (int64_t i = 0; i < n; ++i) in[i] = f32_to_bf16(x[i]);
+  in[0] = 0x7fc0;      // NaN
+  in[1] = 0x7f80;      // +Inf
+  in[2] = 0xff80;      // -Inf
+  in[3] = 0x8000;      // -0
+  in[4] = 0x0001;      // smallest subnormal
+  in[n - 1] = 0xffff;  // NaN with every payload bit
+  auto d_in = buf("in", in);
+  auto d_out = out("out", n);
+  be_->bf16_to_f32(d_out->get(), d_in->get(), n);
+  const Vec got = d_out->read();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t want = uint32_t(in[i]) << 16;
+    uint32_t bits;
+    std::memcpy(&bits, &got[i], 4);
+    ASSERT_EQ(bits, want) << "element " << i << " of " << n;
+  }
+}
+
 TEST_P(BackendOps, AsyncCopiesThroughPinnedMemory) {
   const int64_t n = 4099;
   const Vec x = random_vec(n, 60);
@@ -653,6 +681,58 @@ TEST(CudaBackend, Bf16GemmMode) {
   be->linear_forward(d_y.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
   EXPECT_TRUE(all_close(d_y.read().data(), y.data(), N * OUT, 8e-3 * std::sqrt(double(IN)), 1e-2,
                         "bf16 linear_forward"));
+}
+
+// Which GPU a rank takes: its local rank from the launcher's environment, first variable set wins.
+TEST(BackendChoice, LocalRankFromTheLaunchersEnvironment) {
+  const char* vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                        "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"};
+  std::vector<std::pair<std::string, std::string>> saved;
+  for (const char* v : vars) {
+    if (const char* x = std::getenv(v)) saved.emplace_back(v, x);
+    unsetenv(v);
+  }
+  EXPECT_EQ(local_rank_from_env(), 0) << "no launcher";
+  setenv("LOCAL_RANK", "5", 1);
+  EXPECT_EQ(local_rank_from_env(), 5) << "torchrun";
+  setenv("SLURM_LOCALID", "3", 1);
+  EXPECT_EQ(local_rank_from_env(), 3) << "srun before LOCAL_RANK";
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1", 1);
+  EXPECT_EQ(local_rank_from_env(), 1) << "Open MPI first";
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "x1", 1);
+  try {
+    local_rank_from_env();
+    ADD_FAILURE() << "a malformed local rank was accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("OMPI_COMM_WORLD_LOCAL_RANK='x1'"), std::string::npos)
+        << e.what();
+  }
+  for (const char* v : vars) unsetenv(v);
+  for (const auto& [k, v] : saved) setenv(k.c_str(), v.c_str(), 1);
+}
+
+// --device auto: CUDA when it was built and a GPU is present, else the CPU; unknown names fail
+// with the allowed list.
+TEST(BackendChoice, AutoFallsBackToTheCpu) {
+  std::string reason;
+  const bool gpu = make_cuda_backend(&reason) != nullptr;
+  EXPECT_EQ(make_backend("auto")->name(), gpu ? "cuda" : "cpu") << reason;
+  EXPECT_EQ(make_backend("auto", true)->name(), gpu ? "cuda" : "cpu");
+  try {
+    make_backend("tpu");
+    ADD_FAILURE() << "an unknown device was accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("auto, cpu, cuda, cpu-guarded"), std::string::npos)
+        << e.what();
+  }
+  if (!gpu) {
+    try {
+      make_backend("cuda");
+      ADD_FAILURE() << "--device cuda without a GPU was accepted";
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find("--device cuda"), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace

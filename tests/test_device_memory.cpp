@@ -76,8 +76,8 @@ Outcome train(const std::string& device, RunSettings rs, bool fpdt) {
   init_random_weights(full, w.data(), 0.3, 11);
   for (const auto& p : m.table().params())
     be->copy_to_device(m.params() + p.offset, w.data() + full.find(p.name)->offset, p.numel * 4);
-  for (size_t i = 0; i < m.nf4_weights().size(); ++i)
-    m.quantize_base_weight(i, w.data() + full.find(m.nf4_weights()[i].name)->offset);
+  for (size_t i = 0; i < m.packed_weights().size(); ++i)
+    m.pack_base_weight(i, w.data() + full.find(m.packed_weights()[i].name)->offset);
   if (rs.lora.enabled) {  // B non-zero so that every adapter tensor has a gradient at once
     std::vector<float> lora(m.lora_table().total_numel());
     std::mt19937 rng(2);
@@ -104,8 +104,8 @@ Outcome train(const std::string& device, RunSettings rs, bool fpdt) {
     auto host = be->download(m.params(), m.table().total_numel());
     LlamaModel e(c, *be, er);
     be->copy_to_device(e.params(), host.data(), host.size() * 4);
-    for (size_t i = 0; i < e.nf4_weights().size(); ++i)
-      e.quantize_base_weight(i, w.data() + full.find(e.nf4_weights()[i].name)->offset);
+    for (size_t i = 0; i < e.packed_weights().size(); ++i)
+      e.pack_base_weight(i, w.data() + full.find(e.packed_weights()[i].name)->offset);
     if (rs.lora.enabled)
       be->copy_device(e.lora_params(), m.lora_params(), m.lora_table().total_numel() * 4);
     std::vector<float> dev_logits;
@@ -215,8 +215,11 @@ TEST(DeviceMemory, TrainerJobMatchesTheCpuBackend) {
         s.push_back(m[1].str() + " " + m[2].str() + " " + m[3].str());
     return s;
   };
-  for (bool lora : {false, true}) {
-    SCOPED_TRACE(lora ? "LoRA" : "full fine-tune");
+  enum Kind { kFull, kLora, kLoraBf16 };
+  for (Kind kind : {kFull, kLora, kLoraBf16}) {
+    const bool lora = kind != kFull;
+    const std::string tag = kind == kFull ? "" : kind == kLora ? "_lora" : "_lora_bf16";
+    SCOPED_TRACE(kind == kFull ? "full fine-tune" : kind == kLora ? "LoRA" : "LoRA, bf16 base");
     std::vector<std::string> base = {"train",
                                      "--model_name_or_path",
                                      model,
@@ -241,14 +244,19 @@ TEST(DeviceMemory, TrainerJobMatchesTheCpuBackend) {
                                      "--gradient_checkpointing",
                                      "True"};
     if (lora) base.insert(base.end(), {"--use_peft_lora", "True", "--lora_dropout", "0"});
+    if (kind == kLoraBf16) base.insert(base.end(), {"--bf16", "True"});
     std::map<std::string, std::vector<std::string>> got;
     for (const std::string device : {"cpu", "cpu-guarded"}) {
       auto args = base;
-      const fs::path out = dir / (device + (lora ? "_lora" : ""));
+      const fs::path out = dir / (device + tag);
       args.insert(args.end(), {"--device", device, "--output_dir", out.string()});
       const auto r = testing::run_cli(args);
       ASSERT_EQ(r.rc, 0) << r.err;
       got[device] = steps(r.out);
+      if (kind == kLoraBf16) {  // the plan holds the projections at 2 bytes each
+        EXPECT_NE(r.out.find("base projections in bf16"), std::string::npos) << r.out;
+        EXPECT_NE(r.out.find("weights_packed"), std::string::npos) << r.out;
+      }
       // Resume from checkpoint-2: steps 3 and 4 again.
       fs::remove_all(out / "checkpoint-4");
       args.insert(args.end(), {"--resume_from_checkpoint", "latest"});

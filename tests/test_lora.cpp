@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -13,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "cli/commands.h"
+#include "core/dtype.h"
 #include "core/error.h"
 #include "fixture_util.h"
 #include "io/safetensors.h"
@@ -34,8 +36,6 @@ namespace fs = std::filesystem;
 const fs::path kRoot = fs::path(LT_SOURCE_DIR);
 const fs::path kModels = kRoot / "tests/fixtures/models";
 const fs::path kLora = kRoot / "tests/fixtures/lora";
-
-
 
 template <typename T>
 std::vector<T> tensor_raw(const SafetensorsFile& f, const std::string& name) {
@@ -340,11 +340,65 @@ TEST(LoraMemory, PlanShowsFrozenBaseAndNf4) {
   // QLoRA: projections in NF4.
   int64_t quantized = 0;
   for (const auto& p : table.params())
-    quantized += LlamaModel::is_quantized(qlora.lora, p.name) ? p.numel : 0;
-  const double nf4_per_param = double(pq.arena_bytes("weights_nf4")) / double(quantized);
+    quantized += LlamaModel::is_packed(qlora.lora, p.name) ? p.numel : 0;
+  const double nf4_per_param = double(pq.arena_bytes("weights_packed")) / double(quantized);
   EXPECT_GT(nf4_per_param, 0.5);
   EXPECT_LT(nf4_per_param, 0.53);
   EXPECT_EQ(pq.arena_bytes("weights") + size_t(quantized) * 4, pl.arena_bytes("weights"));
+  // LoRA with --bf16 True: the same projections at exactly 2 bytes per value.
+  RunSettings bf16 = lora;
+  bf16.lora.base_bf16 = true;
+  MemoryPlan pb;
+  LlamaModel::plan(c, bf16, &pb);
+  EXPECT_EQ(pb.arena_bytes("weights_packed"), size_t(quantized) * 2);
+  EXPECT_EQ(pb.arena_bytes("weights") + size_t(quantized) * 4, pl.arena_bytes("weights"));
+}
+
+// LoRA over a bf16 base gives exactly what LoRA gives over f32 weights rounded to bf16 (the
+// projections widen each weight back to f32 before the same GEMM): loss, adapter gradients and
+// logits bit for bit; and the stored values are the round-to-nearest-even bf16 of the file's.
+TEST(Bf16Base, EqualsLoraOnRoundedWeights) {
+  const fs::path dir = kLora / "llama_gqa_all";
+  const MicroBatch mb = micro(batch_rows("llama_gqa", 0));
+  RunSettings rs;
+  rs.max_tokens = mb.num_tokens();
+  rs.lora.dropout = 0.1;  // masks too: same rows, same elements
+  RunSettings rb = rs;    // r, alpha and targets come from the adapter folder
+  rb.lora.base_bf16 = true;
+  Loaded b, f;
+  load_case(dir, rb, &b);
+  load_case(dir, rs, &f);
+  ASSERT_EQ(b.model->packed_weights().size(), 14u);
+  EXPECT_EQ(b.model->table().find("model.layers.0.self_attn.q_proj.weight"), nullptr);
+  const CheckpointReader reader(kModels / "llama_gqa");
+  const ParamTable full(b.config);
+  for (const auto& w : b.model->packed_weights()) {
+    ASSERT_EQ(w.format, PackedFormat::kBf16);
+    std::vector<float> orig(w.numel);
+    reader.read_f32(w.name, full.find(w.name)->shape, orig.data());
+    const auto* stored = reinterpret_cast<const uint16_t*>(w.packed);
+    for (int64_t i = 0; i < w.numel; ++i) {
+      ASSERT_EQ(stored[i], f32_to_bf16(orig[i])) << w.name << "[" << i << "]";
+      orig[i] = bf16_to_f32(stored[i]);
+    }
+    const ParamInfo* p = f.model->table().find(w.name);
+    ASSERT_NE(p, nullptr);
+    std::memcpy(f.model->params() + p->offset, orig.data(), orig.size() * 4);
+  }
+  const float scale = 1.0f / static_cast<float>(mb.num_targets());
+  b.model->zero_grads();
+  f.model->zero_grads();
+  EXPECT_EQ(b.model->forward_backward(mb, scale), f.model->forward_backward(mb, scale));
+  ASSERT_EQ(b.model->trainable().size(), f.model->trainable().size());
+  for (size_t i = 0; i < f.model->trainable().size(); ++i) {
+    const auto& t = f.model->trainable()[i];
+    expect_close("bf16 base " + t.name, b.model->trainable()[i].grad, t.grad, t.numel, 0, 0);
+  }
+  const MicroBatch first = micro({batch_rows("llama_gqa", 0)[0]});
+  std::vector<float> lb(first.num_tokens() * b.config.vocab_size), lf(lb.size());
+  b.model->forward_logits(first, lb.data());
+  f.model->forward_logits(first, lf.data());
+  EXPECT_EQ(lb, lf);
 }
 
 // QLoRA gives what LoRA gives on the dequantized base weights.
@@ -359,9 +413,9 @@ TEST(QLora, EqualsLoraOnDequantizedWeights) {
   Loaded q, f;
   load_case(dir, rq, &q);
   load_case(dir, rs, &f);
-  ASSERT_EQ(q.model->nf4_weights().size(), 14u);
+  ASSERT_EQ(q.model->packed_weights().size(), 14u);
   // Replace f's f32 projection weights by the dequantized NF4 ones.
-  for (const auto& w : q.model->nf4_weights()) {
+  for (const auto& w : q.model->packed_weights()) {
     const ParamInfo* p = f.model->table().find(w.name);
     ASSERT_NE(p, nullptr);
     nf4_dequantize(f.model->params() + p->offset, w.packed, w.absmax_q, w.absmax_scale,
@@ -393,7 +447,7 @@ TEST(QLora, EqualsLoraOnDequantizedWeights) {
   // quantizer gives about 1).
   const CheckpointReader reader(kModels / "llama_gqa");
   const ParamTable full(q.config);
-  for (const auto& w : q.model->nf4_weights()) {
+  for (const auto& w : q.model->packed_weights()) {
     std::vector<float> orig(w.numel), deq(w.numel);
     reader.read_f32(w.name, full.find(w.name)->shape, orig.data());
     nf4_dequantize(deq.data(), w.packed, w.absmax_q, w.absmax_scale, w.absmax_offset, w.numel);
@@ -448,12 +502,13 @@ TEST(LoraAdapter, TrainSaveReloadAndWriteInteropFolder) {
       env ? fs::path(env) : fs::temp_directory_path() / fmt::format("lt_interop_{}", ::getpid());
   struct Case {
     std::string name, base, targets;
-    bool embed_norm, rslora, nf4;
+    bool embed_norm, rslora, nf4, bf16 = false;
   };
   for (const Case& cs :
        {Case{"llama_embed_norm", "llama_gqa", "all-linear", true, false, false},
         Case{"qwen2_qv", "qwen2_bias", "q_proj,v_proj,o_proj", false, true, false},
-        Case{"llama_qlora", "llama_gqa", "q_proj,k_proj,v_proj,up_proj", false, false, true}}) {
+        Case{"llama_qlora", "llama_gqa", "q_proj,k_proj,v_proj,up_proj", false, false, true},
+        Case{"llama_bf16_base", "llama_gqa", "all-linear", false, false, false, true}}) {
     SCOPED_TRACE(cs.name);
     const fs::path base = kModels / cs.base, dir = root / cs.name;
     fs::remove_all(dir);
@@ -475,6 +530,7 @@ TEST(LoraAdapter, TrainSaveReloadAndWriteInteropFolder) {
     RunSettings rs;
     rs.max_tokens = max_tokens;
     rs.lora = resolve_lora(o, 5);
+    rs.lora.base_bf16 = cs.bf16;
     auto be = make_cpu_backend();
     LlamaModel m(config, *be, rs);
     load_base_weights(CheckpointReader(base), m);
@@ -499,11 +555,12 @@ TEST(LoraAdapter, TrainSaveReloadAndWriteInteropFolder) {
     m.forward_logits(first, logits.data());
     // The safetensors writer converts from f32, so the ids travel as exact small f32 values.
     std::vector<float> ids(first.ids.begin(), first.ids.end());
-    const float nf4_flag = 1.0f;  // tells the checker the base projections were NF4
+    const float flag = 1.0f;  // tells the checker the base projections were NF4 / bf16
     std::vector<TensorToSave> out = {
         {"logits", {first.num_tokens(), config.vocab_size}, logits.data()},
         {"input_ids", {first.num_tokens()}, ids.data()}};
-    if (cs.nf4) out.push_back({"nf4_base", {1}, &nf4_flag});
+    if (cs.nf4) out.push_back({"nf4_base", {1}, &flag});
+    if (cs.bf16) out.push_back({"bf16_base", {1}, &flag});
     write_safetensors(dir / "longtune_logits.safetensors", out, DType::kF32);
     // Reload into a fresh model: the same logits.
     RunSettings rr = rs;

@@ -2,9 +2,29 @@
 // stays free of formatting code that nvcc cannot compile).
 #include "backend/backend.h"
 
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+
 #include "core/check.h"
+#include "core/error.h"
 
 namespace lt {
+
+int local_rank_from_env() {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                          "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"}) {
+    const char* v = std::getenv(var);
+    if (!v || !*v) continue;
+    int r = -1;
+    const char* end = v + std::strlen(v);
+    const auto [p, ec] = std::from_chars(v, end, r);
+    if (ec != std::errc() || p != end || r < 0)
+      fail("environment variable {}='{}' is not a local rank (a non-negative integer)", var, v);
+    return r;
+  }
+  return 0;
+}
 
 void Backend::lora_forward(float*, float*, float*, const float*, const float*, const float*,
                            int64_t, int64_t, int64_t, const LoraCall&) {
@@ -17,8 +37,7 @@ void Backend::lora_backward(float*, float*, float*, float*, float*, float*, floa
   LT_CHECK(false, "backend {} has no lora_backward", name());
 }
 
-void Backend::nf4_dequantize(float*, const uint8_t*, const uint8_t*, const float*, float,
-                             int64_t) {
+void Backend::nf4_dequantize(float*, const uint8_t*, const uint8_t*, const float*, float, int64_t) {
   LT_CHECK(false, "backend {} has no nf4_dequantize", name());
 }
 

@@ -122,6 +122,8 @@ class Backend {
   virtual void scale_inplace(float* x, int64_t n, float s) = 0;
   // y (n) += x (n)
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;
+  // out (n) f32 = in (n) bf16 (exact: bf16 is f32's upper half; NaN and Inf stay themselves).
+  virtual void bf16_to_f32(float* out, const uint16_t* in, int64_t n) = 0;
 
   // LoRA and QLoRA (ops/lora.h, ops/nf4.h). Not pure: a backend without them reports
   // supports(kLora / kNf4Dequantize) == false and the model refuses LoRA / 4-bit runs on it.
@@ -139,15 +141,21 @@ class Backend {
 
 // The CPU backend (reference; BLAS + OpenMP).
 std::unique_ptr<Backend> make_cpu_backend();
-// The CUDA backend on device 0, or null when it was not built or no GPU is present (reason set).
+// This process's rank on its node from the launcher's environment (Open MPI, MPICH/Hydra,
+// MVAPICH, Slurm, torchrun), 0 when none is set; UserError naming the variable when it is not a
+// non-negative integer.
+int local_rank_from_env();
+// The CUDA backend on GPU local_rank_from_env() % (visible GPUs), so that the ranks of a node
+// take one GPU each; null when it was not built or no usable GPU is present (reason set).
 std::unique_ptr<Backend> make_cuda_backend(std::string* reason,
                                            GemmPrecision gemm = GemmPrecision::kF32);
 // A backend with `inner`'s arithmetic whose device memory is unreadable outside its own calls
 // and that reports itself as not host-addressable (backend/cpu/guarded_backend.cpp): on a CPU
 // it shows that nothing above the backend touches device memory directly.
 std::unique_ptr<Backend> make_guarded_backend(std::unique_ptr<Backend> inner);
-// "cpu", "cuda" or "cpu-guarded" (the CPU backend guarded); UserError for an unknown or
-// unavailable device.
-std::unique_ptr<Backend> make_backend(std::string_view device);
+// "auto" (cuda when it was built and a GPU is present, else cpu), "cpu", "cuda" or "cpu-guarded"
+// (the CPU backend guarded); UserError for an unknown or unavailable device. bf16: the CUDA
+// backend's GEMMs take bf16 inputs (tensor cores, f32 accumulation); no effect on the CPU.
+std::unique_ptr<Backend> make_backend(std::string_view device, bool bf16 = false);
 
 }  // namespace lt

@@ -22,7 +22,7 @@ namespace lt {
 int cmd_eval(int argc, char** argv) {
   CLI::App app{"Evaluation loss and perplexity of a model on a data set", "longtune eval"};
   std::string model, adapter, data, tokenizer_path, dataset_format = "auto", chat_template;
-  std::string device = "cpu";
+  std::string device = "auto";
   int64_t batch_size = 8, model_max_length = 0;
   bool train_on_inputs = false;
   app.add_option("--model_name_or_path", model, "Hugging Face model folder")->required();
@@ -35,7 +35,7 @@ int cmd_eval(int argc, char** argv) {
                  "auto, alpaca, messages, sharegpt, completion, text, tokenized");
   app.add_option("--chat_template", chat_template, "built-in template name or a file");
   add_bool_flag(app, "--train_on_inputs", &train_on_inputs, "score prompt tokens too");
-  app.add_option("--device", device, "cpu or cuda");
+  app.add_option("--device", device, "auto (cuda when a GPU is present), cpu, cuda or cpu-guarded");
   std::string config_file;
   app.add_option("--config", config_file, "YAML or JSON file of these flags");
   if (!parse_flags_with_config(app, argc, argv)) return 0;

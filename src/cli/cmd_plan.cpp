@@ -150,6 +150,9 @@ int cmd_plan(int argc, char** argv) {
   r.device = device == "cuda" ? PlanDevice::kCudaBf16 : PlanDevice::kCpuF32;
   r.settings.flash_attention = flash;
   r.settings.lora = resolve_lora(lora, 42);
+  // As train: --bf16 True keeps LoRA's frozen projections in bf16 (the CUDA plan is bf16 anyway).
+  r.settings.lora.base_bf16 =
+      (bf16 || device == "cuda") && r.settings.lora.enabled && !r.settings.lora.quantize_4bit;
   r.world_size = world_size;
   r.zero_stage = zero_stage;
   r.offload_optimizer = offload_optimizer;
@@ -214,6 +217,13 @@ int cmd_plan(int argc, char** argv) {
                p.device_bytes <= *budget_bytes ? "fits" : "does NOT fit");
     if (spec && world_size > 1) print_fitting_layouts(r, *budget_bytes, *spec, mfu);
     fmt::print("longest sequence within the budget (batch {}):\n", batch);
+    auto print_longest = [&](const char* name, const PlanRequest& q) {
+      try {
+        fmt::print("  {:<18} {}\n", name, longest_sequence(q, *budget_bytes));
+      } catch (const UserError& e) {  // e.g. FPDT without flash attention
+        fmt::print("  {:<18} n/a ({})\n", name, e.what());
+      }
+    };
     struct Row {
       const char* name;
       bool flash, mini, ckpt, off;
@@ -229,12 +239,9 @@ int cmd_plan(int argc, char** argv) {
       q.mini_sequence_auto = row.mini;
       q.settings.checkpointing = row.ckpt;
       q.settings.offload_checkpoints = row.off;
-      try {
-        fmt::print("  {:<18} {}\n", row.name, longest_sequence(q, *budget_bytes));
-      } catch (const UserError& e) {  // e.g. FPDT without flash attention
-        fmt::print("  {:<18} n/a ({})\n", row.name, e.what());
-      }
+      print_longest(row.name, q);
     }
+    print_longest("these settings", r);
   }
   return 0;
 }

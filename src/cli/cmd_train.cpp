@@ -18,8 +18,10 @@ int cmd_train(int argc, char** argv) {
   app.add_option("--tokenizer", tokenizer, "tokenizer.json or folder (default: the model's)");
   app.add_option("--max_steps", o.max_steps, "total optimizer steps (overrides epochs)");
   app.add_option("--num_train_epochs", o.num_train_epochs, "epochs")->check(CLI::NonNegativeNumber);
-  app.add_option("--per_device_train_batch_size", o.per_device_train_batch_size, "rows per micro-batch");
-  app.add_option("--gradient_accumulation_steps", o.gradient_accumulation_steps, "micro-batches per step");
+  app.add_option("--per_device_train_batch_size", o.per_device_train_batch_size,
+                 "rows per micro-batch");
+  app.add_option("--gradient_accumulation_steps", o.gradient_accumulation_steps,
+                 "micro-batches per step");
   app.add_option("--learning_rate", o.optimizer.learning_rate, "peak learning rate");
   app.add_option("--weight_decay", o.optimizer.weight_decay, "AdamW weight decay");
   app.add_option("--adam_beta1", o.optimizer.beta1, "AdamW beta1")->check(CLI::Range(0.0, 1.0));
@@ -33,9 +35,13 @@ int cmd_train(int argc, char** argv) {
   app.add_option("--model_max_length", o.model_max_length, "longest row in tokens");
   app.add_option("--seed", o.seed, "random seed");
   app.add_option("--logging_steps", o.logging_steps, "log every N steps");
-  add_bool_flag(app, "--bf16", &o.bf16, "bf16 weights and activations (CUDA); f32 on CPU");
-  add_bool_flag(app, "--overwrite_output_dir", &o.overwrite_output_dir, "reuse a non-empty output_dir");
-  app.add_option("--device", o.device, "cpu or cuda");
+  add_bool_flag(app, "--bf16", &o.bf16,
+                "bf16 tensor-core GEMMs with f32 accumulation and f32 master weights (CUDA); "
+                "f32 on CPU");
+  add_bool_flag(app, "--overwrite_output_dir", &o.overwrite_output_dir,
+                "reuse a non-empty output_dir");
+  app.add_option("--device", o.device,
+                 "auto (cuda when a GPU is present), cpu, cuda or cpu-guarded");
   app.add_option("--mini_sequence", o.mini_sequence, "MLP / LM-head chunks: M or auto");
   add_bool_flag(app, "--gradient_checkpointing", &o.gradient_checkpointing,
                 "keep only layer inputs; recompute in backward");

@@ -256,12 +256,12 @@ void load_base_weights(const CheckpointReader& reader, LlamaModel& model) {
     be.copy_to_device(model.params() + p.offset, host.data(), host.size() * 4);
   }
   const ParamTable full(model.config());
-  for (size_t i = 0; i < model.nf4_weights().size(); ++i) {
-    const ParamInfo* p = full.find(model.nf4_weights()[i].name);
+  for (size_t i = 0; i < model.packed_weights().size(); ++i) {
+    const ParamInfo* p = full.find(model.packed_weights()[i].name);
     LT_CHECK(p);
     host.resize(p->numel);
     reader.read_f32(p->name, p->shape, host.data());
-    model.quantize_base_weight(i, host.data());
+    model.pack_base_weight(i, host.data());
   }
 }
 

@@ -12,9 +12,9 @@
 namespace lt {
 
 // Reads dir/adapter_config.json into a spec: r, lora_alpha, use_rslora, target_modules and
-// modules_to_save come from the file; dropout, seed and quantize_4bit are kept from `spec`.
-// UserError naming the file and field for anything longtune cannot reproduce exactly
-// (DoRA, bias training, rank/alpha patterns, layer subsets, regex targets, other PEFT types).
+// modules_to_save come from the file; dropout, seed, quantize_4bit and base_bf16 are kept from
+// `spec`. UserError naming the file and field for anything longtune cannot reproduce exactly (DoRA,
+// bias training, rank/alpha patterns, layer subsets, regex targets, other PEFT types).
 LoraSpec read_adapter_config(const std::filesystem::path& dir, const ModelConfig& config,
                              LoraSpec spec);
 // Fills the model's LoRA block and the base tensors that train from dir/adapter_model.safetensors.

@@ -8,6 +8,7 @@
 
 #include "backend/arena.h"
 #include "core/check.h"
+#include "core/dtype.h"
 #include "core/error.h"
 #include "ops/nf4.h"
 
@@ -63,7 +64,7 @@ struct LlamaModel::Work {
   float *dh_c, *dgate_c, *dup_c;  // (C,F) MLP chunk gradients
   float* lm_scratch;              // (C_lm, V) logits of one LM-head chunk
   float *dres, *dnorm, *dattn, *dq, *dk, *dv;  // (N,D) (N,D) (N,H*HD) (N,H*HD) (N,KVH*HD) x2
-  float* nf4_weight;                           // QLoRA: one dequantized (OUT,IN) weight at a time
+  float* base_weight;                          // packed base: one expanded (OUT,IN) weight
   float *lora_t, *lora_u;                      // (N,R) LoRA intermediates
   float *lora_xd, *lora_dxd;                   // (N, max IN) dropped-out input and its gradient
   int64_t mlp_chunk = 0, lm_chunk = 0;
@@ -140,9 +141,10 @@ std::pair<int64_t, int64_t> stage_range(const ModelConfig& c, const RunSettings&
 }
 
 ParamTable make_table(const ModelConfig& c, const RunSettings& s) {
-  if (!s.lora.quantize_4bit && s.layer_begin == 0 && s.layer_end < 0) return ParamTable(c);
+  const bool packed = s.lora.enabled && (s.lora.quantize_4bit || s.lora.base_bf16);
+  if (!packed && s.layer_begin == 0 && s.layer_end < 0) return ParamTable(c);
   return ParamTable(c, [&](const std::string& n) {
-    return LlamaModel::in_stage(c, s, n) && !LlamaModel::is_quantized(s.lora, n);
+    return LlamaModel::in_stage(c, s, n) && !LlamaModel::is_packed(s.lora, n);
   });
 }
 
@@ -166,8 +168,8 @@ Nf4Layout nf4_layout(int64_t n) {
 
 }  // namespace
 
-bool LlamaModel::is_quantized(const LoraSpec& s, const std::string& name) {
-  if (!s.enabled || !s.quantize_4bit) return false;
+bool LlamaModel::is_packed(const LoraSpec& s, const std::string& name) {
+  if (!s.enabled || !(s.quantize_4bit || s.base_bf16)) return false;
   for (int p = 0; p < kNumProj; ++p)
     if (name.size() > 7 && name.ends_with(std::string(proj_name(Proj(p))) + ".weight")) return true;
   return false;
@@ -250,23 +252,30 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     out->lora_params = b.take("lora.params", lt.total_numel(), MemCategory::kWeights, "lora");
     if (s.train)
       out->lora_grads = b.take("lora.grads", lt.total_numel(), MemCategory::kGradients, "lora");
-    // QLoRA: the seven projection weights of every layer in NF4 (about 0.53 bytes per value).
-    out->nf4.clear();
+    // QLoRA: the seven projection weights of every layer in NF4 (about 0.53 bytes per value);
+    // LoRA with --bf16 True: in bf16 (2 bytes per value).
+    out->packed.clear();
     const ParamTable full(c);
     for (const auto& p : full.params()) {
-      if (!is_quantized(s.lora, p.name) || !in_stage(c, s, p.name)) continue;
-      const Nf4Layout lay = nf4_layout(p.numel);
-      auto* buf = static_cast<uint8_t*>(
-          b.take_bytes("nf4." + p.name, lay.bytes, MemCategory::kWeights, "weights_nf4"));
-      Nf4Weight w;
+      if (!is_packed(s.lora, p.name) || !in_stage(c, s, p.name)) continue;
+      PackedWeight w;
       w.name = p.name;
       w.numel = p.numel;
-      if (buf) {
-        w.packed = buf;
-        w.absmax_q = buf + lay.absmax_q;
-        w.absmax_scale = reinterpret_cast<float*>(buf + lay.absmax_scale);
+      w.format = s.lora.quantize_4bit ? PackedFormat::kNf4 : PackedFormat::kBf16;
+      if (w.format == PackedFormat::kBf16) {
+        w.packed = static_cast<uint8_t*>(b.take_bytes("bf16." + p.name, size_t(p.numel) * 2,
+                                                      MemCategory::kWeights, "weights_packed"));
+      } else {
+        const Nf4Layout lay = nf4_layout(p.numel);
+        auto* buf = static_cast<uint8_t*>(
+            b.take_bytes("nf4." + p.name, lay.bytes, MemCategory::kWeights, "weights_packed"));
+        if (buf) {
+          w.packed = buf;
+          w.absmax_q = buf + lay.absmax_q;
+          w.absmax_scale = reinterpret_cast<float*>(buf + lay.absmax_scale);
+        }
       }
-      out->nf4.push_back(std::move(w));
+      out->packed.push_back(std::move(w));
     }
   }
 
@@ -382,10 +391,10 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
       w->dv = b.take("grad.v", N * KVD, MemCategory::kAttention, "scratch");
     }
   }
-  w->nf4_weight = w->lora_t = w->lora_u = w->lora_xd = w->lora_dxd = nullptr;
-  if (s.lora.quantize_4bit)
-    w->nf4_weight = b.take("nf4.dequantized", std::max({QD * D, KVD * D, F * D}),
-                           MemCategory::kScratch, "scratch");
+  w->base_weight = w->lora_t = w->lora_u = w->lora_xd = w->lora_dxd = nullptr;
+  if (s.lora.enabled && (s.lora.quantize_4bit || s.lora.base_bf16))
+    w->base_weight = b.take("packed.expanded", std::max({QD * D, KVD * D, F * D}),
+                            MemCategory::kScratch, "scratch");
   if (s.lora.enabled) {
     const size_t R = s.lora.r, IN = std::max({D, QD, F});
     w->lora_t = b.take("lora.t", N * R, MemCategory::kScratch, "scratch");
@@ -515,7 +524,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   base_grads_ = std::move(bound.base_grads);
   lora_params_ = bound.lora_params;
   lora_grads_ = bound.lora_grads;
-  nf4_ = std::move(bound.nf4);
+  packed_ = std::move(bound.packed);
   if (params_) w_ = table_.bind(params_);
   if (grads_) g_ = table_.bind(grads_);
   if (settings_.external_params) {  // views filled unit by unit by the provider
@@ -589,9 +598,9 @@ void LlamaModel::build_layer_slots(int64_t l) {
     if (g) std::tie(s.grad_weight, s.grad_bias) = pick(*g);
     if (!s.weight) {
       const std::string name = fmt::format("model.layers.{}.{}.weight", l, proj_module(s.proj));
-      for (size_t i = 0; i < nf4_.size(); ++i)
-        if (nf4_[i].name == name) s.nf4 = static_cast<int64_t>(i);
-      LT_CHECK(s.nf4 >= 0, "no weight for {}", name);
+      for (size_t i = 0; i < packed_.size(); ++i)
+        if (packed_[i].name == name) s.packed = static_cast<int64_t>(i);
+      LT_CHECK(s.packed >= 0, "no weight for {}", name);
     }
     const int64_t ia = lora_table_.find(l, s.proj, false), ib = lora_table_.find(l, s.proj, true);
     if (ia >= 0) {
@@ -609,9 +618,15 @@ void LlamaModel::zero_grads() {
   for (const auto& t : trainable_) be_.memset_zero(t.grad, size_t(t.numel) * 4);
 }
 
-void LlamaModel::quantize_base_weight(size_t i, const float* w) {
-  LT_CHECK(i < nf4_.size());
-  Nf4Weight& q = nf4_[i];
+void LlamaModel::pack_base_weight(size_t i, const float* w) {
+  LT_CHECK(i < packed_.size());
+  PackedWeight& q = packed_[i];
+  if (q.format == PackedFormat::kBf16) {
+    std::vector<uint16_t> host(q.numel);
+    for (int64_t j = 0; j < q.numel; ++j) host[j] = f32_to_bf16(w[j]);
+    be_.copy_to_device(q.packed, host.data(), host.size() * 2);
+    return;
+  }
   const Nf4Layout lay = nf4_layout(q.numel);
   std::vector<uint8_t> host(lay.bytes);
   nf4_quantize(host.data(), host.data() + lay.absmax_q,
@@ -622,10 +637,13 @@ void LlamaModel::quantize_base_weight(size_t i, const float* w) {
 
 const float* LlamaModel::base_weight(const LinearSlot& s) {
   if (s.weight) return s.weight;
-  const Nf4Weight& q = nf4_[s.nf4];
-  be_.nf4_dequantize(work_->nf4_weight, q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset,
-                     q.numel);
-  return work_->nf4_weight;
+  const PackedWeight& q = packed_[s.packed];
+  if (q.format == PackedFormat::kBf16)
+    be_.bf16_to_f32(work_->base_weight, reinterpret_cast<const uint16_t*>(q.packed), q.numel);
+  else
+    be_.nf4_dequantize(work_->base_weight, q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset,
+                       q.numel);
+  return work_->base_weight;
 }
 
 LoraCall LlamaModel::lora_call(int64_t l, Proj p, int64_t row0) const {

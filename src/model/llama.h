@@ -83,14 +83,18 @@ class LayerWeightsProvider {
   virtual void release(int64_t unit, Pass pass) = 0;
 };
 
-// One frozen base weight stored in NF4 (ops/nf4.h); device pointers into the "weights_nf4" arena.
-struct Nf4Weight {
+// One frozen base projection weight stored packed: NF4 (QLoRA, ops/nf4.h) or bf16 (LoRA with
+// --bf16 True); device pointers into the "weights_packed" arena. Expanded to f32 one weight at a
+// time when a projection runs.
+enum class PackedFormat { kNf4, kBf16 };
+struct PackedWeight {
   std::string name;  // Hugging Face name of the (OUT,IN) weight
+  PackedFormat format = PackedFormat::kNf4;
   int64_t numel = 0;
-  uint8_t* packed = nullptr;      // (ceil(numel/2))
-  uint8_t* absmax_q = nullptr;    // (ceil(numel/64))
-  float* absmax_scale = nullptr;  // (ceil(numel/64/256))
-  float absmax_offset = 0;        // host value
+  uint8_t* packed = nullptr;      // NF4 codes (ceil(numel/2)) or bf16 values (2 numel bytes)
+  uint8_t* absmax_q = nullptr;    // NF4: (ceil(numel/64))
+  float* absmax_scale = nullptr;  // NF4: (ceil(numel/64/256))
+  float absmax_offset = 0;        // NF4: host value
 };
 
 // One micro-batch: its rows concatenated. Row r spans [row_start[r], row_start[r+1]).
@@ -161,12 +165,12 @@ class LlamaModel {
   const LoraTable& lora_table() const { return lora_table_; }
   float* lora_params() { return lora_params_; }
   float* lora_grads() { return lora_grads_; }
-  // QLoRA: the NF4 base weights (fill with quantize_base_weight).
-  const std::vector<Nf4Weight>& nf4_weights() const { return nf4_; }
-  // Quantizes w (host, numel f32) into nf4_weights()[i].
-  void quantize_base_weight(size_t i, const float* w);
-  // True when `name` is stored in NF4 under this spec.
-  static bool is_quantized(const LoraSpec& s, const std::string& name);
+  // QLoRA / bf16 LoRA: the packed frozen base weights (fill with pack_base_weight).
+  const std::vector<PackedWeight>& packed_weights() const { return packed_; }
+  // Packs w (host, numel f32) into packed_weights()[i] (NF4 quantization or bf16 rounding).
+  void pack_base_weight(size_t i, const float* w);
+  // True when `name` is stored packed (NF4 or bf16) under this spec.
+  static bool is_packed(const LoraSpec& s, const std::string& name);
   // True when base tensor `name` trains under this LoRA spec (modules_to_save).
   static bool base_trains(const LoraSpec& s, const std::string& name);
   // True when base tensor `name` belongs to the pipeline stage of these settings.
@@ -219,8 +223,8 @@ class LlamaModel {
   struct LinearSlot {
     Proj proj = Proj::kQ;
     int64_t in = 0, out = 0;
-    const float* weight = nullptr;                       // (OUT,IN) f32; null when stored in NF4
-    int64_t nf4 = -1;                                    // index into nf4_ when quantized
+    const float* weight = nullptr;                       // (OUT,IN) f32; null when packed
+    int64_t packed = -1;                                 // index into packed_ when packed
     const float* bias = nullptr;                         // (OUT) or null
     float *grad_weight = nullptr, *grad_bias = nullptr;  // null when frozen
     const float *lora_a = nullptr, *lora_b = nullptr;    // (R,IN), (OUT,R); null: no adapter
@@ -232,7 +236,7 @@ class LlamaModel {
     std::map<std::string, float*> base_grads;  // LoRA: gradients of base tensors that train
     float* lora_params = nullptr;
     float* lora_grads = nullptr;
-    std::vector<Nf4Weight> nf4;
+    std::vector<PackedWeight> packed;
     std::vector<std::unique_ptr<Slot>> slots;
     std::unique_ptr<LayerActs> shared_acts;  // with checkpointing: one set for every layer
     std::unique_ptr<Work> work;
@@ -299,7 +303,7 @@ class LlamaModel {
   LoraTable lora_table_;
   float* lora_params_ = nullptr;
   float* lora_grads_ = nullptr;
-  std::vector<Nf4Weight> nf4_;
+  std::vector<PackedWeight> packed_;
   std::vector<std::array<LinearSlot, kNumProj>> lin_;  // (L) x 7 (this stage's layers set)
   std::vector<TrainableTensor> trainable_;
   uint64_t micro_batches_done_ = 0;  // keys the LoRA dropout masks

@@ -57,8 +57,8 @@ void account(PlanResult* out, const PlanRequest& r, bool offload_checkpoints) {
       }
       double f = device_factor(c, r.device);
       if (r.device == PlanDevice::kCudaBf16 && c == MemCategory::kWeights) {
-        if (b.name.rfind("nf4.", 0) == 0)
-          f = 1.0;  // already 4-bit codes
+        if (b.name.rfind("nf4.", 0) == 0 || b.name.rfind("bf16.", 0) == 0)
+          f = 1.0;  // already 4-bit codes / bf16 values
         else if (frozen_base && b.name == "params")
           f = 0.5;  // frozen bf16, no master
         else if (b.name.rfind("zero.gathered", 0) == 0)

@@ -57,7 +57,7 @@ struct TrainOptions {
   int64_t logging_steps = 500;
   bool bf16 = false;
   bool overwrite_output_dir = false;
-  std::string device = "cpu";
+  std::string device = "auto";      // auto: cuda when built and a GPU is present, else cpu
   std::string mini_sequence = "1";  // M or "auto"
   bool gradient_checkpointing = false;
   bool offload_activations = false;

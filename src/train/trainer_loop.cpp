@@ -182,6 +182,8 @@ void Trainer::validate() {
     for (const auto& note :
          apply_deepspeed_config_file(o_.dist.deepspeed, replicas(), config_.hidden_size, &o_))
       fmt::print("{}\n", note);
+  // --bf16 True with LoRA: the frozen base projections in bf16, as PEFT over a bf16 model.
+  lora_.base_bf16 = o_.bf16 && lora_.enabled && !lora_.quantize_4bit;
   distributed_ = world_size_ > 1 || o_.dist.zero_stage > 0 || o_.dist.fpdt_chunk_size > 0;
   if (distributed_) {
     const ZeroSettings z = zero_settings(o_.dist);
@@ -295,10 +297,14 @@ void Trainer::setup_model() {
     fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}\n",
                lora_.r, lora_.alpha, lora_.scale(), lora_.dropout,
                LoraTable(config_, lora_).total_numel(),
-               lora_.quantize_4bit ? ", base projections in NF4" : "",
+               lora_.quantize_4bit ? ", base projections in NF4"
+               : lora_.base_bf16   ? ", base projections in bf16"
+                                   : "",
                lora_.train_embed || lora_.train_norm ? ", plus embed/norm tensors" : "");
   fmt::print("{}\n", plan_.describe());
-  backend_ = make_backend(o_.device);
+  backend_ = make_backend(o_.device, o_.bf16);
+  fmt::print("device: {}{}\n", backend_->name(),
+             o_.bf16 && backend_->name() == "cuda" ? " (bf16 GEMMs, f32 accumulation)" : "");
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
   if (distributed_) {  // every rank reads the checkpoint and keeps its part
     engine_ = std::make_unique<ParallelEngine>(*model_, *backend_, *world_, layout_, ps);

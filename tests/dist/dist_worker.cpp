@@ -444,8 +444,8 @@ void load_base(LlamaModel& m, const std::vector<float>& full) {
   for (const auto& p : m.table().params())
     m.backend().copy_to_device(m.params() + p.offset, full.data() + whole.find(p.name)->offset,
                                p.numel * 4);
-  for (size_t i = 0; i < m.nf4_weights().size(); ++i)
-    m.quantize_base_weight(i, full.data() + whole.find(m.nf4_weights()[i].name)->offset);
+  for (size_t i = 0; i < m.packed_weights().size(); ++i)
+    m.pack_base_weight(i, full.data() + whole.find(m.packed_weights()[i].name)->offset);
 }
 
 NamedTensors lora_named(const ModelConfig& c, const LoraSpec& spec, const Weights& w) {

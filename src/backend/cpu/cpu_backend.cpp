@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "core/check.h"
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/memory.h"
 #include "ops/cross_entropy.h"
@@ -140,6 +141,10 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) y[i] += x[i];
   }
+  void bf16_to_f32(float* out, const uint16_t* in, int64_t n) override {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) out[i] = lt::bf16_to_f32(in[i]);
+  }
   void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
                     const float* b, int64_t N, int64_t IN, int64_t OUT,
                     const LoraCall& c) override {
@@ -171,16 +176,18 @@ std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision) {
 }
 #endif
 
-std::unique_ptr<Backend> make_backend(std::string_view device) {
+std::unique_ptr<Backend> make_backend(std::string_view device, bool bf16) {
+  const GemmPrecision gemm = bf16 ? GemmPrecision::kBf16 : GemmPrecision::kF32;
   if (device == "cpu") return make_cpu_backend();
   if (device == "cpu-guarded") return make_guarded_backend(make_cpu_backend());
-  if (device == "cuda") {
+  if (device == "cuda" || device == "auto") {
     std::string reason;
-    auto b = make_cuda_backend(&reason);
-    if (!b) fail("--device cuda: {}", reason);
-    return b;
+    auto b = make_cuda_backend(&reason, gemm);
+    if (b) return b;
+    if (device == "auto") return make_cpu_backend();
+    fail("--device cuda: {}", reason);
   }
-  fail("--device: '{}' is not a device; allowed: cpu, cuda, cpu-guarded", device);
+  fail("--device: '{}' is not a device; allowed: auto, cpu, cuda, cpu-guarded", device);
 }
 
 }  // namespace lt

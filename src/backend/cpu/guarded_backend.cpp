@@ -141,6 +141,9 @@ class GuardedBackend final : public Backend {
   void add_inplace(float* y, const float* x, int64_t n) override {
     LT_GUARDED(add_inplace(y, x, n));
   }
+  void bf16_to_f32(float* out, const uint16_t* in, int64_t n) override {
+    LT_GUARDED(bf16_to_f32(out, in, n));
+  }
   void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
                     const float* b, int64_t N, int64_t IN, int64_t OUT,
                     const LoraCall& c) override {

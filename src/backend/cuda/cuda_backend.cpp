@@ -267,6 +267,9 @@ class CudaBackend final : public Backend {
   void add_inplace(float* y, const float* x, int64_t n) override {
     cuda::add_inplace(ctx_, y, x, n);
   }
+  void bf16_to_f32(float* out, const uint16_t* in, int64_t n) override {
+    cuda::bf16_to_f32(ctx_, out, in, n);
+  }
   void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
                     const float* b, int64_t N, int64_t IN, int64_t OUT,
                     const LoraCall& c) override {
@@ -346,14 +349,18 @@ std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision ge
     if (reason) *reason = "no CUDA device is present";
     return nullptr;
   }
+  const int device = local_rank_from_env() % count;  // one GPU per rank of the node
   int major = 0;
-  LT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  LT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 8) {
     if (reason)
-      *reason = "the CUDA backend needs compute capability 8.0 or newer (bf16 tensor cores)";
+      *reason = fmt::format(
+          "GPU {} has compute capability {}.x; the CUDA backend needs 8.0 or newer (bf16 tensor "
+          "cores)",
+          device, major);
     return nullptr;
   }
-  return std::make_unique<CudaBackend>(0, gemm);
+  return std::make_unique<CudaBackend>(device, gemm);
 }
 
 }  // namespace lt

@@ -39,6 +39,13 @@ __global__ void add_kernel(float* y, const float* x, int64_t n) {
     y[i] += x[i];
 }
 
+// bf16 is the upper half of an f32: the widening is a shift (NaN and Inf stay themselves).
+__global__ void bf16_to_f32_kernel(float* out, const uint16_t* in, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __uint_as_float(uint32_t(in[i]) << 16);
+}
+
 }  // namespace
 
 double sum_squares(const Context& ctx, const float* x, int64_t n) {
@@ -50,8 +57,8 @@ double sum_squares(const Context& ctx, const float* x, int64_t n) {
   sum_squares_kernel<<<blocks, kThreads, 0, ctx.stream>>>(partial, x, n);
   LT_CUDA_CHECK_LAUNCH();
   std::vector<double> host(blocks);
-  LT_CUDA_CHECK(cudaMemcpyAsync(host.data(), partial, blocks * sizeof(double), cudaMemcpyDeviceToHost,
-                                ctx.stream));
+  LT_CUDA_CHECK(cudaMemcpyAsync(host.data(), partial, blocks * sizeof(double),
+                                cudaMemcpyDeviceToHost, ctx.stream));
   LT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
   double total = 0;
   for (unsigned b = 0; b < blocks; ++b) total += host[b];
@@ -67,6 +74,12 @@ void scale_inplace(const Context& ctx, float* x, int64_t n, float s) {
 void add_inplace(const Context& ctx, float* y, const float* x, int64_t n) {
   if (n <= 0) return;
   add_kernel<<<grid_for(n, kThreads, ctx.num_sms), kThreads, 0, ctx.stream>>>(y, x, n);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+void bf16_to_f32(const Context& ctx, float* out, const uint16_t* in, int64_t n) {
+  if (n <= 0) return;
+  bf16_to_f32_kernel<<<grid_for(n, kThreads, ctx.num_sms), kThreads, 0, ctx.stream>>>(out, in, n);
   LT_CUDA_CHECK_LAUNCH();
 }
 
