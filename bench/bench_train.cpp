@@ -1,13 +1,20 @@
-// Training-step benchmark (not a test): tokens/s, peak memory and MFU of full fine-tuning steps
-// for a model folder at several sequence lengths, with the memory-saving settings chosen on the
-// command line. Prints one JSON line per sequence length (bench/run_train_bench.sh compares them
-// with PyTorch on the same model, tokens and threads).
+// Training-step benchmark (not a test): tokens/s, peak memory and MFU of training steps for a
+// model at several sequence lengths, with the memory-saving settings chosen on the command line.
+// Prints one JSON line per sequence length (bench/run_train_bench.sh compares them with PyTorch on
+// the same model, tokens and threads; scripts/gpu-check.sh runs it on a GPU next to
+// bench/hf_peft_bench.py).
 //
-// usage: bench_train MODEL_DIR SEQ[,SEQ...] [steps=3] [settings...]
-//   settings: naive (plain attention), mini=M|auto, ckpt, offload
+// usage: bench_train MODEL SEQ[,SEQ...] [steps=3] [settings...]
+//   MODEL: a Hugging Face folder, or preset:NAME (random weights of a named shape, no files)
+//   settings: naive (plain attention), mini=M|auto, ckpt, offload, device=cpu|cuda|cpu-guarded,
+//             lora=R (LoRA r=R, alpha 2R, all linear layers), bf16 (bf16 GEMMs on CUDA; with
+//             LoRA the frozen projections in bf16), peak_tflops=X (MFU reference; default: the
+//             measured sgemm peak on the CPU, 989 on CUDA), fit=BYTES (also run the longest
+//             sequence the planner says fits in BYTES of device memory)
 #include <fmt/format.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -19,7 +26,10 @@
 #include "bench/bench_common.h"
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "model/adapter_io.h"
+#include "model/lora.h"
 #include "model/model_io.h"
+#include "model/presets.h"
 #include "plan/planner.h"
 #include "train/batching.h"
 #include "train/trainer.h"
@@ -38,20 +48,56 @@ Example bench_row(int64_t T, int64_t V) {
   return e;
 }
 
+// Random weights of the model's shape: each tensor a repeated block of U(-0.035, 0.035) values
+// (about N(0, 0.02)'s spread; norms 1), cheap enough for 8B shapes; packed projections too.
+void random_weights(LlamaModel& m) {
+  std::vector<float> block(1 << 20);
+  uint64_t x = 88172645463325252ull;
+  for (float& v : block) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    v = 0.035f * (float(x >> 40) / float(1 << 24) * 2.0f - 1.0f);
+  }
+  std::vector<float> host;
+  auto fill = [&](int64_t n, bool norm) {
+    host.resize(size_t(n));
+    for (int64_t off = 0; off < n; off += int64_t(block.size())) {
+      const int64_t k = std::min<int64_t>(int64_t(block.size()), n - off);
+      if (norm)
+        std::fill_n(host.begin() + off, k, 1.0f);
+      else
+        std::copy_n(block.begin(), k, host.begin() + off);
+    }
+  };
+  Backend& be = m.backend();
+  for (const auto& p : m.table().params()) {
+    fill(p.numel, p.shape.size() == 1);
+    be.copy_to_device(m.params() + p.offset, host.data(), host.size() * 4);
+  }
+  for (size_t i = 0; i < m.packed_weights().size(); ++i) {
+    fill(m.packed_weights()[i].numel, false);
+    m.pack_base_weight(i, host.data());
+  }
+}
+
 int run(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr,
-                 "usage: bench_train MODEL_DIR SEQ[,SEQ...] [steps] [naive] [mini=M|auto] [ckpt] "
-                 "[offload]\n");
+                 "usage: bench_train MODEL_DIR|preset:NAME SEQ[,SEQ...] [steps] [naive] "
+                 "[mini=M|auto] [ckpt] [offload] [device=D] [lora=R] [bf16] [peak_tflops=X] "
+                 "[fit=BYTES]\n");
     return 2;
   }
-  const std::filesystem::path dir = argv[1];
+  const std::string model = argv[1];
   std::vector<int64_t> seqs;
   std::stringstream ss(argv[2]);
   for (std::string tok; std::getline(ss, tok, ',');) seqs.push_back(std::stoll(tok));
   const int steps = argc > 3 ? std::atoi(argv[3]) : 3;
   RunSettings base;
-  std::string mini = "1", label;
+  std::string mini = "1", label, device = "cpu";
+  int64_t lora_r = 0;
+  bool bf16 = false;
+  double peak_tflops = 0;
+  size_t fit = 0;
   for (int i = 4; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "naive")
@@ -62,61 +108,116 @@ int run(int argc, char** argv) {
       base.checkpointing = base.offload_checkpoints = true;
     else if (a.rfind("mini=", 0) == 0)
       mini = a.substr(5);
+    else if (a.rfind("device=", 0) == 0)
+      device = a.substr(7);
+    else if (a.rfind("lora=", 0) == 0)
+      lora_r = std::stoll(a.substr(5));
+    else if (a == "bf16")
+      bf16 = true;
+    else if (a.rfind("peak_tflops=", 0) == 0)
+      peak_tflops = std::stod(a.substr(12));
+    else if (a.rfind("fit=", 0) == 0)
+      fit = parse_bytes(a.substr(4), "fit=");
     else
       fail("unknown setting '{}'", a);
-    label += (label.empty() ? "" : "+") + a;
+    if (a.rfind("peak_tflops=", 0) != 0 && a.rfind("fit=", 0) != 0)
+      label += (label.empty() ? "" : "+") + a;
   }
   if (label.empty()) label = "default";
   base.offload_dir = "/tmp";
-  ModelConfig config = load_model_config(dir / "config.json");
+  if (lora_r > 0) {
+    LoraOptions o;
+    o.use_peft_lora = true;
+    o.r = lora_r;
+    o.alpha = 2.0 * double(lora_r);
+    o.dropout = 0;
+    o.target_modules = "all-linear";
+    base.lora = resolve_lora(o, 1);
+    base.lora.base_bf16 = bf16;
+  }
+  const bool preset = model.rfind("preset:", 0) == 0;
+  ModelConfig config = preset ? parse_model_config(preset_config(model.substr(7)), model)
+                              : load_model_config(std::filesystem::path(model) / "config.json");
   const int threads = omp_get_max_threads();
-  const double peak = bench::sgemm_peak_gflops();
-  auto be = make_cpu_backend();
-  for (int64_t T : seqs) {
+  const bool cuda = make_backend(device, bf16)->name() == "cuda";
+  const double peak_gflops = peak_tflops > 0 ? peak_tflops * 1e3
+                             : cuda          ? 989e3
+                                             : bench::sgemm_peak_gflops();
+  auto settings_for = [&](int64_t T) {
     RunSettings rs = base;
     rs.max_tokens = T;
     if (const auto m = parse_mini_sequence(mini))
       rs.mlp_chunks = rs.lm_head_chunks = *m;
     else
       mini_sequence_auto(config, T, &rs);
+    return rs;
+  };
+  if (fit > 0) {  // the planner's longest sequence for this budget, then run it
+    PlanRequest pr{config, seqs.empty() ? 4096 : seqs.back(), 1, settings_for(4096)};
+    pr.mini_sequence_auto = mini == "auto";
+    const int64_t longest = longest_sequence(pr, fit, 1024);
+    fmt::print(stderr, "bench_train: the planner's longest sequence within {}: {}\n",
+               format_bytes(fit), longest);
+    if (longest > 0) seqs.push_back(longest);
+  }
+  for (int64_t T : seqs) {
+    const RunSettings rs = settings_for(T);
     const Example e = bench_row(T, config.vocab_size);
     std::vector<const Example*> rows = {&e};
     const std::vector<MicroBatch> micro = {make_micro_batch(rows)};
     PlanRequest pr{config, T, 1, rs};
     const size_t predicted = plan_memory(pr).device_bytes;
     double first_loss = 0, secs = 0;
+    // A fresh backend per length: its device-memory peak is this run's.
+    auto be = make_backend(device, bf16);
+    const bool host = be->host_addressable();
     {
-      LlamaModel model(config, *be, rs);
-      load_weights(CheckpointReader(dir), model.table(), model.params());
+      LlamaModel m(config, *be, rs);
+      if (preset) {
+        random_weights(m);
+      } else if (rs.lora.enabled) {
+        load_base_weights(CheckpointReader(model), m);
+      } else {
+        std::vector<float> host(m.table().total_numel());
+        load_weights(CheckpointReader(model), m.table(), host.data());
+        be->copy_to_device(m.params(), host.data(), host.size() * 4);
+      }
+      if (rs.lora.enabled) {
+        std::vector<float> init(m.lora_table().total_numel());
+        init_lora_weights(m.lora_table(), 1, init.data());
+        be->copy_to_device(m.lora_params(), init.data(), init.size() * 4);
+      }
       // The checkpoint's mapped pages are gone with the reader: from here on the peak is the
       // whole process's while it trains (libraries, thread pools and the engine's arenas).
       bench::reset_peak_rss();
       OptimizerSettings opt;
       opt.learning_rate = 1e-4;
-      AdamW adam(model.table(), *be, opt);
+      AdamW adam(m.trainable(), *be, opt);
       ScheduleSettings sched{ScheduleType::kConstant, 0, steps + 1};
       // Warm-up step (also the validation value: the loss at the initial weights); with
       // steps = 0 it is the only step and the one timed.
       const auto t_first = std::chrono::steady_clock::now();
-      first_loss = train_step(model, adam, opt, sched, micro, 0).loss;
+      first_loss = train_step(m, adam, opt, sched, micro, 0).loss;
+      be->synchronize();
       if (steps == 0)
         secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_first).count();
       const auto t0 = std::chrono::steady_clock::now();
-      for (int s = 1; s <= steps; ++s) train_step(model, adam, opt, sched, micro, s);
+      for (int s = 1; s <= steps; ++s) train_step(m, adam, opt, sched, micro, s);
+      be->synchronize();
       if (steps > 0)
         secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
     }
-    const size_t measured = measured_peak_rss();
+    const size_t measured = host ? measured_peak_rss() : be->device_memory_use().peak;
     // PaLM's model FLOPs (plan/planner.h), the same count bench_gpu and `longtune plan` use.
     const double flops = training_flops(config, double(T), double(T));
     const double gflops = flops / secs / 1e9;
     fmt::print(
-        "{{\"impl\": \"longtune\", \"settings\": \"{}\", \"seq\": {}, \"threads\": {}, "
-        "\"loss\": {:.6f}, \"step_s\": {:.4f}, \"tokens_per_s\": {:.1f}, \"peak_bytes\": {}, "
-        "\"predicted_bytes\": {}, \"gflops\": {:.1f}, \"sgemm_peak_gflops\": {:.1f}, "
-        "\"mfu\": {:.3f}}}\n",
-        label, T, threads, first_loss, secs, T / secs, measured, predicted, gflops, peak,
-        gflops / peak);
+        "{{\"impl\": \"longtune\", \"device\": \"{}\", \"settings\": \"{}\", \"seq\": {}, "
+        "\"threads\": {}, \"loss\": {:.6f}, \"step_s\": {:.4f}, \"tokens_per_s\": {:.1f}, "
+        "\"peak_bytes\": {}, \"predicted_bytes\": {}, \"gflops\": {:.1f}, "
+        "\"peak_gflops\": {:.1f}, \"mfu\": {:.3f}}}\n",
+        be->name(), label, T, threads, first_loss, secs, T / secs, measured, predicted, gflops,
+        peak_gflops, gflops / peak_gflops);
     std::fflush(stdout);
     if (!std::isfinite(first_loss)) fail("loss is not finite at seq {}", T);
   }

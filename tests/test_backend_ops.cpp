@@ -639,6 +639,22 @@ TEST_P(BackendOps, Bf16ToF32) {
   }
 }
 
+// The device-memory count the trainer reports: every alloc until its free, the peak kept.
+TEST_P(BackendOps, DeviceMemoryUseCountsAllocations) {
+  const DeviceMemoryUse before = be_->device_memory_use();
+  void* a = be_->alloc(1 << 20);
+  void* b = be_->alloc(3000);
+  const DeviceMemoryUse mid = be_->device_memory_use();
+  EXPECT_GE(mid.in_use - before.in_use, size_t(1 << 20) + 3000);
+  EXPECT_LE(mid.in_use - before.in_use, size_t(1 << 20) + 3000 + 2 * 65536) << "rounding only";
+  EXPECT_GE(mid.peak, mid.in_use);
+  be_->free(b);
+  be_->free(a);
+  const DeviceMemoryUse after = be_->device_memory_use();
+  EXPECT_EQ(after.in_use, before.in_use);
+  EXPECT_EQ(after.peak, mid.peak);
+}
+
 TEST_P(BackendOps, AsyncCopiesThroughPinnedMemory) {
   const int64_t n = 4099;
   const Vec x = random_vec(n, 60);

@@ -253,6 +253,22 @@ TEST(DeviceMemory, TrainerJobMatchesTheCpuBackend) {
       const auto r = testing::run_cli(args);
       ASSERT_EQ(r.rc, 0) << r.err;
       got[device] = steps(r.out);
+      if (device == "cpu-guarded") {  // every device allocation is a planned arena
+        std::smatch m;
+        const std::regex re(
+            R"(device memory on cpu-guarded: planned ([0-9.]+) (\w+), measured peak ([0-9.]+) (\w+))");
+        ASSERT_TRUE(std::regex_search(r.out, m, re)) << r.out;
+        auto bytes = [](const std::string& v, const std::string& unit) {
+          const double scale = unit == "GiB"   ? 1 << 30
+                               : unit == "MiB" ? 1 << 20
+                               : unit == "KiB" ? 1 << 10
+                                               : 1;
+          return std::stod(v) * scale;
+        };
+        const double planned = bytes(m[1], m[2]), measured = bytes(m[3], m[4]);
+        EXPECT_GE(measured, planned * 0.999) << m[0];
+        EXPECT_LE(measured, planned * 1.01 + 65536) << m[0] << " (page rounding only)";
+      }
       if (kind == kLoraBf16) {  // the plan holds the projections at 2 bytes each
         EXPECT_NE(r.out.find("base projections in bf16"), std::string::npos) << r.out;
         EXPECT_NE(r.out.find("weights_packed"), std::string::npos) << r.out;

@@ -36,6 +36,12 @@ enum class OpKind {
 // accumulates in f32 (tensor-core speed, about 3 significant digits per product).
 enum class GemmPrecision { kF32, kBf16 };
 
+// Bytes of device memory a backend has handed out (alloc and its own scratch): now and the most
+// at any time since it was created.
+struct DeviceMemoryUse {
+  size_t in_use = 0, peak = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -45,6 +51,7 @@ class Backend {
   // Device memory (arenas are built on these) and transfers.
   virtual void* alloc(size_t bytes) = 0;
   virtual void free(void* p) = 0;
+  virtual DeviceMemoryUse device_memory_use() const = 0;
   virtual void copy_to_device(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void memset_zero(void* p, size_t bytes) = 0;

@@ -9,6 +9,7 @@
 #include <ctime>
 #include <sstream>
 
+#include "backend/arena.h"
 #include "core/check.h"
 #include "core/error.h"
 #include "data/token_cache.h"
@@ -33,6 +34,20 @@ namespace lt {
 namespace fs = std::filesystem;
 
 namespace {
+
+// The peak to report: resident memory on a host-addressable backend (the whole process), else the
+// device memory the backend handed out.
+size_t measured_peak(const Backend& be) {
+  return be.host_addressable() ? measured_peak_rss() : be.device_memory_use().peak;
+}
+
+// The plan's bytes in the backend's device memory (host arenas excluded).
+size_t planned_device_bytes(const MemoryPlan& plan, const Backend& be) {
+  size_t bytes = 0;
+  for (const auto& a : plan.arena_names())
+    if (!host_arena(be, a)) bytes += plan.arena_bytes(a);
+  return bytes;
+}
 
 double unix_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -511,7 +526,7 @@ void Trainer::log_train_window(double wall_time) {
           {"grad_norm", last_.grad_norm},
           {"learning_rate", last_.learning_rate}};
   r.extra = {{"tokens_per_second", secs > 0 ? window_tokens_ / secs : 0.0},
-             {"memory_bytes", measured_peak_rss()}};
+             {"memory_bytes", measured_peak(*backend_)}};
   emit(r);
   window_loss_ = 0;
   window_steps_ = window_tokens_ = 0;
@@ -700,7 +715,7 @@ TrainOutcome Trainer::train() {
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_window_).count();
       progress_->update({step_, total_steps_, epoch_float(), last_.loss, last_.learning_rate,
                          last_.grad_norm, secs > 0 ? window_tokens_ / secs : 0.0,
-                         measured_peak_rss()});
+                         measured_peak(*backend_)});
       const bool last_step = step_ == total_steps_;
       if (step_ % o_.logging_steps == 0 || last_step) log_train_window(unix_now());
       if (has_eval_ && ((eval_strategy_ == Strategy::kSteps && step_ % o_.eval_steps == 0) ||
@@ -768,6 +783,10 @@ TrainOutcome Trainer::train() {
     fmt::print("saved {} ({}) in {:.1f} s; planned {}, measured peak RSS {}\n",
                o_.output_dir.string(), dtype_name(save_dtype_), secs,
                format_bytes(plan_.total_bytes()), format_bytes(measured_peak_rss()));
+    if (!backend_->host_addressable())
+      fmt::print("device memory on {}: planned {}, measured peak {} (every backend allocation)\n",
+                 backend_->name(), format_bytes(planned_device_bytes(plan_, *backend_)),
+                 format_bytes(backend_->device_memory_use().peak));
     if (engine_ && step_ > first_step_) {
       const double n = double(step_ - first_step_);
       fmt::print(

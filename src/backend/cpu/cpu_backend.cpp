@@ -37,6 +37,8 @@ class CpuBackend final : public Backend {
            format_bytes(bytes), bytes);
     std::lock_guard<std::mutex> lock(mu_);
     sizes_[p] = bytes;
+    use_.in_use += bytes;
+    use_.peak = std::max(use_.peak, use_.in_use);
     return p;
   }
   void free(void* p) override {
@@ -48,8 +50,13 @@ class CpuBackend final : public Backend {
       LT_CHECK(it != sizes_.end(), "free of memory this backend did not allocate");
       bytes = it->second;
       sizes_.erase(it);
+      use_.in_use -= bytes;
     }
     munmap(p, bytes);
+  }
+  DeviceMemoryUse device_memory_use() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return use_;
   }
   void copy_to_device(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
   void copy_to_host(void* d, const void* s, size_t n) override { std::memcpy(d, s, n); }
@@ -161,8 +168,9 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::map<void*, size_t> sizes_;
+  DeviceMemoryUse use_;
 };
 
 }  // namespace

@@ -33,6 +33,8 @@ class GuardedBackend final : public Backend {
     LT_CHECK(p != MAP_FAILED, "cpu-guarded: cannot map {} bytes", size);
     std::lock_guard<std::mutex> lock(mu_);
     regions_[p] = size;
+    use_.in_use += size;
+    use_.peak = std::max(use_.peak, use_.in_use);
     if (depth_ > 0) protect(p, size, PROT_READ | PROT_WRITE);
     return p;
   }
@@ -42,7 +44,13 @@ class GuardedBackend final : public Backend {
     auto it = regions_.find(p);
     LT_CHECK(it != regions_.end(), "cpu-guarded: free of memory it did not allocate");
     munmap(p, it->second);
+    use_.in_use -= it->second;
     regions_.erase(it);
+  }
+  // Page-rounded, as a GPU allocator rounds too.
+  DeviceMemoryUse device_memory_use() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return use_;
   }
   // Pinned host memory is host memory: readable everywhere (as on a GPU machine).
   void* alloc_pinned(size_t bytes) override { return inner_->alloc_pinned(bytes); }
@@ -182,8 +190,9 @@ class GuardedBackend final : public Backend {
   }
 
   std::unique_ptr<Backend> inner_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::map<void*, size_t> regions_;
+  DeviceMemoryUse use_;
   int depth_ = 0;
 };
 

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -104,10 +106,30 @@ class CudaBackend final : public Backend {
       fail("out of GPU memory allocating {} bytes on {} ({} bytes free of {}): {}", bytes,
            device_name_, free_b, total_b, cudaGetErrorString(err));
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    sizes_[p] = bytes;
+    allocated_ += bytes;
+    note_peak();
     return p;
   }
   void free(void* p) override {
-    if (p) LT_CUDA_CHECK(cudaFree(p));
+    if (!p) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = sizes_.find(p);
+      LT_CHECK(it != sizes_.end(), "cuda: free of memory this backend did not allocate");
+      note_peak();  // the scratch may have grown since the last allocation
+      allocated_ -= it->second;
+      sizes_.erase(it);
+    }
+    LT_CUDA_CHECK(cudaFree(p));
+  }
+  // alloc's bytes plus the backend's own scratch (which only grows), sampled at every
+  // allocation, free and query.
+  DeviceMemoryUse device_memory_use() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    note_peak();
+    return {allocated_ + scratch_.bytes() + gemm_scratch_.bytes(), peak_};
   }
   void copy_to_device(void* d, const void* s, size_t n) override {
     if (n == 0) return;
@@ -332,6 +354,13 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   cuda::Scratch scratch_, gemm_scratch_;
   cuda::Context ctx_;
+  void note_peak() const {
+    peak_ = std::max(peak_, allocated_ + scratch_.bytes() + gemm_scratch_.bytes());
+  }
+  mutable std::mutex mu_;
+  std::unordered_map<void*, size_t> sizes_;
+  size_t allocated_ = 0;
+  mutable size_t peak_ = 0;
   std::vector<int32_t> host_targets_;
 };
 

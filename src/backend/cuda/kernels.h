@@ -25,6 +25,7 @@ class Scratch {
   void* get(size_t bytes, cudaStream_t stream);
   // Frees the memory (stream-ordered); the owner calls it before destroying its stream.
   void release();
+  size_t bytes() const { return bytes_; }
 
  private:
   void* ptr_ = nullptr;
