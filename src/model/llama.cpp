@@ -623,6 +623,7 @@ void LlamaModel::pack_base_weight(size_t i, const float* w) {
   PackedWeight& q = packed_[i];
   if (q.format == PackedFormat::kBf16) {
     std::vector<uint16_t> host(q.numel);
+#pragma omp parallel for simd schedule(static) if (q.numel > (1 << 16))
     for (int64_t j = 0; j < q.numel; ++j) host[j] = f32_to_bf16(w[j]);
     be_.copy_to_device(q.packed, host.data(), host.size() * 2);
     return;
