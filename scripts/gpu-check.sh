@@ -142,8 +142,8 @@ else
     device=cuda lora=16 bf16 ckpt mini=auto peak_tflops="$PEAK" fit="$FIT"
   step bench-longtune-lora-offload 180 "$BUILD/bench_train" preset:llama3-8b 32768 1 \
     device=cuda lora=16 bf16 offload mini=auto peak_tflops="$PEAK" fit="$FIT"
-  step bench-hf-peft 240 python3 bench/hf_peft_bench.py --peak_tflops "$PEAK" \
-    --tokens 4096,16384,32768
+  step bench-hf-peft 300 python3 bench/hf_peft_bench.py --peak_tflops "$PEAK" \
+    --tokens 4096,16384,32768 --longest --granularity 8192
   cat "$OUT/bench-gpu-bf16.log" "$OUT/bench-longtune-lora.log" \
     "$OUT/bench-longtune-lora-offload.log" "$OUT/bench-hf-peft.log" >> "$OUT/benchmarks.txt" 2>/dev/null
 fi
