@@ -74,10 +74,11 @@ if [ "$(steps one.log | tail -n 2)" != "$(steps layout_resumed.log)" ]; then
   paste <(steps one.log | tail -n 2) <(steps layout_resumed.log); status=1
 fi
 grep -q "resumed from layout/checkpoint-2" layout_resumed.log || { echo "FAIL: did not resume"; status=1; }
-# LoRA and QLoRA: data parallel (ZeRO-2 config: the adapter stays replicated) and pipeline
-# stages give the one-process adapter training; the adapter folder is written once.
+# LoRA, QLoRA and LoRA over a bf16 base: data parallel (ZeRO-2 config: the adapter stays
+# replicated) and pipeline stages give the one-process adapter training; the adapter folder is
+# written once.
 lora=(--use_peft_lora True --lora_r 4 --lora_target_modules all-linear --lora_dropout 0)
-for q in "" "--load_in_4bit True"; do
+for q in "--bf16 True" "" "--load_in_4bit True"; do  # QLoRA last: resumed below
   # shellcheck disable=SC2086
   "$longtune" "${common[@]}" "${lora[@]}" $q --output_dir lora_one --per_device_train_batch_size 4 > lora_one.log
   for variant in "--per_device_train_batch_size 2 --fsdp shard_grad_op" \
