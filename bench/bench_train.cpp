@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstring>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 
 #include "backend/backend.h"
@@ -233,5 +234,9 @@ int main(int argc, char** argv) {
   } catch (const lt::UserError& e) {
     std::fprintf(stderr, "bench_train: %s\n", e.what());
     return 1;
+  } catch (const std::logic_error& e) {  // std::stoll / std::stod on a malformed number
+    std::fprintf(stderr, "bench_train: a setting is not a number (%s); see the usage line\n",
+                 e.what());
+    return 2;
   }
 }

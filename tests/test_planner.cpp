@@ -140,10 +140,9 @@ TEST(Planner, AutoPicksTheFastestSettingsThatFit) {
   EXPECT_NE(impossible.why.find("exceeds"), std::string::npos) << impossible.why;
 }
 
-// FPDT chunks whole layers: past the residual stream (kept, offloaded but two) and its
-// gradient, device memory no longer grows with the sequence; Ulysses keeps every layer's
-// per-token tensors for the whole sequence.
-TEST(Planner, FpdtDeviceMemoryGrowsOnlyWithTheResidualStream) {
+// Llama-3-8B on 4 GPUs in bf16: sequence parallel 4, ZeRO-3 with the optimizer offloaded,
+// checkpoints offloaded, mini-sequence 512 (FPDT's setting; the sequence and chunk per test).
+PlanRequest eight_billion_on_four() {
   PlanRequest r;
   r.config = parse_model_config(preset_config("llama3-8b"), "llama3-8b");
   r.device = PlanDevice::kCudaBf16;
@@ -153,6 +152,14 @@ TEST(Planner, FpdtDeviceMemoryGrowsOnlyWithTheResidualStream) {
   r.offload_optimizer = true;
   r.settings.checkpointing = r.settings.offload_checkpoints = true;
   r.settings.mlp_chunks = r.settings.lm_head_chunks = 512;
+  return r;
+}
+
+// FPDT chunks whole layers: past the residual stream (kept, offloaded but two) and its
+// gradient, device memory no longer grows with the sequence; Ulysses keeps every layer's
+// per-token tensors for the whole sequence.
+TEST(Planner, FpdtDeviceMemoryGrowsOnlyWithTheResidualStream) {
+  PlanRequest r = eight_billion_on_four();
   auto per_token = [&](int64_t chunk) {
     r.fpdt_chunk = chunk;
     r.seq_len = 1 << 20;
@@ -177,17 +184,9 @@ TEST(Planner, FpdtDeviceMemoryGrowsOnlyWithTheResidualStream) {
 // finds it fits with FPDT chunks (sequence parallel 4, ZeRO-3, offloaded optimizer and
 // checkpoints), and not with plain Ulysses.
 TEST(Planner, EightBillionAtTwoMillionTokensOnFourA100) {
-  PlanRequest r;
-  r.config = parse_model_config(preset_config("llama3-8b"), "llama3-8b");
+  PlanRequest r = eight_billion_on_four();
   apply_position_interpolation(&r.config, 2097152);
-  r.device = PlanDevice::kCudaBf16;
   r.seq_len = 2097152;
-  r.world_size = 4;
-  r.sequence_parallel = 4;
-  r.zero_stage = 3;
-  r.offload_optimizer = true;
-  r.settings.checkpointing = r.settings.offload_checkpoints = true;
-  r.settings.mlp_chunks = r.settings.lm_head_chunks = 512;
   const GpuSpec a100 = gpu_spec("a100-40gb");
   r.fpdt_chunk = 65536;
   const PlanResult fpdt = plan_memory(r);

@@ -49,6 +49,26 @@ size_t planned_device_bytes(const MemoryPlan& plan, const Backend& be) {
   return bytes;
 }
 
+// A checkpoint's tensors in the one-process layout, as host buffers a ParallelEngine gathers
+// into (save) or loads from (resume): the parameter block (full fine-tune) or the adapter (LoRA),
+// and the optimizer moments. `t` views the buffers.
+struct EngineCheckpoint {
+  EngineCheckpoint(const ModelConfig& c, const LoraSpec& lora, int64_t moments_size)
+      : whole(c), params(lora.enabled ? 0 : whole.total_numel()), moments(2 * moments_size) {
+    t.table = &whole;
+    t.params = params.data();
+    if (lora.enabled) t.lora = &lora, t.adapter = &adapter;
+    t.moments = moments.data();
+    t.moments_size = moments_size;
+  }
+  EngineCheckpoint(const EngineCheckpoint&) = delete;
+  EngineCheckpoint& operator=(const EngineCheckpoint&) = delete;
+  const ParamTable whole;
+  std::vector<float> params, moments;
+  NamedTensors adapter;
+  CheckpointTensors t;
+};
+
 double unix_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -376,22 +396,13 @@ void Trainer::resume() {
   const fs::path dir = resolve_checkpoint(o_.resume_from_checkpoint, o_.output_dir);
   CheckpointState st;
   if (engine_) {  // every rank reads the whole checkpoint and keeps its part
-    const ParamTable whole(config_);
-    std::vector<float> params(lora_.enabled ? 0 : whole.total_numel()),
-        moments(2 * engine_->moments_size());
-    NamedTensors adapter;
-    CheckpointTensors t;
-    t.table = &whole;
-    t.params = params.data();
-    if (lora_.enabled) t.lora = &lora_, t.adapter = &adapter;
-    t.moments = moments.data();
-    t.moments_size = engine_->moments_size();
-    st = load_checkpoint(dir, config_, &t);
+    EngineCheckpoint c(config_, lora_, engine_->moments_size());
+    st = load_checkpoint(dir, config_, &c.t);
     if (lora_.enabled)
-      engine_->load_trainable(adapter);
+      engine_->load_trainable(c.adapter);
     else
-      engine_->load_params(params.data());
-    engine_->load_moments(moments.data(), t.optimizer_step);
+      engine_->load_params(c.params.data());
+    engine_->load_moments(c.moments.data(), c.t.optimizer_step);
   } else {
     st = load_checkpoint(dir, config_, *model_, *optimizer_);
   }
@@ -594,25 +605,16 @@ void Trainer::save() {
   CheckpointState st{step_, state_, position_, schedule_};
   std::string msg;
   if (engine_) {  // gathered by collectives, written by rank 0
-    const ParamTable whole(config_);
-    std::vector<float> params(lora_.enabled ? 0 : whole.total_numel()),
-        moments(2 * engine_->moments_size());
-    NamedTensors adapter;
+    EngineCheckpoint c(config_, lora_, engine_->moments_size());
     if (lora_.enabled)
-      adapter = engine_->gather_trainable();
+      c.adapter = engine_->gather_trainable();
     else
-      engine_->gather_params(params.data());
-    CheckpointTensors t;
-    t.table = &whole;
-    t.params = params.data();
-    if (lora_.enabled) t.lora = &lora_, t.adapter = &adapter;
-    t.moments = moments.data();
-    t.moments_size = engine_->moments_size();
-    t.optimizer_step = engine_->gather_moments(moments.data());
+      engine_->gather_params(c.params.data());
+    c.t.optimizer_step = engine_->gather_moments(c.moments.data());
     last_checkpoint_ = o_.output_dir / fmt::format("checkpoint-{}", step_);
     on_main_rank(
         [&] {
-          save_checkpoint(o_.output_dir, st, config_, t, training_args(), model_dir_);
+          save_checkpoint(o_.output_dir, st, config_, c.t, training_args(), model_dir_);
           msg = fmt::format("saved {}", last_checkpoint_.string());
           for (const auto& p : rotate_checkpoints(o_.output_dir, o_.save_total_limit))
             msg += fmt::format(" (deleted {}: --save_total_limit {})", p.filename().string(),

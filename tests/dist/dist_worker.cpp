@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -674,6 +675,24 @@ TEST(Parallel, FourStagesLora) {
 // all-to-alls of q, k, v and the output, backward of dout, dq, dk, dv: 4 bytes x n x 2 (2 QD +
 // 2 KVD) on each rank (n its tokens). Pipeline: each stage sends one activation (or gradient)
 // of n x D floats per micro-batch.
+// The planner's step-estimate volume (bf16 bytes, doubled to the f32 that the CPU engine sends)
+// summed over micro-batches of seq_len(mb) tokens on a 2-rank layout.
+double planned_volume(const ModelConfig& c, const std::vector<MicroBatch>& micro, int sp, int pp,
+                      double StepEstimate::*field,
+                      const std::function<int64_t(const MicroBatch&)>& seq_len) {
+  double planned = 0;
+  for (const auto& mb : micro) {
+    PlanRequest q;
+    q.config = c;
+    q.seq_len = seq_len(mb);
+    q.world_size = 2;
+    q.sequence_parallel = sp;
+    q.pipeline_parallel = pp;
+    planned += 2 * (estimate_step(q, gpu_spec("h100-80gb"), 0.5).*field);
+  }
+  return planned;
+}
+
 TEST(Parallel, CommunicationBytes) {
   Communicator& world = *g_world;
   if (world.size() != 2) GTEST_SKIP() << "written for 2 ranks";
@@ -698,15 +717,10 @@ TEST(Parallel, CommunicationBytes) {
                     (unsigned long long)r.stats.alltoall_bytes, want);
       EXPECT_EQ(double(r.stats.alltoall_bytes), want);
       // The planner's step estimate counts the same volume (in bf16: half the f32 bytes).
-      double planned = 0;
-      for (const auto& mb : micro) {
-        PlanRequest q;
-        q.config = c;
-        q.seq_len = sequence_layout(mb.num_tokens(), 2, 0).padded_tokens();
-        q.world_size = 2;
-        q.sequence_parallel = 2;
-        planned += 2 * estimate_step(q, gpu_spec("h100-80gb"), 0.5).alltoall_bytes;
-      }
+      const double planned =
+          planned_volume(c, micro, 2, 1, &StepEstimate::alltoall_bytes, [](const MicroBatch& mb) {
+            return sequence_layout(mb.num_tokens(), 2, 0).padded_tokens();
+          });
       EXPECT_EQ(planned, want) << "planner's all-to-all volume";
     } else {
       double want = 0;
@@ -716,15 +730,8 @@ TEST(Parallel, CommunicationBytes) {
         std::printf("pipeline PP2: point-to-point %llu bytes per rank per step, theory %.0f\n",
                     (unsigned long long)r.stats.p2p_bytes, want);
       EXPECT_EQ(double(r.stats.p2p_bytes), want);
-      double planned = 0;
-      for (const auto& mb : micro) {
-        PlanRequest q;
-        q.config = c;
-        q.seq_len = mb.num_tokens();
-        q.world_size = 2;
-        q.pipeline_parallel = 2;
-        planned += 2 * estimate_step(q, gpu_spec("h100-80gb"), 0.5).p2p_bytes;
-      }
+      const double planned = planned_volume(c, micro, 1, 2, &StepEstimate::p2p_bytes,
+                                            [](const MicroBatch& mb) { return mb.num_tokens(); });
       EXPECT_EQ(planned, want) << "planner's point-to-point volume";
     }
   }
