@@ -30,7 +30,7 @@ ModelConfig config() {
   nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}},
                       {"hidden_size", 32},
                       {"intermediate_size", 40},
-                      {"num_hidden_layers", 2},
+                      {"num_hidden_layers", 3},
                       {"num_attention_heads", 4},
                       {"num_key_value_heads", 2},
                       {"head_dim", 8},
@@ -149,12 +149,18 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     s.lora = resolve_lora(o, 5);
     s.checkpointing = true;
     cases.push_back({"QLoRA + checkpointing", s, false});
+    s.offload_checkpoints = true;
+    s.offload_dir = "/tmp";
+    cases.push_back({"QLoRA + checkpointing + offload", s, false});
   }
   {
     RunSettings s;
     s.seq_chunk = 8;
     s.checkpointing = true;
     cases.push_back({"FPDT chunks on one rank", s, true});
+    s.offload_checkpoints = true;
+    s.offload_dir = "/tmp";
+    cases.push_back({"FPDT chunks + offload", s, true});
   }
   for (const Case& k : cases) {
     SCOPED_TRACE(k.name);
@@ -167,6 +173,16 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
       ASSERT_EQ(guarded.trainable[i], cpu.trainable[i]) << "trainable tensor " << i;
     EXPECT_EQ(guarded.logits, cpu.logits);
     EXPECT_GT(std::abs(cpu.loss[1] - cpu.loss[0]), 1e-5) << "training moved";
+    if (!k.rs.offload_checkpoints) continue;
+    // Offload only moves the checkpoints: the same numbers as keeping them, on the device
+    // backend too (where the copies are asynchronous and deferred to the last moment).
+    RunSettings kept = k.rs;
+    kept.offload_checkpoints = false;
+    const Outcome resident = train("cpu-guarded", kept, k.fpdt);
+    EXPECT_EQ(guarded.loss, resident.loss);
+    EXPECT_EQ(guarded.grad_norm, resident.grad_norm);
+    for (size_t i = 0; i < cpu.trainable.size(); ++i)
+      ASSERT_EQ(guarded.trainable[i], resident.trainable[i]) << "trainable tensor " << i;
   }
 }
 

@@ -75,20 +75,21 @@ struct Result {
 
 // Base weights by Hugging Face name, LoRA adapters (when the model has them) by PEFT name.
 void load(LlamaModel& m, const Named& weights) {
+  Backend& be = m.backend();
   for (const auto& p : m.table().params())
-    std::memcpy(m.params() + p.offset, weights.at(p.name).data(), p.numel * 4);
+    be.copy_to_device(m.params() + p.offset, weights.at(p.name).data(), p.numel * 4);
   for (const auto& t : m.lora_table().tensors())
-    std::memcpy(m.lora_params() + t.offset, weights.at(t.name).data(), t.numel * 4);
+    be.copy_to_device(m.lora_params() + t.offset, weights.at(t.name).data(), t.numel * 4);
 }
 
 // The trainable tensors' gradients: the base's (full fine-tuning) or the adapters' (LoRA).
 Named grads_of(LlamaModel& m) {
   Named g;
+  Backend& be = m.backend();
   if (m.grads())
-    for (const auto& p : m.table().params())
-      g[p.name].assign(m.grads() + p.offset, m.grads() + p.offset + p.numel);
+    for (const auto& p : m.table().params()) g[p.name] = be.download(m.grads() + p.offset, p.numel);
   for (const auto& t : m.lora_table().tensors())
-    g[t.name].assign(m.lora_grads() + t.offset, m.lora_grads() + t.offset + t.numel);
+    g[t.name] = be.download(m.lora_grads() + t.offset, t.numel);
   return g;
 }
 
@@ -345,7 +346,9 @@ INSTANTIATE_TEST_SUITE_P(
 // Stages [0, 1) and [1, 3) with micro-batches in flight in 1F1B order (forward 0, forward 1,
 // then backward 0, forward 2, backward 1, ...): the union of the stages' gradients equals the
 // whole model's (tied embeddings: the two copies' gradients add up to the one tensor's).
-void expect_pipeline_matches(bool tied, bool checkpointing) {
+// With `offload` on the guarded device backend: checkpoints staged out and back in per slot,
+// the copies deferred to the last moment the Backend contract allows.
+void expect_pipeline_matches(bool tied, bool checkpointing, bool offload = false) {
   const ModelConfig c = config(4, 2, 0, tied);
   const Named w = random_weights(c);
   const auto r = rows(8, c.vocab_size, 9);
@@ -353,10 +356,12 @@ void expect_pipeline_matches(bool tied, bool checkpointing) {
   const Result want = reference(c, w, mbs);
   int64_t max_tokens = 0;
   for (const auto& mb : mbs) max_tokens = std::max(max_tokens, mb.num_tokens());
-  auto be = make_cpu_backend();
+  auto be = make_backend(offload ? "cpu-guarded" : "cpu");
   RunSettings s0, s1;
   s0.max_tokens = s1.max_tokens = max_tokens;
   s0.checkpointing = s1.checkpointing = checkpointing;
+  s0.offload_checkpoints = s1.offload_checkpoints = offload;
+  s0.offload_dir = s1.offload_dir = "/tmp";
   s0.layer_end = 1, s0.micro_slots = 2;
   s1.layer_begin = 1;
   LlamaModel a(c, *be, s0), b(c, *be, s1);
@@ -386,11 +391,16 @@ void expect_pipeline_matches(bool tied, bool checkpointing) {
       if (dst.empty()) dst.assign(g.size(), 0.0f);
       for (size_t i = 0; i < g.size(); ++i) dst[i] += g[i];
     }
-  expect_same(want, got, 2e-6, tied ? "pipeline, tied embeddings" : "pipeline");
+  expect_same(want, got, 2e-6,
+              fmt::format("pipeline{}{}", tied ? ", tied embeddings" : "",
+                          offload ? ", offload on the guarded backend" : ""));
 }
 
 TEST(PipelineStages, TwoStagesTwoSlotsMatchOneModel) { expect_pipeline_matches(false, false); }
 TEST(PipelineStages, TiedEmbeddingsAndCheckpointing) { expect_pipeline_matches(true, true); }
+TEST(PipelineStages, CheckpointOffloadOnTheDeviceBackend) {
+  expect_pipeline_matches(false, true, true);
+}
 
 }  // namespace
 }  // namespace lt

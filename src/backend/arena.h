@@ -1,9 +1,10 @@
 // Arenas of a backend's memory (core/memory.h's Arena over Backend::alloc): one allocation per
 // arena, buffers bound by offset. Which memory an arena gets follows its name:
 //  - "*_host" (ZeRO-Offload's optimizer, FPDT's store, pipeline staging): pinned host memory;
-//  - "offload" (activation checkpoints): on a host-addressable backend an unlinked memory-mapped
-//    file in `offload_dir` (pages leave resident memory between uses), else pinned host memory
-//    (device kernels read it through unified addressing);
+//  - "offload" (the host store of activation checkpoints): on a host-addressable backend an
+//    unlinked memory-mapped file in `offload_dir` (pages leave resident memory between uses),
+//    else pinned host memory; the model copies checkpoints in and out asynchronously, no kernel
+//    reads it;
 //  - everything else: device memory.
 #pragma once
 #include <string>

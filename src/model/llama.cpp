@@ -47,7 +47,12 @@ struct LlamaModel::Slot {
   int32_t *ids, *pos, *docs, *targets;  // (N)
   int32_t* seq_docs;                    // (N*P) sequence path: doc ids of the whole sequence
   float *rope_cos, *rope_sin;           // (N, HD/2)
-  std::vector<float*> res;              // (stage layers + 1) residual stream at layer inputs
+  // The residual stream at the layer inputs: (stage layers + 1) buffers; with checkpoint
+  // offload the stage's layer inputs in host memory ("offload", stage layers of them) and two
+  // device staging buffers that the layers run on, one being computed while the other is
+  // copied out (forward) or in (backward).
+  std::vector<float*> res;
+  float* stage[2] = {nullptr, nullptr};
   std::vector<std::unique_ptr<LayerActs>> acts;  // (stage layers) when nothing is recomputed
   int64_t n = 0;                                 // tokens here
   int64_t chunks = 1;     // sequence path: attention chunks of the whole sequence
@@ -322,10 +327,10 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   // buffers alternate.
   const size_t slots = s.train ? size_t(s.micro_slots) : 1;
   LT_CHECK(slots >= 1, "micro_slots {}", s.micro_slots);
-  const size_t num_res = s.train ? NL + 1 : 2;
+  const bool offload = s.train && s.offload_checkpoints;
+  const size_t num_res = s.train ? (offload ? NL : NL + 1) : 2;
   const MemCategory res_cat =
       s.checkpointing ? MemCategory::kCheckpoints : MemCategory::kActivations;
-  const bool offload = s.train && s.offload_checkpoints;
   // Offloaded checkpoints are whole pages so that releasing one never touches its neighbour.
   const size_t res_count =
       offload ? (N * D * 4 + kPageSize - 1) / kPageSize * kPageSize / 4 : N * D;
@@ -347,6 +352,8 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     for (size_t j = 0; j < num_res; ++j)
       sl->res.push_back(b.take(fmt::format("{}res.{}", p, size_t(l0) + j), res_count, res_cat,
                                offload ? "offload" : "activations"));
+    for (size_t j = 0; offload && j < 2; ++j)
+      sl->stage[j] = b.take(fmt::format("{}res_stage.{}", p, j), N * D, res_cat, "activations");
     if (per_layer_acts)
       for (size_t j = 0; j < NL; ++j)
         sl->acts.push_back(declare_acts(fmt::format("{}layer{}.", p, size_t(l0) + j)));
@@ -687,10 +694,13 @@ void LlamaModel::plan(const ModelConfig& config, const RunSettings& settings, Me
   declare_buffers(config, settings, planner, &sizes);
 }
 
-float* LlamaModel::res(int64_t l) {
+float* LlamaModel::res_of(const Slot& sl, int64_t l) const {
   const int64_t i = l - layer_begin_;
-  return slot().res[settings_.train ? i : i % 2];
+  if (sl.stage[0]) return sl.stage[i % 2];
+  return sl.res[settings_.train ? i : i % 2];
 }
+
+float* LlamaModel::res(int64_t l) { return res_of(slot(), l); }
 
 LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
   return shared_acts_ ? *shared_acts_ : *slot().acts[l - layer_begin_];
@@ -715,16 +725,32 @@ void LlamaModel::release(int64_t unit, LayerWeightsProvider::Pass pass) {
   if (provider_) provider_->release(unit, pass);
 }
 
-void LlamaModel::offload_release(int64_t l) {
-  auto it = arenas_.find("offload");
-  if (it == arenas_.end() || !settings_.train) return;
-  it->second.release(res(l), size_t(n_) * config_.hidden_size * 4);
+// Checkpoint offload: layer l's input goes out to host memory while layer l runs (forward),
+// comes back while layer l + 1 runs its backward. On a file-backed arena (CPU) the copies are
+// done at once and the store's pages then leave resident memory; the next one is read ahead.
+void LlamaModel::offload_out(int64_t l) {
+  Slot& sl = slot();
+  if (!sl.stage[0] || !sl.training) return;  // forward-only passes keep nothing
+  const size_t bytes = size_t(n_) * config_.hidden_size * 4;
+  float* store = sl.res[l - layer_begin_];
+  be_.copy_to_host_async(store, res(l), bytes);
+  Arena& arena = arenas_.at("offload");
+  if (!arena.is_file_backed()) return;
+  be_.synchronize_copies();
+  arena.release(store, bytes);
 }
 
-void LlamaModel::offload_prefetch(int64_t l) {
-  auto it = arenas_.find("offload");
-  if (it == arenas_.end() || !settings_.train) return;
-  it->second.prefetch(res(l), size_t(n_) * config_.hidden_size * 4);
+void LlamaModel::offload_in(int64_t l) {
+  Slot& sl = slot();
+  if (!sl.stage[0]) return;
+  const size_t bytes = size_t(n_) * config_.hidden_size * 4;
+  float* store = sl.res[l - layer_begin_];
+  be_.copy_to_device_async(res(l), store, bytes);
+  Arena& arena = arenas_.at("offload");
+  if (!arena.is_file_backed()) return;
+  be_.synchronize_copies();
+  arena.release(store, bytes);
+  if (l > layer_begin_) arena.prefetch(sl.res[l - 1 - layer_begin_], bytes);
 }
 
 void LlamaModel::prepare(const MicroBatch& mb, int64_t slot_index, bool training) {
@@ -1171,6 +1197,7 @@ void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
 void LlamaModel::forward_layers(const float* input) {
   const int64_t N = n_, D = config_.hidden_size;
   const Slot& sl = slot();
+  be_.wait_copies();  // an earlier pass's copies have left the staging buffers
   if (first_stage()) {
     be_.embedding_forward(res(layer_begin_), sl.ids, w_.embed, N, D);
     dump("embed", res(layer_begin_), N * D);
@@ -1179,10 +1206,12 @@ void LlamaModel::forward_layers(const float* input) {
     be_.copy_device(res(layer_begin_), input, size_t(N * D) * 4);
   }
   for (int64_t l = layer_begin_; l < layer_end_; ++l) {
+    // With offload: res(l - 1) has left the buffer that layer l writes, res(l) leaves as it runs.
+    be_.wait_copies();
+    offload_out(l);
     acquire(l, LayerWeightsProvider::Pass::kForward);
     layer_forward(l, acts_for(l), Pass::kForward);
     release(l, LayerWeightsProvider::Pass::kForward);
-    offload_release(l);  // res(l) is not needed again until layer l's backward
   }
   if (last_stage()) {
     Work& k = *work_;
@@ -1197,12 +1226,14 @@ void LlamaModel::backward_layers() {
   using PP = LayerWeightsProvider::Pass;
   for (int64_t l = layer_end_ - 1; l >= layer_begin_; --l) {
     LayerActs& a = acts_for(l);
-    if (l > layer_begin_) offload_prefetch(l - 1);  // the next layer's checkpoint, read ahead
+    // With offload: res(l) has arrived; res(l - 1) comes in, over res(l + 1), as layer l runs
+    // (the stage's last layer finds its input still in the staging buffer).
+    be_.wait_copies();
+    if (l > layer_begin_) offload_in(l - 1);
     acquire(l, PP::kBackward);
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
     layer_backward(l, a, k.dres);
     release(l, PP::kBackward);
-    offload_release(l + 1);
   }
   if (first_stage() && g_.embed)
     be_.embedding_backward(g_.embed, k.dres, slot().ids, n_, config_.hidden_size);
@@ -1221,8 +1252,7 @@ void LlamaModel::stage_forward(const MicroBatch& mb, int64_t slot_index, const f
 
 const float* LlamaModel::stage_output(int64_t slot_index) {
   LT_CHECK(!last_stage() && slot_index >= 0 && slot_index < int64_t(slots_.size()));
-  const Slot& sl = *slots_[slot_index];
-  return sl.res[settings_.train ? sl.res.size() - 1 : (layer_end_ - layer_begin_) % 2];
+  return res_of(*slots_[slot_index], layer_end_);
 }
 
 double LlamaModel::stage_loss_backward(int64_t slot_index, float grad_scale) {

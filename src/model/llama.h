@@ -195,7 +195,7 @@ class LlamaModel {
   // else from `input` (the previous stage's output).
   // `training`: a pass whose backward follows (LoRA dropout on); else forward only.
   void stage_forward(const MicroBatch& mb, int64_t slot, const float* input, bool training);
-  // The slot's output (not on the last stage), valid until the slot is reused.
+  // The slot's output (not on the last stage), valid until the slot's backward starts.
   const float* stage_output(int64_t slot);
   // Last stage: final norm, LM head and loss, then the backward of its layers (and of the
   // embedding on a single stage). Returns the loss sum of the slot's micro-batch.
@@ -245,8 +245,10 @@ class LlamaModel {
   // The one list of buffers: a sizing binder turns it into the plan, an arena binder binds it.
   static void declare_buffers(const ModelConfig& c, const RunSettings& s, BufferBinder& b,
                               Bound* out);
-  // The residual stream at the input of layer l (l_end: the stage's output) of the slot.
+  // The residual stream at the input of layer l (l_end: the stage's output) of the current
+  // slot, or of slot sl.
   float* res(int64_t l);
+  float* res_of(const Slot& sl, int64_t l) const;
   void prepare(const MicroBatch& mb, int64_t slot, bool training);
   void forward_layers(const float* input);
   void backward_layers();
@@ -283,9 +285,10 @@ class LlamaModel {
   LayerActs& acts_for(int64_t l);
   Slot& slot() { return *slots_[cur_]; }
   const Slot& slot() const { return *slots_[cur_]; }
-  // Activation offload hooks (no-ops unless settings.offload_checkpoints).
-  void offload_release(int64_t l);
-  void offload_prefetch(int64_t l);
+  // Checkpoint offload (no-ops unless training with settings.offload_checkpoints): res(l) out
+  // to its host store, and back in.
+  void offload_out(int64_t l);
+  void offload_in(int64_t l);
   void dump(const std::string& name, const float* data, size_t n) const;
   // LayerWeightsProvider calls (no-ops without a provider).
   void acquire(int64_t unit, LayerWeightsProvider::Pass pass);

@@ -41,17 +41,19 @@ constexpr MemCategory kAllCategories[] = {
 
 namespace {
 
-// Device bytes of a plan: host arenas ("*_host") are off the device, checkpoints offloaded but
-// two (the one in use and the one being prefetched).
-void account(PlanResult* out, const PlanRequest& r, bool offload_checkpoints) {
+// Device bytes of a plan: host arenas ("*_host") and offloaded checkpoints ("offload": host
+// memory or a file; the layers run on two staging buffers planned with the activations) are off
+// the device.
+void account(PlanResult* out, const PlanRequest& r) {
   const bool frozen_base = r.settings.lora.enabled;
   out->device_bytes = out->offloaded_bytes = 0;
   out->by_category.clear();
   for (MemCategory c : kAllCategories) {
-    size_t bytes = 0, largest = 0;  // device bytes of this category, before checkpoint offload
+    size_t bytes = 0;  // device bytes of this category
     for (const auto& b : out->plan.buffers()) {
       if (b.category != c) continue;
-      if (b.arena.ends_with("_host")) {  // ZeRO-Offload, FPDT's store, pipeline staging
+      // ZeRO-Offload, FPDT's store, pipeline staging, checkpoint offload
+      if (b.arena.ends_with("_host") || b.arena == "offload") {
         out->offloaded_bytes += b.bytes;
         continue;
       }
@@ -66,14 +68,7 @@ void account(PlanResult* out, const PlanRequest& r, bool offload_checkpoints) {
         else if (b.name == "zero.param_shard" && r.offload_optimizer)
           f = 0.5;  // master: host
       }
-      const size_t dev = static_cast<size_t>(static_cast<double>(b.bytes) * f);
-      bytes += dev;
-      largest = std::max(largest, dev);
-    }
-    if (c == MemCategory::kCheckpoints && offload_checkpoints) {
-      const size_t resident = std::min(bytes, 2 * largest);
-      out->offloaded_bytes += bytes - resident;
-      bytes = resident;
+      bytes += static_cast<size_t>(static_cast<double>(b.bytes) * f);
     }
     out->by_category.emplace_back(std::string(mem_category_name(c)), bytes);
     out->device_bytes += bytes;
@@ -110,7 +105,7 @@ PlanResult plan_memory(const PlanRequest& r) {
     if (!s.flash_attention)  // plain attention materialises one (T,T) score matrix at a time
       out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2,
                    MemCategory::kAttention, "transient");
-    account(&out, r, r.settings.offload_checkpoints);
+    account(&out, r);
     return out;
   }
   // Every pipeline stage (replica 0, sequence rank 0: all ranks of a stage plan alike, rank 0
@@ -134,7 +129,7 @@ PlanResult plan_memory(const PlanRequest& r) {
     if (!st.flash_attention)
       p.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
                  "transient");
-    account(&p, r, st.offload_checkpoints);
+    account(&p, r);
     if (best.plan.buffers().empty() || p.device_bytes > best.device_bytes) best = std::move(p);
   }
   return best;

@@ -45,7 +45,7 @@ struct PlanResult {
   MemoryPlan plan;             // buffers as the engine allocates them (f32 element counts)
   int stage = 0;               // pipeline: the stage planned (the one with the largest peak)
   size_t device_bytes = 0;     // predicted peak on the compute device
-  size_t offloaded_bytes = 0;  // checkpoints kept off the device (host RAM or a file)
+  size_t offloaded_bytes = 0;  // off the device: host arenas, checkpoints (host RAM or a file)
   size_t runtime_bytes = 0;    // fixed per-process overhead (libraries, thread pools, context)
   std::vector<std::pair<std::string, size_t>> by_category;  // device bytes per category
   std::string describe() const;

@@ -5,10 +5,18 @@
 // copies, host collectives staged, no CPU op on device pointers); any host code that touches
 // device memory directly dies with SIGSEGV at the faulting line. A test backend for the
 // device-memory discipline of the CUDA path, run on machines without a GPU.
+//
+// Asynchronous copies are deferred: they happen at the next wait_copies, synchronize_copies or
+// synchronize (or before memory is freed), the latest moment the contract allows, whereas the
+// CPU backend copies at once, the earliest. A caller that reads a copy's destination before
+// waiting, or writes its source while it may still be in flight, gets different numbers on the
+// two backends, and the tests that compare them exactly fail.
 #include <sys/mman.h>
 
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <vector>
 
 #include "backend/backend.h"
 #include "core/check.h"
@@ -40,6 +48,7 @@ class GuardedBackend final : public Backend {
   }
   void free(void* p) override {
     if (!p) return;
+    flush_copies();  // as cudaFree waits for the work in flight
     std::lock_guard<std::mutex> lock(mu_);
     auto it = regions_.find(p);
     LT_CHECK(it != regions_.end(), "cpu-guarded: free of memory it did not allocate");
@@ -54,7 +63,10 @@ class GuardedBackend final : public Backend {
   }
   // Pinned host memory is host memory: readable everywhere (as on a GPU machine).
   void* alloc_pinned(size_t bytes) override { return inner_->alloc_pinned(bytes); }
-  void free_pinned(void* p) override { inner_->free_pinned(p); }
+  void free_pinned(void* p) override {
+    flush_copies();
+    inner_->free_pinned(p);
+  }
 
 #define LT_GUARDED(call) \
   Open open(*this);      \
@@ -66,18 +78,23 @@ class GuardedBackend final : public Backend {
     LT_GUARDED(copy_to_host(d, s, n));
   }
   void memset_zero(void* p, size_t n) override { LT_GUARDED(memset_zero(p, n)); }
-  void synchronize() override { LT_GUARDED(synchronize()); }
+  void synchronize() override {
+    flush_copies();
+    LT_GUARDED(synchronize());
+  }
   void copy_2d(void* dst, size_t dp, const void* src, size_t sp, size_t w, size_t h) override {
     LT_GUARDED(copy_2d(dst, dp, src, sp, w, h));
   }
   void copy_to_host_async(void* d, const void* s, size_t n) override {
-    LT_GUARDED(copy_to_host_async(d, s, n));
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.push_back({d, s, n});
   }
   void copy_to_device_async(void* d, const void* s, size_t n) override {
-    LT_GUARDED(copy_to_device_async(d, s, n));
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.push_back({d, s, n});
   }
-  void wait_copies() override { LT_GUARDED(wait_copies()); }
-  void synchronize_copies() override { LT_GUARDED(synchronize_copies()); }
+  void wait_copies() override { flush_copies(); }
+  void synchronize_copies() override { flush_copies(); }
   void embedding_forward(float* out, const int32_t* ids, const float* w, int64_t N,
                          int64_t D) override {
     LT_GUARDED(embedding_forward(out, ids, w, N, D));
@@ -183,6 +200,17 @@ class GuardedBackend final : public Backend {
     if (depth_++ == 0)
       for (auto& [p, n] : regions_) protect(p, n, PROT_READ | PROT_WRITE);
   }
+  // Carries out the deferred copies, in the order they were issued.
+  void flush_copies() {
+    std::vector<PendingCopy> todo;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      todo.swap(pending_);
+    }
+    if (todo.empty()) return;
+    Open open(*this);
+    for (const PendingCopy& c : todo) std::memcpy(c.dst, c.src, c.bytes);
+  }
   void close() {
     std::lock_guard<std::mutex> lock(mu_);
     if (--depth_ == 0)
@@ -194,6 +222,12 @@ class GuardedBackend final : public Backend {
   std::map<void*, size_t> regions_;
   DeviceMemoryUse use_;
   int depth_ = 0;
+  struct PendingCopy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  std::vector<PendingCopy> pending_;
 };
 
 }  // namespace
