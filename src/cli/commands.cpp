@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "backend/cuda_module.h"
 #include "cli/cmd_tokenize.h"
 #include "cli/config_file.h"
 #include "core/error.h"
@@ -34,13 +35,7 @@ void print_usage() {
       stdout);
 }
 
-std::string backends_built() {
-#ifdef LONGTUNE_HAVE_CUDA
-  return "cpu, cuda";
-#else
-  return "cpu";
-#endif
-}
+std::string backends_built() { return cuda_module_built() ? "cpu, cuda" : "cpu"; }
 }  // namespace
 
 int cli_main(int argc, char** argv, const char* version) {

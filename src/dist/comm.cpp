@@ -14,6 +14,7 @@
 #include <numeric>
 #include <thread>
 
+#include "backend/cuda_module.h"
 #include "core/check.h"
 #include "core/error.h"
 
@@ -412,11 +413,14 @@ std::unique_ptr<Communicator> init_world(const WorldOptions&) {
 
 #endif
 
-#ifndef LONGTUNE_HAVE_NCCL
-std::unique_ptr<Communicator> make_nccl_communicator(Communicator&, double, std::string* reason) {
-  if (reason) *reason = "longtune was built without NCCL (it needs the CUDA backend and NCCL)";
-  return nullptr;
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator& group, double timeout_seconds,
+                                                     std::string* reason) {
+  const CudaModule* m = cuda_module(reason);
+  if (m && !m->make_nccl) {
+    if (reason) *reason = "the CUDA module was built without NCCL";
+    return nullptr;
+  }
+  return m ? m->make_nccl(group, timeout_seconds, reason) : nullptr;
 }
-#endif
 
 }  // namespace lt

@@ -1,6 +1,7 @@
 // The NCCL communicator (see comm.h): float collectives and point-to-point calls on device
 // buffers over NCCL, everything on host memory over the group it was bootstrapped on. Built only
-// with the CUDA backend and NCCL (CMakeLists.txt adds this file to the CUDA library).
+// with the CUDA backend and NCCL, into the CUDA module (backend/cuda_module.h), which exports
+// make_nccl_in_module; make_nccl_communicator (comm.cpp) reaches it through the module.
 //
 // Ordering: the CUDA backend runs its ops on its own non-blocking streams, which this file does
 // not see, so every call first waits for the whole device (cudaDeviceSynchronize), then enqueues
@@ -206,8 +207,8 @@ class NcclCommunicator final : public Communicator {
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_nccl_communicator(Communicator& group, double timeout_seconds,
-                                                     std::string* reason) {
+std::unique_ptr<Communicator> make_nccl_in_module(Communicator& group, double timeout_seconds,
+                                                  std::string* reason) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     (void)cudaGetLastError();

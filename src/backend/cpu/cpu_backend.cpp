@@ -177,13 +177,6 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
-#ifndef LONGTUNE_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision) {
-  if (reason) *reason = "this longtune was built without the CUDA backend";
-  return nullptr;
-}
-#endif
-
 std::unique_ptr<Backend> make_backend(std::string_view device, bool bf16) {
   const GemmPrecision gemm = bf16 ? GemmPrecision::kBf16 : GemmPrecision::kF32;
   if (device == "cpu") return make_cpu_backend();

@@ -1,6 +1,7 @@
 // The CUDA backend: owns the device, a compute stream and a copy stream, the cuBLAS handle and
 // the scratch buffers; validates each op's arguments (as the CPU ops do) and forwards it to the
-// launchers in kernels.h. make_cuda_backend is the one place the backend is created.
+// launchers in kernels.h. Built into the module liblongtune_cuda.so (backend/cuda_module.h),
+// whose entry point at the end of this file is the one place the backend is created.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda_module.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
 #include "core/check.h"
@@ -366,7 +368,14 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision gemm) {
+#ifdef LONGTUNE_HAVE_NCCL
+std::unique_ptr<Communicator> make_nccl_in_module(Communicator& group, double timeout_seconds,
+                                                  std::string* reason);  // dist/nccl_comm.cpp
+#endif
+
+namespace {
+
+std::unique_ptr<Backend> make_backend_in_module(std::string* reason, GemmPrecision gemm) {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
@@ -392,4 +401,18 @@ std::unique_ptr<Backend> make_cuda_backend(std::string* reason, GemmPrecision ge
   return std::make_unique<CudaBackend>(device, gemm);
 }
 
+}  // namespace
+
 }  // namespace lt
+
+// The module's one export (backend/cuda_module.h).
+extern "C" __attribute__((visibility("default"))) const lt::CudaModule* longtune_cuda_module() {
+  static const lt::CudaModule module{lt::kCudaModuleAbi, &lt::make_backend_in_module,
+#ifdef LONGTUNE_HAVE_NCCL
+                                     &lt::make_nccl_in_module
+#else
+                                     nullptr
+#endif
+  };
+  return &module;
+}
