@@ -65,7 +65,7 @@ step ctest-all 240 ctest --test-dir "$BUILD" -j8 --output-on-failure --timeout 2
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SAN" ]; then
   step sanitizer-memcheck 150 "$SAN" --tool memcheck --error-exitcode 9 \
-    "$BUILD/test_backend_ops" --gtest_filter='*SwiGlu/cuda:*Linear/cuda:*LmHeadCrossEntropy/cuda:*Attention/cuda:*RmsNorm/cuda:*Nf4*/cuda:*Lora/cuda:*Bf16ToF32/cuda'
+    "$BUILD/test_backend_ops" --gtest_filter='*SwiGlu/cuda:*Linear/cuda:*LmHeadCrossEntropy/cuda:*Attention/cuda:*RmsNorm/cuda:*Nf4*/cuda:*Lora/cuda:*Bf16ToF32/cuda:*LinearBf16Weight/cuda:CudaBackend.Bf16GemmMode'
   step sanitizer-racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 \
     "$BUILD/test_backend_ops" --gtest_filter='*Attention/cuda'
 else

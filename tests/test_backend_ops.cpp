@@ -242,6 +242,41 @@ TEST_P(BackendOps, Linear) {
   }
 }
 
+// A frozen bf16 weight (LoRA's base with --bf16 True): the f32 linear on the widened weight.
+TEST_P(BackendOps, LinearBf16Weight) {
+  const int64_t N = 21, IN = 45, OUT = 31;
+  const Vec x = random_vec(N * IN, 90), dy = random_vec(N * OUT, 91), bias = random_vec(OUT, 92);
+  std::vector<uint16_t> w16(OUT * IN);
+  const Vec wf = random_vec(OUT * IN, 93);
+  for (int64_t i = 0; i < OUT * IN; ++i) w16[i] = f32_to_bf16(wf[i]);
+  w16[4 * IN + 6] = 0x7fc0;  // NaN: row 4 of out and column 6 of dinp become NaN
+  Vec w(OUT * IN);
+  for (int64_t i = 0; i < OUT * IN; ++i) w[i] = bf16_to_f32(w16[i]);
+  Vec y(N * OUT);
+  linear_forward(y.data(), x.data(), w.data(), bias.data(), N, IN, OUT);
+  auto d_x = buf("inp", x);
+  auto d_w = buf("weight", w16);
+  auto d_b = buf("bias", bias);
+  auto d_y = out("out", N * OUT);
+  auto d_e = out("expand", OUT * IN);
+  be_->linear_forward_bf16w(d_y->get(), d_x->get(), d_w->get(), d_b->get(), N, IN, OUT,
+                            d_e->get());
+  EXPECT_CLOSE(d_y->read(), y, gemm(), "linear_forward_bf16w +bias");
+  for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
+    const Vec dx0 = random_vec(N * IN, 94), db0 = random_vec(OUT, 95);
+    Vec dx = dx0, db = db0;
+    linear_backward(dx.data(), nullptr, db.data(), dy.data(), x.data(), w.data(), N, IN, OUT,
+                    acc);
+    auto d_dy = buf("dout", dy);
+    auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * IN);
+    auto d_db = buf("dbias", db0);
+    be_->linear_backward_bf16w(d_dx->get(), d_db->get(), d_dy->get(), d_w->get(), N, IN, OUT,
+                               acc, d_e->get());
+    EXPECT_CLOSE(d_dx->read(), dx, gemm(), "linear_backward_bf16w dinp");
+    EXPECT_CLOSE(d_db->read(), db, gemm(), "linear_backward_bf16w dbias (+=)");
+  }
+}
+
 TEST_P(BackendOps, Rope) {
   const int64_t N = 23, H = 3, HD = 18, half = HD / 2;
   Ids pos(N);
@@ -697,6 +732,27 @@ TEST(CudaBackend, Bf16GemmMode) {
   be->linear_forward(d_y.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
   EXPECT_TRUE(all_close(d_y.read().data(), y.data(), N * OUT, 8e-3 * std::sqrt(double(IN)), 1e-2,
                         "bf16 linear_forward"));
+  // A bf16 weight is multiplied as it is: the same products as the f32 weight it widens to,
+  // and the expansion buffer is never written.
+  std::vector<uint16_t> w16(OUT * IN);
+  Vec wide(OUT * IN);
+  for (int64_t i = 0; i < OUT * IN; ++i) wide[i] = bf16_to_f32(w16[i] = f32_to_bf16(w[i]));
+  const Vec dy = random_vec(N * OUT, 72), sentinel(OUT * IN, 7.0f);
+  DeviceBuffer<uint16_t> d_w16(*be, "weight16", w16);
+  DeviceBuffer<float> d_wide(*be, "wide", wide), d_e(*be, "expand", sentinel),
+      d_y16(*be, "out16", N * OUT), d_dy(*be, "dout", dy), d_dx(*be, "dinp", N * IN),
+      d_dx16(*be, "dinp16", N * IN);
+  be->linear_forward(d_y.get(), d_x.get(), d_wide.get(), nullptr, N, IN, OUT);
+  be->linear_forward_bf16w(d_y16.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get());
+  EXPECT_TRUE(all_close(d_y16.read().data(), d_y.read().data(), N * OUT, 1e-5, 1e-5,
+                        "bf16-weight linear_forward vs the widened weight"));
+  be->linear_backward(d_dx.get(), nullptr, nullptr, d_dy.get(), nullptr, d_wide.get(), N, IN, OUT,
+                      Accumulate::kNo);
+  be->linear_backward_bf16w(d_dx16.get(), nullptr, d_dy.get(), d_w16.get(), N, IN, OUT,
+                            Accumulate::kNo, d_e.get());
+  EXPECT_TRUE(all_close(d_dx16.read().data(), d_dx.read().data(), N * IN, 1e-5, 1e-5,
+                        "bf16-weight linear_backward vs the widened weight"));
+  EXPECT_EQ(d_e.read(), sentinel) << "the bf16 path widened the weight";
 }
 
 // Which GPU a rank takes: its local rank from the launcher's environment, first variable set wins.

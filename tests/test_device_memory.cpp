@@ -152,6 +152,11 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     s.offload_checkpoints = true;
     s.offload_dir = "/tmp";
     cases.push_back({"QLoRA + checkpointing + offload", s, false});
+    o.load_in_4bit = false;
+    s.lora = resolve_lora(o, 5);
+    s.lora.base_bf16 = true;
+    s.offload_checkpoints = false;
+    cases.push_back({"LoRA on a bf16 base + checkpointing", s, false});
   }
   {
     RunSettings s;

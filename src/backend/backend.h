@@ -131,6 +131,17 @@ class Backend {
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;
   // out (n) f32 = in (n) bf16 (exact: bf16 is f32's upper half; NaN and Inf stay themselves).
   virtual void bf16_to_f32(float* out, const uint16_t* in, int64_t n) = 0;
+  // Linear layers on a frozen bf16 weight (LoRA's base with --bf16 True): the results of
+  // linear_forward / linear_backward (no weight gradient) on the weight widened to f32, which
+  // the defaults (backend.cpp) write into `expand` (OUT*IN floats). A backend whose GEMMs take
+  // bf16 inputs (CUDA with GemmPrecision::kBf16) multiplies the bf16 weight as it is and leaves
+  // `expand` alone.
+  virtual void linear_forward_bf16w(float* out, const float* inp, const uint16_t* weight,
+                                    const float* bias, int64_t N, int64_t IN, int64_t OUT,
+                                    float* expand);
+  virtual void linear_backward_bf16w(float* dinp, float* dbias, const float* dout,
+                                     const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
+                                     Accumulate acc, float* expand);
 
   // LoRA and QLoRA (ops/lora.h, ops/nf4.h). Not pure: a backend without them reports
   // supports(kLora / kNf4Dequantize) == false and the model refuses LoRA / 4-bit runs on it.

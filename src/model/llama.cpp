@@ -666,9 +666,17 @@ LoraCall LlamaModel::lora_call(int64_t l, Proj p, int64_t row0) const {
   return c;
 }
 
+const uint16_t* LlamaModel::bf16_weight(const LinearSlot& s) const {
+  if (s.weight || packed_[s.packed].format != PackedFormat::kBf16) return nullptr;
+  return reinterpret_cast<const uint16_t*>(packed_[s.packed].packed);
+}
+
 void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int64_t n, int64_t l,
                          int64_t row0) {
-  be_.linear_forward(out, inp, base_weight(s), s.bias, n, s.in, s.out);
+  if (const uint16_t* w16 = bf16_weight(s))
+    be_.linear_forward_bf16w(out, inp, w16, s.bias, n, s.in, s.out, work_->base_weight);
+  else
+    be_.linear_forward(out, inp, base_weight(s), s.bias, n, s.in, s.out);
   if (s.lora_a)
     be_.lora_forward(out, work_->lora_t, work_->lora_xd, inp, s.lora_a, s.lora_b, n, s.in, s.out,
                      lora_call(l, s.proj, row0));
@@ -677,8 +685,12 @@ void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int6
 void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float* dout,
                                   const float* inp, int64_t n, int64_t l, int64_t row0,
                                   Accumulate acc) {
-  be_.linear_backward(dinp, s.grad_weight, s.grad_bias, dout, inp, base_weight(s), n, s.in, s.out,
-                      acc);
+  if (const uint16_t* w16 = bf16_weight(s))  // frozen: no weight gradient
+    be_.linear_backward_bf16w(dinp, s.grad_bias, dout, w16, n, s.in, s.out, acc,
+                              work_->base_weight);
+  else
+    be_.linear_backward(dinp, s.grad_weight, s.grad_bias, dout, inp, base_weight(s), n, s.in,
+                        s.out, acc);
   if (s.lora_a) {
     Work& k = *work_;
     be_.lora_backward(dinp, s.grad_a, s.grad_b, k.lora_t, k.lora_u, k.lora_xd, k.lora_dxd, dout,

@@ -279,6 +279,8 @@ class LlamaModel {
   void project_backward(float* dinp, const LinearSlot& s, const float* dout, const float* inp,
                         int64_t n, int64_t l, int64_t row0, Accumulate acc);
   const float* base_weight(const LinearSlot& s);
+  // The projection's frozen bf16 weight (LoRA with --bf16 True), else null.
+  const uint16_t* bf16_weight(const LinearSlot& s) const;
   LoraCall lora_call(int64_t l, Proj p, int64_t row0) const;
   void build_slots();
   void build_layer_slots(int64_t l);  // lin_[l] from w_.layers[l] and g_.layers[l]

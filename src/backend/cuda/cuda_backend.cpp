@@ -222,6 +222,21 @@ class CudaBackend final : public Backend {
     check_gemm_dims("linear_backward", N, IN, OUT);
     cuda::linear_backward(ctx_, dinp, dw, db, dout, inp, w, N, IN, OUT, acc);
   }
+  void linear_forward_bf16w(float* out, const float* inp, const uint16_t* w, const float* b,
+                            int64_t N, int64_t IN, int64_t OUT, float* expand) override {
+    if (ctx_.precision != GemmPrecision::kBf16)  // f32 GEMMs: on the widened weight
+      return Backend::linear_forward_bf16w(out, inp, w, b, N, IN, OUT, expand);
+    check_gemm_dims("linear_forward_bf16w", N, IN, OUT);
+    cuda::linear_forward_bf16w(ctx_, out, inp, w, b, N, IN, OUT);
+  }
+  void linear_backward_bf16w(float* dinp, float* db, const float* dout, const uint16_t* w,
+                             int64_t N, int64_t IN, int64_t OUT, Accumulate acc,
+                             float* expand) override {
+    if (ctx_.precision != GemmPrecision::kBf16)
+      return Backend::linear_backward_bf16w(dinp, db, dout, w, N, IN, OUT, acc, expand);
+    check_gemm_dims("linear_backward_bf16w", N, IN, OUT);
+    cuda::linear_backward_bf16w(ctx_, dinp, db, dout, w, N, IN, OUT, acc);
+  }
   void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq, float sc,
                    int64_t N, int64_t HD) override {
     LT_CHECK(N >= 0 && HD >= 2 && HD % 2 == 0, "rope_tables: N={} HD={}", N, HD);

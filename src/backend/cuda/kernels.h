@@ -53,6 +53,13 @@ void linear_forward(const Context& ctx, float* out, const float* inp, const floa
 void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbias,
                      const float* dout, const float* inp, const float* weight, int64_t N,
                      int64_t IN, int64_t OUT, Accumulate acc);
+// The same on a bf16 weight, multiplied as it is (GemmPrecision::kBf16 only).
+void linear_forward_bf16w(const Context& ctx, float* out, const float* inp,
+                          const uint16_t* weight, const float* bias, int64_t N, int64_t IN,
+                          int64_t OUT);
+void linear_backward_bf16w(const Context& ctx, float* dinp, float* dbias, const float* dout,
+                           const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
+                           Accumulate acc);
 
 // ---- rmsnorm.cu ---------------------------------------------------------------------------
 void rmsnorm_forward(const Context& ctx, float* out, float* rstd, const float* inp,

@@ -51,6 +51,64 @@ __global__ void column_sum_finish_kernel(float* dbias, const float* partial, int
   dbias[col] += t;
 }
 
+// Row-major C (M,N) = alpha * op(A) op(B) + beta * C on bf16 inputs, f32 accumulation and
+// output (tensor cores). cuBLAS is column-major: the row-major C (M,N) is the column-major C^T
+// (N,M) = op(B)^T op(A)^T, so B goes first; a row-major (M,K) is a column-major (K,M).
+void gemm_on_bf16(const Context& ctx, float* C, const __nv_bfloat16* a16,
+                  const __nv_bfloat16* b16, int64_t M, int64_t N, int64_t K, bool trans_a,
+                  bool trans_b, float alpha, float beta) {
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int64_t lda = trans_a ? M : K, ldb = trans_b ? K : N;
+  LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, b16,
+                               CUDA_R_16BF, int(ldb), a16, CUDA_R_16BF, int(lda), &beta, C,
+                               CUDA_R_32F, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// n f32 values rounded to bf16 into the GEMM scratch at byte offset `at` (256-aligned).
+__nv_bfloat16* to_bf16_scratch(const Context& ctx, const float* x, int64_t n, size_t at,
+                               size_t total) {
+  auto* base = static_cast<char*>(ctx.gemm_scratch->get(total, ctx.stream));
+  auto* x16 = reinterpret_cast<__nv_bfloat16*>(base + at);
+  if (n > 0) {
+    to_bf16_kernel<<<grid_for(n, 256, ctx.num_sms), 256, 0, ctx.stream>>>(x16, x, n);
+    LT_CUDA_CHECK_LAUNCH();
+  }
+  return x16;
+}
+
+void add_bias(const Context& ctx, float* out, const float* bias, int64_t N, int64_t OUT) {
+  if (!bias || N * OUT == 0) return;
+  add_bias_kernel<<<grid_for(N * OUT, 256, ctx.num_sms), 256, 0, ctx.stream>>>(out, bias, N, OUT);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+// dbias (OUT) += column sums of dout (N,OUT), deterministic.
+void bias_grad(const Context& ctx, float* dbias, const float* dout, int64_t N, int64_t OUT) {
+  if (!dbias || N <= 0 || OUT <= 0) return;
+  const int64_t rows_per_slice = 256;
+  const int64_t slices = (N + rows_per_slice - 1) / rows_per_slice;
+  auto* partial = static_cast<float*>(ctx.scratch->get(size_t(slices * OUT) * 4, ctx.stream));
+  const dim3 grid(unsigned((OUT + kColTile - 1) / kColTile), unsigned(slices));
+  column_sum_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, ctx.stream>>>(
+      partial, dout, N, OUT, rows_per_slice);
+  LT_CUDA_CHECK_LAUNCH();
+  column_sum_finish_kernel<<<unsigned((OUT + 255) / 256), 256, 0, ctx.stream>>>(dbias, partial,
+                                                                                slices, OUT);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+// gemm with B already in bf16 (kBf16 only): A rounded, B multiplied as it is.
+void gemm_bf16_b(const Context& ctx, float* C, const float* A, const uint16_t* B, int64_t M,
+                 int64_t N, int64_t K, bool trans_a, bool trans_b, float alpha, float beta) {
+  if (M <= 0 || N <= 0 || K <= 0) return gemm(ctx, C, A, nullptr, M, N, K, trans_a, trans_b,
+                                               alpha, beta);  // the degenerate cases
+  const size_t a_bytes = (size_t(M * K) * 2 + 255) / 256 * 256;
+  const __nv_bfloat16* a16 = to_bf16_scratch(ctx, A, M * K, 0, a_bytes);
+  gemm_on_bf16(ctx, C, a16, reinterpret_cast<const __nv_bfloat16*>(B), M, N, K, trans_a, trans_b,
+               alpha, beta);
+}
+
 }  // namespace
 
 void gemm(const Context& ctx, float* C, const float* A, const float* B, int64_t M, int64_t N,
@@ -64,12 +122,12 @@ void gemm(const Context& ctx, float* C, const float* A, const float* B, int64_t 
     }
     return;
   }
-  // cuBLAS is column-major: the row-major C (M,N) is the column-major C^T (N,M) = op(B)^T
-  // op(A)^T, so B goes first. A row-major (M,K) is a column-major (K,M) with leading dim K.
-  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int64_t lda = trans_a ? M : K, ldb = trans_b ? K : N;
   if (ctx.precision == GemmPrecision::kF32) {
+    // cuBLAS is column-major: the row-major C (M,N) is the column-major C^T (N,M) = op(B)^T
+    // op(A)^T, so B goes first. A row-major (M,K) is a column-major (K,M) with leading dim K.
+    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const int64_t lda = trans_a ? M : K, ldb = trans_b ? K : N;
     // CUBLAS_COMPUTE_32F_PEDANTIC: true f32 products, never TF32 (NVIDIA_TF32_OVERRIDE aside).
     LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, B,
                                  CUDA_R_32F, int(ldb), A, CUDA_R_32F, int(lda), &beta, C,
@@ -80,32 +138,17 @@ void gemm(const Context& ctx, float* C, const float* A, const float* B, int64_t 
   // kBf16: round both inputs to bf16 in the GEMM scratch, multiply on tensor cores with f32
   // accumulation and an f32 output.
   const int64_t na = M * K, nb = K * N;
-  const size_t a_bytes = (size_t(na) * 2 + 255) / 256 * 256;
-  auto* a16 = static_cast<__nv_bfloat16*>(ctx.gemm_scratch->get(a_bytes + size_t(nb) * 2,
-                                                                ctx.stream));
-  auto* b16 = reinterpret_cast<__nv_bfloat16*>(reinterpret_cast<char*>(a16) + a_bytes);
-  if (na > 0) {
-    to_bf16_kernel<<<grid_for(na, 256, ctx.num_sms), 256, 0, ctx.stream>>>(a16, A, na);
-    LT_CUDA_CHECK_LAUNCH();
-  }
-  if (nb > 0) {
-    to_bf16_kernel<<<grid_for(nb, 256, ctx.num_sms), 256, 0, ctx.stream>>>(b16, B, nb);
-    LT_CUDA_CHECK_LAUNCH();
-  }
-  LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, b16,
-                               CUDA_R_16BF, int(ldb), a16, CUDA_R_16BF, int(lda), &beta, C,
-                               CUDA_R_32F, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  const size_t a_bytes = (size_t(na) * 2 + 255) / 256 * 256, total = a_bytes + size_t(nb) * 2;
+  const __nv_bfloat16* a16 = to_bf16_scratch(ctx, A, na, 0, total);
+  const __nv_bfloat16* b16 = to_bf16_scratch(ctx, B, nb, a_bytes, total);
+  gemm_on_bf16(ctx, C, a16, b16, M, N, K, trans_a, trans_b, alpha, beta);
 }
 
 void linear_forward(const Context& ctx, float* out, const float* inp, const float* weight,
                     const float* bias, int64_t N, int64_t IN, int64_t OUT) {
   // out (N,OUT) = inp (N,IN) @ weight (OUT,IN)^T (+ bias)
   gemm(ctx, out, inp, weight, N, OUT, IN, false, true, 1.0f, 0.0f);
-  if (bias && N * OUT > 0) {
-    add_bias_kernel<<<grid_for(N * OUT, 256, ctx.num_sms), 256, 0, ctx.stream>>>(out, bias, N,
-                                                                                 OUT);
-    LT_CUDA_CHECK_LAUNCH();
-  }
+  add_bias(ctx, out, bias, N, OUT);
 }
 
 void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbias,
@@ -117,18 +160,23 @@ void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbi
          acc == Accumulate::kYes ? 1.0f : 0.0f);
   // dweight (OUT,IN) += dout^T (OUT,N) @ inp (N,IN)
   if (dweight) gemm(ctx, dweight, dout, inp, OUT, IN, N, true, false, 1.0f, 1.0f);
-  if (dbias && N > 0 && OUT > 0) {
-    const int64_t rows_per_slice = 256;
-    const int64_t slices = (N + rows_per_slice - 1) / rows_per_slice;
-    auto* partial = static_cast<float*>(ctx.scratch->get(size_t(slices * OUT) * 4, ctx.stream));
-    const dim3 grid(unsigned((OUT + kColTile - 1) / kColTile), unsigned(slices));
-    column_sum_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, ctx.stream>>>(
-        partial, dout, N, OUT, rows_per_slice);
-    LT_CUDA_CHECK_LAUNCH();
-    column_sum_finish_kernel<<<unsigned((OUT + 255) / 256), 256, 0, ctx.stream>>>(
-        dbias, partial, slices, OUT);
-    LT_CUDA_CHECK_LAUNCH();
-  }
+  bias_grad(ctx, dbias, dout, N, OUT);
+}
+
+void linear_forward_bf16w(const Context& ctx, float* out, const float* inp,
+                          const uint16_t* weight, const float* bias, int64_t N, int64_t IN,
+                          int64_t OUT) {
+  gemm_bf16_b(ctx, out, inp, weight, N, OUT, IN, false, true, 1.0f, 0.0f);
+  add_bias(ctx, out, bias, N, OUT);
+}
+
+void linear_backward_bf16w(const Context& ctx, float* dinp, float* dbias, const float* dout,
+                           const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
+                           Accumulate acc) {
+  if (dinp)
+    gemm_bf16_b(ctx, dinp, dout, weight, N, IN, OUT, false, false, 1.0f,
+                acc == Accumulate::kYes ? 1.0f : 0.0f);
+  bias_grad(ctx, dbias, dout, N, OUT);
 }
 
 }  // namespace lt::cuda
