@@ -738,31 +738,30 @@ void LlamaModel::release(int64_t unit, LayerWeightsProvider::Pass pass) {
 }
 
 // Checkpoint offload: layer l's input goes out to host memory while layer l runs (forward),
-// comes back while layer l + 1 runs its backward. On a file-backed arena (CPU) the copies are
-// done at once and the store's pages then leave resident memory; the next one is read ahead.
-void LlamaModel::offload_out(int64_t l) {
+// comes back while layer l + 1 runs its backward (an asynchronous copy each on a device). A
+// file-backed store (CPU) is copied piece by piece, each piece's pages released at once, so
+// that no more than one piece is resident besides the staging buffers; the next checkpoint
+// the backward wants is read ahead.
+void LlamaModel::offload_move(int64_t l, bool out) {
   Slot& sl = slot();
-  if (!sl.stage[0] || !sl.training) return;  // forward-only passes keep nothing
+  if (!sl.stage[0] || (out && !sl.training)) return;  // forward-only passes keep nothing
   const size_t bytes = size_t(n_) * config_.hidden_size * 4;
-  float* store = sl.res[l - layer_begin_];
-  be_.copy_to_host_async(store, res(l), bytes);
+  char* store = reinterpret_cast<char*>(sl.res[l - layer_begin_]);
+  char* stage = reinterpret_cast<char*>(res(l));
   Arena& arena = arenas_.at("offload");
-  if (!arena.is_file_backed()) return;
-  be_.synchronize_copies();
-  arena.release(store, bytes);
-}
-
-void LlamaModel::offload_in(int64_t l) {
-  Slot& sl = slot();
-  if (!sl.stage[0]) return;
-  const size_t bytes = size_t(n_) * config_.hidden_size * 4;
-  float* store = sl.res[l - layer_begin_];
-  be_.copy_to_device_async(res(l), store, bytes);
-  Arena& arena = arenas_.at("offload");
-  if (!arena.is_file_backed()) return;
-  be_.synchronize_copies();
-  arena.release(store, bytes);
-  if (l > layer_begin_) arena.prefetch(sl.res[l - 1 - layer_begin_], bytes);
+  const size_t piece = arena.is_file_backed() ? kOffloadPiece : bytes;
+  for (size_t at = 0; at < bytes; at += piece) {
+    const size_t n = std::min(piece, bytes - at);
+    if (out)
+      be_.copy_to_host_async(store + at, stage + at, n);
+    else
+      be_.copy_to_device_async(stage + at, store + at, n);
+    if (!arena.is_file_backed()) continue;
+    be_.synchronize_copies();
+    arena.release(store + at, n);
+  }
+  if (!out && arena.is_file_backed() && l > layer_begin_)
+    arena.prefetch(sl.res[l - 1 - layer_begin_], bytes);
 }
 
 void LlamaModel::prepare(const MicroBatch& mb, int64_t slot_index, bool training) {
@@ -1220,7 +1219,7 @@ void LlamaModel::forward_layers(const float* input) {
   for (int64_t l = layer_begin_; l < layer_end_; ++l) {
     // With offload: res(l - 1) has left the buffer that layer l writes, res(l) leaves as it runs.
     be_.wait_copies();
-    offload_out(l);
+    offload_move(l, /*out=*/true);
     acquire(l, LayerWeightsProvider::Pass::kForward);
     layer_forward(l, acts_for(l), Pass::kForward);
     release(l, LayerWeightsProvider::Pass::kForward);
@@ -1241,7 +1240,7 @@ void LlamaModel::backward_layers() {
     // With offload: res(l) has arrived; res(l - 1) comes in, over res(l + 1), as layer l runs
     // (the stage's last layer finds its input still in the staging buffer).
     be_.wait_copies();
-    if (l > layer_begin_) offload_in(l - 1);
+    if (l > layer_begin_) offload_move(l - 1, /*out=*/false);
     acquire(l, PP::kBackward);
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
     layer_backward(l, a, k.dres);

@@ -287,10 +287,11 @@ class LlamaModel {
   LayerActs& acts_for(int64_t l);
   Slot& slot() { return *slots_[cur_]; }
   const Slot& slot() const { return *slots_[cur_]; }
-  // Checkpoint offload (no-ops unless training with settings.offload_checkpoints): res(l) out
-  // to its host store, and back in.
-  void offload_out(int64_t l);
-  void offload_in(int64_t l);
+  // Checkpoint offload (a no-op unless training with settings.offload_checkpoints): res(l) out
+  // to its host store, or back in.
+  void offload_move(int64_t l, bool out);
+  // Pieces in which a file-backed checkpoint store is written and read (whole pages).
+  static constexpr size_t kOffloadPiece = size_t(2) << 20;
   void dump(const std::string& name, const float* data, size_t n) const;
   // LayerWeightsProvider calls (no-ops without a provider).
   void acquire(int64_t unit, LayerWeightsProvider::Pass pass);
