@@ -15,12 +15,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <sstream>
-#include <stdexcept>
 #include <string>
 
 #include "backend/backend.h"
@@ -37,6 +37,17 @@
 
 namespace lt {
 namespace {
+
+// A whole command-line number: "12x", "" and out-of-range values are errors naming the setting.
+template <typename T>
+T number(const std::string& text, const char* what) {
+  T v{};
+  const char* end = text.data() + text.size();
+  const auto [p, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec != std::errc() || p != end)
+    fail("{} '{}' is not a number; see the usage line", what, text);
+  return v;
+}
 
 // The benchmark's tokens: a fixed formula that bench/torch_train.py reproduces.
 Example bench_row(int64_t T, int64_t V) {
@@ -91,8 +102,8 @@ int run(int argc, char** argv) {
   const std::string model = argv[1];
   std::vector<int64_t> seqs;
   std::stringstream ss(argv[2]);
-  for (std::string tok; std::getline(ss, tok, ',');) seqs.push_back(std::stoll(tok));
-  const int steps = argc > 3 ? std::atoi(argv[3]) : 3;
+  for (std::string tok; std::getline(ss, tok, ',');) seqs.push_back(number<int64_t>(tok, "SEQ"));
+  const int steps = argc > 3 ? number<int>(argv[3], "steps") : 3;
   RunSettings base;
   std::string mini = "1", label, device = "cpu";
   int64_t lora_r = 0;
@@ -112,11 +123,11 @@ int run(int argc, char** argv) {
     else if (a.rfind("device=", 0) == 0)
       device = a.substr(7);
     else if (a.rfind("lora=", 0) == 0)
-      lora_r = std::stoll(a.substr(5));
+      lora_r = number<int64_t>(a.substr(5), "lora=");
     else if (a == "bf16")
       bf16 = true;
     else if (a.rfind("peak_tflops=", 0) == 0)
-      peak_tflops = std::stod(a.substr(12));
+      peak_tflops = number<double>(a.substr(12), "peak_tflops=");
     else if (a.rfind("fit=", 0) == 0)
       fit = parse_bytes(a.substr(4), "fit=");
     else
@@ -234,9 +245,5 @@ int main(int argc, char** argv) {
   } catch (const lt::UserError& e) {
     std::fprintf(stderr, "bench_train: %s\n", e.what());
     return 1;
-  } catch (const std::logic_error& e) {  // std::stoll / std::stod on a malformed number
-    std::fprintf(stderr, "bench_train: a setting is not a number (%s); see the usage line\n",
-                 e.what());
-    return 2;
   }
 }
