@@ -674,6 +674,41 @@ TEST_P(BackendOps, Bf16ToF32) {
   }
 }
 
+// f32 -> bf16, round to nearest even, bit for bit as core/dtype.h (ties, NaN, Inf, overflow
+// to Inf, subnormals), packed and in place.
+TEST_P(BackendOps, F32ToBf16) {
+  const int64_t n = 1003;
+  Vec x = random_vec(n, 81, -3, 3);
+  const uint32_t special[] = {0x3f808000u,  // a tie, even below: rounds down
+                              0x3f818000u,  // a tie, odd below: rounds up
+                              0x7f7fffffu,  // largest float: overflows to Inf
+                              0x7fc00001u,  // quiet NaN with payload
+                              0xff800001u,  // signalling NaN, negative
+                              0x7f800000u,  // Inf
+                              0x80000000u,  // -0
+                              0x00000001u,  // smallest subnormal
+                              0x0000ffffu};
+  for (size_t i = 0; i < std::size(special); ++i) std::memcpy(&x[i], &special[i], 4);
+  std::vector<uint16_t> zeros(n, 0);
+  auto d_x = buf("in", x);
+  auto d_out = buf("out", zeros);
+  be_->f32_to_bf16(d_out->get(), d_x->get(), n);
+  const std::vector<uint16_t> got = d_out->read();
+  auto d_r = buf("x", x);
+  be_->round_to_bf16(d_r->get(), n);
+  const Vec rounded = d_r->read();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t want = f32_to_bf16(x[i]);
+    ASSERT_EQ(got[i], want) << "f32_to_bf16 element " << i << " of " << n;
+    uint32_t bits;
+    std::memcpy(&bits, &rounded[i], 4);
+    ASSERT_EQ(bits, uint32_t(want) << 16) << "round_to_bf16 element " << i << " of " << n;
+  }
+  EXPECT_EQ(got[0], 0x3f80);
+  EXPECT_EQ(got[1], 0x3f82);
+  EXPECT_EQ(got[2], 0x7f80);
+}
+
 // The device-memory count the trainer reports: every alloc until its free, the peak kept.
 TEST_P(BackendOps, DeviceMemoryUseCountsAllocations) {
   const DeviceMemoryUse before = be_->device_memory_use();

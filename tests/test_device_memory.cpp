@@ -123,15 +123,29 @@ struct Case {
   bool fpdt;
 };
 
+// The same losses, gradient norms and final trainable tensors, bit for bit.
+void expect_identical(const Outcome& got, const Outcome& want, const char* what) {
+  SCOPED_TRACE(what);
+  EXPECT_EQ(got.loss, want.loss);
+  EXPECT_EQ(got.grad_norm, want.grad_norm);
+  ASSERT_EQ(got.trainable.size(), want.trainable.size());
+  for (size_t i = 0; i < want.trainable.size(); ++i)
+    ASSERT_EQ(got.trainable[i], want.trainable[i]) << "trainable tensor " << i;
+}
+
+RunSettings offloaded(RunSettings s) {
+  s.checkpointing = s.offload_checkpoints = true;
+  s.offload_dir = "/tmp";
+  return s;
+}
+
 TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
   std::vector<Case> cases;
   cases.push_back({"plain", RunSettings{}, false});
   {
     RunSettings s;
     s.mlp_chunks = s.lm_head_chunks = 3;
-    s.checkpointing = s.offload_checkpoints = true;
-    s.offload_dir = "/tmp";
-    cases.push_back({"mini-sequence + checkpointing + offload", s, false});
+    cases.push_back({"mini-sequence + checkpointing + offload", offloaded(s), false});
   }
   {
     RunSettings s;
@@ -149,13 +163,10 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     s.lora = resolve_lora(o, 5);
     s.checkpointing = true;
     cases.push_back({"QLoRA + checkpointing", s, false});
-    s.offload_checkpoints = true;
-    s.offload_dir = "/tmp";
-    cases.push_back({"QLoRA + checkpointing + offload", s, false});
+    cases.push_back({"QLoRA + checkpointing + offload", offloaded(s), false});
     o.load_in_4bit = false;
     s.lora = resolve_lora(o, 5);
     s.lora.base_bf16 = true;
-    s.offload_checkpoints = false;
     cases.push_back({"LoRA on a bf16 base + checkpointing", s, false});
   }
   {
@@ -163,31 +174,41 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     s.seq_chunk = 8;
     s.checkpointing = true;
     cases.push_back({"FPDT chunks on one rank", s, true});
-    s.offload_checkpoints = true;
-    s.offload_dir = "/tmp";
-    cases.push_back({"FPDT chunks + offload", s, true});
+    cases.push_back({"FPDT chunks + offload", offloaded(s), true});
+  }
+  {
+    RunSettings s;
+    s.bf16_residual = true;
+    s.mlp_chunks = s.lm_head_chunks = 2;
+    cases.push_back({"bf16 residual stream", s, false});
+    s.checkpointing = true;
+    cases.push_back({"bf16 residual + checkpoints in bf16", s, false});
+    cases.push_back({"bf16 residual + bf16 checkpoints offloaded", offloaded(s), false});
+    RunSettings f;
+    f.bf16_residual = true;
+    f.seq_chunk = 8;
+    cases.push_back({"FPDT + bf16 checkpoints offloaded", offloaded(f), true});
   }
   for (const Case& k : cases) {
     SCOPED_TRACE(k.name);
     const Outcome cpu = train("cpu", k.rs, k.fpdt);
     const Outcome guarded = train("cpu-guarded", k.rs, k.fpdt);
-    EXPECT_EQ(guarded.loss, cpu.loss);
-    EXPECT_EQ(guarded.grad_norm, cpu.grad_norm);
-    ASSERT_EQ(guarded.trainable.size(), cpu.trainable.size());
-    for (size_t i = 0; i < cpu.trainable.size(); ++i)
-      ASSERT_EQ(guarded.trainable[i], cpu.trainable[i]) << "trainable tensor " << i;
+    expect_identical(guarded, cpu, "cpu-guarded vs cpu");
     EXPECT_EQ(guarded.logits, cpu.logits);
     EXPECT_GT(std::abs(cpu.loss[1] - cpu.loss[0]), 1e-5) << "training moved";
+    if (k.rs.bf16_residual && k.rs.checkpointing && !k.fpdt) {
+      // bf16 checkpoints are the bf16-rounded stream itself: recomputing from them gives what
+      // keeping every activation gives, bit for bit.
+      RunSettings all = k.rs;
+      all.checkpointing = all.offload_checkpoints = false;
+      expect_identical(guarded, train("cpu-guarded", all, k.fpdt), "every activation kept");
+    }
     if (!k.rs.offload_checkpoints) continue;
     // Offload only moves the checkpoints: the same numbers as keeping them, on the device
     // backend too (where the copies are asynchronous and deferred to the last moment).
     RunSettings kept = k.rs;
     kept.offload_checkpoints = false;
-    const Outcome resident = train("cpu-guarded", kept, k.fpdt);
-    EXPECT_EQ(guarded.loss, resident.loss);
-    EXPECT_EQ(guarded.grad_norm, resident.grad_norm);
-    for (size_t i = 0; i < cpu.trainable.size(); ++i)
-      ASSERT_EQ(guarded.trainable[i], resident.trainable[i]) << "trainable tensor " << i;
+    expect_identical(guarded, train("cpu-guarded", kept, k.fpdt), "checkpoints kept");
   }
 }
 

@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <random>
 
 #include "backend/backend.h"
+#include "core/dtype.h"
 #include "model/llama.h"
 #include "train/batching.h"
 #include "train/trainer.h"
@@ -113,6 +115,63 @@ TEST(ModelPaths, MiniSequenceCheckpointingAndAttentionAreExact) {
   RunSettings naive;
   naive.flash_attention = false;
   expect_same(ref, run(c, naive, micro), 2e-5, "naive attention");
+}
+
+// --bf16 True carries the residual stream in bf16: the embedding output and every layer's
+// output are bf16 values, what happens inside a layer is not rounded, and the loss and the
+// gradients move by the rounding only (bf16 keeps 8 significant bits: about 2^-8 relative).
+TEST(ModelPaths, Bf16ResidualStreamIsRoundedAtLayerBoundariesOnly) {
+  const ModelConfig c = tiny_config(false);
+  std::mt19937 rng(5);
+  Example a = random_row(rng, 37, c.vocab_size), b = random_row(rng, 22, c.vocab_size);
+  const std::vector<std::vector<const Example*>> micro = {{&a, &b}};
+  const MicroBatch mb = make_micro_batch(micro[0]);
+  auto be = make_cpu_backend();
+  std::map<std::string, std::vector<float>> seen;
+  auto hook = [](void* user, const std::string& name, const float* data, size_t n) {
+    (*static_cast<std::map<std::string, std::vector<float>>*>(user))[name].assign(data, data + n);
+  };
+  auto bf16_values = [](const std::vector<float>& v) {
+    size_t exact = 0;
+    for (float x : v) exact += bf16_to_f32(f32_to_bf16(x)) == x;
+    return exact;
+  };
+  double loss[2];
+  for (bool bf16 : {false, true}) {
+    RunSettings rs;
+    rs.bf16_residual = bf16;
+    rs.max_tokens = mb.num_tokens();
+    LlamaModel m(c, *be, rs);
+    randomize(m, 7);
+    m.set_dump_hook(hook, &seen);
+    loss[bf16] = m.forward_loss(mb);
+    for (const char* name : {"embed", "layer0.out", "layer1.out"}) {
+      const auto& v = seen.at(name);
+      if (bf16)
+        EXPECT_EQ(bf16_values(v), v.size()) << name << ": not every value is a bf16 value";
+      else
+        EXPECT_LT(bf16_values(v), v.size() / 10) << name << ": f32 values expected";
+    }
+    const auto& inner = seen.at("layer1.x_mid");  // inside a layer: never rounded
+    EXPECT_LT(bf16_values(inner), inner.size() / 10) << "layer1.x_mid rounded (bf16 " << bf16 << ")";
+  }
+  EXPECT_NE(loss[1], loss[0]);
+  EXPECT_NEAR(loss[1], loss[0], 1e-2 * std::fabs(loss[0]));
+  RunSettings rs;
+  const Grads f32 = run(c, rs, micro);
+  rs.bf16_residual = true;
+  const Grads bf16 = run(c, rs, micro);
+  // The training pass rounds as the forward-only pass does (losses: means vs sums).
+  EXPECT_NEAR(bf16.loss / f32.loss, loss[1] / loss[0], 1e-6) << "training pass vs forward only";
+  double scale = 0, worst = 0;
+  for (size_t i = 0; i < f32.g.size(); ++i) {
+    scale = std::max(scale, double(std::fabs(f32.g[i])));
+    worst = std::max(worst, double(std::fabs(f32.g[i] - bf16.g[i])));
+  }
+  EXPECT_GT(worst, 0.0);
+  EXPECT_LT(worst, 3e-2 * scale) << "gradients of the bf16 stream vs f32 (max |g| " << scale << ")";
+  std::printf("bf16 residual: loss %.6f vs %.6f in f32; worst gradient difference %.3g of %.3g\n",
+              loss[1], loss[0], worst, scale);
 }
 
 TEST(ModelPaths, GradientAccumulationIsTheTrueGradient) {

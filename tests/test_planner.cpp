@@ -221,6 +221,32 @@ TEST(Planner, SequenceParallelStretchesTheLongestSequence) {
   EXPECT_GT(two, 1.7 * one);
 }
 
+// bf16 checkpoints (--bf16 True with checkpointing): the layer inputs in 2 bytes each plus two
+// f32 staging buffers, against (layers + 1) f32 inputs; the CUDA plan does not halve them again.
+TEST(Planner, Bf16CheckpointsHalveTheCheckpoints) {
+  PlanRequest r;
+  r.config = mid_config();
+  r.seq_len = 4096;
+  r.batch = 1;
+  r.settings.checkpointing = true;
+  auto checkpoint_bytes = [](const PlanResult& p) {
+    size_t n = 0;
+    for (const auto& b : p.plan.buffers()) n += b.category == MemCategory::kCheckpoints ? b.bytes : 0;
+    return n;
+  };
+  const size_t N = 4096, D = r.config.hidden_size, L = r.config.num_hidden_layers;
+  EXPECT_EQ(checkpoint_bytes(plan_memory(r)), (L + 1) * N * D * 4);
+  r.settings.bf16_residual = true;
+  const PlanResult bf16 = plan_memory(r);
+  EXPECT_EQ(checkpoint_bytes(bf16), L * N * D * 2 + 2 * N * D * 4);
+  r.device = PlanDevice::kCudaBf16;
+  const PlanResult gpu = plan_memory(r);
+  size_t dev = 0;
+  for (const auto& [name, bytes] : gpu.by_category)
+    if (name == mem_category_name(MemCategory::kCheckpoints)) dev = bytes;
+  EXPECT_EQ(dev, L * N * D * 2 + 2 * N * D * 4 / 2) << "bf16 stores at 2 B, f32 staging halved";
+}
+
 TEST(Planner, ParseBytes) {
   EXPECT_EQ(parse_bytes("80GiB", "--memory_budget"), size_t(80) << 30);
   EXPECT_EQ(parse_bytes("512MiB", "--memory_budget"), size_t(512) << 20);

@@ -131,6 +131,11 @@ class Backend {
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;
   // out (n) f32 = in (n) bf16 (exact: bf16 is f32's upper half; NaN and Inf stay themselves).
   virtual void bf16_to_f32(float* out, const uint16_t* in, int64_t n) = 0;
+  // out (n) bf16 = in (n) f32 rounded to nearest even (core/dtype.h's f32_to_bf16, bit for bit:
+  // a NaN stays a quiet NaN of its sign); round_to_bf16: x = bf16_to_f32(f32_to_bf16(x)) in
+  // place (the bf16 residual stream, RunSettings::bf16_residual).
+  virtual void f32_to_bf16(uint16_t* out, const float* in, int64_t n) = 0;
+  virtual void round_to_bf16(float* x, int64_t n) = 0;
   // Linear layers on a frozen bf16 weight (LoRA's base with --bf16 True): the results of
   // linear_forward / linear_backward (no weight gradient) on the weight widened to f32, which
   // the defaults (backend.cpp) write into `expand` (OUT*IN floats). A backend whose GEMMs take

@@ -97,7 +97,7 @@ int cmd_plan(int argc, char** argv) {
   app.add_option("--gradient_checkpointing", ckpt, "True, False or auto");
   add_bool_flag(app, "--offload_activations", &offload, "offload layer checkpoints");
   add_bool_flag(app, "--use_flash_attn", &flash, "tiled attention (default True)");
-  add_bool_flag(app, "--bf16", &bf16, "bf16 training (CUDA plan)");
+  add_bool_flag(app, "--bf16", &bf16, "bf16 training: bf16 checkpoints and LoRA base, as train");
   app.add_option("--device", device, "cpu or cuda (cuda plans bf16 with f32 master weights)");
   app.add_option("--memory_budget", budget, "device memory, e.g. 80GiB");
   LoraOptions lora;
@@ -153,6 +153,7 @@ int cmd_plan(int argc, char** argv) {
   // As train: --bf16 True keeps LoRA's frozen projections in bf16 (the CUDA plan is bf16 anyway).
   r.settings.lora.base_bf16 =
       (bf16 || device == "cuda") && r.settings.lora.enabled && !r.settings.lora.quantize_4bit;
+  r.settings.bf16_residual = bf16 || device == "cuda";  // and bf16 checkpoints, as train
   r.world_size = world_size;
   r.zero_stage = zero_stage;
   r.offload_optimizer = offload_optimizer;

@@ -36,8 +36,9 @@ int cmd_train(int argc, char** argv) {
   app.add_option("--seed", o.seed, "random seed");
   app.add_option("--logging_steps", o.logging_steps, "log every N steps");
   add_bool_flag(app, "--bf16", &o.bf16,
-                "bf16 tensor-core GEMMs with f32 accumulation and f32 master weights (CUDA); "
-                "f32 on CPU");
+                "bf16 training with f32 master weights: the residual stream and checkpoints "
+                "in bf16 (every device), LoRA's frozen projections in bf16, bf16 tensor-core "
+                "GEMMs with f32 accumulation (CUDA; the CPU multiplies in f32)");
   add_bool_flag(app, "--overwrite_output_dir", &o.overwrite_output_dir,
                 "reuse a non-empty output_dir");
   app.add_option("--device", o.device,

@@ -47,12 +47,15 @@ struct LlamaModel::Slot {
   int32_t *ids, *pos, *docs, *targets;  // (N)
   int32_t* seq_docs;                    // (N*P) sequence path: doc ids of the whole sequence
   float *rope_cos, *rope_sin;           // (N, HD/2)
-  // The residual stream at the layer inputs: (stage layers + 1) buffers; with checkpoint
-  // offload the stage's layer inputs in host memory ("offload", stage layers of them) and two
-  // device staging buffers that the layers run on, one being computed while the other is
-  // copied out (forward) or in (backward).
+  // The residual stream at the layer inputs: (stage layers + 1) f32 buffers. Staged (checkpoint
+  // offload or bf16 checkpoints): the layers run on two f32 staging buffers, one being computed
+  // while the other's checkpoint goes out (forward) or comes in (backward), and `store` keeps
+  // each layer input (stage layers of them, f32 or bf16, in host memory with offload); bf16
+  // checkpoints in host memory travel through two device bf16 buffers.
   std::vector<float*> res;
+  std::vector<void*> store;
   float* stage[2] = {nullptr, nullptr};
+  uint16_t* bstage[2] = {nullptr, nullptr};
   std::vector<std::unique_ptr<LayerActs>> acts;  // (stage layers) when nothing is recomputed
   int64_t n = 0;                                 // tokens here
   int64_t chunks = 1;     // sequence path: attention chunks of the whole sequence
@@ -328,12 +331,15 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   const size_t slots = s.train ? size_t(s.micro_slots) : 1;
   LT_CHECK(slots >= 1, "micro_slots {}", s.micro_slots);
   const bool offload = s.train && s.offload_checkpoints;
-  const size_t num_res = s.train ? (offload ? NL : NL + 1) : 2;
+  const bool bf16_store = s.train && s.checkpointing && s.bf16_residual;
+  const bool staged = offload || bf16_store;
+  const size_t num_res = s.train ? (staged ? 0 : NL + 1) : 2;
   const MemCategory res_cat =
       s.checkpointing ? MemCategory::kCheckpoints : MemCategory::kActivations;
   // Offloaded checkpoints are whole pages so that releasing one never touches its neighbour.
-  const size_t res_count =
-      offload ? (N * D * 4 + kPageSize - 1) / kPageSize * kPageSize / 4 : N * D;
+  const size_t store_bytes = N * D * (bf16_store ? 2 : 4);
+  const size_t store_rounded =
+      offload ? (store_bytes + kPageSize - 1) / kPageSize * kPageSize : store_bytes;
   const bool per_layer_acts = s.train && !s.checkpointing;
   out->slots.clear();
   for (size_t i = 0; i < slots; ++i) {
@@ -350,10 +356,17 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     sl->rope_cos = b.take(p + "rope_cos", N * HD / 2, MemCategory::kScratch, "scratch");
     sl->rope_sin = b.take(p + "rope_sin", N * HD / 2, MemCategory::kScratch, "scratch");
     for (size_t j = 0; j < num_res; ++j)
-      sl->res.push_back(b.take(fmt::format("{}res.{}", p, size_t(l0) + j), res_count, res_cat,
-                               offload ? "offload" : "activations"));
-    for (size_t j = 0; offload && j < 2; ++j)
+      sl->res.push_back(
+          b.take(fmt::format("{}res.{}", p, size_t(l0) + j), N * D, res_cat, "activations"));
+    for (size_t j = 0; staged && j < NL; ++j)
+      sl->store.push_back(b.take_bytes(
+          fmt::format("{}{}res.{}", p, bf16_store ? "bf16." : "", size_t(l0) + j), store_rounded,
+          res_cat, offload ? "offload" : "activations"));
+    for (size_t j = 0; staged && j < 2; ++j)
       sl->stage[j] = b.take(fmt::format("{}res_stage.{}", p, j), N * D, res_cat, "activations");
+    for (size_t j = 0; offload && bf16_store && j < 2; ++j)
+      sl->bstage[j] = static_cast<uint16_t*>(b.take_bytes(fmt::format("{}bf16.res_stage.{}", p, j),
+                                                          N * D * 2, res_cat, "activations"));
     if (per_layer_acts)
       for (size_t j = 0; j < NL; ++j)
         sl->acts.push_back(declare_acts(fmt::format("{}layer{}.", p, size_t(l0) + j)));
@@ -737,31 +750,65 @@ void LlamaModel::release(int64_t unit, LayerWeightsProvider::Pass pass) {
   if (provider_) provider_->release(unit, pass);
 }
 
-// Checkpoint offload: layer l's input goes out to host memory while layer l runs (forward),
-// comes back while layer l + 1 runs its backward (an asynchronous copy each on a device). A
-// file-backed store (CPU) is copied piece by piece, each piece's pages released at once, so
-// that no more than one piece is resident besides the staging buffers; the next checkpoint
-// the backward wants is read ahead.
-void LlamaModel::offload_move(int64_t l, bool out) {
+// Staged checkpoints: layer l's input is kept while layer l runs (forward) and comes back while
+// layer l + 1 runs its backward. Offload: an asynchronous copy each way; a file-backed store
+// (CPU) is copied piece by piece, each piece's pages released at once, so that no more than one
+// piece is resident besides the staging buffers, and the next checkpoint is read ahead. bf16
+// checkpoints: rounded into the store (through a device bf16 buffer when it is on the host) and
+// widened back, exactly, since the residual stream is bf16-rounded already.
+void LlamaModel::checkpoint_out(int64_t l) {
   Slot& sl = slot();
-  if (!sl.stage[0] || (out && !sl.training)) return;  // forward-only passes keep nothing
-  const size_t bytes = size_t(n_) * config_.hidden_size * 4;
-  char* store = reinterpret_cast<char*>(sl.res[l - layer_begin_]);
-  char* stage = reinterpret_cast<char*>(res(l));
+  if (!sl.stage[0] || !sl.training) return;  // forward-only passes keep nothing
+  const int64_t i = l - layer_begin_;
+  const size_t n = size_t(n_) * config_.hidden_size;
+  if (!bf16_store()) return offload_copy(sl.store[i], res(l), n * 4, /*out=*/true, nullptr);
+  if (!settings_.offload_checkpoints)
+    return be_.f32_to_bf16(static_cast<uint16_t*>(sl.store[i]), res(l), int64_t(n));
+  be_.f32_to_bf16(sl.bstage[i % 2], res(l), int64_t(n));
+  offload_copy(sl.store[i], sl.bstage[i % 2], n * 2, /*out=*/true, nullptr);
+}
+
+void LlamaModel::checkpoint_in(int64_t l) {
+  Slot& sl = slot();
+  if (!sl.stage[0]) return;
+  const int64_t i = l - layer_begin_;
+  const size_t n = size_t(n_) * config_.hidden_size;
+  void* next = i > 0 ? sl.store[i - 1] : nullptr;
+  if (!bf16_store()) return offload_copy(sl.store[i], res(l), n * 4, /*out=*/false, next);
+  if (settings_.offload_checkpoints)
+    offload_copy(sl.store[i], sl.bstage[i % 2], n * 2, /*out=*/false, next);
+}
+
+void LlamaModel::checkpoint_ready(int64_t l) {
+  Slot& sl = slot();
+  if (!sl.stage[0] || !bf16_store()) return;
+  const int64_t i = l - layer_begin_;
+  const uint16_t* src = settings_.offload_checkpoints
+                            ? sl.bstage[i % 2]
+                            : static_cast<const uint16_t*>(sl.store[i]);
+  be_.bf16_to_f32(res(l), src, n_ * config_.hidden_size);
+}
+
+void LlamaModel::offload_copy(void* store, void* dev, size_t bytes, bool out, void* next) {
   Arena& arena = arenas_.at("offload");
+  char* s = static_cast<char*>(store);
+  char* d = static_cast<char*>(dev);
   const size_t piece = arena.is_file_backed() ? kOffloadPiece : bytes;
   for (size_t at = 0; at < bytes; at += piece) {
     const size_t n = std::min(piece, bytes - at);
     if (out)
-      be_.copy_to_host_async(store + at, stage + at, n);
+      be_.copy_to_host_async(s + at, d + at, n);
     else
-      be_.copy_to_device_async(stage + at, store + at, n);
+      be_.copy_to_device_async(d + at, s + at, n);
     if (!arena.is_file_backed()) continue;
     be_.synchronize_copies();
-    arena.release(store + at, n);
+    arena.release(s + at, n);
   }
-  if (!out && arena.is_file_backed() && l > layer_begin_)
-    arena.prefetch(sl.res[l - 1 - layer_begin_], bytes);
+  if (next && arena.is_file_backed()) arena.prefetch(next, bytes);
+}
+
+bool LlamaModel::bf16_store() const {
+  return settings_.train && settings_.checkpointing && settings_.bf16_residual;
 }
 
 void LlamaModel::prepare(const MicroBatch& mb, int64_t slot_index, bool training) {
@@ -864,6 +911,7 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
     }
   }
   be_.add_inplace(x_out, a.x_mid, N * D);
+  if (settings_.bf16_residual) be_.round_to_bf16(x_out, N * D);  // the layer boundary
   dump(fmt::format("layer{}.out", l), x_out, N * D);
 }
 
@@ -1099,6 +1147,7 @@ void LlamaModel::fpdt_forward(int64_t l, LayerActs& a, Pass pass) {
       project(out + m0 * D, k.h_c, sl[int(Proj::kDown)], n, l, g0 + m0);
     }
     be_.add_inplace(out, q.x_mid, c * D);
+    if (settings_.bf16_residual) be_.round_to_bf16(out, c * D);  // the layer boundary
   }
   be_.wait_copies();
 }
@@ -1211,15 +1260,16 @@ void LlamaModel::forward_layers(const float* input) {
   be_.wait_copies();  // an earlier pass's copies have left the staging buffers
   if (first_stage()) {
     be_.embedding_forward(res(layer_begin_), sl.ids, w_.embed, N, D);
+    if (settings_.bf16_residual) be_.round_to_bf16(res(layer_begin_), N * D);
     dump("embed", res(layer_begin_), N * D);
   } else {
     LT_CHECK(input, "stage from layer {} needs the previous stage's output", layer_begin_);
-    be_.copy_device(res(layer_begin_), input, size_t(N * D) * 4);
+    be_.copy_device(res(layer_begin_), input, size_t(N * D) * 4);  // rounded already
   }
   for (int64_t l = layer_begin_; l < layer_end_; ++l) {
-    // With offload: res(l - 1) has left the buffer that layer l writes, res(l) leaves as it runs.
+    // Staged: res(l - 1) has left the buffer that layer l writes, res(l) is kept as it runs.
     be_.wait_copies();
-    offload_move(l, /*out=*/true);
+    checkpoint_out(l);
     acquire(l, LayerWeightsProvider::Pass::kForward);
     layer_forward(l, acts_for(l), Pass::kForward);
     release(l, LayerWeightsProvider::Pass::kForward);
@@ -1237,10 +1287,11 @@ void LlamaModel::backward_layers() {
   using PP = LayerWeightsProvider::Pass;
   for (int64_t l = layer_end_ - 1; l >= layer_begin_; --l) {
     LayerActs& a = acts_for(l);
-    // With offload: res(l) has arrived; res(l - 1) comes in, over res(l + 1), as layer l runs
-    // (the stage's last layer finds its input still in the staging buffer).
+    // Staged: res(l) has arrived; res(l - 1) comes in, over res(l + 1), as layer l runs (the
+    // stage's last layer finds its input still in the staging buffer).
     be_.wait_copies();
-    if (l > layer_begin_) offload_move(l - 1, /*out=*/false);
+    if (l < layer_end_ - 1) checkpoint_ready(l);
+    if (l > layer_begin_) checkpoint_in(l - 1);
     acquire(l, PP::kBackward);
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
     layer_backward(l, a, k.dres);

@@ -28,6 +28,11 @@ struct RunSettings {
   bool offload_checkpoints = false;
   std::string offload_dir;
   bool flash_attention = true;  // tiled attention; false = plain O(T^2) attention
+  // The residual stream rounded to bf16 at every layer boundary (the embedding output and each
+  // layer's output), as a bf16 model carries it (--bf16 True); gradients pass straight through.
+  // With checkpointing the layer inputs are then kept in bf16: half the bytes, on the device or
+  // offloaded.
+  bool bf16_residual = false;
   bool train = true;            // false: no gradients, no backward buffers (eval, generate)
   LoraSpec lora;                // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
   // Parameters and gradients are not allocated by the model: a LayerWeightsProvider supplies
@@ -287,9 +292,16 @@ class LlamaModel {
   LayerActs& acts_for(int64_t l);
   Slot& slot() { return *slots_[cur_]; }
   const Slot& slot() const { return *slots_[cur_]; }
-  // Checkpoint offload (a no-op unless training with settings.offload_checkpoints): res(l) out
-  // to its host store, or back in.
-  void offload_move(int64_t l, bool out);
+  // Staged checkpoints (no-ops unless training with offload or bf16 checkpoints): res(l) kept
+  // in its store (forward), fetched back (backward, a layer ahead), made ready in its staging
+  // buffer (backward, at its layer).
+  void checkpoint_out(int64_t l);
+  void checkpoint_in(int64_t l);
+  void checkpoint_ready(int64_t l);
+  // Copies between an offloaded store and a device buffer (asynchronous; piecewise with pages
+  // released on a file-backed store, reading `next` ahead).
+  void offload_copy(void* store, void* dev, size_t bytes, bool out, void* next);
+  bool bf16_store() const;  // checkpoints kept in bf16 (RunSettings::bf16_residual)
   // Pieces in which a file-backed checkpoint store is written and read (whole pages).
   static constexpr size_t kOffloadPiece = size_t(2) << 20;
   void dump(const std::string& name, const float* data, size_t n) const;

@@ -58,10 +58,12 @@ void account(PlanResult* out, const PlanRequest& r) {
         continue;
       }
       double f = device_factor(c, r.device);
-      if (r.device == PlanDevice::kCudaBf16 && c == MemCategory::kWeights) {
-        if (b.name.rfind("nf4.", 0) == 0 || b.name.rfind("bf16.", 0) == 0)
-          f = 1.0;  // already 4-bit codes / bf16 values
-        else if (frozen_base && b.name == "params")
+      const bool packed = b.name.find("nf4.") != std::string::npos ||
+                          b.name.find("bf16.") != std::string::npos;
+      if (r.device == PlanDevice::kCudaBf16 && packed) {
+        f = 1.0;  // already 4-bit codes / bf16 values (weights, checkpoints)
+      } else if (r.device == PlanDevice::kCudaBf16 && c == MemCategory::kWeights) {
+        if (frozen_base && b.name == "params")
           f = 0.5;  // frozen bf16, no master
         else if (b.name.rfind("zero.gathered", 0) == 0)
           f = 0.5;  // gathered bf16 copies

@@ -91,6 +91,7 @@ void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t 
   s->offload_checkpoints = o.offload_activations;
   s->offload_dir = o.output_dir.parent_path().empty() ? "." : o.output_dir.parent_path().string();
   s->flash_attention = o.use_flash_attn;
+  s->bf16_residual = o.bf16;
   if (const auto m = parse_mini_sequence(o.mini_sequence))
     s->mlp_chunks = s->lm_head_chunks = *m;
   else
@@ -325,9 +326,12 @@ void Trainer::setup_model() {
              config_.vocab_size, static_cast<double>(table.total_numel()) / 1e6);
   fmt::print(
       "settings: micro-batch up to {} tokens, mini-sequence MLP {} / LM head {} chunks, "
-      "checkpointing {}, offload {}, flash attention {}\n",
+      "checkpointing {}, offload {}, flash attention {}{}\n",
       rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
-      rs.offload_checkpoints ? "on" : "off", rs.flash_attention ? "on" : "off");
+      rs.offload_checkpoints ? "on" : "off", rs.flash_attention ? "on" : "off",
+      !rs.bf16_residual     ? ""
+      : rs.checkpointing    ? ", residual stream and checkpoints in bf16"
+                            : ", residual stream in bf16");
   if (lora_.enabled)
     fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}\n",
                lora_.r, lora_.alpha, lora_.scale(), lora_.dropout,

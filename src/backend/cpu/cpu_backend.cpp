@@ -152,6 +152,14 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) out[i] = lt::bf16_to_f32(in[i]);
   }
+  void f32_to_bf16(uint16_t* out, const float* in, int64_t n) override {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) out[i] = lt::f32_to_bf16(in[i]);
+  }
+  void round_to_bf16(float* x, int64_t n) override {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) x[i] = lt::bf16_to_f32(lt::f32_to_bf16(x[i]));
+  }
   void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
                     const float* b, int64_t N, int64_t IN, int64_t OUT,
                     const LoraCall& c) override {

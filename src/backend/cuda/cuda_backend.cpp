@@ -309,6 +309,10 @@ class CudaBackend final : public Backend {
   void bf16_to_f32(float* out, const uint16_t* in, int64_t n) override {
     cuda::bf16_to_f32(ctx_, out, in, n);
   }
+  void f32_to_bf16(uint16_t* out, const float* in, int64_t n) override {
+    cuda::f32_to_bf16(ctx_, out, in, n);
+  }
+  void round_to_bf16(float* x, int64_t n) override { cuda::round_to_bf16(ctx_, x, n); }
   void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
                     const float* b, int64_t N, int64_t IN, int64_t OUT,
                     const LoraCall& c) override {

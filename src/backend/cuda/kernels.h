@@ -102,6 +102,8 @@ double sum_squares(const Context& ctx, const float* x, int64_t n);  // synchroni
 void scale_inplace(const Context& ctx, float* x, int64_t n, float s);
 void add_inplace(const Context& ctx, float* y, const float* x, int64_t n);
 void bf16_to_f32(const Context& ctx, float* out, const uint16_t* in, int64_t n);
+void f32_to_bf16(const Context& ctx, uint16_t* out, const float* in, int64_t n);
+void round_to_bf16(const Context& ctx, float* x, int64_t n);
 
 // ---- nf4.cu -------------------------------------------------------------------------------
 // NF4 weight in device memory, the layout of src/ops/nf4.h: element i is

@@ -46,6 +46,27 @@ __global__ void bf16_to_f32_kernel(float* out, const uint16_t* in, int64_t n) {
     out[i] = __uint_as_float(uint32_t(in[i]) << 16);
 }
 
+// Round to nearest even with core/dtype.h's integer formula (the same bits as the CPU; a NaN
+// stays a quiet NaN of its sign).
+__device__ __forceinline__ uint16_t rne_bf16(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+__global__ void f32_to_bf16_kernel(uint16_t* out, const float* in, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = rne_bf16(in[i]);
+}
+
+__global__ void round_to_bf16_kernel(float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = __uint_as_float(uint32_t(rne_bf16(x[i])) << 16);
+}
+
 }  // namespace
 
 double sum_squares(const Context& ctx, const float* x, int64_t n) {
@@ -80,6 +101,18 @@ void add_inplace(const Context& ctx, float* y, const float* x, int64_t n) {
 void bf16_to_f32(const Context& ctx, float* out, const uint16_t* in, int64_t n) {
   if (n <= 0) return;
   bf16_to_f32_kernel<<<grid_for(n, kThreads, ctx.num_sms), kThreads, 0, ctx.stream>>>(out, in, n);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+void f32_to_bf16(const Context& ctx, uint16_t* out, const float* in, int64_t n) {
+  if (n <= 0) return;
+  f32_to_bf16_kernel<<<grid_for(n, kThreads, ctx.num_sms), kThreads, 0, ctx.stream>>>(out, in, n);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+void round_to_bf16(const Context& ctx, float* x, int64_t n) {
+  if (n <= 0) return;
+  round_to_bf16_kernel<<<grid_for(n, kThreads, ctx.num_sms), kThreads, 0, ctx.stream>>>(x, n);
   LT_CUDA_CHECK_LAUNCH();
 }
 
