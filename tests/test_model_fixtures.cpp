@@ -139,6 +139,62 @@ std::vector<std::string> fixture_cases() {
 INSTANTIATE_TEST_SUITE_P(Transformers, ModelFixture, ::testing::ValuesIn(fixture_cases()),
                          [](const auto& info) { return info.param; });
 
+// --bf16 True's residual stream against transformers with straight-through bf16 rounding at
+// every layer boundary (tools/make_bf16_residual_fixture.py): the loss and every gradient of the
+// summed token loss over all rows, much closer to that reference than to the unrounded model.
+TEST(ModelFixtures, Bf16ResidualStreamMatchesTransformers) {
+  const fs::path dir = kFixtures / "llama_gqa";
+  const ModelConfig config = load_model_config(dir / "config.json");
+  const auto batch = nlohmann::json::parse(std::ifstream(dir / "batch.json"));
+  auto golden = SafetensorsFile::open(dir / "bf16_residual.safetensors");
+  std::vector<std::vector<Example>> rows;
+  for (const auto& mb : batch.at("micro_batches")) {
+    rows.emplace_back();
+    for (const auto& row : mb) rows.back().push_back(example_from_json(row));
+  }
+  std::vector<MicroBatch> micro;
+  RunSettings rs;
+  rs.bf16_residual = true;
+  for (const auto& r : rows) {
+    std::vector<const Example*> ptrs;
+    for (const auto& e : r) ptrs.push_back(&e);
+    micro.push_back(make_micro_batch(ptrs));
+    rs.max_tokens = std::max(rs.max_tokens, micro.back().num_tokens());
+  }
+  for (bool ckpt : {false, true}) {
+    SCOPED_TRACE(ckpt ? "with bf16 checkpoints" : "every activation kept");
+    rs.checkpointing = ckpt;
+    auto backend = make_cpu_backend();
+    LlamaModel model(config, *backend, rs);
+    load_weights(CheckpointReader(dir), model.table(), model.params());
+    model.zero_grads();
+    double loss = 0;
+    for (const auto& mb : micro) loss += model.forward_backward(mb, 1.0f);
+    const double want = tensor_f32(*golden, "bf16.loss")[0];
+    const double f32 = tensor_f32(*golden, "f32.loss")[0];
+    EXPECT_NEAR(loss, want, 1e-6 * std::fabs(want)) << "loss: transformers " << want
+                                                          << ", unrounded " << f32;
+    double off_bf16 = 0, off_f32 = 0, scale = 0;
+    std::string worst;
+    for (const auto& p : model.table().params()) {
+      const auto g = tensor_f32(*golden, "bf16.grad." + p.name);
+      const auto u = tensor_f32(*golden, "f32.grad." + p.name);
+      ASSERT_EQ(g.size(), size_t(p.numel)) << p.name;
+      for (int64_t i = 0; i < p.numel; ++i) {
+        const double got = model.grads()[p.offset + i];
+        scale = std::max(scale, std::fabs(double(g[i])));
+        if (std::fabs(got - g[i]) > off_bf16) off_bf16 = std::fabs(got - g[i]), worst = p.name;
+        off_f32 = std::max(off_f32, std::fabs(got - u[i]));
+      }
+    }
+    EXPECT_LT(off_bf16, 1e-5 * scale) << "worst gradient: " << worst << " (max |g| " << scale << ")";
+    EXPECT_LT(off_bf16, 1e-3 * off_f32) << "not much closer to the rounded reference";
+    std::printf("bf16 residual vs transformers: loss %.6f vs %.6f (unrounded %.6f); worst "
+                "gradient difference %.3g (vs the unrounded model %.3g, max |g| %.3g)\n",
+                loss, want, f32, off_bf16, off_f32, scale);
+  }
+}
+
 // The fixture set must be there: an empty list would make the suite above pass vacuously.
 TEST(ModelFixtures, AllCasesPresent) {
   const auto cases = fixture_cases();
