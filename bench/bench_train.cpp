@@ -137,6 +137,7 @@ int run(int argc, char** argv) {
   }
   if (label.empty()) label = "default";
   base.offload_dir = "/tmp";
+  base.bf16_residual = bf16;  // as train --bf16 True: the residual stream and checkpoints in bf16
   if (lora_r > 0) {
     LoraOptions o;
     o.use_peft_lora = true;

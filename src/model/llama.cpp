@@ -51,11 +51,11 @@ struct LlamaModel::Slot {
   // offload or bf16 checkpoints): the layers run on two f32 staging buffers, one being computed
   // while the other's checkpoint goes out (forward) or comes in (backward), and `store` keeps
   // each layer input (stage layers of them, f32 or bf16, in host memory with offload); bf16
-  // checkpoints in host memory travel through two device bf16 buffers.
+  // checkpoints offloaded from a device travel through one device bf16 buffer.
   std::vector<float*> res;
   std::vector<void*> store;
   float* stage[2] = {nullptr, nullptr};
-  uint16_t* bstage[2] = {nullptr, nullptr};
+  uint16_t* bstage = nullptr;
   std::vector<std::unique_ptr<LayerActs>> acts;  // (stage layers) when nothing is recomputed
   int64_t n = 0;                                 // tokens here
   int64_t chunks = 1;     // sequence path: attention chunks of the whole sequence
@@ -364,9 +364,9 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
           res_cat, offload ? "offload" : "activations"));
     for (size_t j = 0; staged && j < 2; ++j)
       sl->stage[j] = b.take(fmt::format("{}res_stage.{}", p, j), N * D, res_cat, "activations");
-    for (size_t j = 0; offload && bf16_store && j < 2; ++j)
-      sl->bstage[j] = static_cast<uint16_t*>(b.take_bytes(fmt::format("{}bf16.res_stage.{}", p, j),
-                                                          N * D * 2, res_cat, "activations"));
+    if (offload && bf16_store)
+      sl->bstage = static_cast<uint16_t*>(
+          b.take_bytes(p + "bf16.res_stage", N * D * 2, res_cat, "activations"));
     if (per_layer_acts)
       for (size_t j = 0; j < NL; ++j)
         sl->acts.push_back(declare_acts(fmt::format("{}layer{}.", p, size_t(l0) + j)));
@@ -752,41 +752,57 @@ void LlamaModel::release(int64_t unit, LayerWeightsProvider::Pass pass) {
 
 // Staged checkpoints: layer l's input is kept while layer l runs (forward) and comes back while
 // layer l + 1 runs its backward. Offload: an asynchronous copy each way; a file-backed store
-// (CPU) is copied piece by piece, each piece's pages released at once, so that no more than one
-// piece is resident besides the staging buffers, and the next checkpoint is read ahead. bf16
-// checkpoints: rounded into the store (through a device bf16 buffer when it is on the host) and
-// widened back, exactly, since the residual stream is bf16-rounded already.
+// (CPU) is written and read piece by piece, each piece's pages released at once, so that no more
+// than one piece is resident besides the staging buffers, and the next checkpoint is read
+// ahead. bf16 checkpoints: rounded into the store and widened back, exactly (the residual stream
+// is bf16-rounded already); offloaded from a device, through one device bf16 buffer (a layer
+// start waits for the copies before it is reused), on CPU straight into and out of the file.
 void LlamaModel::checkpoint_out(int64_t l) {
   Slot& sl = slot();
   if (!sl.stage[0] || !sl.training) return;  // forward-only passes keep nothing
-  const int64_t i = l - layer_begin_;
   const size_t n = size_t(n_) * config_.hidden_size;
-  if (!bf16_store()) return offload_copy(sl.store[i], res(l), n * 4, /*out=*/true, nullptr);
-  if (!settings_.offload_checkpoints)
-    return be_.f32_to_bf16(static_cast<uint16_t*>(sl.store[i]), res(l), int64_t(n));
-  be_.f32_to_bf16(sl.bstage[i % 2], res(l), int64_t(n));
-  offload_copy(sl.store[i], sl.bstage[i % 2], n * 2, /*out=*/true, nullptr);
+  void* store = sl.store[l - layer_begin_];
+  if (!bf16_store()) return offload_copy(store, res(l), n * 4, /*out=*/true, nullptr);
+  auto* store16 = static_cast<uint16_t*>(store);
+  if (!settings_.offload_checkpoints) return be_.f32_to_bf16(store16, res(l), int64_t(n));
+  Arena& arena = arenas_.at("offload");
+  if (!arena.is_file_backed()) {
+    be_.f32_to_bf16(sl.bstage, res(l), int64_t(n));
+    return offload_copy(store, sl.bstage, n * 2, /*out=*/true, nullptr);
+  }
+  for (size_t at = 0, piece = kOffloadPiece / 2; at < n; at += piece) {
+    const size_t k = std::min(piece, n - at);
+    be_.f32_to_bf16(store16 + at, res(l) + at, int64_t(k));
+    arena.release(store16 + at, k * 2);
+  }
 }
 
 void LlamaModel::checkpoint_in(int64_t l) {
   Slot& sl = slot();
-  if (!sl.stage[0]) return;
+  if (!sl.stage[0] || !settings_.offload_checkpoints) return;
   const int64_t i = l - layer_begin_;
   const size_t n = size_t(n_) * config_.hidden_size;
   void* next = i > 0 ? sl.store[i - 1] : nullptr;
   if (!bf16_store()) return offload_copy(sl.store[i], res(l), n * 4, /*out=*/false, next);
-  if (settings_.offload_checkpoints)
-    offload_copy(sl.store[i], sl.bstage[i % 2], n * 2, /*out=*/false, next);
+  if (!arenas_.at("offload").is_file_backed())
+    offload_copy(sl.store[i], sl.bstage, n * 2, /*out=*/false, next);
 }
 
 void LlamaModel::checkpoint_ready(int64_t l) {
   Slot& sl = slot();
   if (!sl.stage[0] || !bf16_store()) return;
   const int64_t i = l - layer_begin_;
-  const uint16_t* src = settings_.offload_checkpoints
-                            ? sl.bstage[i % 2]
-                            : static_cast<const uint16_t*>(sl.store[i]);
-  be_.bf16_to_f32(res(l), src, n_ * config_.hidden_size);
+  const int64_t n = n_ * config_.hidden_size;
+  auto* store16 = static_cast<uint16_t*>(sl.store[i]);
+  if (!settings_.offload_checkpoints) return be_.bf16_to_f32(res(l), store16, n);
+  Arena& arena = arenas_.at("offload");
+  if (!arena.is_file_backed()) return be_.bf16_to_f32(res(l), sl.bstage, n);
+  for (int64_t at = 0, piece = int64_t(kOffloadPiece / 2); at < n; at += piece) {
+    const int64_t k = std::min(piece, n - at);
+    be_.bf16_to_f32(res(l) + at, store16 + at, k);
+    arena.release(store16 + at, size_t(k) * 2);
+  }
+  if (i > 0) arena.prefetch(sl.store[i - 1], size_t(n) * 2);
 }
 
 void LlamaModel::offload_copy(void* store, void* dev, size_t bytes, bool out, void* next) {
