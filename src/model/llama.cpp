@@ -331,7 +331,7 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   const size_t slots = s.train ? size_t(s.micro_slots) : 1;
   LT_CHECK(slots >= 1, "micro_slots {}", s.micro_slots);
   const bool offload = s.train && s.offload_checkpoints;
-  const bool bf16_store = s.train && s.checkpointing && s.bf16_residual;
+  const bool bf16_store = bf16_checkpoints(s);
   const bool staged = offload || bf16_store;
   const size_t num_res = s.train ? (staged ? 0 : NL + 1) : 2;
   const MemCategory res_cat =
@@ -532,6 +532,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
     const size_t bytes = plan.arena_bytes(name);
     arenas_.emplace(name, make_backend_arena(be_, name, bytes, settings_.offload_dir));
   }
+  if (auto it = arenas_.find("offload"); it != arenas_.end()) offload_arena_ = &it->second;
   ArenaBinder binder(&arenas_);
   Bound bound;
   declare_buffers(config_, settings_, binder, &bound);
@@ -762,10 +763,11 @@ void LlamaModel::checkpoint_out(int64_t l) {
   if (!sl.stage[0] || !sl.training) return;  // forward-only passes keep nothing
   const size_t n = size_t(n_) * config_.hidden_size;
   void* store = sl.store[l - layer_begin_];
-  if (!bf16_store()) return offload_copy(store, res(l), n * 4, /*out=*/true, nullptr);
+  if (!bf16_checkpoints(settings_))
+    return offload_copy(store, res(l), n * 4, /*out=*/true, nullptr);
   auto* store16 = static_cast<uint16_t*>(store);
   if (!settings_.offload_checkpoints) return be_.f32_to_bf16(store16, res(l), int64_t(n));
-  Arena& arena = arenas_.at("offload");
+  Arena& arena = *offload_arena_;
   if (!arena.is_file_backed()) {
     be_.f32_to_bf16(sl.bstage, res(l), int64_t(n));
     return offload_copy(store, sl.bstage, n * 2, /*out=*/true, nullptr);
@@ -783,19 +785,20 @@ void LlamaModel::checkpoint_in(int64_t l) {
   const int64_t i = l - layer_begin_;
   const size_t n = size_t(n_) * config_.hidden_size;
   void* next = i > 0 ? sl.store[i - 1] : nullptr;
-  if (!bf16_store()) return offload_copy(sl.store[i], res(l), n * 4, /*out=*/false, next);
-  if (!arenas_.at("offload").is_file_backed())
+  if (!bf16_checkpoints(settings_))
+    return offload_copy(sl.store[i], res(l), n * 4, /*out=*/false, next);
+  if (!offload_arena_->is_file_backed())
     offload_copy(sl.store[i], sl.bstage, n * 2, /*out=*/false, next);
 }
 
 void LlamaModel::checkpoint_ready(int64_t l) {
   Slot& sl = slot();
-  if (!sl.stage[0] || !bf16_store()) return;
+  if (!sl.stage[0] || !bf16_checkpoints(settings_)) return;
   const int64_t i = l - layer_begin_;
   const int64_t n = n_ * config_.hidden_size;
   auto* store16 = static_cast<uint16_t*>(sl.store[i]);
   if (!settings_.offload_checkpoints) return be_.bf16_to_f32(res(l), store16, n);
-  Arena& arena = arenas_.at("offload");
+  Arena& arena = *offload_arena_;
   if (!arena.is_file_backed()) return be_.bf16_to_f32(res(l), sl.bstage, n);
   for (int64_t at = 0, piece = int64_t(kOffloadPiece / 2); at < n; at += piece) {
     const int64_t k = std::min(piece, n - at);
@@ -806,7 +809,7 @@ void LlamaModel::checkpoint_ready(int64_t l) {
 }
 
 void LlamaModel::offload_copy(void* store, void* dev, size_t bytes, bool out, void* next) {
-  Arena& arena = arenas_.at("offload");
+  Arena& arena = *offload_arena_;
   char* s = static_cast<char*>(store);
   char* d = static_cast<char*>(dev);
   const size_t piece = arena.is_file_backed() ? kOffloadPiece : bytes;
@@ -823,8 +826,8 @@ void LlamaModel::offload_copy(void* store, void* dev, size_t bytes, bool out, vo
   if (next && arena.is_file_backed()) arena.prefetch(next, bytes);
 }
 
-bool LlamaModel::bf16_store() const {
-  return settings_.train && settings_.checkpointing && settings_.bf16_residual;
+bool LlamaModel::bf16_checkpoints(const RunSettings& s) {
+  return s.train && s.checkpointing && s.bf16_residual;
 }
 
 void LlamaModel::prepare(const MicroBatch& mb, int64_t slot_index, bool training) {
@@ -1273,7 +1276,8 @@ void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
 void LlamaModel::forward_layers(const float* input) {
   const int64_t N = n_, D = config_.hidden_size;
   const Slot& sl = slot();
-  be_.wait_copies();  // an earlier pass's copies have left the staging buffers
+  const bool staged = sl.stage[0] != nullptr;
+  if (staged) be_.wait_copies();  // an earlier pass's copies have left the staging buffers
   if (first_stage()) {
     be_.embedding_forward(res(layer_begin_), sl.ids, w_.embed, N, D);
     if (settings_.bf16_residual) be_.round_to_bf16(res(layer_begin_), N * D);
@@ -1284,7 +1288,7 @@ void LlamaModel::forward_layers(const float* input) {
   }
   for (int64_t l = layer_begin_; l < layer_end_; ++l) {
     // Staged: res(l - 1) has left the buffer that layer l writes, res(l) is kept as it runs.
-    be_.wait_copies();
+    if (staged) be_.wait_copies();
     checkpoint_out(l);
     acquire(l, LayerWeightsProvider::Pass::kForward);
     layer_forward(l, acts_for(l), Pass::kForward);
@@ -1301,11 +1305,12 @@ void LlamaModel::forward_layers(const float* input) {
 void LlamaModel::backward_layers() {
   Work& k = *work_;
   using PP = LayerWeightsProvider::Pass;
+  const bool staged = slot().stage[0] != nullptr;
   for (int64_t l = layer_end_ - 1; l >= layer_begin_; --l) {
     LayerActs& a = acts_for(l);
     // Staged: res(l) has arrived; res(l - 1) comes in, over res(l + 1), as layer l runs (the
     // stage's last layer finds its input still in the staging buffer).
-    be_.wait_copies();
+    if (staged) be_.wait_copies();
     if (l < layer_end_ - 1) checkpoint_ready(l);
     if (l > layer_begin_) checkpoint_in(l - 1);
     acquire(l, PP::kBackward);

@@ -301,7 +301,8 @@ class LlamaModel {
   // Copies between an offloaded store and a device buffer (asynchronous; piecewise with pages
   // released on a file-backed store, reading `next` ahead).
   void offload_copy(void* store, void* dev, size_t bytes, bool out, void* next);
-  bool bf16_store() const;  // checkpoints kept in bf16 (RunSettings::bf16_residual)
+  // Checkpoints kept in bf16 (training, checkpointing and RunSettings::bf16_residual).
+  static bool bf16_checkpoints(const RunSettings& s);
   // Pieces in which a file-backed checkpoint store is written and read (whole pages).
   static constexpr size_t kOffloadPiece = size_t(2) << 20;
   void dump(const std::string& name, const float* data, size_t n) const;
@@ -314,6 +315,7 @@ class LlamaModel {
   RunSettings settings_;
   ParamTable table_;
   std::map<std::string, Arena> arenas_;
+  Arena* offload_arena_ = nullptr;  // arenas_["offload"] when checkpoints are offloaded
   float* params_ = nullptr;
   float* grads_ = nullptr;
   ModelWeights w_, g_;
