@@ -145,6 +145,26 @@ sys.exit(0 if a and a == b else 1)
 PY
   then note "PASS  offload-exact (GPU losses with offload equal checkpointing's)"
   else note "FAIL  offload-exact: see compare-offload-exact.log"; fi
+  # The plan covers every GPU allocation: no scratch outside the planned workspace, and the
+  # measured device peak within the plan plus the CUDA runtime it allows (1 GiB).
+  if python3 - "$OUT"/train-*-cuda.log > "$OUT/plan-vs-device.log" 2>&1 <<'PY'
+import re, sys
+units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+ok = True
+for path in sys.argv[1:]:
+    text = open(path).read()
+    if "outside the plan" in text:
+        print(path, ": the CUDA backend allocated scratch outside the planned workspace"); ok = False
+    m = re.search(r"device memory on cuda: planned ([0-9.]+) (\w+), measured peak ([0-9.]+) (\w+)", text)
+    if not m:
+        print(path, ": no device memory line"); ok = False; continue
+    planned, peak = float(m[1]) * units[m[2]], float(m[3]) * units[m[4]]
+    print(f"{path}: planned {planned / 2**20:.1f} MiB, measured peak {peak / 2**20:.1f} MiB")
+    ok &= peak <= planned * 1.02 + 2**20
+sys.exit(0 if ok else 1)
+PY
+  then note "PASS  plan-vs-device (every GPU allocation planned; see plan-vs-device.log)"
+  else note "FAIL  plan-vs-device: see plan-vs-device.log"; fi
 fi
 
 # 5. Benchmarks (validated before timing), if time is left.

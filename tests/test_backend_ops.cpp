@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -259,19 +260,17 @@ TEST_P(BackendOps, LinearBf16Weight) {
   auto d_b = buf("bias", bias);
   auto d_y = out("out", N * OUT);
   auto d_e = out("expand", OUT * IN);
-  be_->linear_forward_bf16w(d_y->get(), d_x->get(), d_w->get(), d_b->get(), N, IN, OUT,
-                            d_e->get());
+  be_->linear_forward_bf16w(d_y->get(), d_x->get(), d_w->get(), d_b->get(), N, IN, OUT, d_e->get());
   EXPECT_CLOSE(d_y->read(), y, gemm(), "linear_forward_bf16w +bias");
   for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
     const Vec dx0 = random_vec(N * IN, 94), db0 = random_vec(OUT, 95);
     Vec dx = dx0, db = db0;
-    linear_backward(dx.data(), nullptr, db.data(), dy.data(), x.data(), w.data(), N, IN, OUT,
-                    acc);
+    linear_backward(dx.data(), nullptr, db.data(), dy.data(), x.data(), w.data(), N, IN, OUT, acc);
     auto d_dy = buf("dout", dy);
     auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * IN);
     auto d_db = buf("dbias", db0);
-    be_->linear_backward_bf16w(d_dx->get(), d_db->get(), d_dy->get(), d_w->get(), N, IN, OUT,
-                               acc, d_e->get());
+    be_->linear_backward_bf16w(d_dx->get(), d_db->get(), d_dy->get(), d_w->get(), N, IN, OUT, acc,
+                               d_e->get());
     EXPECT_CLOSE(d_dx->read(), dx, gemm(), "linear_backward_bf16w dinp");
     EXPECT_CLOSE(d_db->read(), db, gemm(), "linear_backward_bf16w dbias (+=)");
   }
@@ -788,6 +787,122 @@ TEST(CudaBackend, Bf16GemmMode) {
   EXPECT_TRUE(all_close(d_dx16.read().data(), d_dx.read().data(), N * IN, 1e-5, 1e-5,
                         "bf16-weight linear_backward vs the widened weight"));
   EXPECT_EQ(d_e.read(), sentinel) << "the bf16 path widened the weight";
+}
+
+// bf16 GEMMs whose staged operands pass the GEMM workspace run block by block: bound to a small
+// workspace, the CUDA backend's linear layers and LM head match the same backend unblocked (one
+// cuBLAS call each), the split dimension being M (tokens), N (vocabulary) or K (weight
+// gradients), with f32 (staged) and bf16 (in place) weights.
+TEST(CudaBackend, Bf16GemmsRunInBlocksWithinTheWorkspace) {
+  std::string reason;
+  auto whole = make_cuda_backend(&reason, GemmPrecision::kBf16);
+  if (!whole) GTEST_SKIP() << "no CUDA device: " << reason;
+  auto blocked = make_cuda_backend(&reason, GemmPrecision::kBf16);
+  ASSERT_TRUE(blocked) << reason;
+  const size_t gemm_bytes = 24 << 10;  // 12288 bf16 values: every product below is split
+  DeviceBuffer<float> op_ws(*blocked, "op workspace", 1 << 20);
+  DeviceBuffer<uint16_t> gemm_ws(*blocked, "gemm workspace", int64_t(gemm_bytes / 2));
+  blocked->bind_workspace(op_ws.get(), size_t(1) << 22, gemm_ws.get(), gemm_bytes);
+  const int64_t N = 515, IN = 200, OUT = 97;  // not multiples of 64
+  const Vec x = random_vec(N * IN, 80), w = random_vec(OUT * IN, 81), dy = random_vec(N * OUT, 82);
+  std::vector<uint16_t> w16(OUT * IN);
+  for (int64_t i = 0; i < OUT * IN; ++i) w16[i] = f32_to_bf16(w[i]);
+  struct Result {
+    Vec y, y16, dx, dw, dx16;
+  };
+  auto run = [&](Backend& be) {
+    DeviceBuffer<float> d_x(be, "inp", x), d_w(be, "weight", w), d_dy(be, "dout", dy),
+        d_y(be, "out", N * OUT), d_y16(be, "out16", N * OUT), d_dx(be, "dinp", N * IN),
+        d_dw(be, "dweight", Vec(OUT * IN, 0.0f)), d_dx16(be, "dinp16", N * IN),
+        d_e(be, "expand", OUT * IN);
+    DeviceBuffer<uint16_t> d_w16(be, "weight16", w16);
+    be.linear_forward(d_y.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
+    be.linear_backward(d_dx.get(), d_dw.get(), nullptr, d_dy.get(), d_x.get(), d_w.get(), N, IN,
+                       OUT, Accumulate::kNo);
+    be.linear_forward_bf16w(d_y16.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get());
+    be.linear_backward_bf16w(d_dx16.get(), nullptr, d_dy.get(), d_w16.get(), N, IN, OUT,
+                             Accumulate::kNo, d_e.get());
+    return Result{d_y.read(), d_y16.read(), d_dx.read(), d_dw.read(), d_dx16.read()};
+  };
+  const Result a = run(*whole), b = run(*blocked);
+  // Blocks of K sum their partial products in f32 outside cuBLAS: the same products, another
+  // order of f32 additions.
+  const double tol = 1e-6 * double(N);
+  EXPECT_TRUE(all_close(b.y, a.y, 1e-5, 1e-5, "forward (rows in blocks)"));
+  EXPECT_TRUE(all_close(b.y16, a.y16, 1e-5, 1e-5, "bf16-weight forward (rows in blocks)"));
+  EXPECT_TRUE(all_close(b.dx, a.dx, 1e-5, 1e-5, "dinp (rows in blocks)"));
+  EXPECT_TRUE(all_close(b.dx16, a.dx16, 1e-5, 1e-5, "bf16-weight dinp (rows in blocks)"));
+  EXPECT_TRUE(all_close(b.dw, a.dw, tol, 1e-5, "dweight (tokens in blocks)"));
+  // The LM head: logits in vocabulary blocks, dhidden and dweight summed over blocks.
+  const int64_t T = 70, D = 48, V = 1031;
+  const Vec h = random_vec(T * D, 83, -2, 2), wv = random_vec(V * D, 84);
+  const Ids t = random_ids(T, V, 85);
+  auto head = [&](Backend& be, Vec* dh, Vec* dw) {
+    DeviceBuffer<float> d_h(be, "hidden", h), d_w(be, "weight", wv), d_dh(be, "dhidden", T * D),
+        d_dw(be, "dweight", Vec(V * D, 0.0f)), d_s(be, "scratch", 32 * V);
+    DeviceBuffer<int32_t> d_t(be, "targets", t);
+    const double loss = be.lm_head_cross_entropy(d_dh.get(), d_dw.get(), d_h.get(), d_w.get(),
+                                                 d_t.get(), T, D, V, 32, 1.0f / T, d_s.get());
+    *dh = d_dh.read(), *dw = d_dw.read();
+    return loss;
+  };
+  Vec dh_a, dw_a, dh_b, dw_b;
+  const double la = head(*whole, &dh_a, &dw_a), lb = head(*blocked, &dh_b, &dw_b);
+  EXPECT_NEAR(lb, la, 1e-5 * std::fabs(la));
+  EXPECT_TRUE(all_close(dh_b, dh_a, 1e-6 * V, 1e-5, "LM head dhidden (vocabulary in blocks)"));
+  EXPECT_TRUE(all_close(dw_b, dw_a, 1e-6 * T, 1e-5, "LM head dweight"));
+  // Only the two workspace buffers are live: the bound backend allocated no scratch of its own.
+  EXPECT_EQ(blocked->device_memory_use().in_use,
+            (size_t(1) << 22) + gemm_bytes + 4 * DeviceBuffer<float>::kGuardBytes);
+}
+
+// The blocks a bf16 GEMM runs in: one when it fits, else the largest staged dimension halved
+// (multiples of 64) until the staged operands fit: tokens for projections, the vocabulary for
+// the LM head, K for weight gradients; a bf16 weight in place does not count.
+TEST(GemmBlocks, SplitTheLargestStagedDimensionUntilTheOperandsFit) {
+  const size_t mib = 1 << 20;
+  auto fits = [](const GemmBlocks& b, bool stage_b, size_t limit) {
+    return gemm_stage_bytes(b.m, b.n, b.k, stage_b) <= limit;
+  };
+  GemmBlocks b = gemm_blocks(512, 4096, 4096, true, kCudaGemmScratchCap);
+  EXPECT_EQ(b.m, 512);  // fits: one block
+  EXPECT_EQ(b.n, 4096);
+  EXPECT_EQ(b.k, 4096);
+  b = gemm_blocks(131072, 4096, 4096, true, 64 * mib);  // q_proj forward over 128K tokens
+  EXPECT_TRUE(fits(b, true, 64 * mib));
+  EXPECT_EQ(b.n, 4096);
+  EXPECT_EQ(b.k, 4096);
+  EXPECT_EQ(b.m % 64, 0);
+  EXPECT_GE(b.m, 2048) << "no smaller than it has to be";
+  b = gemm_blocks(4096, 4096, 131072, true, 64 * mib);  // its weight gradient: K = tokens
+  EXPECT_TRUE(fits(b, true, 64 * mib));
+  EXPECT_EQ(b.m, 4096);
+  EXPECT_EQ(b.n, 4096);
+  EXPECT_LT(b.k, 131072);
+  b = gemm_blocks(2048, 128256, 4096, true, kCudaGemmScratchCap);  // LM head logits
+  EXPECT_TRUE(fits(b, true, kCudaGemmScratchCap));
+  EXPECT_EQ(b.m, 2048);
+  EXPECT_EQ(b.k, 4096);
+  EXPECT_LT(b.n, 128256);
+  b = gemm_blocks(2048, 128256, 4096, false, 64 * mib);  // a bf16 weight: only A is staged
+  EXPECT_EQ(b.m, 2048);
+  EXPECT_EQ(b.n, 128256);
+  EXPECT_EQ(b.k, 4096);
+  for (uint64_t seed = 1; seed < 200; ++seed) {  // any shape and limit: blocks fit and tile
+    std::mt19937_64 g(seed);
+    const int64_t M = 1 + int64_t(g() % 5000), N = 1 + int64_t(g() % 5000);
+    const int64_t K = 1 + int64_t(g() % 5000);
+    const bool stage_b = g() % 2;
+    const size_t limit = 258 + g() % (8 * mib);
+    const GemmBlocks c = gemm_blocks(M, N, K, stage_b, limit);
+    SCOPED_TRACE(::testing::Message() << M << "x" << N << "x" << K << " limit " << limit);
+    EXPECT_TRUE(fits(c, stage_b, limit)) << c.m << " " << c.n << " " << c.k;
+    EXPECT_TRUE(c.m >= 1 && c.m <= M && c.n >= 1 && c.n <= N && c.k >= 1 && c.k <= K);
+    if (gemm_stage_bytes(M, N, K, stage_b) <= limit) {
+      EXPECT_TRUE(c.m == M && c.n == N && c.k == K) << "a product that fits is one block";
+    }
+
+  }
 }
 
 // Which GPU a rank takes: its local rank from the launcher's environment, first variable set wins.

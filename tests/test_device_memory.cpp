@@ -9,6 +9,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <random>
 #include <regex>
 
@@ -17,6 +19,7 @@
 #include "dist/sequence.h"
 #include "model/llama.h"
 #include "model/presets.h"
+#include "plan/planner.h"
 #include "train/batching.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
@@ -70,6 +73,12 @@ Outcome train(const std::string& device, RunSettings rs, bool fpdt) {
     if (fpdt) mbs.back() = sequence_shard(mbs.back(), 1, 0, rs.seq_chunk);
     rs.max_tokens = std::max(rs.max_tokens, mbs.back().num_tokens());
   }
+  // The CUDA backend's workspace as the trainer plans and binds it: the guarded backend then
+  // checks every op's CUDA scratch request against it.
+  const BackendWorkspace ws = be->workspace_needs(workspace_shape(c, rs));
+  std::unique_ptr<void, std::function<void(void*)>> workspace(
+      ws.op_bytes ? be->alloc(ws.op_bytes) : nullptr, [&](void* p) { be->free(p); });
+  be->bind_workspace(workspace.get(), ws.op_bytes, nullptr, 0);
   LlamaModel m(c, *be, rs);
   const ParamTable full(c);
   std::vector<float> w(full.total_numel());
@@ -210,6 +219,25 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     kept.offload_checkpoints = false;
     expect_identical(guarded, train("cpu-guarded", kept, k.fpdt), "checkpoints kept");
   }
+}
+
+// The guarded backend holds op calls to the CUDA workspace contract: a call whose CUDA kernel
+// would need more scratch than the bound workspace stops the run, naming the op.
+TEST(DeviceMemoryDeathTest, GuardedBackendHoldsOpsToThePlannedCudaWorkspace) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        auto be = make_backend("cpu-guarded");
+        const int64_t N = 4096;  // 4096 rows: 16 KiB of CUDA scratch, 1 KiB planned
+        void* ws = be->alloc(1024);
+        be->bind_workspace(ws, 1024, nullptr, 0);
+        float* x = static_cast<float*>(be->alloc(size_t(N) * 4));
+        int32_t* t = static_cast<int32_t*>(be->alloc(size_t(N) * 4));
+        be->memset_zero(t, size_t(N) * 4);
+        float* scratch = static_cast<float*>(be->alloc(size_t(N) * 4));
+        be->lm_head_cross_entropy(nullptr, nullptr, x, x, t, N, 1, 1, N, 1.0f, scratch);
+      },
+      "lm_head_cross_entropy needs 32768 bytes of CUDA scratch; the planned workspace has 1024");
 }
 
 TEST(DeviceMemory, GuardedMemoryReallyIsGuarded) {

@@ -2,6 +2,7 @@
 // stays free of formatting code that nvcc cannot compile).
 #include "backend/backend.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +25,56 @@ int local_rank_from_env() {
     return r;
   }
   return 0;
+}
+
+size_t gemm_stage_bytes(int64_t m, int64_t n, int64_t k, bool stage_b) {
+  return (size_t(m * k) * 2 + 255) / 256 * 256 + (stage_b ? size_t(k * n) * 2 : 0);
+}
+
+GemmBlocks gemm_blocks(int64_t M, int64_t N, int64_t K, bool stage_b, size_t limit) {
+  auto halve = [](int64_t x) {
+    const int64_t h = (x + 1) / 2;
+    return h > 64 ? (h + 63) / 64 * 64 : h;
+  };
+  GemmBlocks b{M, N, K};
+  while (gemm_stage_bytes(b.m, b.n, b.k, stage_b) > limit) {
+    if (stage_b && b.n >= b.m && b.n >= b.k && b.n > 1)
+      b.n = halve(b.n);
+    else if (b.m >= b.k && b.m > 1)
+      b.m = halve(b.m);
+    else if (b.k > 1)
+      b.k = halve(b.k);
+    else
+      break;  // one element each: the limit is below 258 bytes
+  }
+  return b;
+}
+
+BackendWorkspace cuda_workspace_needs(const WorkspaceShape& s, bool bf16_gemms,
+                                      size_t reduce_bytes) {
+  auto align = [](size_t b) { return (b + 255) / 256 * 256; };
+  const size_t N = size_t(s.tokens), D = size_t(s.hidden), F = size_t(s.intermediate);
+  const size_t V = size_t(s.vocab), Q = size_t(std::max(s.q_dim, s.hidden));
+  const size_t KV = size_t(s.kv_dim), r = size_t(s.lora_rank);
+  const size_t m = size_t(s.mlp_rows), lm = size_t(s.lm_rows);
+  BackendWorkspace w;
+  // Every ctx.scratch request (cuda_scratch), for the run's largest calls.
+  w.op_bytes = align(std::max(
+      {cuda_scratch::attention_backward(s.tokens * s.heads), cuda_scratch::cross_entropy(s.tokens),
+       cuda_scratch::column_partials(s.tokens, s.hidden, 8),
+       cuda_scratch::column_partials(s.tokens, std::max(s.q_dim, s.hidden), 4), reduce_bytes}));
+  if (!bf16_gemms) return w;
+  // bf16 GEMMs stage op(A) (M,K) and op(B) (K,N) rounded, A 256-aligned: the largest product of
+  // each kind, LoRA's included (its rank is below every other dimension).
+  auto gemm = [](size_t M, size_t Nn, size_t K) {
+    return gemm_stage_bytes(int64_t(M), int64_t(Nn), int64_t(K), true);
+  };
+  const size_t proj = std::max({gemm(N, Q, D), gemm(N, D, Q), gemm(Q, D, N), gemm(N, KV, D),
+                                gemm(KV, D, N), gemm(N, r, std::max(D, F)), gemm(r, D, N)});
+  const size_t mlp = std::max({gemm(m, F, D), gemm(m, D, F), gemm(F, D, m), gemm(D, F, m)});
+  const size_t head = std::max({gemm(lm, V, D), gemm(lm, D, V), gemm(V, D, lm)});
+  w.gemm_bytes = std::min(kCudaGemmScratchCap, align(std::max({proj, mlp, head})));
+  return w;
 }
 
 void Backend::linear_forward_bf16w(float* out, const float* inp, const uint16_t* weight,

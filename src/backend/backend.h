@@ -42,6 +42,58 @@ struct DeviceMemoryUse {
   size_t in_use = 0, peak = 0;
 };
 
+// The largest op calls of a run, for sizing a backend's workspace (tokens: the most rows one op
+// sees: a micro-batch's local tokens; mlp_rows / lm_rows: a mini-sequence chunk of each).
+struct WorkspaceShape {
+  int64_t tokens = 0, mlp_rows = 0, lm_rows = 0;
+  int64_t hidden = 0, intermediate = 0, vocab = 0, heads = 0, q_dim = 0, kv_dim = 0;
+  int64_t lora_rank = 0;
+};
+struct BackendWorkspace {
+  size_t op_bytes = 0, gemm_bytes = 0;
+};
+
+// The most device memory the CUDA backend stages GEMM inputs in at bf16: larger products are
+// multiplied block by block (src/backend/cuda/linear.cu).
+inline constexpr size_t kCudaGemmScratchCap = size_t(256) << 20;
+
+// The device scratch each CUDA kernel asks for (src/backend/cuda/*.cu size their requests with
+// these; cuda_workspace_needs plans them; the guarded test backend checks every op call against
+// the planned workspace with them).
+namespace cuda_scratch {
+inline constexpr int64_t kSliceRows = 256;  // rows per partial column sum
+// attention_backward: D = rowsum(dO * O), one float per query row and head (B * q_rows * H).
+inline size_t attention_backward(int64_t rows) { return size_t(rows > 1 ? rows : 1) * 4; }
+// lm_head_cross_entropy: one double loss per row.
+inline size_t cross_entropy(int64_t N) { return size_t(N) * 8; }
+// Deterministic column sums over row slices: RMSNorm's weight gradient (doubles), the bias
+// gradient (floats).
+inline size_t column_partials(int64_t N, int64_t cols, size_t elem) {
+  return size_t((N + kSliceRows - 1) / kSliceRows) * size_t(cols) * elem;
+}
+// sum_squares: one double per block, at most 32 blocks per SM (1 MiB covers any GPU: the plan's
+// figure when the GPU is not known).
+inline constexpr size_t kReduceBytes = size_t(1) << 20;
+inline size_t sum_squares(int num_sms) { return size_t(num_sms) * 32 * 8; }
+}  // namespace cuda_scratch
+
+// The blocks a bf16 GEMM C (M,N) = op(A) (M,K) op(B) (K,N) runs in so that its staged operands
+// fit `limit` bytes: op(A) rounded (256-aligned), then op(B) rounded when stage_b (B f32).
+// Halves the largest staged dimension until they fit: C's rows (the tokens of a projection),
+// C's columns (the vocabulary of the LM head) or K (the tokens of a weight gradient), in
+// multiples of 64 while a block is larger than 64. A product that fits is one block.
+struct GemmBlocks {
+  int64_t m = 0, n = 0, k = 0;
+};
+size_t gemm_stage_bytes(int64_t m, int64_t n, int64_t k, bool stage_b);
+GemmBlocks gemm_blocks(int64_t M, int64_t N, int64_t K, bool stage_b, size_t limit);
+
+// What the CUDA backend's kernels ask for (src/backend/cuda/*.cu: every ctx.scratch request and
+// the bf16 GEMM staging), here so that the planner counts it without loading the CUDA module.
+// reduce_bytes: sum_squares' partials (a GPU's own: 8 bytes x 32 blocks per SM).
+BackendWorkspace cuda_workspace_needs(const WorkspaceShape& s, bool bf16_gemms,
+                                      size_t reduce_bytes = cuda_scratch::kReduceBytes);
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -73,6 +125,19 @@ class Backend {
   // True when device pointers are host addresses (CPU): host libraries such as MPI may then
   // read and write them directly instead of staging through copies.
   virtual bool host_addressable() const = 0;
+
+  // Planned device memory for the backend's own temporaries (plan/planner.h `device_workspace`
+  // sizes it for a run): op scratch (row losses, partial sums) and the bf16 copies of GEMM
+  // inputs. A backend that needs none returns {} and ignores bind_workspace; one that is never
+  // bound allocates its temporaries as they are asked for.
+  virtual BackendWorkspace workspace_needs(const WorkspaceShape& shape) const {
+    (void)shape;
+    return {};
+  }
+  virtual void bind_workspace(void* op_scratch, size_t op_bytes, void* gemm_scratch,
+                              size_t gemm_bytes) {
+    (void)op_scratch, (void)op_bytes, (void)gemm_scratch, (void)gemm_bytes;
+  }
 
   // Pinned (page-locked) host memory for asynchronous transfers (CPU: ordinary memory).
   virtual void* alloc_pinned(size_t bytes) = 0;

@@ -98,7 +98,9 @@ int cmd_plan(int argc, char** argv) {
   add_bool_flag(app, "--offload_activations", &offload, "offload layer checkpoints");
   add_bool_flag(app, "--use_flash_attn", &flash, "tiled attention (default True)");
   add_bool_flag(app, "--bf16", &bf16, "bf16 training: bf16 checkpoints and LoRA base, as train");
-  app.add_option("--device", device, "cpu or cuda (cuda plans bf16 with f32 master weights)");
+  app.add_option("--device", device,
+                 "cpu or cuda (the CUDA engine: its workspace and runtime; with --bf16 True "
+                 "its bf16 GEMM staging)");
   app.add_option("--memory_budget", budget, "device memory, e.g. 80GiB");
   LoraOptions lora;
   add_lora_flags(app, &lora);
@@ -147,13 +149,14 @@ int cmd_plan(int argc, char** argv) {
                            : load_model_config(std::filesystem::path(model) / "config.json");
   r.seq_len = seq;
   r.batch = batch;
-  r.device = device == "cuda" ? PlanDevice::kCudaBf16 : PlanDevice::kCpuF32;
+  r.device = device == "cuda" ? PlanDevice::kCuda : PlanDevice::kCpu;
+  r.bf16_gemms = bf16;
   r.settings.flash_attention = flash;
   r.settings.lora = resolve_lora(lora, 42);
-  // As train: --bf16 True keeps LoRA's frozen projections in bf16 (the CUDA plan is bf16 anyway).
-  r.settings.lora.base_bf16 =
-      (bf16 || device == "cuda") && r.settings.lora.enabled && !r.settings.lora.quantize_4bit;
-  r.settings.bf16_residual = bf16 || device == "cuda";  // and bf16 checkpoints, as train
+  // As train: --bf16 True keeps LoRA's frozen projections in bf16, rounds the residual stream
+  // and keeps the checkpoints in bf16.
+  r.settings.lora.base_bf16 = bf16 && r.settings.lora.enabled && !r.settings.lora.quantize_4bit;
+  r.settings.bf16_residual = bf16;
   r.world_size = world_size;
   r.zero_stage = zero_stage;
   r.offload_optimizer = offload_optimizer;
@@ -194,7 +197,10 @@ int cmd_plan(int argc, char** argv) {
   const PlanResult p = plan_memory(r);
   fmt::print("plan: {} ({} layers, hidden {}, vocab {}) at {} tokens x batch {} on {}\n",
              r.config.architecture, r.config.num_hidden_layers, r.config.hidden_size,
-             r.config.vocab_size, seq, batch, device == "cuda" ? "cuda (bf16)" : "cpu (f32)");
+             r.config.vocab_size, seq, batch,
+             device == "cpu" ? (bf16 ? "cpu (--bf16 True)" : "cpu")
+             : bf16          ? "cuda (bf16 GEMMs)"
+                             : "cuda (f32 GEMMs)");
   if (r.parallel()) {
     const ParallelLayout lay = ParallelLayout::make(world_size, 0, sp, pp);
     fmt::print("per device of {}, {}{}\n", lay.describe(), layout_text(r),

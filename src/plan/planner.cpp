@@ -15,37 +15,15 @@ namespace lt {
 
 namespace {
 
-// Bytes per f32-planned byte on the device for each category.
-double device_factor(MemCategory c, PlanDevice d) {
-  if (d == PlanDevice::kCpuF32) return 1.0;
-  switch (c) {
-    case MemCategory::kWeights:
-      return 1.5;  // bf16 weights + f32 master copy
-    case MemCategory::kGradients:
-      return 0.5;  // bf16 gradients
-    case MemCategory::kOptimizer:
-      return 1.0;  // f32 moments
-    case MemCategory::kLmHeadChunk:
-      return 1.0;  // logits stay f32
-    default:
-      return 0.5;  // bf16 activations and scratch
-  }
-}
-
 constexpr MemCategory kAllCategories[] = {
     MemCategory::kWeights,     MemCategory::kGradients,   MemCategory::kOptimizer,
     MemCategory::kCheckpoints, MemCategory::kActivations, MemCategory::kAttention,
     MemCategory::kMlpChunk,    MemCategory::kLmHeadChunk, MemCategory::kScratch};
 
-}  // namespace
-
-namespace {
-
 // Device bytes of a plan: host arenas ("*_host") and offloaded checkpoints ("offload": host
 // memory or a file; the layers run on two staging buffers planned with the activations) are off
 // the device.
 void account(PlanResult* out, const PlanRequest& r) {
-  const bool frozen_base = r.settings.lora.enabled;
   out->device_bytes = out->offloaded_bytes = 0;
   out->by_category.clear();
   for (MemCategory c : kAllCategories) {
@@ -57,20 +35,7 @@ void account(PlanResult* out, const PlanRequest& r) {
         out->offloaded_bytes += b.bytes;
         continue;
       }
-      double f = device_factor(c, r.device);
-      const bool packed = b.name.find("nf4.") != std::string::npos ||
-                          b.name.find("bf16.") != std::string::npos;
-      if (r.device == PlanDevice::kCudaBf16 && packed) {
-        f = 1.0;  // already 4-bit codes / bf16 values (weights, checkpoints)
-      } else if (r.device == PlanDevice::kCudaBf16 && c == MemCategory::kWeights) {
-        if (frozen_base && b.name == "params")
-          f = 0.5;  // frozen bf16, no master
-        else if (b.name.rfind("zero.gathered", 0) == 0)
-          f = 0.5;  // gathered bf16 copies
-        else if (b.name == "zero.param_shard" && r.offload_optimizer)
-          f = 0.5;  // master: host
-      }
-      bytes += static_cast<size_t>(static_cast<double>(b.bytes) * f);
+      bytes += b.bytes;
     }
     out->by_category.emplace_back(std::string(mem_category_name(c)), bytes);
     out->device_bytes += bytes;
@@ -78,9 +43,15 @@ void account(PlanResult* out, const PlanRequest& r) {
   // What every process holds besides the planned buffers, measured on the engine: code and
   // libraries, OpenMP thread stacks and OpenBLAS's packing workspace (CPU, about 30-55 MiB
   // here); the CUDA context, NCCL and cuBLAS workspaces on a GPU.
-  out->runtime_bytes = r.device == PlanDevice::kCpuF32 ? size_t(64) << 20 : size_t(1) << 30;
+  out->runtime_bytes = r.device == PlanDevice::kCpu ? size_t(64) << 20 : size_t(1) << 30;
   out->by_category.emplace_back("runtime", out->runtime_bytes);
   out->device_bytes += out->runtime_bytes;
+}
+
+// The CUDA backend's workspace, sized for the run's largest ops (every stage, every layout).
+void add_workspace(const PlanRequest& r, const RunSettings& s, MemoryPlan* plan) {
+  if (r.device == PlanDevice::kCuda)
+    plan_workspace(cuda_workspace_needs(workspace_shape(r.config, s), r.bf16_gemms), plan);
 }
 
 ParallelSettings parallel_settings(const PlanRequest& r) {
@@ -96,6 +67,27 @@ ParallelSettings parallel_settings(const PlanRequest& r) {
 
 }  // namespace
 
+WorkspaceShape workspace_shape(const ModelConfig& c, const RunSettings& s) {
+  WorkspaceShape w;
+  const int64_t N = std::max<int64_t>(s.max_tokens, 1);
+  w.tokens = N;
+  w.mlp_rows = (N + s.mlp_chunks - 1) / s.mlp_chunks;
+  w.lm_rows = (N + s.lm_head_chunks - 1) / s.lm_head_chunks;
+  w.hidden = c.hidden_size;
+  w.intermediate = c.intermediate_size;
+  w.vocab = c.vocab_size;
+  w.heads = c.num_attention_heads;
+  w.q_dim = c.num_attention_heads * c.head_dim;
+  w.kv_dim = c.num_key_value_heads * c.head_dim;
+  w.lora_rank = s.lora.enabled ? s.lora.r : 0;
+  return w;
+}
+
+void plan_workspace(const BackendWorkspace& w, MemoryPlan* plan) {
+  if (w.op_bytes) plan->add("workspace.op", w.op_bytes, MemCategory::kScratch, "workspace");
+  if (w.gemm_bytes) plan->add("workspace.gemm", w.gemm_bytes, MemCategory::kScratch, "workspace");
+}
+
 PlanResult plan_memory(const PlanRequest& r) {
   RunSettings s = r.settings;
   s.max_tokens = r.seq_len * r.batch;
@@ -107,6 +99,7 @@ PlanResult plan_memory(const PlanRequest& r) {
     if (!s.flash_attention)  // plain attention materialises one (T,T) score matrix at a time
       out.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2,
                    MemCategory::kAttention, "transient");
+    add_workspace(r, s, &out.plan);
     account(&out, r);
     return out;
   }
@@ -131,6 +124,7 @@ PlanResult plan_memory(const PlanRequest& r) {
     if (!st.flash_attention)
       p.plan.add("attention.scores", size_t(r.seq_len) * r.seq_len * 4 * 2, MemCategory::kAttention,
                  "transient");
+    add_workspace(r, st, &p.plan);
     account(&p, r);
     if (best.plan.buffers().empty() || p.device_bytes > best.device_bytes) best = std::move(p);
   }

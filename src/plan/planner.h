@@ -7,15 +7,24 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/memory.h"
 #include "model/config.h"
 #include "model/llama.h"
 
 namespace lt {
 
-// Where the plan is for: the CPU backend keeps everything in f32; the CUDA backend in bf16
-// keeps bf16 weights/activations/gradients plus f32 master weights and moments.
-enum class PlanDevice { kCpuF32, kCudaBf16 };
+// Where the plan is for. Both backends allocate every buffer as the model declares it (f32,
+// and bf16 where a buffer is named so: frozen bf16 bases, bf16 checkpoints); the CUDA backend
+// adds its planned workspace (op scratch, bf16 GEMM staging) and a larger fixed runtime (CUDA
+// context, cuBLAS and NCCL).
+enum class PlanDevice { kCpu, kCuda };
+
+// The largest op calls of a run, for sizing a backend's workspace (backend.h).
+WorkspaceShape workspace_shape(const ModelConfig& c, const RunSettings& s);
+// A backend's workspace as plan buffers: "workspace.op" and "workspace.gemm" in the arena
+// "workspace" (the trainer allocates it and binds it to the backend).
+void plan_workspace(const BackendWorkspace& w, MemoryPlan* plan);
 
 struct PlanRequest {
   ModelConfig config;
@@ -23,7 +32,8 @@ struct PlanRequest {
   int64_t batch = 1;                // rows per micro-batch
   RunSettings settings;             // max_tokens is filled from seq_len * batch
   bool mini_sequence_auto = false;  // chunks from MST's rule for the sequence (overrides)
-  PlanDevice device = PlanDevice::kCpuF32;
+  PlanDevice device = PlanDevice::kCpu;
+  bool bf16_gemms = false;  // CUDA: --bf16 True multiplies in bf16 (its GEMM staging planned)
   // The cluster layout (src/dist/parallel.h): world_size ranks = data-parallel replicas x
   // sequence_parallel x pipeline_parallel; ZeRO over the ranks of each pipeline stage.
   int world_size = 1;

@@ -329,9 +329,9 @@ void Trainer::setup_model() {
       "checkpointing {}, offload {}, flash attention {}{}\n",
       rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
       rs.offload_checkpoints ? "on" : "off", rs.flash_attention ? "on" : "off",
-      !rs.bf16_residual     ? ""
-      : rs.checkpointing    ? ", residual stream and checkpoints in bf16"
-                            : ", residual stream in bf16");
+      !rs.bf16_residual  ? ""
+      : rs.checkpointing ? ", residual stream and checkpoints in bf16"
+                         : ", residual stream in bf16");
   if (lora_.enabled)
     fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}\n",
                lora_.r, lora_.alpha, lora_.scale(), lora_.dropout,
@@ -340,10 +340,20 @@ void Trainer::setup_model() {
                : lora_.base_bf16   ? ", base projections in bf16"
                                    : "",
                lora_.train_embed || lora_.train_norm ? ", plus embed/norm tensors" : "");
-  fmt::print("{}\n", plan_.describe());
   backend_ = make_backend(o_.device, o_.bf16);
+  // The backend's own temporaries, planned for this run's largest ops (none on the CPU).
+  const BackendWorkspace ws = backend_->workspace_needs(workspace_shape(config_, rs));
+  plan_workspace(ws, &plan_);
+  fmt::print("{}\n", plan_.describe());
   fmt::print("device: {}{}\n", backend_->name(),
              o_.bf16 && backend_->name() == "cuda" ? " (bf16 GEMMs, f32 accumulation)" : "");
+  if (ws.op_bytes + ws.gemm_bytes > 0) {
+    workspace_ = make_backend_arena(*backend_, "workspace", plan_.arena_bytes("workspace"));
+    backend_->bind_workspace(
+        workspace_.take_bytes("workspace.op", ws.op_bytes), ws.op_bytes,
+        ws.gemm_bytes ? workspace_.take_bytes("workspace.gemm", ws.gemm_bytes) : nullptr,
+        ws.gemm_bytes);
+  }
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
   if (distributed_) {  // every rank reads the checkpoint and keeps its part
     engine_ = std::make_unique<ParallelEngine>(*model_, *backend_, *world_, layout_, ps);

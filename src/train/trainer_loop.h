@@ -83,6 +83,7 @@ class Trainer {
   ScheduleSettings schedule_;
   MemoryPlan plan_;
   std::unique_ptr<Backend> backend_;
+  Arena workspace_;  // the backend's planned workspace (CUDA: op scratch, bf16 GEMM staging)
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<AdamW> optimizer_;  // single process; the engine holds it otherwise
 

@@ -61,6 +61,24 @@ class GuardedBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mu_);
     return use_;
   }
+  // The CUDA backend's workspace contract (f32 GEMMs: op scratch only): once bound, every op
+  // call is checked against it with the CUDA kernels' own request sizes, so the planner's
+  // workspace shape is proven to cover every call of every training path.
+  BackendWorkspace workspace_needs(const WorkspaceShape& shape) const override {
+    return cuda_workspace_needs(shape, false, 0);  // no SMs: no reduction partials
+  }
+  void bind_workspace(void* op, size_t op_bytes, void* gemm, size_t gemm_bytes) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto owns = [&](void* p, size_t n) {
+      for (const auto& [base, size] : regions_)
+        if (p >= base && static_cast<char*>(p) + n <= static_cast<char*>(base) + size) return true;
+      return n == 0;
+    };
+    LT_CHECK(owns(op, op_bytes) && owns(gemm, gemm_bytes),
+             "cpu-guarded: the workspace is not device memory of this backend");
+    op_bound_ = op ? op_bytes : 0;
+  }
+
   // Pinned host memory is host memory: readable everywhere (as on a GPU machine).
   void* alloc_pinned(size_t bytes) override { return inner_->alloc_pinned(bytes); }
   void free_pinned(void* p) override {
@@ -109,6 +127,7 @@ class GuardedBackend final : public Backend {
   }
   void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
                         const float* rstd, int64_t N, int64_t D, Accumulate acc) override {
+    if (dw) check_scratch("rmsnorm_backward", cuda_scratch::column_partials(N, D, 8));
     LT_GUARDED(rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, D, acc));
   }
   void linear_forward(float* out, const float* inp, const float* w, const float* b, int64_t N,
@@ -118,6 +137,7 @@ class GuardedBackend final : public Backend {
   void linear_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                        const float* w, int64_t N, int64_t IN, int64_t OUT,
                        Accumulate acc) override {
+    if (db) check_scratch("linear_backward (bias)", cuda_scratch::column_partials(N, OUT, 4));
     LT_GUARDED(linear_backward(dinp, dw, db, dout, inp, w, N, IN, OUT, acc));
   }
   void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq, float sc,
@@ -146,6 +166,7 @@ class GuardedBackend final : public Backend {
   void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                           const float* lse, const float* q, const float* k, const float* v,
                           const AttentionShape& s) override {
+    check_scratch("attention_backward", cuda_scratch::attention_backward(s.B * s.q_rows() * s.H));
     LT_GUARDED(attention_backward(dq, dk, dv, dout, out, lse, q, k, v, s));
   }
   void attention_merge(float* out, float* lse, const float* ob, const float* lb, int64_t rows,
@@ -155,6 +176,7 @@ class GuardedBackend final : public Backend {
   double lm_head_cross_entropy(float* dh, float* dw, const float* h, const float* w,
                                const int32_t* t, int64_t N, int64_t D, int64_t V, int64_t chunk,
                                float gs, float* scratch) override {
+    check_scratch("lm_head_cross_entropy", cuda_scratch::cross_entropy(N));
     LT_GUARDED(lm_head_cross_entropy(dh, dw, h, w, t, N, D, V, chunk, gs, scratch));
   }
   void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
@@ -215,6 +237,13 @@ class GuardedBackend final : public Backend {
     Open open(*this);
     for (const PendingCopy& c : todo) std::memcpy(c.dst, c.src, c.bytes);
   }
+  // What the CUDA kernel for `op` would ask of its scratch must fit the bound workspace.
+  void check_scratch(const char* op, size_t bytes) const {
+    bytes = (bytes + 255) / 256 * 256;
+    LT_CHECK(op_bound_ == 0 || bytes <= op_bound_,
+             "cpu-guarded: {} needs {} bytes of CUDA scratch; the planned workspace has {}", op,
+             bytes, op_bound_);
+  }
   void close() {
     std::lock_guard<std::mutex> lock(mu_);
     if (--depth_ == 0)
@@ -225,6 +254,7 @@ class GuardedBackend final : public Backend {
   mutable std::mutex mu_;
   std::map<void*, size_t> regions_;
   DeviceMemoryUse use_;
+  size_t op_bound_ = 0;  // bound op scratch (bind_workspace); 0: unbound, nothing checked
   int depth_ = 0;
   struct PendingCopy {
     void* dst;

@@ -546,8 +546,7 @@ void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, con
                         const float* v, const AttentionShape& s) {
   if (s.B == 0 || (s.q_rows() == 0 && s.k_rows() == 0)) return;
   const int64_t rows = s.B * s.q_rows() * s.H;
-  auto* dvec = static_cast<float*>(ctx.scratch->get(size_t(std::max<int64_t>(rows, 1)) * 4,
-                                                     ctx.stream));
+  auto* dvec = static_cast<float*>(ctx.scratch->get(cuda_scratch::attention_backward(rows), ctx.stream));
   if (rows > 0) {
     dout_dot_out_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream>>>(
         dvec, dout, out, s.B, s.q_rows(), s.H, s.HD);

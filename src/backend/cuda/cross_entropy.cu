@@ -70,7 +70,8 @@ double lm_head_cross_entropy(const Context& ctx, float* dhidden, float* dweight,
                              int64_t chunk, float grad_scale, float* scratch) {
   if (N <= 0) return 0.0;
   const bool want_grad = dhidden || dweight;
-  auto* row_loss = static_cast<double*>(ctx.scratch->get(size_t(N) * sizeof(double), ctx.stream));
+  auto* row_loss =
+      static_cast<double*>(ctx.scratch->get(cuda_scratch::cross_entropy(N), ctx.stream));
   LT_CUDA_CHECK(cudaMemsetAsync(row_loss, 0, size_t(N) * sizeof(double), ctx.stream));
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t rows = chunk < N - r0 ? chunk : N - r0;

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -12,9 +13,9 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "backend/cuda_module.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda_module.h"
 #include "core/check.h"
 #include "core/error.h"
 #include "ops/nf4.h"
@@ -31,9 +32,23 @@ void Scratch::release() {
   bytes_ = 0;
 }
 
+void Scratch::bind(void* p, size_t bytes) {
+  bound_ = bytes ? p : nullptr;
+  bound_bytes_ = bound_ ? bytes : 0;
+  warned_ = false;
+}
+
 void* Scratch::get(size_t bytes, cudaStream_t stream) {
   bytes = (bytes + 255) / 256 * 256;
+  if (bound_ && bytes <= bound_bytes_) return bound_;
   if (bytes <= bytes_ && stream == stream_) return ptr_;
+  if (bound_ && !warned_) {
+    warned_ = true;
+    std::fprintf(stderr,
+                 "longtune: warning: the CUDA backend's %s needs %zu bytes, more than the %zu "
+                 "planned; allocating it outside the plan\n",
+                 name_, bytes, bound_bytes_);
+  }
   // Grow by 1.5x at least, so that slowly rising sizes do not reallocate every call.
   const size_t want = std::max(bytes, bytes_ + bytes_ / 2);
   if (ptr_) LT_CUDA_CHECK(cudaFreeAsync(ptr_, stream_));
@@ -126,12 +141,22 @@ class CudaBackend final : public Backend {
     }
     LT_CUDA_CHECK(cudaFree(p));
   }
+  BackendWorkspace workspace_needs(const WorkspaceShape& shape) const override {
+    return cuda_workspace_needs(shape, ctx_.precision == GemmPrecision::kBf16,
+                                cuda_scratch::sum_squares(ctx_.num_sms));
+  }
+  void bind_workspace(void* op_scratch, size_t op_bytes, void* gemm_scratch,
+                      size_t gemm_bytes) override {
+    synchronize();  // nothing in flight still uses the memory bound before
+    scratch_.bind(op_scratch, op_bytes);
+    gemm_scratch_.bind(gemm_scratch, gemm_bytes);
+  }
   // alloc's bytes plus the backend's own scratch (which only grows), sampled at every
   // allocation, free and query.
   DeviceMemoryUse device_memory_use() const override {
     std::lock_guard<std::mutex> lock(mu_);
     note_peak();
-    return {allocated_ + scratch_.bytes() + gemm_scratch_.bytes(), peak_};
+    return {allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes(), peak_};
   }
   void copy_to_device(void* d, const void* s, size_t n) override {
     if (n == 0) return;
@@ -373,10 +398,10 @@ class CudaBackend final : public Backend {
   cudaStream_t compute_ = nullptr, copy_ = nullptr;
   cudaEvent_t compute_done_ = nullptr, copies_done_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  cuda::Scratch scratch_, gemm_scratch_;
+  cuda::Scratch scratch_{"op scratch"}, gemm_scratch_{"GEMM scratch"};
   cuda::Context ctx_;
   void note_peak() const {
-    peak_ = std::max(peak_, allocated_ + scratch_.bytes() + gemm_scratch_.bytes());
+    peak_ = std::max(peak_, allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes());
   }
   mutable std::mutex mu_;
   std::unordered_map<void*, size_t> sizes_;

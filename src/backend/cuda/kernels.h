@@ -13,24 +13,37 @@
 
 namespace lt::cuda {
 
-// Device scratch that grows on demand, stream-ordered (cudaMallocAsync / cudaFreeAsync on the
-// stream that uses it), so growing never synchronizes. One user at a time.
+// Device scratch for op temporaries. Bound to planned workspace memory (bind), requests up to
+// its size use it; an unbound scratch, or a request past the bound size, allocates its own,
+// stream-ordered (cudaMallocAsync / cudaFreeAsync on the stream that uses it) so that growing
+// never synchronizes, and a bound one says once on stderr that the plan was short. One user at
+// a time.
 class Scratch {
  public:
-  Scratch() = default;
+  explicit Scratch(const char* name) : name_(name) {}
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   ~Scratch();
   // At least `bytes` bytes, 256-byte aligned, valid for work enqueued on `stream` from now on.
   void* get(size_t bytes, cudaStream_t stream);
-  // Frees the memory (stream-ordered); the owner calls it before destroying its stream.
+  // Use `bytes` bytes at `p` (memory the caller owns and keeps) from now on.
+  void bind(void* p, size_t bytes);
+  // Frees the memory it allocated (stream-ordered); the owner calls it before destroying its
+  // stream.
   void release();
-  size_t bytes() const { return bytes_; }
+  // Bytes it allocated itself (bound memory is the caller's and counted there).
+  size_t own_bytes() const { return bytes_; }
+  // The bound size, or `fallback` when unbound.
+  size_t limit(size_t fallback) const { return bound_ ? bound_bytes_ : fallback; }
 
  private:
+  const char* name_;
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
   cudaStream_t stream_ = nullptr;
+  void* bound_ = nullptr;
+  size_t bound_bytes_ = 0;
+  bool warned_ = false;
 };
 
 // Everything a launcher needs: no globals (the streams and handles belong to one CudaBackend).
@@ -39,7 +52,8 @@ struct Context {
   cublasHandle_t cublas = nullptr;  // bound to `stream`
   GemmPrecision precision = GemmPrecision::kF32;
   Scratch* scratch = nullptr;          // op temporaries (row losses, partial sums, D = dO.O)
-  Scratch* gemm_scratch = nullptr;     // bf16 copies of GEMM inputs (kBf16 only)
+  Scratch* gemm_scratch = nullptr;     // bf16 copies of GEMM inputs (kBf16 only; products
+                                       // are blocked to its limit(kCudaGemmScratchCap))
   int num_sms = 1;                     // streaming multiprocessors (grid sizing)
   size_t max_shared_bytes = 48 << 10;  // opt-in shared memory per block
 };
@@ -54,9 +68,8 @@ void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbi
                      const float* dout, const float* inp, const float* weight, int64_t N,
                      int64_t IN, int64_t OUT, Accumulate acc);
 // The same on a bf16 weight, multiplied as it is (GemmPrecision::kBf16 only).
-void linear_forward_bf16w(const Context& ctx, float* out, const float* inp,
-                          const uint16_t* weight, const float* bias, int64_t N, int64_t IN,
-                          int64_t OUT);
+void linear_forward_bf16w(const Context& ctx, float* out, const float* inp, const uint16_t* weight,
+                          const float* bias, int64_t N, int64_t IN, int64_t OUT);
 void linear_backward_bf16w(const Context& ctx, float* dinp, float* dbias, const float* dout,
                            const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
                            Accumulate acc);

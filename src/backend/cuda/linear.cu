@@ -2,17 +2,13 @@
 // the deterministic bias gradient.
 #include <cuda_bf16.h>
 
+#include <algorithm>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.h"
 
 namespace lt::cuda {
 namespace {
-
-__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* in, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = __float2bfloat16_rn(in[i]);
-}
 
 // out (N,OUT) += bias (OUT) broadcast over rows.
 __global__ void add_bias_kernel(float* out, const float* bias, int64_t N, int64_t OUT) {
@@ -25,8 +21,8 @@ __global__ void add_bias_kernel(float* out, const float* bias, int64_t N, int64_
 // Column sums of dout (N,OUT), stage 1: block (x: 32 columns, y: 8 row lanes) sums a slice of
 // rows into partial[slice, col]. Stage 2 adds the slices in order: the result is deterministic.
 constexpr int kColTile = 32, kRowLanes = 8;
-__global__ void column_sum_partial_kernel(float* partial, const float* dout, int64_t N,
-                                          int64_t OUT, int64_t rows_per_slice) {
+__global__ void column_sum_partial_kernel(float* partial, const float* dout, int64_t N, int64_t OUT,
+                                          int64_t rows_per_slice) {
   __shared__ float sums[kRowLanes][kColTile + 1];
   const int64_t col = blockIdx.x * int64_t(kColTile) + threadIdx.x;
   const int64_t r0 = blockIdx.y * rows_per_slice;
@@ -52,29 +48,91 @@ __global__ void column_sum_finish_kernel(float* dbias, const float* partial, int
 }
 
 // Row-major C (M,N) = alpha * op(A) op(B) + beta * C on bf16 inputs, f32 accumulation and
-// output (tensor cores). cuBLAS is column-major: the row-major C (M,N) is the column-major C^T
-// (N,M) = op(B)^T op(A)^T, so B goes first; a row-major (M,K) is a column-major (K,M).
-void gemm_on_bf16(const Context& ctx, float* C, const __nv_bfloat16* a16,
-                  const __nv_bfloat16* b16, int64_t M, int64_t N, int64_t K, bool trans_a,
-                  bool trans_b, float alpha, float beta) {
+// output (tensor cores), each matrix with its row pitch (lda, ldb, ldc elements). cuBLAS is
+// column-major: the row-major C (M,N) is the column-major C^T (N,M) = op(B)^T op(A)^T, so B
+// goes first; a row-major (M,K) is a column-major (K,M).
+void gemm_on_bf16(const Context& ctx, float* C, int64_t ldc, const __nv_bfloat16* a16, int64_t lda,
+                  const __nv_bfloat16* b16, int64_t ldb, int64_t M, int64_t N, int64_t K,
+                  bool trans_a, bool trans_b, float alpha, float beta) {
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int64_t lda = trans_a ? M : K, ldb = trans_b ? K : N;
   LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, b16,
                                CUDA_R_16BF, int(ldb), a16, CUDA_R_16BF, int(lda), &beta, C,
-                               CUDA_R_32F, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                               CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// n f32 values rounded to bf16 into the GEMM scratch at byte offset `at` (256-aligned).
-__nv_bfloat16* to_bf16_scratch(const Context& ctx, const float* x, int64_t n, size_t at,
-                               size_t total) {
-  auto* base = static_cast<char*>(ctx.gemm_scratch->get(total, ctx.stream));
-  auto* x16 = reinterpret_cast<__nv_bfloat16*>(base + at);
-  if (n > 0) {
-    to_bf16_kernel<<<grid_for(n, 256, ctx.num_sms), 256, 0, ctx.stream>>>(x16, x, n);
-    LT_CUDA_CHECK_LAUNCH();
+// dst (rows, cols), contiguous = bf16 of src (rows, cols) with row pitch `pitch`.
+__global__ void to_bf16_2d_kernel(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
+                                  int64_t pitch) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = __float2bfloat16_rn(src[(i / cols) * pitch + i % cols]);
+}
+
+void to_bf16_2d(const Context& ctx, __nv_bfloat16* dst, const float* src, int64_t rows,
+                int64_t cols, int64_t pitch) {
+  if (rows * cols == 0) return;
+  to_bf16_2d_kernel<<<grid_for(rows * cols, 256, ctx.num_sms), 256, 0, ctx.stream>>>(dst, src, rows,
+                                                                                     cols, pitch);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+
+// A block of op(X) for a row-major X where op(X) is (R,S) (X itself, or X (S,R) transposed):
+// rows [r0, r0+rb), columns [s0, s0+sb); where it starts and its shape as stored.
+struct Block {
+  const void* first;
+  int64_t rows, cols, pitch;
+};
+template <typename T>
+Block block_of(const T* X, int64_t R, int64_t S, bool trans, int64_t r0, int64_t rb, int64_t s0,
+               int64_t sb) {
+  if (!trans) return {X + r0 * S + s0, rb, sb, S};
+  return {X + s0 * R + r0, sb, rb, R};
+}
+
+// A kBf16 GEMM staged through the GEMM scratch: f32 operands are rounded into it (A first,
+// 256-aligned, then B); a bf16 B (b16) is multiplied where it lies. When the staged operands
+// exceed the scratch's limit the product runs in the blocks gemm_blocks chooses (backend.h),
+// K blocks accumulated into C in f32 (beta for the first, 1 after), each block's operands
+// rounded as it runs. A product that fits is one cuBLAS call.
+void gemm_staged(const Context& ctx, float* C, const float* A, const float* B, const uint16_t* b16,
+                 int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, float alpha,
+                 float beta) {
+  const bool stage_b = b16 == nullptr;
+  const GemmBlocks blk =
+      gemm_blocks(M, N, K, stage_b, ctx.gemm_scratch->limit(kCudaGemmScratchCap));
+  const int64_t mb = blk.m, nb = blk.n, kb = blk.k;
+  char* base =
+      static_cast<char*>(ctx.gemm_scratch->get(gemm_stage_bytes(mb, nb, kb, stage_b), ctx.stream));
+  auto* a16 = reinterpret_cast<__nv_bfloat16*>(base);
+  auto* bs16 = reinterpret_cast<__nv_bfloat16*>(base + align256(size_t(mb * kb) * 2));
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kn = std::min(kb, K - k0);
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      const int64_t mn = std::min(mb, M - m0);
+      const Block a = block_of(A, M, K, trans_a, m0, mn, k0, kn);
+      to_bf16_2d(ctx, a16, static_cast<const float*>(a.first), a.rows, a.cols, a.pitch);
+      for (int64_t n0 = 0; n0 < N; n0 += nb) {
+        const int64_t nn = std::min(nb, N - n0);
+        const __nv_bfloat16* bp;
+        int64_t ldb;
+        if (stage_b) {
+          const Block b = block_of(B, K, N, trans_b, k0, kn, n0, nn);
+          to_bf16_2d(ctx, bs16, static_cast<const float*>(b.first), b.rows, b.cols, b.pitch);
+          bp = bs16, ldb = b.cols;
+        } else {
+          const Block b =
+              block_of(reinterpret_cast<const __nv_bfloat16*>(b16), K, N, trans_b, k0, kn, n0, nn);
+          bp = static_cast<const __nv_bfloat16*>(b.first), ldb = b.pitch;
+        }
+        gemm_on_bf16(ctx, C + m0 * N + n0, N, a16, a.cols, bp, ldb, mn, nn, kn, trans_a, trans_b,
+                     alpha, k0 == 0 ? beta : 1.0f);
+      }
+    }
   }
-  return x16;
 }
 
 void add_bias(const Context& ctx, float* out, const float* bias, int64_t N, int64_t OUT) {
@@ -86,9 +144,10 @@ void add_bias(const Context& ctx, float* out, const float* bias, int64_t N, int6
 // dbias (OUT) += column sums of dout (N,OUT), deterministic.
 void bias_grad(const Context& ctx, float* dbias, const float* dout, int64_t N, int64_t OUT) {
   if (!dbias || N <= 0 || OUT <= 0) return;
-  const int64_t rows_per_slice = 256;
+  const int64_t rows_per_slice = cuda_scratch::kSliceRows;
   const int64_t slices = (N + rows_per_slice - 1) / rows_per_slice;
-  auto* partial = static_cast<float*>(ctx.scratch->get(size_t(slices * OUT) * 4, ctx.stream));
+  auto* partial = static_cast<float*>(
+      ctx.scratch->get(cuda_scratch::column_partials(N, OUT, sizeof(float)), ctx.stream));
   const dim3 grid(unsigned((OUT + kColTile - 1) / kColTile), unsigned(slices));
   column_sum_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, ctx.stream>>>(
       partial, dout, N, OUT, rows_per_slice);
@@ -101,12 +160,10 @@ void bias_grad(const Context& ctx, float* dbias, const float* dout, int64_t N, i
 // gemm with B already in bf16 (kBf16 only): A rounded, B multiplied as it is.
 void gemm_bf16_b(const Context& ctx, float* C, const float* A, const uint16_t* B, int64_t M,
                  int64_t N, int64_t K, bool trans_a, bool trans_b, float alpha, float beta) {
-  if (M <= 0 || N <= 0 || K <= 0) return gemm(ctx, C, A, nullptr, M, N, K, trans_a, trans_b,
-                                               alpha, beta);  // the degenerate cases
-  const size_t a_bytes = (size_t(M * K) * 2 + 255) / 256 * 256;
-  const __nv_bfloat16* a16 = to_bf16_scratch(ctx, A, M * K, 0, a_bytes);
-  gemm_on_bf16(ctx, C, a16, reinterpret_cast<const __nv_bfloat16*>(B), M, N, K, trans_a, trans_b,
-               alpha, beta);
+  if (M <= 0 || N <= 0 || K <= 0)
+    return gemm(ctx, C, A, nullptr, M, N, K, trans_a, trans_b, alpha,
+                beta);  // the degenerate cases
+  gemm_staged(ctx, C, A, nullptr, B, M, N, K, trans_a, trans_b, alpha, beta);
 }
 
 }  // namespace
@@ -135,13 +192,9 @@ void gemm(const Context& ctx, float* C, const float* A, const float* B, int64_t 
                                  CUBLAS_GEMM_DEFAULT));
     return;
   }
-  // kBf16: round both inputs to bf16 in the GEMM scratch, multiply on tensor cores with f32
+  // kBf16: both inputs rounded to bf16 in the GEMM scratch, multiplied on tensor cores with f32
   // accumulation and an f32 output.
-  const int64_t na = M * K, nb = K * N;
-  const size_t a_bytes = (size_t(na) * 2 + 255) / 256 * 256, total = a_bytes + size_t(nb) * 2;
-  const __nv_bfloat16* a16 = to_bf16_scratch(ctx, A, na, 0, total);
-  const __nv_bfloat16* b16 = to_bf16_scratch(ctx, B, nb, a_bytes, total);
-  gemm_on_bf16(ctx, C, a16, b16, M, N, K, trans_a, trans_b, alpha, beta);
+  gemm_staged(ctx, C, A, B, nullptr, M, N, K, trans_a, trans_b, alpha, beta);
 }
 
 void linear_forward(const Context& ctx, float* out, const float* inp, const float* weight,
@@ -163,9 +216,8 @@ void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbi
   bias_grad(ctx, dbias, dout, N, OUT);
 }
 
-void linear_forward_bf16w(const Context& ctx, float* out, const float* inp,
-                          const uint16_t* weight, const float* bias, int64_t N, int64_t IN,
-                          int64_t OUT) {
+void linear_forward_bf16w(const Context& ctx, float* out, const float* inp, const uint16_t* weight,
+                          const float* bias, int64_t N, int64_t IN, int64_t OUT) {
   gemm_bf16_b(ctx, out, inp, weight, N, OUT, IN, false, true, 1.0f, 0.0f);
   add_bias(ctx, out, bias, N, OUT);
 }

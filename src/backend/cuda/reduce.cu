@@ -74,6 +74,7 @@ double sum_squares(const Context& ctx, const float* x, int64_t n) {
   // The block count depends only on n and the SM count, so a given device always sums the same
   // way (the result is deterministic run to run).
   const unsigned blocks = grid_for(n, kThreads, ctx.num_sms);
+  // grid_for caps blocks at 32 per SM: cuda_scratch::sum_squares(num_sms) bytes at most.
   auto* partial = static_cast<double*>(ctx.scratch->get(blocks * sizeof(double), ctx.stream));
   sum_squares_kernel<<<blocks, kThreads, 0, ctx.stream>>>(partial, x, n);
   LT_CUDA_CHECK_LAUNCH();

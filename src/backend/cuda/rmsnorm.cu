@@ -98,9 +98,10 @@ void rmsnorm_backward(const Context& ctx, float* dinp, float* dweight, const flo
     LT_CUDA_CHECK_LAUNCH();
   }
   if (dweight) {
-    const int64_t rows_per_slice = 256;
+    const int64_t rows_per_slice = cuda_scratch::kSliceRows;
     const int64_t slices = (N + rows_per_slice - 1) / rows_per_slice;
-    auto* partial = static_cast<double*>(ctx.scratch->get(size_t(slices * D) * 8, ctx.stream));
+    auto* partial = static_cast<double*>(
+        ctx.scratch->get(cuda_scratch::column_partials(N, D, sizeof(double)), ctx.stream));
     const dim3 grid(unsigned((D + kColTile - 1) / kColTile), unsigned(slices));
     rmsnorm_dweight_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, ctx.stream>>>(
         partial, dout, inp, rstd, N, D, rows_per_slice);
