@@ -166,6 +166,9 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     o.trainable_params = "embed,norm";
     s.lora = resolve_lora(o, 5);
     cases.push_back({"LoRA with dropout, embed and norms", s, false});
+    RunSettings ms = s;  // dropout buffers sized for the MLP chunk, not every token
+    ms.mlp_chunks = ms.lm_head_chunks = 3;
+    cases.push_back({"LoRA with dropout + mini-sequence", ms, false});
     o.load_in_4bit = true;
     o.dropout = 0;
     o.trainable_params = "";

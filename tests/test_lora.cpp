@@ -4,6 +4,7 @@
 // merge; adapters written by longtune (checked by PEFT in tools/interop.sh); bad input.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -345,6 +346,26 @@ TEST(LoraMemory, PlanShowsFrozenBaseAndNf4) {
   EXPECT_GT(nf4_per_param, 0.5);
   EXPECT_LT(nf4_per_param, 0.53);
   EXPECT_EQ(pq.arena_bytes("weights") + size_t(quantized) * 4, pl.arena_bytes("weights"));
+  // Dropout's buffers hold the largest projection input: every token's attention input, or
+  // with a chunked MLP one chunk's MLP input (F wide), not every token's.
+  auto buffer = [](const MemoryPlan& p, const std::string& name) {
+    for (const auto& b : p.buffers())
+      if (b.name == name) return b.bytes;
+    return size_t(0);
+  };
+  RunSettings dropped = lora;
+  dropped.lora.dropout = 0.1;
+  dropped.max_tokens = 4096;
+  MemoryPlan whole;
+  LlamaModel::plan(c, dropped, &whole);
+  const size_t D = c.hidden_size, F = c.intermediate_size, QD = c.num_attention_heads * c.head_dim;
+  EXPECT_EQ(buffer(whole, "lora.dropout_x"), 4096 * std::max({D, QD, F}) * 4);
+  dropped.mlp_chunks = 64;
+  MemoryPlan chunked;
+  LlamaModel::plan(c, dropped, &chunked);
+  EXPECT_EQ(buffer(chunked, "lora.dropout_x"),
+            std::max(4096 * std::max(D, QD), 64 * std::max(D, F)) * 4);
+  EXPECT_EQ(buffer(chunked, "lora.dropout_dx"), buffer(chunked, "lora.dropout_x"));
   // LoRA with --bf16 True: the same projections at exactly 2 bytes per value.
   RunSettings bf16 = lora;
   bf16.lora.base_bf16 = true;

@@ -74,7 +74,8 @@ struct LlamaModel::Work {
   float *dres, *dnorm, *dattn, *dq, *dk, *dv;  // (N,D) (N,D) (N,H*HD) (N,H*HD) (N,KVH*HD) x2
   float* base_weight;                          // packed base: one expanded (OUT,IN) weight
   float *lora_t, *lora_u;                      // (N,R) LoRA intermediates
-  float *lora_xd, *lora_dxd;                   // (N, max IN) dropped-out input and its gradient
+  float *lora_xd, *lora_dxd;                   // dropped-out input and its gradient:
+  size_t lora_xd_numel = 0;                    // rows x IN of the largest projection call
   int64_t mlp_chunk = 0, lm_chunk = 0;
 };
 
@@ -416,12 +417,17 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     w->base_weight = b.take("packed.expanded", std::max({QD * D, KVD * D, F * D}),
                             MemCategory::kScratch, "scratch");
   if (s.lora.enabled) {
-    const size_t R = s.lora.r, IN = std::max({D, QD, F});
+    const size_t R = s.lora.r;
     w->lora_t = b.take("lora.t", N * R, MemCategory::kScratch, "scratch");
     w->lora_u = b.take("lora.u", N * R, MemCategory::kScratch, "scratch");
     if (s.lora.dropout > 0 && s.train) {
-      w->lora_xd = b.take("lora.dropout_x", N * IN, MemCategory::kScratch, "scratch");
-      w->lora_dxd = b.take("lora.dropout_dx", N * IN, MemCategory::kScratch, "scratch");
+      // The attention projections see every token (inputs D or H*HD wide); a chunked MLP's
+      // only its chunk's (gate/up D, down F wide).
+      const size_t XD = chunked_mlp ? std::max(N * std::max(D, QD), C * std::max(D, F))
+                                    : N * std::max({D, QD, F});
+      w->lora_xd_numel = XD;
+      w->lora_xd = b.take("lora.dropout_x", XD, MemCategory::kScratch, "scratch");
+      w->lora_dxd = b.take("lora.dropout_dx", XD, MemCategory::kScratch, "scratch");
     }
   }
   out->work = std::move(w);
@@ -691,9 +697,12 @@ void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int6
     be_.linear_forward_bf16w(out, inp, w16, s.bias, n, s.in, s.out, work_->base_weight);
   else
     be_.linear_forward(out, inp, base_weight(s), s.bias, n, s.in, s.out);
-  if (s.lora_a)
+  if (s.lora_a) {
+    LT_CHECK(!work_->lora_xd || size_t(n * s.in) <= work_->lora_xd_numel,
+             "LoRA dropout buffer: {} rows x {} > {}", n, s.in, work_->lora_xd_numel);
     be_.lora_forward(out, work_->lora_t, work_->lora_xd, inp, s.lora_a, s.lora_b, n, s.in, s.out,
                      lora_call(l, s.proj, row0));
+  }
 }
 
 void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float* dout,
