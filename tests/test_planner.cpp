@@ -322,5 +322,24 @@ TEST(Planner, CudaPlanCountsTheBackendWorkspace) {
       << "8B products are blocked to the cap";
 }
 
+// The plan reports the settings it planned: MST's automatic chunks, not the request's 1.
+TEST(Planner, ReportsTheMiniSequenceChunksItPlanned) {
+  PlanRequest r;
+  r.config = mid_config();
+  r.seq_len = 8192;
+  r.mini_sequence_auto = true;
+  const PlanResult p = plan_memory(r);
+  EXPECT_EQ(r.settings.mlp_chunks, 1);
+  RunSettings want = r.settings;
+  want.max_tokens = 8192;
+  mini_sequence_auto(r.config, 8192, &want);
+  EXPECT_GT(want.mlp_chunks, 1);
+  EXPECT_EQ(p.settings.mlp_chunks, want.mlp_chunks);
+  EXPECT_EQ(p.settings.lm_head_chunks, want.lm_head_chunks);
+  r.world_size = r.sequence_parallel = 2;  // each rank's share of the sequence
+  mini_sequence_auto(r.config, 4096, &want);
+  EXPECT_EQ(plan_memory(r).settings.mlp_chunks, want.mlp_chunks);
+}
+
 }  // namespace
 }  // namespace lt

@@ -206,7 +206,7 @@ int cmd_plan(int argc, char** argv) {
     fmt::print("per device of {}, {}{}\n", lay.describe(), layout_text(r),
                pp > 1 ? fmt::format(" (the largest stage: stage {})", p.stage) : "");
   }
-  fmt::print("settings: {}\n{}\n", settings_text(r.settings), p.describe());
+  fmt::print("settings: {}\n{}\n", settings_text(p.settings), p.describe());
   {
     const double n = static_cast<double>(ParamTable(r.config).total_numel());
     size_t fixed = 0;

@@ -360,9 +360,9 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
       sl->res.push_back(
           b.take(fmt::format("{}res.{}", p, size_t(l0) + j), N * D, res_cat, "activations"));
     for (size_t j = 0; staged && j < NL; ++j)
-      sl->store.push_back(b.take_bytes(
-          fmt::format("{}{}res.{}", p, bf16_store ? "bf16." : "", size_t(l0) + j), store_rounded,
-          res_cat, offload ? "offload" : "activations"));
+      sl->store.push_back(
+          b.take_bytes(fmt::format("{}{}res.{}", p, bf16_store ? "bf16." : "", size_t(l0) + j),
+                       store_rounded, res_cat, offload ? "offload" : "activations"));
     for (size_t j = 0; staged && j < 2; ++j)
       sl->stage[j] = b.take(fmt::format("{}res_stage.{}", p, j), N * D, res_cat, "activations");
     if (offload && bf16_store)
@@ -712,8 +712,8 @@ void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float*
     be_.linear_backward_bf16w(dinp, s.grad_bias, dout, w16, n, s.in, s.out, acc,
                               work_->base_weight);
   else
-    be_.linear_backward(dinp, s.grad_weight, s.grad_bias, dout, inp, base_weight(s), n, s.in,
-                        s.out, acc);
+    be_.linear_backward(dinp, s.grad_weight, s.grad_bias, dout, inp, base_weight(s), n, s.in, s.out,
+                        acc);
   if (s.lora_a) {
     Work& k = *work_;
     be_.lora_backward(dinp, s.grad_a, s.grad_b, k.lora_t, k.lora_u, k.lora_xd, k.lora_dxd, dout,

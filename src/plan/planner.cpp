@@ -101,6 +101,7 @@ PlanResult plan_memory(const PlanRequest& r) {
                    MemCategory::kAttention, "transient");
     add_workspace(r, s, &out.plan);
     account(&out, r);
+    out.settings = s;
     return out;
   }
   // Every pipeline stage (replica 0, sequence rank 0: all ranks of a stage plan alike, rank 0
@@ -126,6 +127,7 @@ PlanResult plan_memory(const PlanRequest& r) {
                  "transient");
     add_workspace(r, st, &p.plan);
     account(&p, r);
+    p.settings = st;
     if (best.plan.buffers().empty() || p.device_bytes > best.device_bytes) best = std::move(p);
   }
   return best;

@@ -54,6 +54,7 @@ struct PlanRequest {
 struct PlanResult {
   MemoryPlan plan;             // buffers as the engine allocates them (f32 element counts)
   int stage = 0;               // pipeline: the stage planned (the one with the largest peak)
+  RunSettings settings;        // the stage's settings as planned (automatic mini-sequence applied)
   size_t device_bytes = 0;     // predicted peak on the compute device
   size_t offloaded_bytes = 0;  // off the device: host arenas, checkpoints (host RAM or a file)
   size_t runtime_bytes = 0;    // fixed per-process overhead (libraries, thread pools, context)
