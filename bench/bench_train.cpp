@@ -146,7 +146,7 @@ int run(int argc, char** argv) {
     o.dropout = 0;
     o.target_modules = "all-linear";
     base.lora = resolve_lora(o, 1);
-    base.lora.base_bf16 = bf16;
+    base.lora.base_bf16 = base.lora.embed_bf16 = bf16;  // as train --bf16 True
   }
   const bool preset = model.rfind("preset:", 0) == 0;
   ModelConfig config = preset ? parse_model_config(preset_config(model.substr(7)), model)

@@ -243,7 +243,9 @@ TEST_P(BackendOps, Linear) {
   }
 }
 
-// A frozen bf16 weight (LoRA's base with --bf16 True): the f32 linear on the widened weight.
+// A frozen bf16 weight (LoRA's base with --bf16 True): the f32 linear on the widened weight,
+// widened whole (expand_rows >= OUT: as the CPU op on the widened weight) or 7 rows at a time
+// (a short last block; the expansion buffer holds exactly 7 rows, its guards catch more).
 TEST_P(BackendOps, LinearBf16Weight) {
   const int64_t N = 21, IN = 45, OUT = 31;
   const Vec x = random_vec(N * IN, 90), dy = random_vec(N * OUT, 91), bias = random_vec(OUT, 92);
@@ -255,25 +257,53 @@ TEST_P(BackendOps, LinearBf16Weight) {
   for (int64_t i = 0; i < OUT * IN; ++i) w[i] = bf16_to_f32(w16[i]);
   Vec y(N * OUT);
   linear_forward(y.data(), x.data(), w.data(), bias.data(), N, IN, OUT);
-  auto d_x = buf("inp", x);
-  auto d_w = buf("weight", w16);
-  auto d_b = buf("bias", bias);
-  auto d_y = out("out", N * OUT);
-  auto d_e = out("expand", OUT * IN);
-  be_->linear_forward_bf16w(d_y->get(), d_x->get(), d_w->get(), d_b->get(), N, IN, OUT, d_e->get());
-  EXPECT_CLOSE(d_y->read(), y, gemm(), "linear_forward_bf16w +bias");
-  for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
-    const Vec dx0 = random_vec(N * IN, 94), db0 = random_vec(OUT, 95);
-    Vec dx = dx0, db = db0;
-    linear_backward(dx.data(), nullptr, db.data(), dy.data(), x.data(), w.data(), N, IN, OUT, acc);
-    auto d_dy = buf("dout", dy);
-    auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * IN);
-    auto d_db = buf("dbias", db0);
-    be_->linear_backward_bf16w(d_dx->get(), d_db->get(), d_dy->get(), d_w->get(), N, IN, OUT, acc,
-                               d_e->get());
-    EXPECT_CLOSE(d_dx->read(), dx, gemm(), "linear_backward_bf16w dinp");
-    EXPECT_CLOSE(d_db->read(), db, gemm(), "linear_backward_bf16w dbias (+=)");
+  for (int64_t rows : {OUT, int64_t(7)}) {
+    SCOPED_TRACE(::testing::Message() << "expand_rows=" << rows);
+    // Blocks sum dinp's products block by block: another order of f32 additions.
+    const Tol tol = rows >= OUT ? gemm() : Tol{1e-5, 1e-4};
+    auto d_x = buf("inp", x);
+    auto d_w = buf("weight", w16);
+    auto d_b = buf("bias", bias);
+    auto d_y = out("out", N * OUT);
+    auto d_e = out("expand", rows * IN);
+    be_->linear_forward_bf16w(d_y->get(), d_x->get(), d_w->get(), d_b->get(), N, IN, OUT,
+                              d_e->get(), rows);
+    EXPECT_CLOSE(d_y->read(), y, tol, "linear_forward_bf16w +bias");
+    for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
+      const Vec dx0 = random_vec(N * IN, 94), db0 = random_vec(OUT, 95);
+      Vec dx = dx0, db = db0;
+      linear_backward(dx.data(), nullptr, db.data(), dy.data(), x.data(), w.data(), N, IN, OUT,
+                      acc);
+      auto d_dy = buf("dout", dy);
+      auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * IN);
+      auto d_db = buf("dbias", db0);
+      be_->linear_backward_bf16w(d_dx->get(), d_db->get(), d_dy->get(), d_w->get(), N, IN, OUT, acc,
+                                 d_e->get(), rows);
+      EXPECT_CLOSE(d_dx->read(), dx, tol, "linear_backward_bf16w dinp");
+      EXPECT_CLOSE(d_db->read(), db, gemm(), "linear_backward_bf16w dbias (+=)");
+    }
+    d_e->read();  // guards only
   }
+}
+
+// A bf16 embedding table: rows widened exactly (NaN and Inf stay themselves).
+TEST_P(BackendOps, EmbeddingBf16) {
+  const int64_t V = 37, D = 45, N = 53;
+  const Vec wf = random_vec(V * D, 96);
+  std::vector<uint16_t> w16(V * D);
+  for (int64_t i = 0; i < V * D; ++i) w16[i] = f32_to_bf16(wf[i]);
+  w16[5] = 0x7fc0, w16[D + 1] = 0x7f80, w16[2 * D] = 0xff80;  // NaN, +Inf, -Inf
+  Vec w(V * D);
+  for (int64_t i = 0; i < V * D; ++i) w[i] = bf16_to_f32(w16[i]);
+  Ids ids = random_ids(N, V, 97);
+  ids[0] = 0, ids[1] = 1, ids[2] = 2;
+  Vec want(N * D);
+  embedding_forward(want.data(), ids.data(), w.data(), N, D);
+  auto d_ids = buf("ids", ids);
+  auto d_w = buf("weight", w16);
+  auto d_out = out("out", N * D);
+  be_->embedding_forward_bf16(d_out->get(), d_ids->get(), d_w->get(), N, D);
+  EXPECT_CLOSE(d_out->read(), want, Tol({0, 0}), "embedding_forward_bf16");
 }
 
 TEST_P(BackendOps, Rope) {
@@ -577,6 +607,45 @@ TEST_P(BackendOps, LmHeadCrossEntropy) {
   }
 }
 
+// The LM head + cross-entropy over a frozen bf16 head: lm_head_cross_entropy's loss and dhidden
+// on the widened weight, widened whole or 10 vocabulary rows at a time.
+TEST_P(BackendOps, LmHeadCrossEntropyBf16Weight) {
+  const int64_t N = 37, D = 24, V = 53;
+  const Vec h = random_vec(N * D, 98, -2, 2), wf = random_vec(V * D, 99);
+  std::vector<uint16_t> w16(V * D);
+  Vec w(V * D);
+  for (int64_t i = 0; i < V * D; ++i) w[i] = bf16_to_f32(w16[i] = f32_to_bf16(wf[i]));
+  Ids t = random_ids(N, V, 100);
+  for (int64_t i = 8; i < 16; ++i) t[i] = kIgnoreIndex;
+  const float gs = 1.0f / 29.0f;
+  for (int64_t chunk : {int64_t(8), int64_t(64)}) {
+    Vec dh(N * D), scratch(chunk * V);
+    const double loss = lm_head_cross_entropy(dh.data(), nullptr, h.data(), w.data(), t.data(), N,
+                                              D, V, chunk, gs, scratch.data());
+    for (int64_t rows : {V, int64_t(10)}) {
+      SCOPED_TRACE(::testing::Message() << "chunk=" << chunk << " expand_rows=" << rows);
+      const bool whole = rows >= V;
+      auto d_h = buf("hidden", h);
+      auto d_w = buf("weight", w16);
+      auto d_t = buf("targets", t);
+      auto d_dh = out("dhidden", N * D);
+      auto d_scratch = out("scratch", chunk * V);
+      auto d_e = out("expand", rows * D);
+      const double got =
+          be_->lm_head_cross_entropy_bf16w(d_dh->get(), d_h->get(), d_w->get(), d_t->get(), N, D, V,
+                                           chunk, gs, d_scratch->get(), d_e->get(), rows);
+      EXPECT_NEAR(got, loss, cpu() && whole ? 0.0 : 1e-5 * std::fabs(loss));
+      const Tol tol = whole ? gemm() : Tol{1e-5, 1e-4};
+      EXPECT_CLOSE(d_dh->read(), dh, tol, "lm_head_cross_entropy_bf16w dhidden");
+      const double only =
+          be_->lm_head_cross_entropy_bf16w(nullptr, d_h->get(), d_w->get(), d_t->get(), N, D, V,
+                                           chunk, gs, d_scratch->get(), d_e->get(), rows);
+      EXPECT_NEAR(only, loss, cpu() && whole ? 0.0 : 1e-5 * std::fabs(loss));
+      d_scratch->read(), d_e->read();  // guards only
+    }
+  }
+}
+
 TEST_P(BackendOps, AdamW) {
   const int64_t n = 1003;
   for (float wd : {0.0f, 0.1f}) {
@@ -777,13 +846,14 @@ TEST(CudaBackend, Bf16GemmMode) {
       d_y16(*be, "out16", N * OUT), d_dy(*be, "dout", dy), d_dx(*be, "dinp", N * IN),
       d_dx16(*be, "dinp16", N * IN);
   be->linear_forward(d_y.get(), d_x.get(), d_wide.get(), nullptr, N, IN, OUT);
-  be->linear_forward_bf16w(d_y16.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get());
+  be->linear_forward_bf16w(d_y16.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get(),
+                           OUT);
   EXPECT_TRUE(all_close(d_y16.read().data(), d_y.read().data(), N * OUT, 1e-5, 1e-5,
                         "bf16-weight linear_forward vs the widened weight"));
   be->linear_backward(d_dx.get(), nullptr, nullptr, d_dy.get(), nullptr, d_wide.get(), N, IN, OUT,
                       Accumulate::kNo);
   be->linear_backward_bf16w(d_dx16.get(), nullptr, d_dy.get(), d_w16.get(), N, IN, OUT,
-                            Accumulate::kNo, d_e.get());
+                            Accumulate::kNo, d_e.get(), OUT);
   EXPECT_TRUE(all_close(d_dx16.read().data(), d_dx.read().data(), N * IN, 1e-5, 1e-5,
                         "bf16-weight linear_backward vs the widened weight"));
   EXPECT_EQ(d_e.read(), sentinel) << "the bf16 path widened the weight";
@@ -819,9 +889,10 @@ TEST(CudaBackend, Bf16GemmsRunInBlocksWithinTheWorkspace) {
     be.linear_forward(d_y.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
     be.linear_backward(d_dx.get(), d_dw.get(), nullptr, d_dy.get(), d_x.get(), d_w.get(), N, IN,
                        OUT, Accumulate::kNo);
-    be.linear_forward_bf16w(d_y16.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get());
+    be.linear_forward_bf16w(d_y16.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get(),
+                            OUT);
     be.linear_backward_bf16w(d_dx16.get(), nullptr, d_dy.get(), d_w16.get(), N, IN, OUT,
-                             Accumulate::kNo, d_e.get());
+                             Accumulate::kNo, d_e.get(), OUT);
     return Result{d_y.read(), d_y16.read(), d_dx.read(), d_dw.read(), d_dx16.read()};
   };
   const Result a = run(*whole), b = run(*blocked);
@@ -901,7 +972,6 @@ TEST(GemmBlocks, SplitTheLargestStagedDimensionUntilTheOperandsFit) {
     if (gemm_stage_bytes(M, N, K, stage_b) <= limit) {
       EXPECT_TRUE(c.m == M && c.n == N && c.k == K) << "a product that fits is one block";
     }
-
   }
 }
 

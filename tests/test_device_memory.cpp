@@ -180,6 +180,13 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     s.lora = resolve_lora(o, 5);
     s.lora.base_bf16 = true;
     cases.push_back({"LoRA on a bf16 base + checkpointing", s, false});
+    s.lora.embed_bf16 = true;  // --bf16 True: the frozen embedding and LM head too
+    s.lm_head_chunks = 2;
+    cases.push_back({"LoRA on a bf16 base, embedding and head", s, false});
+    o.load_in_4bit = true;
+    s.lora = resolve_lora(o, 5);
+    s.lora.embed_bf16 = true;
+    cases.push_back({"QLoRA with a bf16 embedding and head", offloaded(s), false});
   }
   {
     RunSettings s;

@@ -373,25 +373,55 @@ TEST(LoraMemory, PlanShowsFrozenBaseAndNf4) {
   LlamaModel::plan(c, bf16, &pb);
   EXPECT_EQ(pb.arena_bytes("weights_packed"), size_t(quantized) * 2);
   EXPECT_EQ(pb.arena_bytes("weights") + size_t(quantized) * 4, pl.arena_bytes("weights"));
+  // With the frozen embedding and LM head in bf16 too: 2 bytes each, out of the f32 block, and
+  // the head widened at most kHeadExpandRows rows at a time.
+  const size_t VD = size_t(c.vocab_size) * c.hidden_size;
+  RunSettings io = bf16;
+  io.lora.embed_bf16 = true;
+  MemoryPlan pe;
+  LlamaModel::plan(c, io, &pe);
+  EXPECT_EQ(pe.arena_bytes("weights_packed"), size_t(quantized) * 2 + 2 * VD * 2);
+  EXPECT_EQ(pe.arena_bytes("weights") + 2 * VD * 4, pb.arena_bytes("weights"));
+  EXPECT_EQ(
+      buffer(pe, "lm_head.expand"),
+      size_t(std::min<int64_t>(c.vocab_size, LlamaModel::kHeadExpandRows)) * c.hidden_size * 4);
+  io.lora.train_embed = true;  // a trained embedding stays f32 (and trains)
+  MemoryPlan pt;
+  LlamaModel::plan(c, io, &pt);
+  EXPECT_EQ(pt.arena_bytes("weights_packed"), size_t(quantized) * 2 + VD * 2);
 }
 
 // LoRA over a bf16 base gives exactly what LoRA gives over f32 weights rounded to bf16 (the
-// projections widen each weight back to f32 before the same GEMM): loss, adapter gradients and
-// logits bit for bit; and the stored values are the round-to-nearest-even bf16 of the file's.
-TEST(Bf16Base, EqualsLoraOnRoundedWeights) {
-  const fs::path dir = kLora / "llama_gqa_all";
-  const MicroBatch mb = micro(batch_rows("llama_gqa", 0));
+// projections widen each weight back to f32 before the same GEMM; the embedding widens its
+// rows; the LM head, one block of rows here, widens before the same GEMMs): loss, adapter
+// gradients and logits bit for bit; and the stored values are the round-to-nearest-even bf16
+// of the file's. With --bf16 True the frozen embedding and LM head are bf16 as well (a tied
+// head is the embedding: qwen2_bias).
+void expect_bf16_base_equals_rounded(const std::string& adapter, bool projections, bool embed_head,
+                                     size_t packed) {
+  SCOPED_TRACE(adapter + (projections ? " projections" : "") + (embed_head ? " embed/head" : ""));
+  const fs::path dir = kLora / adapter;
+  const std::string base = base_of(dir);
+  const MicroBatch mb = micro(batch_rows(base, 0));
   RunSettings rs;
   rs.max_tokens = mb.num_tokens();
   rs.lora.dropout = 0.1;  // masks too: same rows, same elements
   RunSettings rb = rs;    // r, alpha and targets come from the adapter folder
-  rb.lora.base_bf16 = true;
+  rb.lora.base_bf16 = projections;
+  rb.lora.embed_bf16 = embed_head;
   Loaded b, f;
   load_case(dir, rb, &b);
   load_case(dir, rs, &f);
-  ASSERT_EQ(b.model->packed_weights().size(), 14u);
-  EXPECT_EQ(b.model->table().find("model.layers.0.self_attn.q_proj.weight"), nullptr);
-  const CheckpointReader reader(kModels / "llama_gqa");
+  ASSERT_EQ(b.model->packed_weights().size(), packed);
+  if (projections) {
+    EXPECT_EQ(b.model->table().find("model.layers.0.self_attn.q_proj.weight"), nullptr);
+  }
+  if (embed_head) {  // the head (a tied one is the embedding) is packed, never in the f32 block
+    EXPECT_EQ(b.model->table().find(b.config.tie_word_embeddings ? "model.embed_tokens.weight"
+                                                                 : "lm_head.weight"),
+              nullptr);
+  }
+  const CheckpointReader reader(kModels / base);
   const ParamTable full(b.config);
   for (const auto& w : b.model->packed_weights()) {
     ASSERT_EQ(w.format, PackedFormat::kBf16);
@@ -415,11 +445,19 @@ TEST(Bf16Base, EqualsLoraOnRoundedWeights) {
     const auto& t = f.model->trainable()[i];
     expect_close("bf16 base " + t.name, b.model->trainable()[i].grad, t.grad, t.numel, 0, 0);
   }
-  const MicroBatch first = micro({batch_rows("llama_gqa", 0)[0]});
+  const MicroBatch first = micro({batch_rows(base, 0)[0]});
   std::vector<float> lb(first.num_tokens() * b.config.vocab_size), lf(lb.size());
   b.model->forward_logits(first, lb.data());
   f.model->forward_logits(first, lf.data());
   EXPECT_EQ(lb, lf);
+}
+
+TEST(Bf16Base, EqualsLoraOnRoundedWeights) {
+  expect_bf16_base_equals_rounded("llama_gqa_all", true, false, 14);
+  // llama_gqa_all trains the embedding (modules_to_save): only the LM head is packed too.
+  expect_bf16_base_equals_rounded("llama_gqa_all", true, true, 15);
+  expect_bf16_base_equals_rounded("llama_gqa_all", false, true, 1);      // QLoRA's setting
+  expect_bf16_base_equals_rounded("qwen2_bias_rslora", true, true, 15);  // tied: one tensor
 }
 
 // QLoRA gives what LoRA gives on the dequantized base weights.
@@ -552,6 +590,7 @@ TEST(LoraAdapter, TrainSaveReloadAndWriteInteropFolder) {
     rs.max_tokens = max_tokens;
     rs.lora = resolve_lora(o, 5);
     rs.lora.base_bf16 = cs.bf16;
+    rs.lora.embed_bf16 = cs.bf16;  // as train --bf16 True: the frozen embedding and head too
     auto be = make_cpu_backend();
     LlamaModel m(config, *be, rs);
     load_base_weights(CheckpointReader(base), m);

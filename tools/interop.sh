@@ -6,7 +6,7 @@
 # Needs: torch, transformers >= 5, peft, safetensors, numpy. Exit 0 = all adapters match.
 # The QLoRA adapter is checked on the base with its projections NF4 round-tripped by the numpy
 # reference quantizer (tools/peft_interop.py), as bitsandbytes would hold them; the bf16-base
-# adapter on the base with its projections rounded to bfloat16 by torch.
+# adapter on the base with its projections, embedding and LM head rounded to bfloat16 by torch.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"

@@ -20,7 +20,7 @@ Check mode: `peft_interop.py --check DIR` loads the adapter in DIR (written by l
 base model (adapter_config.json base_model_name_or_path) with PEFT and compares the logits with
 DIR/longtune_logits.safetensors (tensors input_ids (T) and logits (T, V), f32; a tensor
 nf4_base marks a QLoRA adapter, whose base projections are then NF4 round-tripped with the
-reference quantizer first; bf16_base one trained over bf16 base projections, which torch then
+reference quantizer first; bf16_base one trained over a bf16 base (projections, embedding, LM head), which torch then
 rounds to bfloat16 and back). Exit 1 on a mismatch.
 """
 import argparse
@@ -206,10 +206,10 @@ def check(directory):
                     packed, aq, scales, offset = nf4_quantize(w)
                     deq = nf4_dequantize(packed, aq, scales, offset, w.size).astype(np.float32)
                     p.copy_(torch.from_numpy(deq.reshape(p.shape)))
-    if "bf16_base" in ref:  # LoRA with --bf16 True: the projections as torch rounds them
-        with torch.no_grad():
+    if "bf16_base" in ref:  # LoRA with --bf16 True: the frozen base as torch rounds it
+        with torch.no_grad():  # (projections, embedding, LM head; a trained embedding is saved)
             for name, p in model.named_parameters():
-                if name.endswith("_proj.weight"):
+                if name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight")):
                     p.copy_(p.to(torch.bfloat16).to(torch.float32))
     model = PeftModel.from_pretrained(model.double(), directory).double().eval()
     ids = torch.tensor(ref["input_ids"].astype(np.int64))[None]

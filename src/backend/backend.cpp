@@ -77,20 +77,6 @@ BackendWorkspace cuda_workspace_needs(const WorkspaceShape& s, bool bf16_gemms,
   return w;
 }
 
-void Backend::linear_forward_bf16w(float* out, const float* inp, const uint16_t* weight,
-                                   const float* bias, int64_t N, int64_t IN, int64_t OUT,
-                                   float* expand) {
-  bf16_to_f32(expand, weight, OUT * IN);
-  linear_forward(out, inp, expand, bias, N, IN, OUT);
-}
-
-void Backend::linear_backward_bf16w(float* dinp, float* dbias, const float* dout,
-                                    const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
-                                    Accumulate acc, float* expand) {
-  bf16_to_f32(expand, weight, OUT * IN);
-  linear_backward(dinp, nullptr, dbias, dout, nullptr, expand, N, IN, OUT, acc);
-}
-
 void Backend::lora_forward(float*, float*, float*, const float*, const float*, const float*,
                            int64_t, int64_t, int64_t, const LoraCall&) {
   LT_CHECK(false, "backend {} has no lora_forward", name());

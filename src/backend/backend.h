@@ -201,17 +201,26 @@ class Backend {
   // place (the bf16 residual stream, RunSettings::bf16_residual).
   virtual void f32_to_bf16(uint16_t* out, const float* in, int64_t n) = 0;
   virtual void round_to_bf16(float* x, int64_t n) = 0;
-  // Linear layers on a frozen bf16 weight (LoRA's base with --bf16 True): the results of
-  // linear_forward / linear_backward (no weight gradient) on the weight widened to f32, which
-  // the defaults (backend.cpp) write into `expand` (OUT*IN floats). A backend whose GEMMs take
-  // bf16 inputs (CUDA with GemmPrecision::kBf16) multiplies the bf16 weight as it is and leaves
-  // `expand` alone.
+  // Frozen bf16 weights (LoRA/QLoRA with --bf16 True: the base projections, the embedding, the
+  // LM head). The linears give linear_forward / linear_backward's results (no weight gradient)
+  // on the weight widened to f32; a backend that widens does so expand_rows weight rows at a
+  // time into `expand` (expand_rows * IN floats; ops/linear.h). A backend whose GEMMs take bf16
+  // inputs (CUDA with GemmPrecision::kBf16) multiplies the bf16 weight as it is and leaves
+  // `expand` alone. The embedding widens the rows it looks up; the LM head + cross-entropy is
+  // lm_head_cross_entropy without a weight gradient, its products those linears.
   virtual void linear_forward_bf16w(float* out, const float* inp, const uint16_t* weight,
                                     const float* bias, int64_t N, int64_t IN, int64_t OUT,
-                                    float* expand);
+                                    float* expand, int64_t expand_rows) = 0;
   virtual void linear_backward_bf16w(float* dinp, float* dbias, const float* dout,
                                      const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
-                                     Accumulate acc, float* expand);
+                                     Accumulate acc, float* expand, int64_t expand_rows) = 0;
+  virtual void embedding_forward_bf16(float* out, const int32_t* ids, const uint16_t* weight,
+                                      int64_t N, int64_t D) = 0;
+  virtual double lm_head_cross_entropy_bf16w(float* dhidden, const float* hidden,
+                                             const uint16_t* weight, const int32_t* targets,
+                                             int64_t N, int64_t D, int64_t V, int64_t chunk,
+                                             float grad_scale, float* scratch, float* expand,
+                                             int64_t expand_rows) = 0;
 
   // LoRA and QLoRA (ops/lora.h, ops/nf4.h). Not pure: a backend without them reports
   // supports(kLora / kNf4Dequantize) == false and the model refuses LoRA / 4-bit runs on it.

@@ -156,6 +156,7 @@ int cmd_plan(int argc, char** argv) {
   // As train: --bf16 True keeps LoRA's frozen projections in bf16, rounds the residual stream
   // and keeps the checkpoints in bf16.
   r.settings.lora.base_bf16 = bf16 && r.settings.lora.enabled && !r.settings.lora.quantize_4bit;
+  r.settings.lora.embed_bf16 = bf16 && r.settings.lora.enabled;
   r.settings.bf16_residual = bf16;
   r.world_size = world_size;
   r.zero_stage = zero_stage;

@@ -71,6 +71,8 @@ struct LlamaModel::Work {
   float *gate_c, *up_c, *h_c;     // (C,F) MLP chunk (gate_c/up_c null when not chunked)
   float *dh_c, *dgate_c, *dup_c;  // (C,F) MLP chunk gradients
   float* lm_scratch;              // (C_lm, V) logits of one LM-head chunk
+  float* head_expand;             // bf16 LM head: (head_expand_rows, D) widened rows
+  int64_t head_expand_rows = 0;
   float *dres, *dnorm, *dattn, *dq, *dk, *dv;  // (N,D) (N,D) (N,H*HD) (N,H*HD) (N,KVH*HD) x2
   float* base_weight;                          // packed base: one expanded (OUT,IN) weight
   float *lora_t, *lora_u;                      // (N,R) LoRA intermediates
@@ -150,7 +152,8 @@ std::pair<int64_t, int64_t> stage_range(const ModelConfig& c, const RunSettings&
 }
 
 ParamTable make_table(const ModelConfig& c, const RunSettings& s) {
-  const bool packed = s.lora.enabled && (s.lora.quantize_4bit || s.lora.base_bf16);
+  const bool packed =
+      s.lora.enabled && (s.lora.quantize_4bit || s.lora.base_bf16 || s.lora.embed_bf16);
   if (!packed && s.layer_begin == 0 && s.layer_end < 0) return ParamTable(c);
   return ParamTable(c, [&](const std::string& n) {
     return LlamaModel::in_stage(c, s, n) && !LlamaModel::is_packed(s.lora, n);
@@ -177,11 +180,24 @@ Nf4Layout nf4_layout(int64_t n) {
 
 }  // namespace
 
-bool LlamaModel::is_packed(const LoraSpec& s, const std::string& name) {
-  if (!s.enabled || !(s.quantize_4bit || s.base_bf16)) return false;
+namespace {
+bool is_projection(const std::string& name) {
   for (int p = 0; p < kNumProj; ++p)
     if (name.size() > 7 && name.ends_with(std::string(proj_name(Proj(p))) + ".weight")) return true;
   return false;
+}
+}  // namespace
+
+bool LlamaModel::is_packed(const LoraSpec& s, const std::string& name) {
+  if (!s.enabled) return false;
+  if (s.embed_bf16 &&
+      (name == "lm_head.weight" || (name == "model.embed_tokens.weight" && !base_trains(s, name))))
+    return true;  // a tied LM head is the embedding: packed when it is frozen
+  return (s.quantize_4bit || s.base_bf16) && is_projection(name);
+}
+
+PackedFormat LlamaModel::packed_format(const LoraSpec& s, const std::string& name) {
+  return s.quantize_4bit && is_projection(name) ? PackedFormat::kNf4 : PackedFormat::kBf16;
 }
 
 bool LlamaModel::in_stage(const ModelConfig& c, const RunSettings& s, const std::string& name) {
@@ -262,7 +278,8 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     if (s.train)
       out->lora_grads = b.take("lora.grads", lt.total_numel(), MemCategory::kGradients, "lora");
     // QLoRA: the seven projection weights of every layer in NF4 (about 0.53 bytes per value);
-    // LoRA with --bf16 True: in bf16 (2 bytes per value).
+    // LoRA with --bf16 True: in bf16 (2 bytes per value); with --bf16 True the frozen
+    // embedding and LM head in bf16 too.
     out->packed.clear();
     const ParamTable full(c);
     for (const auto& p : full.params()) {
@@ -270,7 +287,7 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
       PackedWeight w;
       w.name = p.name;
       w.numel = p.numel;
-      w.format = s.lora.quantize_4bit ? PackedFormat::kNf4 : PackedFormat::kBf16;
+      w.format = packed_format(s.lora, p.name);
       if (w.format == PackedFormat::kBf16) {
         w.packed = static_cast<uint8_t*>(b.take_bytes("bf16." + p.name, size_t(p.numel) * 2,
                                                       MemCategory::kWeights, "weights_packed"));
@@ -397,6 +414,13 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   w->lm_scratch =
       last ? b.take("lm_head.logits", w->lm_chunk * V, MemCategory::kLmHeadChunk, "scratch")
            : nullptr;
+  // A bf16 LM head is widened (where a backend widens) kHeadExpandRows vocabulary rows at a time.
+  const bool head16 = last && is_packed(s.lora, c.tie_word_embeddings ? "model.embed_tokens.weight"
+                                                                      : "lm_head.weight");
+  w->head_expand_rows = head16 ? std::min<int64_t>(V, kHeadExpandRows) : 0;
+  w->head_expand = head16 ? b.take("lm_head.expand", size_t(w->head_expand_rows) * D,
+                                   MemCategory::kLmHeadChunk, "scratch")
+                          : nullptr;
   w->dh_c = w->dgate_c = w->dup_c = w->dres = w->dnorm = nullptr;
   w->dattn = w->dq = w->dk = w->dv = nullptr;
   if (s.train) {
@@ -553,12 +577,19 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   lora_grads_ = bound.lora_grads;
   packed_ = std::move(bound.packed);
   if (params_) w_ = table_.bind(params_);
+  for (const PackedWeight& p : packed_) {  // bf16 embedding / LM head
+    const auto* v = reinterpret_cast<const uint16_t*>(p.packed);
+    if (p.name == "model.embed_tokens.weight") embed16_ = v;
+    if (p.name == "lm_head.weight") head16_ = v;
+  }
+  if (config_.tie_word_embeddings && embed16_ && last_stage()) head16_ = embed16_;
   if (grads_) g_ = table_.bind(grads_);
   if (settings_.external_params) {  // views filled unit by unit by the provider
     w_.layers.assign(config_.num_hidden_layers, LayerWeights{});
     g_.layers.assign(config_.num_hidden_layers, LayerWeights{});
   } else {
-    LT_CHECK((!first_stage() || w_.embed) && (!last_stage() || (w_.final_norm && w_.lm_head)));
+    LT_CHECK((!first_stage() || w_.embed || embed16_) &&
+             (!last_stage() || (w_.final_norm && (w_.lm_head || head16_))));
   }
   if (settings_.lora.enabled)
     g_ = table_.bind([&](const std::string& n) -> float* {
@@ -694,7 +725,7 @@ const uint16_t* LlamaModel::bf16_weight(const LinearSlot& s) const {
 void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int64_t n, int64_t l,
                          int64_t row0) {
   if (const uint16_t* w16 = bf16_weight(s))
-    be_.linear_forward_bf16w(out, inp, w16, s.bias, n, s.in, s.out, work_->base_weight);
+    be_.linear_forward_bf16w(out, inp, w16, s.bias, n, s.in, s.out, work_->base_weight, s.out);
   else
     be_.linear_forward(out, inp, base_weight(s), s.bias, n, s.in, s.out);
   if (s.lora_a) {
@@ -709,8 +740,8 @@ void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float*
                                   const float* inp, int64_t n, int64_t l, int64_t row0,
                                   Accumulate acc) {
   if (const uint16_t* w16 = bf16_weight(s))  // frozen: no weight gradient
-    be_.linear_backward_bf16w(dinp, s.grad_bias, dout, w16, n, s.in, s.out, acc,
-                              work_->base_weight);
+    be_.linear_backward_bf16w(dinp, s.grad_bias, dout, w16, n, s.in, s.out, acc, work_->base_weight,
+                              s.out);
   else
     be_.linear_backward(dinp, s.grad_weight, s.grad_bias, dout, inp, base_weight(s), n, s.in, s.out,
                         acc);
@@ -1288,7 +1319,10 @@ void LlamaModel::forward_layers(const float* input) {
   const bool staged = sl.stage[0] != nullptr;
   if (staged) be_.wait_copies();  // an earlier pass's copies have left the staging buffers
   if (first_stage()) {
-    be_.embedding_forward(res(layer_begin_), sl.ids, w_.embed, N, D);
+    if (embed16_)
+      be_.embedding_forward_bf16(res(layer_begin_), sl.ids, embed16_, N, D);
+    else
+      be_.embedding_forward(res(layer_begin_), sl.ids, w_.embed, N, D);
     if (settings_.bf16_residual) be_.round_to_bf16(res(layer_begin_), N * D);
     dump("embed", res(layer_begin_), N * D);
   } else {
@@ -1353,7 +1387,7 @@ double LlamaModel::stage_loss_backward(int64_t slot_index, float grad_scale) {
   cur_ = slot_index;
   n_ = slot().n;
   Work& k = *work_;
-  const int64_t N = n_, D = config_.hidden_size, V = config_.vocab_size;
+  const int64_t N = n_, D = config_.hidden_size;
   dropout_on_ = true;
   // Fused LM head + loss: dL/d(final_in) into dnorm, LM-head gradient accumulated; FPDT runs
   // it per sequence chunk (its dnorm holds one chunk).
@@ -1363,9 +1397,8 @@ double LlamaModel::stage_loss_backward(int64_t slot_index, float grad_scale) {
   float* dnorm = fpdt ? seq_->dnorm : k.dnorm;
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t n = std::min(rows, N - r0);
-    loss += be_.lm_head_cross_entropy(dnorm, g_.lm_head, k.final_in + r0 * D, w_.lm_head,
-                                      slot().targets + r0, n, D, V, std::min(k.lm_chunk, n),
-                                      grad_scale, k.lm_scratch);
+    loss += head_loss(dnorm, k.final_in + r0 * D, slot().targets + r0, n, std::min(k.lm_chunk, n),
+                      grad_scale);
     be_.rmsnorm_backward(k.dres + r0 * D, g_.final_norm, dnorm, res(layer_end_) + r0 * D,
                          w_.final_norm, k.final_rstd + r0, n, D, Accumulate::kNo);
   }
@@ -1379,9 +1412,18 @@ double LlamaModel::stage_loss(int64_t slot_index) {
   cur_ = slot_index;
   n_ = slot().n;
   Work& k = *work_;
-  return be_.lm_head_cross_entropy(nullptr, nullptr, k.final_in, w_.lm_head, slot().targets, n_,
-                                   config_.hidden_size, config_.vocab_size, k.lm_chunk, 0.0f,
-                                   k.lm_scratch);
+  return head_loss(nullptr, k.final_in, slot().targets, n_, k.lm_chunk, 0.0f);
+}
+
+double LlamaModel::head_loss(float* dnorm, const float* h, const int32_t* targets, int64_t n,
+                             int64_t chunk, float grad_scale) {
+  Work& k = *work_;
+  const int64_t D = config_.hidden_size, V = config_.vocab_size;
+  if (head16_)  // frozen bf16 head: no weight gradient
+    return be_.lm_head_cross_entropy_bf16w(dnorm, h, head16_, targets, n, D, V, chunk, grad_scale,
+                                           k.lm_scratch, k.head_expand, k.head_expand_rows);
+  return be_.lm_head_cross_entropy(dnorm, dnorm ? g_.lm_head : nullptr, h, w_.lm_head, targets, n,
+                                   D, V, chunk, grad_scale, k.lm_scratch);
 }
 
 void LlamaModel::stage_backward(int64_t slot_index, const float* dout) {
@@ -1422,8 +1464,12 @@ void LlamaModel::forward_logits(const MicroBatch& mb, float* logits) {
   LT_CHECK(first_stage() && last_stage(), "forward_logits on a pipeline stage");
   acquire(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
   stage_forward(mb, 0, nullptr, false);
-  be_.linear_forward(logits, work_->final_in, w_.lm_head, nullptr, n_, config_.hidden_size,
-                     config_.vocab_size);
+  if (head16_)
+    be_.linear_forward_bf16w(logits, work_->final_in, head16_, nullptr, n_, config_.hidden_size,
+                             config_.vocab_size, work_->head_expand, work_->head_expand_rows);
+  else
+    be_.linear_forward(logits, work_->final_in, w_.lm_head, nullptr, n_, config_.hidden_size,
+                       config_.vocab_size);
   release(LayerWeightsProvider::kOuter, LayerWeightsProvider::Pass::kForward);
 }
 

@@ -33,8 +33,8 @@ struct RunSettings {
   // With checkpointing the layer inputs are then kept in bf16: half the bytes, on the device or
   // offloaded.
   bool bf16_residual = false;
-  bool train = true;            // false: no gradients, no backward buffers (eval, generate)
-  LoraSpec lora;                // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
+  bool train = true;  // false: no gradients, no backward buffers (eval, generate)
+  LoraSpec lora;      // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
   // Parameters and gradients are not allocated by the model: a LayerWeightsProvider supplies
   // their views layer by layer (ZeRO-2/3, src/dist/zero.h).
   bool external_params = false;
@@ -88,9 +88,10 @@ class LayerWeightsProvider {
   virtual void release(int64_t unit, Pass pass) = 0;
 };
 
-// One frozen base projection weight stored packed: NF4 (QLoRA, ops/nf4.h) or bf16 (LoRA with
-// --bf16 True); device pointers into the "weights_packed" arena. Expanded to f32 one weight at a
-// time when a projection runs.
+// One frozen base weight stored packed: a projection in NF4 (QLoRA, ops/nf4.h) or bf16 (LoRA
+// with --bf16 True), the embedding and LM head in bf16 (LoRA/QLoRA with --bf16 True); device
+// pointers into the "weights_packed" arena. Widened to f32 (a projection one weight at a time,
+// the LM head a block of rows at a time) or multiplied as bf16 (CUDA's bf16 GEMMs).
 enum class PackedFormat { kNf4, kBf16 };
 struct PackedWeight {
   std::string name;  // Hugging Face name of the (OUT,IN) weight
@@ -136,6 +137,8 @@ class BufferBinder {
 
 class LlamaModel {
  public:
+  // A frozen bf16 LM head is widened (where a backend widens) this many vocabulary rows at a time.
+  static constexpr int64_t kHeadExpandRows = 4096;
   LlamaModel(const ModelConfig& config, Backend& backend, const RunSettings& settings);
   ~LlamaModel();
 
@@ -174,8 +177,9 @@ class LlamaModel {
   const std::vector<PackedWeight>& packed_weights() const { return packed_; }
   // Packs w (host, numel f32) into packed_weights()[i] (NF4 quantization or bf16 rounding).
   void pack_base_weight(size_t i, const float* w);
-  // True when `name` is stored packed (NF4 or bf16) under this spec.
+  // True when `name` is stored packed (NF4 or bf16) under this spec; its format.
   static bool is_packed(const LoraSpec& s, const std::string& name);
+  static PackedFormat packed_format(const LoraSpec& s, const std::string& name);
   // True when base tensor `name` trains under this LoRA spec (modules_to_save).
   static bool base_trains(const LoraSpec& s, const std::string& name);
   // True when base tensor `name` belongs to the pipeline stage of these settings.
@@ -289,6 +293,10 @@ class LlamaModel {
   LoraCall lora_call(int64_t l, Proj p, int64_t row0) const;
   void build_slots();
   void build_layer_slots(int64_t l);  // lin_[l] from w_.layers[l] and g_.layers[l]
+  // Fused LM head + loss over n rows from h (dnorm null: loss only; else dL/dh into dnorm and
+  // the head's gradient accumulated when it trains), on the f32 or the bf16 head.
+  double head_loss(float* dnorm, const float* h, const int32_t* targets, int64_t n, int64_t chunk,
+                   float grad_scale);
   LayerActs& acts_for(int64_t l);
   Slot& slot() { return *slots_[cur_]; }
   const Slot& slot() const { return *slots_[cur_]; }
@@ -324,7 +332,8 @@ class LlamaModel {
   float* lora_params_ = nullptr;
   float* lora_grads_ = nullptr;
   std::vector<PackedWeight> packed_;
-  std::vector<std::array<LinearSlot, kNumProj>> lin_;  // (L) x 7 (this stage's layers set)
+  const uint16_t *embed16_ = nullptr, *head16_ = nullptr;  // packed bf16 embedding / LM head
+  std::vector<std::array<LinearSlot, kNumProj>> lin_;      // (L) x 7 (this stage's layers set)
   std::vector<TrainableTensor> trainable_;
   uint64_t micro_batches_done_ = 0;  // keys the LoRA dropout masks
   bool dropout_on_ = false;          // only while training (PEFT: train mode)

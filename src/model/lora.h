@@ -42,8 +42,9 @@ struct LoraSpec {
   std::array<bool, kNumProj> targets{};
   bool train_embed = false, train_norm = false;
   bool quantize_4bit = false;
-  bool base_bf16 = false;  // frozen base projections stored in bf16 (--bf16 True, not 4-bit)
-  uint64_t seed = 42;      // adapter initialisation and dropout masks
+  bool base_bf16 = false;   // frozen base projections stored in bf16 (--bf16 True, not 4-bit)
+  bool embed_bf16 = false;  // the frozen embedding and LM head in bf16 (--bf16 True, LoRA/QLoRA)
+  uint64_t seed = 42;       // adapter initialisation and dropout masks
   // PEFT: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (Kalajdzievski 2023).
   float scale() const;
   bool targets_proj(Proj p) const { return enabled && targets[static_cast<int>(p)]; }

@@ -14,4 +14,13 @@ double lm_head_cross_entropy(float* dhidden, float* dweight, const float* hidden
                              const float* weight, const int32_t* targets, int64_t N, int64_t D,
                              int64_t V, int64_t chunk, float grad_scale, float* scratch);
 
+// The same over a frozen bf16 head weight (--bf16 True): no weight gradient; its products are
+// ops/linear.h's bf16-weight linears, widening expand_rows vocabulary rows at a time into
+// expand (expand_rows * D floats; expand_rows >= V: bit for bit the f32 op on the widened
+// weight).
+double lm_head_cross_entropy_bf16w(float* dhidden, const float* hidden, const uint16_t* weight,
+                                   const int32_t* targets, int64_t N, int64_t D, int64_t V,
+                                   int64_t chunk, float grad_scale, float* scratch, float* expand,
+                                   int64_t expand_rows);
+
 }  // namespace lt

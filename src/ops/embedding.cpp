@@ -4,12 +4,24 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/dtype.h"
+
 namespace lt {
 
 void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N, int64_t D) {
 #pragma omp parallel for schedule(static) if (N * D > (1 << 15))
   for (int64_t n = 0; n < N; ++n) {
     std::memcpy(out + n * D, weight + int64_t(ids[n]) * D, size_t(D) * sizeof(float));
+  }
+}
+
+void embedding_forward_bf16(float* out, const int32_t* ids, const uint16_t* weight, int64_t N,
+                            int64_t D) {
+#pragma omp parallel for schedule(static) if (N * D > (1 << 15))
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* row = weight + int64_t(ids[n]) * D;
+    float* o = out + n * D;
+    for (int64_t j = 0; j < D; ++j) o[j] = bf16_to_f32(row[j]);
   }
 }
 

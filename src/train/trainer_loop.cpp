@@ -220,6 +220,7 @@ void Trainer::validate() {
       fmt::print("{}\n", note);
   // --bf16 True with LoRA: the frozen base projections in bf16, as PEFT over a bf16 model.
   lora_.base_bf16 = o_.bf16 && lora_.enabled && !lora_.quantize_4bit;
+  lora_.embed_bf16 = o_.bf16 && lora_.enabled;  // as a model loaded in bf16: frozen embed/head
   distributed_ = world_size_ > 1 || o_.dist.zero_stage > 0 || o_.dist.fpdt_chunk_size > 0;
   if (distributed_) {
     const ZeroSettings z = zero_settings(o_.dist);
@@ -333,12 +334,13 @@ void Trainer::setup_model() {
       : rs.checkpointing ? ", residual stream and checkpoints in bf16"
                          : ", residual stream in bf16");
   if (lora_.enabled)
-    fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}\n",
+    fmt::print("LoRA: r {}, alpha {}, scale {:.4g}, dropout {}, {} adapter parameters{}{}{}\n",
                lora_.r, lora_.alpha, lora_.scale(), lora_.dropout,
                LoraTable(config_, lora_).total_numel(),
                lora_.quantize_4bit ? ", base projections in NF4"
                : lora_.base_bf16   ? ", base projections in bf16"
                                    : "",
+               lora_.embed_bf16 ? ", frozen embedding and LM head in bf16" : "",
                lora_.train_embed || lora_.train_norm ? ", plus embed/norm tensors" : "");
   backend_ = make_backend(o_.device, o_.bf16);
   // The backend's own temporaries, planned for this run's largest ops (none on the CPU).

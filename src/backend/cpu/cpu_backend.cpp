@@ -138,6 +138,26 @@ class CpuBackend final : public Backend {
                                float gs, float* scratch) override {
     return lt::lm_head_cross_entropy(dh, dw, h, w, t, N, D, V, chunk, gs, scratch);
   }
+  double lm_head_cross_entropy_bf16w(float* dh, const float* h, const uint16_t* w, const int32_t* t,
+                                     int64_t N, int64_t D, int64_t V, int64_t chunk, float gs,
+                                     float* scratch, float* expand, int64_t expand_rows) override {
+    return lt::lm_head_cross_entropy_bf16w(dh, h, w, t, N, D, V, chunk, gs, scratch, expand,
+                                           expand_rows);
+  }
+  void linear_forward_bf16w(float* out, const float* inp, const uint16_t* w, const float* b,
+                            int64_t N, int64_t IN, int64_t OUT, float* expand,
+                            int64_t expand_rows) override {
+    lt::linear_forward_bf16w(out, inp, w, b, N, IN, OUT, expand, expand_rows);
+  }
+  void linear_backward_bf16w(float* dinp, float* db, const float* dout, const uint16_t* w,
+                             int64_t N, int64_t IN, int64_t OUT, Accumulate acc, float* expand,
+                             int64_t expand_rows) override {
+    lt::linear_backward_bf16w(dinp, db, dout, w, N, IN, OUT, acc, expand, expand_rows);
+  }
+  void embedding_forward_bf16(float* out, const int32_t* ids, const uint16_t* w, int64_t N,
+                              int64_t D) override {
+    lt::embedding_forward_bf16(out, ids, w, N, D);
+  }
   void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
                     const AdamWParams& a) override {
     lt::adamw_update(p, g, m, v, n, a);

@@ -64,12 +64,17 @@ __global__ void softmax_xent_kernel(float* logits, double* row_loss, const int32
 
 }  // namespace
 
-double lm_head_cross_entropy(const Context& ctx, float* dhidden, float* dweight,
-                             const float* hidden, const float* weight, const int32_t* targets,
-                             const int32_t* host_targets, int64_t N, int64_t D, int64_t V,
-                             int64_t chunk, float grad_scale, float* scratch) {
+namespace {
+
+// The chunked loop over rows with the head's products supplied: logits(z, h, rows),
+// dh_product(dh, z, rows), dw_product(z, h, rows) (as ops/cross_entropy.cpp).
+template <class Logits, class Dh, class Dw>
+double cross_entropy_rows(const Context& ctx, float* dhidden, bool want_dweight,
+                          const float* hidden, const int32_t* targets, const int32_t* host_targets,
+                          int64_t N, int64_t D, int64_t V, int64_t chunk, float grad_scale,
+                          float* scratch, Logits logits, Dh dh_product, Dw dw_product) {
   if (N <= 0) return 0.0;
-  const bool want_grad = dhidden || dweight;
+  const bool want_grad = dhidden || want_dweight;
   auto* row_loss =
       static_cast<double*>(ctx.scratch->get(cuda_scratch::cross_entropy(N), ctx.stream));
   LT_CUDA_CHECK(cudaMemsetAsync(row_loss, 0, size_t(N) * sizeof(double), ctx.stream));
@@ -83,15 +88,12 @@ double lm_head_cross_entropy(const Context& ctx, float* dhidden, float* dweight,
       if (dh) LT_CUDA_CHECK(cudaMemsetAsync(dh, 0, size_t(rows * D) * 4, ctx.stream));
       continue;
     }
-    // logits (rows,V) = h (rows,D) @ weight (V,D)^T
-    gemm(ctx, scratch, h, weight, rows, V, D, false, true, 1.0f, 0.0f);
+    logits(scratch, h, rows);  // (rows,V) = h (rows,D) @ weight (V,D)^T
     softmax_xent_kernel<<<unsigned(rows), kThreads, 0, ctx.stream>>>(
         scratch, row_loss + r0, targets + r0, V, grad_scale, want_grad);
     LT_CUDA_CHECK_LAUNCH();
-    // dh (rows,D) = g (rows,V) @ weight (V,D): overwritten.
-    if (dh) gemm(ctx, dh, scratch, weight, rows, D, V, false, false, 1.0f, 0.0f);
-    // dweight (V,D) += g^T (V,rows) @ h (rows,D): accumulated.
-    if (dweight) gemm(ctx, dweight, scratch, h, V, D, rows, true, false, 1.0f, 1.0f);
+    if (dh) dh_product(dh, scratch, rows);  // dh (rows,D) = g (rows,V) @ weight: overwritten
+    if (want_dweight) dw_product(scratch, h, rows);  // dweight (V,D) += g^T @ h: accumulated
   }
   std::vector<double> host(static_cast<size_t>(N));
   LT_CUDA_CHECK(cudaMemcpyAsync(host.data(), row_loss, size_t(N) * sizeof(double),
@@ -100,6 +102,43 @@ double lm_head_cross_entropy(const Context& ctx, float* dhidden, float* dweight,
   double loss = 0;
   for (double l : host) loss += l;  // row order, as the CPU op
   return loss;
+}
+
+}  // namespace
+
+double lm_head_cross_entropy(const Context& ctx, float* dhidden, float* dweight,
+                             const float* hidden, const float* weight, const int32_t* targets,
+                             const int32_t* host_targets, int64_t N, int64_t D, int64_t V,
+                             int64_t chunk, float grad_scale, float* scratch) {
+  return cross_entropy_rows(
+      ctx, dhidden, dweight != nullptr, hidden, targets, host_targets, N, D, V, chunk, grad_scale,
+      scratch,
+      [&](float* z, const float* h, int64_t rows) {
+        gemm(ctx, z, h, weight, rows, V, D, false, true, 1.0f, 0.0f);
+      },
+      [&](float* dh, const float* z, int64_t rows) {
+        gemm(ctx, dh, z, weight, rows, D, V, false, false, 1.0f, 0.0f);
+      },
+      [&](const float* z, const float* h, int64_t rows) {
+        gemm(ctx, dweight, z, h, V, D, rows, true, false, 1.0f, 1.0f);
+      });
+}
+
+double lm_head_cross_entropy_bf16w(const Context& ctx, float* dhidden, const float* hidden,
+                                   const uint16_t* weight, const int32_t* targets,
+                                   const int32_t* host_targets, int64_t N, int64_t D, int64_t V,
+                                   int64_t chunk, float grad_scale, float* scratch, float* expand,
+                                   int64_t expand_rows) {
+  return cross_entropy_rows(
+      ctx, dhidden, false, hidden, targets, host_targets, N, D, V, chunk, grad_scale, scratch,
+      [&](float* z, const float* h, int64_t rows) {
+        linear_forward_bf16w(ctx, z, h, weight, nullptr, rows, D, V, expand, expand_rows);
+      },
+      [&](float* dh, const float* z, int64_t rows) {
+        linear_backward_bf16w(ctx, dh, nullptr, z, weight, rows, D, V, Accumulate::kNo, expand,
+                              expand_rows);
+      },
+      [](const float*, const float*, int64_t) {});
 }
 
 }  // namespace lt::cuda

@@ -248,19 +248,23 @@ class CudaBackend final : public Backend {
     cuda::linear_backward(ctx_, dinp, dw, db, dout, inp, w, N, IN, OUT, acc);
   }
   void linear_forward_bf16w(float* out, const float* inp, const uint16_t* w, const float* b,
-                            int64_t N, int64_t IN, int64_t OUT, float* expand) override {
-    if (ctx_.precision != GemmPrecision::kBf16)  // f32 GEMMs: on the widened weight
-      return Backend::linear_forward_bf16w(out, inp, w, b, N, IN, OUT, expand);
+                            int64_t N, int64_t IN, int64_t OUT, float* expand,
+                            int64_t expand_rows) override {
     check_gemm_dims("linear_forward_bf16w", N, IN, OUT);
-    cuda::linear_forward_bf16w(ctx_, out, inp, w, b, N, IN, OUT);
+    LT_CHECK(expand_rows >= 1, "linear_forward_bf16w: expand_rows={}", expand_rows);
+    cuda::linear_forward_bf16w(ctx_, out, inp, w, b, N, IN, OUT, expand, expand_rows);
   }
   void linear_backward_bf16w(float* dinp, float* db, const float* dout, const uint16_t* w,
-                             int64_t N, int64_t IN, int64_t OUT, Accumulate acc,
-                             float* expand) override {
-    if (ctx_.precision != GemmPrecision::kBf16)
-      return Backend::linear_backward_bf16w(dinp, db, dout, w, N, IN, OUT, acc, expand);
+                             int64_t N, int64_t IN, int64_t OUT, Accumulate acc, float* expand,
+                             int64_t expand_rows) override {
     check_gemm_dims("linear_backward_bf16w", N, IN, OUT);
-    cuda::linear_backward_bf16w(ctx_, dinp, db, dout, w, N, IN, OUT, acc);
+    LT_CHECK(expand_rows >= 1, "linear_backward_bf16w: expand_rows={}", expand_rows);
+    cuda::linear_backward_bf16w(ctx_, dinp, db, dout, w, N, IN, OUT, acc, expand, expand_rows);
+  }
+  void embedding_forward_bf16(float* out, const int32_t* ids, const uint16_t* w, int64_t N,
+                              int64_t D) override {
+    LT_CHECK(N >= 0 && D >= 0, "embedding_forward_bf16: N={} D={}", N, D);
+    cuda::embedding_forward_bf16(ctx_, out, ids, w, N, D);
   }
   void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq, float sc,
                    int64_t N, int64_t HD) override {
@@ -306,20 +310,17 @@ class CudaBackend final : public Backend {
   double lm_head_cross_entropy(float* dh, float* dw, const float* h, const float* w,
                                const int32_t* t, int64_t N, int64_t D, int64_t V, int64_t chunk,
                                float gs, float* scratch) override {
-    LT_CHECK(chunk >= 1, "lm_head_cross_entropy: chunk={} must be >= 1", chunk);
-    LT_CHECK(N >= 0 && D >= 1 && V >= 1, "lm_head_cross_entropy: N={} D={} V={}", N, D, V);
-    check_gemm_dims("lm_head_cross_entropy", std::min(N, chunk), D, V);
-    // The targets come to the host once: validated like the CPU op, and used to skip chunks
-    // without labels (the loss is returned to the host anyway, so this adds no extra wait).
-    host_targets_.resize(size_t(N));
-    copy_to_host(host_targets_.data(), t, size_t(N) * sizeof(int32_t));
-    for (int64_t n = 0; n < N; ++n) {
-      const int32_t y = host_targets_[size_t(n)];
-      LT_CHECK(y == kIgnoreIndex || (y >= 0 && y < V), "target[{}]={} outside [0,{}) and not {}", n,
-               y, V, kIgnoreIndex);
-    }
+    check_cross_entropy("lm_head_cross_entropy", t, N, D, V, chunk);
     return cuda::lm_head_cross_entropy(ctx_, dh, dw, h, w, t, host_targets_.data(), N, D, V, chunk,
                                        gs, scratch);
+  }
+  double lm_head_cross_entropy_bf16w(float* dh, const float* h, const uint16_t* w, const int32_t* t,
+                                     int64_t N, int64_t D, int64_t V, int64_t chunk, float gs,
+                                     float* scratch, float* expand, int64_t expand_rows) override {
+    check_cross_entropy("lm_head_cross_entropy_bf16w", t, N, D, V, chunk);
+    LT_CHECK(expand_rows >= 1, "lm_head_cross_entropy_bf16w: expand_rows={}", expand_rows);
+    return cuda::lm_head_cross_entropy_bf16w(ctx_, dh, h, w, t, host_targets_.data(), N, D, V,
+                                             chunk, gs, scratch, expand, expand_rows);
   }
   void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
                     const AdamWParams& a) override {
@@ -390,6 +391,22 @@ class CudaBackend final : public Backend {
              need, device_name_, ctx_.max_shared_bytes);
     LT_CHECK(s.B * s.H <= 65535 && s.B * s.KVH <= 65535, "attention: B*H={} exceeds the grid",
              s.B * s.H);
+  }
+
+  // The targets come to the host once (host_targets_): validated like the CPU op, and used to
+  // skip chunks without labels (the loss is returned to the host anyway: no extra wait).
+  void check_cross_entropy(const char* op, const int32_t* t, int64_t N, int64_t D, int64_t V,
+                           int64_t chunk) {
+    LT_CHECK(chunk >= 1, "{}: chunk={} must be >= 1", op, chunk);
+    LT_CHECK(N >= 0 && D >= 1 && V >= 1, "{}: N={} D={} V={}", op, N, D, V);
+    check_gemm_dims(op, std::min(N, chunk), D, V);
+    host_targets_.resize(size_t(N));
+    copy_to_host(host_targets_.data(), t, size_t(N) * sizeof(int32_t));
+    for (int64_t n = 0; n < N; ++n) {
+      const int32_t y = host_targets_[size_t(n)];
+      LT_CHECK(y == kIgnoreIndex || (y >= 0 && y < V), "target[{}]={} outside [0,{}) and not {}", n,
+               y, V, kIgnoreIndex);
+    }
   }
 
   int device_;

@@ -16,6 +16,15 @@ __global__ void embedding_forward_kernel(float* out, const int32_t* ids, const f
   }
 }
 
+__global__ void embedding_forward_bf16_kernel(float* out, const int32_t* ids,
+                                              const uint16_t* weight, int64_t N, int64_t D) {
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const uint16_t* w = weight + int64_t(ids[n]) * D;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x)
+      out[n * D + j] = __uint_as_float(uint32_t(w[j]) << 16);  // exact widening
+  }
+}
+
 __global__ void embedding_backward_kernel(float* dweight, const float* dout, const int32_t* ids,
                                           int64_t N, int64_t D) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
@@ -34,8 +43,16 @@ void embedding_forward(const Context& ctx, float* out, const int32_t* ids, const
   LT_CUDA_CHECK_LAUNCH();
 }
 
-void embedding_backward(const Context& ctx, float* dweight, const float* dout,
-                        const int32_t* ids, int64_t N, int64_t D) {
+void embedding_forward_bf16(const Context& ctx, float* out, const int32_t* ids,
+                            const uint16_t* weight, int64_t N, int64_t D) {
+  if (N <= 0 || D <= 0) return;
+  const unsigned blocks = unsigned(N < 65535 ? N : 65535);
+  embedding_forward_bf16_kernel<<<blocks, 256, 0, ctx.stream>>>(out, ids, weight, N, D);
+  LT_CUDA_CHECK_LAUNCH();
+}
+
+void embedding_backward(const Context& ctx, float* dweight, const float* dout, const int32_t* ids,
+                        int64_t N, int64_t D) {
   if (N <= 0 || D <= 0) return;
   const unsigned blocks = unsigned(N < 65535 ? N : 65535);
   embedding_backward_kernel<<<blocks, 256, 0, ctx.stream>>>(dweight, dout, ids, N, D);

@@ -67,12 +67,14 @@ void linear_forward(const Context& ctx, float* out, const float* inp, const floa
 void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbias,
                      const float* dout, const float* inp, const float* weight, int64_t N,
                      int64_t IN, int64_t OUT, Accumulate acc);
-// The same on a bf16 weight, multiplied as it is (GemmPrecision::kBf16 only).
+// The same on a bf16 weight (Backend::linear_forward_bf16w): kBf16 multiplies it as it is;
+// kF32 widens expand_rows weight rows at a time into expand and runs f32 GEMMs on the blocks.
 void linear_forward_bf16w(const Context& ctx, float* out, const float* inp, const uint16_t* weight,
-                          const float* bias, int64_t N, int64_t IN, int64_t OUT);
+                          const float* bias, int64_t N, int64_t IN, int64_t OUT, float* expand,
+                          int64_t expand_rows);
 void linear_backward_bf16w(const Context& ctx, float* dinp, float* dbias, const float* dout,
                            const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
-                           Accumulate acc);
+                           Accumulate acc, float* expand, int64_t expand_rows);
 
 // ---- rmsnorm.cu ---------------------------------------------------------------------------
 void rmsnorm_forward(const Context& ctx, float* out, float* rstd, const float* inp,
@@ -97,6 +99,8 @@ void swiglu_backward(const Context& ctx, float* dgate, float* dup, const float* 
 // ---- embedding.cu -------------------------------------------------------------------------
 void embedding_forward(const Context& ctx, float* out, const int32_t* ids, const float* weight,
                        int64_t N, int64_t D);
+void embedding_forward_bf16(const Context& ctx, float* out, const int32_t* ids,
+                            const uint16_t* weight, int64_t N, int64_t D);
 void embedding_backward(const Context& ctx, float* dweight, const float* dout, const int32_t* ids,
                         int64_t N, int64_t D);
 
@@ -107,6 +111,12 @@ double lm_head_cross_entropy(const Context& ctx, float* dhidden, float* dweight,
                              const float* hidden, const float* weight, const int32_t* targets,
                              const int32_t* host_targets, int64_t N, int64_t D, int64_t V,
                              int64_t chunk, float grad_scale, float* scratch);
+// The same over a bf16 weight, without a weight gradient (its products linear_*_bf16w).
+double lm_head_cross_entropy_bf16w(const Context& ctx, float* dhidden, const float* hidden,
+                                   const uint16_t* weight, const int32_t* targets,
+                                   const int32_t* host_targets, int64_t N, int64_t D, int64_t V,
+                                   int64_t chunk, float grad_scale, float* scratch, float* expand,
+                                   int64_t expand_rows);
 
 // ---- adamw.cu / reduce.cu -----------------------------------------------------------------
 void adamw_update(const Context& ctx, float* param, const float* grad, float* m, float* v,

@@ -216,18 +216,58 @@ void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbi
   bias_grad(ctx, dbias, dout, N, OUT);
 }
 
+namespace {
+
+// f32 GEMM on sub-blocks: each matrix with its row pitch (true f32 products).
+void gemm_f32_ld(const Context& ctx, float* C, int64_t ldc, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, int64_t M, int64_t N, int64_t K, bool trans_a,
+                 bool trans_b, float alpha, float beta) {
+  if (M <= 0 || N <= 0 || K <= 0) return;  // callers never pass K = 0
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, B,
+                               CUDA_R_32F, int(ldb), A, CUDA_R_32F, int(lda), &beta, C, CUDA_R_32F,
+                               int(ldc), CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace
+
 void linear_forward_bf16w(const Context& ctx, float* out, const float* inp, const uint16_t* weight,
-                          const float* bias, int64_t N, int64_t IN, int64_t OUT) {
-  gemm_bf16_b(ctx, out, inp, weight, N, OUT, IN, false, true, 1.0f, 0.0f);
+                          const float* bias, int64_t N, int64_t IN, int64_t OUT, float* expand,
+                          int64_t expand_rows) {
+  if (ctx.precision == GemmPrecision::kBf16) {
+    gemm_bf16_b(ctx, out, inp, weight, N, OUT, IN, false, true, 1.0f, 0.0f);
+  } else if (expand_rows >= OUT) {  // f32 GEMMs: on the widened weight, as the CPU
+    bf16_to_f32(ctx, expand, weight, OUT * IN);
+    gemm(ctx, out, inp, expand, N, OUT, IN, false, true, 1.0f, 0.0f);
+  } else {  // out[:, o0:o1] = inp @ W[o0:o1]^T, block by block
+    for (int64_t o0 = 0; o0 < OUT; o0 += expand_rows) {
+      const int64_t rows = std::min(expand_rows, OUT - o0);
+      bf16_to_f32(ctx, expand, weight + o0 * IN, rows * IN);
+      gemm_f32_ld(ctx, out + o0, OUT, inp, IN, expand, IN, N, rows, IN, false, true, 1.0f, 0.0f);
+    }
+  }
   add_bias(ctx, out, bias, N, OUT);
 }
 
 void linear_backward_bf16w(const Context& ctx, float* dinp, float* dbias, const float* dout,
                            const uint16_t* weight, int64_t N, int64_t IN, int64_t OUT,
-                           Accumulate acc) {
-  if (dinp)
-    gemm_bf16_b(ctx, dinp, dout, weight, N, IN, OUT, false, false, 1.0f,
-                acc == Accumulate::kYes ? 1.0f : 0.0f);
+                           Accumulate acc, float* expand, int64_t expand_rows) {
+  const float beta = acc == Accumulate::kYes ? 1.0f : 0.0f;
+  if (!dinp) {
+  } else if (ctx.precision == GemmPrecision::kBf16) {
+    gemm_bf16_b(ctx, dinp, dout, weight, N, IN, OUT, false, false, 1.0f, beta);
+  } else if (expand_rows >= OUT) {
+    bf16_to_f32(ctx, expand, weight, OUT * IN);
+    gemm(ctx, dinp, dout, expand, N, IN, OUT, false, false, 1.0f, beta);
+  } else {  // dinp (+)= the sum over blocks of dout[:, o0:o1] @ W[o0:o1]
+    for (int64_t o0 = 0; o0 < OUT; o0 += expand_rows) {
+      const int64_t rows = std::min(expand_rows, OUT - o0);
+      bf16_to_f32(ctx, expand, weight + o0 * IN, rows * IN);
+      gemm_f32_ld(ctx, dinp, IN, dout + o0, OUT, expand, IN, N, IN, rows, false, false, 1.0f,
+                  o0 == 0 ? beta : 1.0f);
+    }
+  }
   bias_grad(ctx, dbias, dout, N, OUT);
 }
 
