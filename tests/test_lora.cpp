@@ -346,8 +346,8 @@ TEST(LoraMemory, PlanShowsFrozenBaseAndNf4) {
   EXPECT_GT(nf4_per_param, 0.5);
   EXPECT_LT(nf4_per_param, 0.53);
   EXPECT_EQ(pq.arena_bytes("weights") + size_t(quantized) * 4, pl.arena_bytes("weights"));
-  // Dropout's buffers hold the largest projection input: every token's attention input, or
-  // with a chunked MLP one chunk's MLP input (F wide), not every token's.
+  // Dropout's buffers hold one row block (lora_dropout_rows) of the widest projection input
+  // (F), not every token's.
   auto buffer = [](const MemoryPlan& p, const std::string& name) {
     for (const auto& b : p.buffers())
       if (b.name == name) return b.bytes;
@@ -361,10 +361,10 @@ TEST(LoraMemory, PlanShowsFrozenBaseAndNf4) {
   const size_t D = c.hidden_size, F = c.intermediate_size, QD = c.num_attention_heads * c.head_dim;
   EXPECT_EQ(buffer(whole, "lora.dropout_x"), 4096 * std::max({D, QD, F}) * 4);
   dropped.mlp_chunks = 64;
+  dropped.lora_dropout_rows = 512;
   MemoryPlan chunked;
   LlamaModel::plan(c, dropped, &chunked);
-  EXPECT_EQ(buffer(chunked, "lora.dropout_x"),
-            std::max(4096 * std::max(D, QD), 64 * std::max(D, F)) * 4);
+  EXPECT_EQ(buffer(chunked, "lora.dropout_x"), 512 * std::max({D, QD, F}) * 4);
   EXPECT_EQ(buffer(chunked, "lora.dropout_dx"), buffer(chunked, "lora.dropout_x"));
   // LoRA with --bf16 True: the same projections at exactly 2 bytes per value.
   RunSettings bf16 = lora;
@@ -458,6 +458,41 @@ TEST(Bf16Base, EqualsLoraOnRoundedWeights) {
   expect_bf16_base_equals_rounded("llama_gqa_all", true, true, 15);
   expect_bf16_base_equals_rounded("llama_gqa_all", false, true, 1);      // QLoRA's setting
   expect_bf16_base_equals_rounded("qwen2_bias_rslora", true, true, 15);  // tied: one tensor
+}
+
+// LoRA dropout over row blocks (lora_dropout_rows: the buffers hold that many rows) drops the
+// same elements as one call over every row (masks are keyed by token): the same loss and
+// adapter gradients up to the order of the blocks' f32 sums.
+TEST(LoraDropout, RowBlocksDropTheSameElements) {
+  const fs::path dir = kLora / "llama_gqa_all";
+  const MicroBatch mb = micro(batch_rows("llama_gqa", 0));
+  RunSettings whole;
+  whole.max_tokens = mb.num_tokens();
+  whole.lora.dropout = 0.2;
+  whole.lora_dropout_rows = 1 << 20;
+  RunSettings blocks = whole;
+  blocks.lora_dropout_rows = 5;  // not a divisor of the token count
+  ASSERT_NE(mb.num_tokens() % 5, 0);
+  Loaded a, b;
+  load_case(dir, whole, &a);
+  load_case(dir, blocks, &b);
+  RunSettings off = whole;
+  off.lora.dropout = 0;
+  Loaded z;
+  load_case(dir, off, &z);
+  const float scale = 1.0f / static_cast<float>(mb.num_targets());
+  a.model->zero_grads();
+  b.model->zero_grads();
+  z.model->zero_grads();
+  const double la = a.model->forward_backward(mb, scale), lb = b.model->forward_backward(mb, scale);
+  const double lz = z.model->forward_backward(mb, scale);
+  EXPECT_NEAR(lb, la, 1e-6 * std::fabs(la));
+  EXPECT_GT(std::fabs(la - lz), 1e-4) << "dropout changed nothing: the check could not fail";
+  for (size_t i = 0; i < a.model->trainable().size(); ++i) {
+    const auto& t = a.model->trainable()[i];
+    expect_close("dropout in row blocks " + t.name, b.model->trainable()[i].grad, t.grad, t.numel,
+                 1e-6, 1e-4);
+  }
 }
 
 // QLoRA gives what LoRA gives on the dequantized base weights.

@@ -77,7 +77,7 @@ struct LlamaModel::Work {
   float* base_weight;                          // packed base: one expanded (OUT,IN) weight
   float *lora_t, *lora_u;                      // (N,R) LoRA intermediates
   float *lora_xd, *lora_dxd;                   // dropped-out input and its gradient:
-  size_t lora_xd_numel = 0;                    // rows x IN of the largest projection call
+  size_t lora_xd_numel = 0;                    // rows x IN of the widest projection
   int64_t mlp_chunk = 0, lm_chunk = 0;
 };
 
@@ -445,10 +445,10 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     w->lora_t = b.take("lora.t", N * R, MemCategory::kScratch, "scratch");
     w->lora_u = b.take("lora.u", N * R, MemCategory::kScratch, "scratch");
     if (s.lora.dropout > 0 && s.train) {
-      // The attention projections see every token (inputs D or H*HD wide); a chunked MLP's
-      // only its chunk's (gate/up D, down F wide).
-      const size_t XD = chunked_mlp ? std::max(N * std::max(D, QD), C * std::max(D, F))
-                                    : N * std::max({D, QD, F});
+      // One row block of the widest projection input (the MLP's down projection: F).
+      LT_CHECK(s.lora_dropout_rows >= 1, "lora_dropout_rows={}", s.lora_dropout_rows);
+      const size_t rows = std::min(N, size_t(s.lora_dropout_rows));
+      const size_t XD = rows * std::max({D, QD, F});
       w->lora_xd_numel = XD;
       w->lora_xd = b.take("lora.dropout_x", XD, MemCategory::kScratch, "scratch");
       w->lora_dxd = b.take("lora.dropout_dx", XD, MemCategory::kScratch, "scratch");
@@ -717,6 +717,15 @@ LoraCall LlamaModel::lora_call(int64_t l, Proj p, int64_t row0) const {
   return c;
 }
 
+int64_t LlamaModel::lora_rows(const LinearSlot& s, int64_t n) const {
+  if (!dropout_on_ || settings_.lora.dropout <= 0 || !work_->lora_xd)
+    return std::max<int64_t>(n, 1);
+  const int64_t rows = int64_t(work_->lora_xd_numel / size_t(s.in));
+  LT_CHECK(rows >= 1, "LoRA dropout buffer of {} values for inputs {} wide", work_->lora_xd_numel,
+           s.in);
+  return rows;
+}
+
 const uint16_t* LlamaModel::bf16_weight(const LinearSlot& s) const {
   if (s.weight || packed_[s.packed].format != PackedFormat::kBf16) return nullptr;
   return reinterpret_cast<const uint16_t*>(packed_[s.packed].packed);
@@ -729,10 +738,11 @@ void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int6
   else
     be_.linear_forward(out, inp, base_weight(s), s.bias, n, s.in, s.out);
   if (s.lora_a) {
-    LT_CHECK(!work_->lora_xd || size_t(n * s.in) <= work_->lora_xd_numel,
-             "LoRA dropout buffer: {} rows x {} > {}", n, s.in, work_->lora_xd_numel);
-    be_.lora_forward(out, work_->lora_t, work_->lora_xd, inp, s.lora_a, s.lora_b, n, s.in, s.out,
-                     lora_call(l, s.proj, row0));
+    const int64_t step = lora_rows(s, n);
+    for (int64_t r = 0; r < n; r += step)  // masks keyed by token: any row blocks drop alike
+      be_.lora_forward(out + r * s.out, work_->lora_t, work_->lora_xd, inp + r * s.in, s.lora_a,
+                       s.lora_b, std::min(step, n - r), s.in, s.out,
+                       lora_call(l, s.proj, row0 + r));
   }
 }
 
@@ -747,8 +757,11 @@ void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float*
                         acc);
   if (s.lora_a) {
     Work& k = *work_;
-    be_.lora_backward(dinp, s.grad_a, s.grad_b, k.lora_t, k.lora_u, k.lora_xd, k.lora_dxd, dout,
-                      inp, s.lora_a, s.lora_b, n, s.in, s.out, lora_call(l, s.proj, row0));
+    const int64_t step = lora_rows(s, n);
+    for (int64_t r = 0; r < n; r += step)  // adapter gradients accumulate over the blocks
+      be_.lora_backward(dinp ? dinp + r * s.in : nullptr, s.grad_a, s.grad_b, k.lora_t, k.lora_u,
+                        k.lora_xd, k.lora_dxd, dout + r * s.out, inp + r * s.in, s.lora_a, s.lora_b,
+                        std::min(step, n - r), s.in, s.out, lora_call(l, s.proj, row0 + r));
   }
 }
 

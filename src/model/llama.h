@@ -35,6 +35,10 @@ struct RunSettings {
   bool bf16_residual = false;
   bool train = true;  // false: no gradients, no backward buffers (eval, generate)
   LoraSpec lora;      // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
+  // LoRA dropout: the dropped-out input and its gradient are buffers of this many rows of the
+  // widest projection input, and a projection's adapter runs over row blocks that fit them (its
+  // masks are keyed by token, so the same elements drop).
+  int64_t lora_dropout_rows = 4096;
   // Parameters and gradients are not allocated by the model: a LayerWeightsProvider supplies
   // their views layer by layer (ZeRO-2/3, src/dist/zero.h).
   bool external_params = false;
@@ -293,6 +297,8 @@ class LlamaModel {
   LoraCall lora_call(int64_t l, Proj p, int64_t row0) const;
   void build_slots();
   void build_layer_slots(int64_t l);  // lin_[l] from w_.layers[l] and g_.layers[l]
+  // Rows per LoRA call of projection s over n rows (dropout: what its buffers hold).
+  int64_t lora_rows(const LinearSlot& s, int64_t n) const;
   // Fused LM head + loss over n rows from h (dnorm null: loss only; else dL/dh into dnorm and
   // the head's gradient accumulated when it trains), on the f32 or the bf16 head.
   double head_loss(float* dnorm, const float* h, const int32_t* targets, int64_t n, int64_t chunk,
