@@ -26,6 +26,17 @@
 
 namespace lt {
 
+std::unique_ptr<CommRequest> Communicator::isend_bf16(const uint16_t*, size_t, int dst, int) {
+  LT_CHECK(false, "bf16 point to point to rank {} on a {} communicator (host MPI only)", dst,
+           backend());
+  return nullptr;
+}
+
+void Communicator::recv_bf16(uint16_t*, size_t, int src, int) {
+  LT_CHECK(false, "bf16 point to point from rank {} on a {} communicator (host MPI only)", src,
+           backend());
+}
+
 namespace {
 
 int64_t sum_counts(const std::vector<int64_t>& counts) {
@@ -305,6 +316,23 @@ class MpiCommunicator final : public Communicator {
     mpi_check(MPI_Irecv(data, static_cast<int>(n), MPI_FLOAT, src, tag, comm_, &r->request),
               "MPI_Irecv", name_);
     return r;
+  }
+  std::unique_ptr<CommRequest> isend_bf16(const uint16_t* data, size_t n, int dst,
+                                          int tag) override {
+    LT_CHECK(n < INT32_MAX);
+    stats_.p2p_bytes += n * 2;
+    ++stats_.calls;
+    auto r = std::make_unique<P2pRequest>(this, "isend");
+    mpi_check(MPI_Isend(data, static_cast<int>(n), MPI_UINT16_T, dst, tag, comm_, &r->request),
+              "MPI_Isend", name_);
+    return r;
+  }
+  void recv_bf16(uint16_t* data, size_t n, int src, int tag) override {
+    LT_CHECK(n < INT32_MAX);
+    ++stats_.calls;
+    Watch w(*this, "recv");
+    mpi_check(MPI_Recv(data, static_cast<int>(n), MPI_UINT16_T, src, tag, comm_, MPI_STATUS_IGNORE),
+              "MPI_Recv", name_);
   }
   void broadcast(void* data, size_t bytes, int root) override {
     stats_.broadcast_bytes += bytes;

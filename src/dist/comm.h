@@ -69,6 +69,10 @@ class Communicator {
   // wait() returns. Messages between two ranks with the same tag arrive in the order sent.
   virtual std::unique_ptr<CommRequest> isend(const float* data, size_t n, int dst, int tag) = 0;
   virtual std::unique_ptr<CommRequest> irecv(float* data, size_t n, int src, int tag) = 0;
+  // The same for n 16-bit values in host memory (the bf16 residual stream between pipeline
+  // stages: half the bytes). Host communicators (MPI); the others refuse with their name.
+  virtual std::unique_ptr<CommRequest> isend_bf16(const uint16_t* data, size_t n, int dst, int tag);
+  virtual void recv_bf16(uint16_t* data, size_t n, int src, int tag);
   // bytes at data on root are copied to every rank.
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
   virtual void barrier() = 0;

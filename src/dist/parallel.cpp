@@ -228,6 +228,11 @@ void ParallelEngine::plan(const ModelConfig& c, const RunSettings& rs, const Par
     plan->add("pipeline.send_ring", ring * act * 4, MemCategory::kScratch, "pipeline_host");
     plan->add("pipeline.recv_host", act * 4, MemCategory::kScratch, "pipeline_host");
     plan->add("pipeline.recv", act * 4, MemCategory::kScratch, "pipeline");
+    if (rs.bf16_residual) {  // activations travel as bf16 (gradients stay f32)
+      plan->add("pipeline.send_ring_bf16", ring * act * 2, MemCategory::kScratch, "pipeline_host");
+      plan->add("pipeline.recv_host_bf16", act * 2, MemCategory::kScratch, "pipeline_host");
+      plan->add("pipeline.bf16", act * 2, MemCategory::kScratch, "pipeline");
+    }
   }
   const bool first = lay.stage() == 0, last = lay.stage() == lay.pp - 1;
   if (lay.pp > 1 && c.tie_word_embeddings && (first || last))
@@ -284,6 +289,11 @@ ParallelEngine::ParallelEngine(LlamaModel& model, Backend& backend, Communicator
     for (auto& s : sends_) s.host.resize(act);
     recv_host_.resize(act);
     recv_device_ = static_cast<float*>(be_.alloc(act * 4));
+    if (rs_.bf16_residual) {
+      for (auto& s : sends_) s.host16.resize(act);
+      recv_host16_.resize(act);
+      if (!be_.host_addressable()) stage16_ = static_cast<uint16_t*>(be_.alloc(act * 2));
+    }
   }
 }
 
@@ -291,6 +301,7 @@ ParallelEngine::~ParallelEngine() {
   for (auto& s : sends_)
     if (s.request) s.request->wait();
   if (recv_device_) be_.free(recv_device_);
+  if (stage16_) be_.free(stage16_);
   if (exchange_) model_.set_sequence_exchange(nullptr);
 }
 
@@ -338,12 +349,12 @@ void ParallelEngine::pipeline_1f1b(const std::vector<MicroBatch>& locals, float 
     const int64_t n = locals[i].num_tokens() * D;
     const float* in = nullptr;
     if (s > 0) {
-      recv_activation(recv_device_, n, s - 1, kTagForward);
+      recv_activation(recv_device_, n, s - 1, kTagForward, rs_.bf16_residual);
       in = recv_device_;
     }
     model_.stage_forward(locals[i], slot, in, training);
     if (s < S - 1)
-      send_activation(model_.stage_output(slot), n, s + 1, kTagForward);
+      send_activation(model_.stage_output(slot), n, s + 1, kTagForward, rs_.bf16_residual);
     else if (!training)
       *loss += model_.stage_loss(slot);
   };
@@ -353,10 +364,10 @@ void ParallelEngine::pipeline_1f1b(const std::vector<MicroBatch>& locals, float 
     if (s == S - 1) {
       *loss += model_.stage_loss_backward(slot, scale);
     } else {
-      recv_activation(recv_device_, n, s + 1, kTagBackward);
+      recv_activation(recv_device_, n, s + 1, kTagBackward, false);
       model_.stage_backward(slot, recv_device_);
     }
-    if (s > 0) send_activation(model_.stage_input_grad(), n, s - 1, kTagBackward);
+    if (s > 0) send_activation(model_.stage_input_grad(), n, s - 1, kTagBackward, false);
   };
   if (!training) {
     for (int64_t i = 0; i < M; ++i) forward(i);
@@ -372,16 +383,33 @@ void ParallelEngine::pipeline_1f1b(const std::vector<MicroBatch>& locals, float 
   finish_sends();
 }
 
-void ParallelEngine::send_activation(const float* dev, int64_t n, int dst, int tag) {
+void ParallelEngine::send_activation(const float* dev, int64_t n, int dst, int tag, bool bf16) {
   Send& b = sends_[next_send_++ % sends_.size()];
   if (b.request) b.request->wait();  // its previous message has been taken
   LT_CHECK(size_t(n) <= b.host.size(), "activation of {} floats, staging for {}", n, b.host.size());
-  be_.copy_to_host(b.host.data(), dev, size_t(n) * 4);
-  b.request = pipe_group_->isend(b.host.data(), size_t(n), dst, tag);
+  if (!bf16) {
+    be_.copy_to_host(b.host.data(), dev, size_t(n) * 4);
+    b.request = pipe_group_->isend(b.host.data(), size_t(n), dst, tag);
+    return;
+  }
+  // The stage output is bf16-rounded (bf16_residual): the conversion is exact.
+  if (be_.host_addressable()) {
+    be_.f32_to_bf16(b.host16.data(), dev, n);
+  } else {
+    be_.f32_to_bf16(stage16_, dev, n);
+    be_.copy_to_host(b.host16.data(), stage16_, size_t(n) * 2);
+  }
+  b.request = pipe_group_->isend_bf16(b.host16.data(), size_t(n), dst, tag);
 }
 
-void ParallelEngine::recv_activation(float* dev, int64_t n, int src, int tag) {
+void ParallelEngine::recv_activation(float* dev, int64_t n, int src, int tag, bool bf16) {
   LT_CHECK(size_t(n) <= recv_host_.size());
+  if (bf16) {
+    pipe_group_->recv_bf16(recv_host16_.data(), size_t(n), src, tag);
+    if (be_.host_addressable()) return be_.bf16_to_f32(dev, recv_host16_.data(), n);
+    be_.copy_to_device(stage16_, recv_host16_.data(), size_t(n) * 2);
+    return be_.bf16_to_f32(dev, stage16_, n);
+  }
   if (be_.host_addressable()) return pipe_group_->recv(dev, size_t(n), src, tag);
   pipe_group_->recv(recv_host_.data(), size_t(n), src, tag);
   be_.copy_to_device(dev, recv_host_.data(), size_t(n) * 4);

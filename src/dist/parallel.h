@@ -105,8 +105,10 @@ class ParallelEngine {
   double run_micro_batches(const std::vector<MicroBatch>& micro, float scale, bool training);
   void pipeline_1f1b(const std::vector<MicroBatch>& local, float scale, bool training,
                      double* loss);
-  void send_activation(const float* dev, int64_t n, int dst, int tag);
-  void recv_activation(float* dev, int64_t n, int src, int tag);
+  // n floats of a device buffer to / from a neighbouring stage; bf16: the values are bf16
+  // already (the bf16 residual stream) and travel as 16-bit values, half the bytes.
+  void send_activation(const float* dev, int64_t n, int dst, int tag, bool bf16);
+  void recv_activation(float* dev, int64_t n, int src, int tag, bool bf16);
   void finish_sends();
   void exchange_tied_gradient();
   // Every stage leader's block to world rank 0, by stage (a collective of the leaders); each
@@ -132,12 +134,15 @@ class ParallelEngine {
   // Point-to-point staging (pipeline): a ring of send buffers and one receive buffer.
   struct Send {
     std::vector<float> host;
+    std::vector<uint16_t> host16;  // bf16 activations (--bf16 True)
     std::unique_ptr<CommRequest> request;
   };
   std::vector<Send> sends_;
   size_t next_send_ = 0;
   float* recv_device_ = nullptr;
   std::vector<float> recv_host_;
+  std::vector<uint16_t> recv_host16_;
+  uint16_t* stage16_ = nullptr;  // device backends: bf16 activations on their way to the host
   RunSettings rs_;
 };
 

@@ -381,11 +381,12 @@ struct Para {
   int64_t sp = 1, pp = 1, fpdt = 0;
   int zero = 0;
   bool lora = false, qlora = false, train_embed = false, tied = false, checkpointing = false;
+  bool bf16 = false;  // --bf16 True: the bf16 residual stream (and a bf16 frozen embed/head)
   int64_t layers = 4, per_replica_batch = 2, accumulation = 3, steps = 3;
   std::string name() const {
-    return fmt::format("sp{} pp{} fpdt{} zero{}{}{}{}{}{}", sp, pp, fpdt, zero, lora ? " lora" : "",
-                       qlora ? " qlora" : "", train_embed ? " +embed" : "", tied ? " tied" : "",
-                       checkpointing ? " ckpt" : "");
+    return fmt::format("sp{} pp{} fpdt{} zero{}{}{}{}{}{}{}", sp, pp, fpdt, zero,
+                       lora ? " lora" : "", qlora ? " qlora" : "", train_embed ? " +embed" : "",
+                       tied ? " tied" : "", checkpointing ? " ckpt" : "", bf16 ? " bf16" : "");
   }
 };
 
@@ -405,7 +406,9 @@ LoraSpec para_lora(const Para& p) {
   o.target_modules = "all-linear";
   o.load_in_4bit = p.qlora;
   if (p.train_embed) o.trainable_params = "embed,norm";
-  return resolve_lora(o, 17);
+  LoraSpec spec = resolve_lora(o, 17);
+  spec.embed_bf16 = p.bf16;  // as train --bf16 True
+  return spec;
 }
 
 struct ParaRun {
@@ -496,6 +499,7 @@ ParaRun run_parallel(const Para& p, Communicator& world, const std::vector<Examp
   RunSettings rs;
   rs.lora = spec;
   rs.checkpointing = p.checkpointing;
+  rs.bf16_residual = p.bf16;
   ParallelSettings ps;
   ps.zero.stage = p.zero;
   ps.optimizer = para_opt();
@@ -542,6 +546,7 @@ ParaRun run_one_process(const Para& p, int dp, const std::vector<Example>& rows)
   auto be = make_cpu_backend();
   RunSettings rs;
   rs.lora = spec;
+  rs.bf16_residual = p.bf16;
   rs.max_tokens = 17 * p.per_replica_batch * dp;
   LlamaModel model(c, *be, rs);
   if (spec.enabled) {
@@ -646,6 +651,15 @@ TEST(Parallel, PipelineLora) {
   p.lora = true;
   expect_parallel_matches(p);
 }
+// --bf16 True over stages: the activations travel as bf16 (exact: the stream is bf16 at layer
+// boundaries), the frozen tied embedding / LM head is bf16 on both end stages.
+TEST(Parallel, PipelineBf16) {
+  Para p = para(1, 2);
+  p.bf16 = p.checkpointing = true;
+  expect_parallel_matches(p);
+  p.lora = p.tied = true;
+  expect_parallel_matches(p);
+}
 TEST(Parallel, PipelineQloraTiedEmbedTrains) {
   Para p = para(1, 2);
   p.lora = p.qlora = p.train_embed = p.tied = true;
@@ -696,8 +710,9 @@ double planned_volume(const ModelConfig& c, const std::vector<MicroBatch>& micro
 TEST(Parallel, CommunicationBytes) {
   Communicator& world = *g_world;
   if (world.size() != 2) GTEST_SKIP() << "written for 2 ranks";
-  for (int mode = 0; mode < 2; ++mode) {
+  for (int mode = 0; mode < 3; ++mode) {
     Para p = mode == 0 ? para(2, 1) : para(1, 2);
+    p.bf16 = mode == 2;  // activations (stage 0 sends) in bf16, gradients (stage 1) in f32
     p.steps = 1;
     const ModelConfig c = para_config(p);
     const ParallelLayout lay = ParallelLayout::make(2, world.rank(), p.sp, p.pp);
@@ -722,6 +737,14 @@ TEST(Parallel, CommunicationBytes) {
             return sequence_layout(mb.num_tokens(), 2, 0).padded_tokens();
           });
       EXPECT_EQ(planned, want) << "planner's all-to-all volume";
+    } else if (mode == 2) {
+      double want = 0;
+      const double bytes = lay.stage() == 0 ? 2.0 : 4.0;
+      for (const auto& mb : micro) want += bytes * mb.num_tokens() * c.hidden_size;
+      if (world.rank() == 0)
+        std::printf("pipeline PP2 --bf16 True: point-to-point %llu bytes on stage 0, theory %.0f\n",
+                    (unsigned long long)r.stats.p2p_bytes, want);
+      EXPECT_EQ(double(r.stats.p2p_bytes), want);
     } else {
       double want = 0;
       for (const auto& mb : micro) want += 4.0 * mb.num_tokens() * c.hidden_size;
