@@ -23,6 +23,7 @@
 #include <sstream>
 #include <string>
 
+#include "backend/arena.h"
 #include "backend/backend.h"
 #include "bench/bench_common.h"
 #include "core/error.h"
@@ -165,8 +166,15 @@ int run(int argc, char** argv) {
       mini_sequence_auto(config, T, &rs);
     return rs;
   };
+  // The plan of the engine this runs: the CUDA one counts its workspace and runtime.
+  auto plan_request = [&](int64_t T, const RunSettings& rs) {
+    PlanRequest pr{config, T, 1, rs};
+    pr.device = cuda ? PlanDevice::kCuda : PlanDevice::kCpu;
+    pr.bf16_gemms = bf16;
+    return pr;
+  };
   if (fit > 0) {  // the planner's longest sequence for this budget, then run it
-    PlanRequest pr{config, seqs.empty() ? 4096 : seqs.back(), 1, settings_for(4096)};
+    PlanRequest pr = plan_request(seqs.empty() ? 4096 : seqs.back(), settings_for(4096));
     pr.mini_sequence_auto = mini == "auto";
     const int64_t longest = longest_sequence(pr, fit, 1024);
     fmt::print(stderr, "bench_train: the planner's longest sequence within {}: {}\n",
@@ -178,13 +186,15 @@ int run(int argc, char** argv) {
     const Example e = bench_row(T, config.vocab_size);
     std::vector<const Example*> rows = {&e};
     const std::vector<MicroBatch> micro = {make_micro_batch(rows)};
-    PlanRequest pr{config, T, 1, rs};
-    const size_t predicted = plan_memory(pr).device_bytes;
+    const size_t predicted = plan_memory(plan_request(T, rs)).device_bytes;
     double first_loss = 0, secs = 0;
     // A fresh backend per length: its device-memory peak is this run's.
     auto be = make_backend(device, bf16);
     const bool host = be->host_addressable();
     {
+      // The backend's workspace, planned and bound as train binds it.
+      const Arena workspace =
+          bind_workspace_arena(*be, be->workspace_needs(workspace_shape(config, rs)));
       LlamaModel m(config, *be, rs);
       if (preset) {
         random_weights(m);

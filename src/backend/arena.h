@@ -16,6 +16,12 @@ namespace lt {
 
 Arena make_backend_arena(Backend& be, const std::string& name, size_t bytes,
                          const std::string& offload_dir = "");
+// A backend's workspace (Backend::workspace_needs) as plan buffers: "workspace.op" and
+// "workspace.gemm" in the arena "workspace".
+void plan_workspace(const BackendWorkspace& w, MemoryPlan* plan);
+// That arena, allocated and bound to the backend (an empty arena when it needs none); keep it
+// alive while the backend runs ops.
+Arena bind_workspace_arena(Backend& be, const BackendWorkspace& w);
 // True when the arena of this name is host memory on this backend.
 bool host_arena(const Backend& be, const std::string& name);
 

@@ -6,6 +6,7 @@
 #include <cctype>
 #include <cmath>
 
+#include "backend/arena.h"
 #include "core/error.h"
 #include "dist/parallel.h"
 #include "dist/zero.h"
@@ -81,11 +82,6 @@ WorkspaceShape workspace_shape(const ModelConfig& c, const RunSettings& s) {
   w.kv_dim = c.num_key_value_heads * c.head_dim;
   w.lora_rank = s.lora.enabled ? s.lora.r : 0;
   return w;
-}
-
-void plan_workspace(const BackendWorkspace& w, MemoryPlan* plan) {
-  if (w.op_bytes) plan->add("workspace.op", w.op_bytes, MemCategory::kScratch, "workspace");
-  if (w.gemm_bytes) plan->add("workspace.gemm", w.gemm_bytes, MemCategory::kScratch, "workspace");
 }
 
 PlanResult plan_memory(const PlanRequest& r) {

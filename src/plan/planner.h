@@ -22,9 +22,6 @@ enum class PlanDevice { kCpu, kCuda };
 
 // The largest op calls of a run, for sizing a backend's workspace (backend.h).
 WorkspaceShape workspace_shape(const ModelConfig& c, const RunSettings& s);
-// A backend's workspace as plan buffers: "workspace.op" and "workspace.gemm" in the arena
-// "workspace" (the trainer allocates it and binds it to the backend).
-void plan_workspace(const BackendWorkspace& w, MemoryPlan* plan);
 
 struct PlanRequest {
   ModelConfig config;

@@ -349,13 +349,7 @@ void Trainer::setup_model() {
   fmt::print("{}\n", plan_.describe());
   fmt::print("device: {}{}\n", backend_->name(),
              o_.bf16 && backend_->name() == "cuda" ? " (bf16 GEMMs, f32 accumulation)" : "");
-  if (ws.op_bytes + ws.gemm_bytes > 0) {
-    workspace_ = make_backend_arena(*backend_, "workspace", plan_.arena_bytes("workspace"));
-    backend_->bind_workspace(
-        workspace_.take_bytes("workspace.op", ws.op_bytes), ws.op_bytes,
-        ws.gemm_bytes ? workspace_.take_bytes("workspace.gemm", ws.gemm_bytes) : nullptr,
-        ws.gemm_bytes);
-  }
+  workspace_ = bind_workspace_arena(*backend_, ws);
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
   if (distributed_) {  // every rank reads the checkpoint and keeps its part
     engine_ = std::make_unique<ParallelEngine>(*model_, *backend_, *world_, layout_, ps);
