@@ -527,8 +527,82 @@ TEST_P(BackendOps, Copy2d) {
   EXPECT_CLOSE(d_flat->read(), src, Tol({0, 0}), "copy_device");
 }
 
+// The LoRA path and its gradients in double precision, straight from the formulas of
+// ops/lora.h (the dropout factor is the mask's definition, ops/lora_mask.h): an independent
+// reference for the CPU op too, which the CUDA op is also held to.
+struct LoraReference {
+  std::vector<double> out, dx, da, db;
+};
+LoraReference lora_reference(const Vec& x, const Vec& a, const Vec& b, const Vec& dout,
+                             const Vec& out0, const Vec& dx0, const Vec& da0, const Vec& db0,
+                             int64_t N, int64_t IN, int64_t OUT, const LoraCall& c) {
+  const int64_t R = c.R;
+  std::vector<double> xd(size_t(N * IN)), t(size_t(N * R), 0.0), u(size_t(N * R), 0.0);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t k = 0; k < IN; ++k)
+      xd[i * IN + k] =
+          double(x[i * IN + k]) * lora_dropout_factor(c.seed, c.row0 + i, k, IN, c.dropout);
+  LoraReference r;
+  r.out.assign(out0.begin(), out0.end());
+  r.dx.assign(dx0.begin(), dx0.end());
+  r.da.assign(da0.begin(), da0.end());
+  r.db.assign(db0.begin(), db0.end());
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < R; ++j) {
+      for (int64_t k = 0; k < IN; ++k) t[i * R + j] += xd[i * IN + k] * a[j * IN + k];
+      for (int64_t o = 0; o < OUT; ++o) u[i * R + j] += double(dout[i * OUT + o]) * b[o * R + j];
+    }
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t o = 0; o < OUT; ++o) {
+      double s = 0;
+      for (int64_t j = 0; j < R; ++j) s += t[i * R + j] * b[o * R + j];
+      r.out[i * OUT + o] += c.scale * s;
+    }
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t k = 0; k < IN; ++k) {
+      double s = 0;
+      for (int64_t j = 0; j < R; ++j) s += u[i * R + j] * a[j * IN + k];
+      r.dx[i * IN + k] +=
+          c.scale * s * lora_dropout_factor(c.seed, c.row0 + i, k, IN, c.dropout);
+    }
+  for (int64_t j = 0; j < R; ++j) {
+    for (int64_t k = 0; k < IN; ++k) {
+      double s = 0;
+      for (int64_t i = 0; i < N; ++i) s += u[i * R + j] * xd[i * IN + k];
+      r.da[j * IN + k] += c.scale * s;
+    }
+    for (int64_t o = 0; o < OUT; ++o) {
+      double s = 0;
+      for (int64_t i = 0; i < N; ++i) s += double(dout[i * OUT + o]) * t[i * R + j];
+      r.db[o * R + j] += c.scale * s;
+    }
+  }
+  return r;
+}
+
+// |got - want| <= atol + rtol |want| for every element against a double reference; a failure
+// names the worst element.
+::testing::AssertionResult close_to_double(const Vec& got, const std::vector<double>& want,
+                                           double atol, double rtol, const char* what) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure() << what << ": " << got.size() << " elements, want "
+                                         << want.size();
+  size_t worst = 0;
+  double worst_excess = -1;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::fabs(double(got[i]) - want[i]);
+    const double excess = std::isfinite(err) ? err - (atol + rtol * std::fabs(want[i])) : 1e300;
+    if (excess > worst_excess) worst_excess = excess, worst = i;
+  }
+  if (worst_excess <= 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": worst element " << worst << " is "
+                                       << got[worst] << ", the double reference " << want[worst]
+                                       << " (atol " << atol << ", rtol " << rtol << ")";
+}
+
 // LoRA: the low-rank path and its gradients, with and without dropout (the masks are a hash
-// of (seed, row, column): every backend drops the same elements).
+// of (seed, row, column): every backend drops the same elements); every backend against the
+// double-precision reference, then against the CPU op.
 TEST_P(BackendOps, Lora) {
   const int64_t N = 37, IN = 48, OUT = 29;
   for (float p : {0.0f, 0.25f}) {
@@ -549,6 +623,9 @@ TEST_P(BackendOps, Lora) {
     Vec dx = dx0, da = da0, db = db0;
     lora_backward(dx.data(), da.data(), db.data(), t.data(), u.data(), xd.data(), dxd.data(),
                   dout.data(), x.data(), a.data(), b.data(), N, IN, OUT, c);
+    const LoraReference ref = lora_reference(x, a, b, dout, out0, dx0, da0, db0, N, IN, OUT, c);
+    // f32 products over at most 48 terms of values below 1 in magnitude: a few 1e-6.
+    const double ratol = 2e-5, rrtol = cpu() ? 2e-5 : 2e-4;
     auto d_x = buf("inp", x);
     auto d_a = buf("a", a);
     auto d_b = buf("b", b);
@@ -559,7 +636,9 @@ TEST_P(BackendOps, Lora) {
     auto d_dxd = out("dxd", N * IN);
     be_->lora_forward(d_out->get(), d_t->get(), d_xd->get(), d_x->get(), d_a->get(), d_b->get(), N,
                       IN, OUT, c);
-    EXPECT_CLOSE(d_out->read(), want, gemm(), "lora_forward out (+=)");
+    const Vec got_out = d_out->read();
+    EXPECT_TRUE(close_to_double(got_out, ref.out, ratol, rrtol, "lora_forward out vs double"));
+    EXPECT_CLOSE(got_out, want, gemm(), "lora_forward out (+=)");
     auto d_dout = buf("dout", dout);
     auto d_dx = buf("dinp", dx0);
     auto d_da = buf("da", da0);
@@ -567,9 +646,13 @@ TEST_P(BackendOps, Lora) {
     be_->lora_backward(d_dx->get(), d_da->get(), d_db->get(), d_t->get(), d_u->get(), d_xd->get(),
                        d_dxd->get(), d_dout->get(), d_x->get(), d_a->get(), d_b->get(), N, IN, OUT,
                        c);
-    EXPECT_CLOSE(d_dx->read(), dx, gemm(), "lora_backward dinp (+=)");
-    EXPECT_CLOSE(d_da->read(), da, gemm(), "lora_backward da (+=)");
-    EXPECT_CLOSE(d_db->read(), db, gemm(), "lora_backward db (+=)");
+    const Vec got_dx = d_dx->read(), got_da = d_da->read(), got_db = d_db->read();
+    EXPECT_TRUE(close_to_double(got_dx, ref.dx, ratol, rrtol, "lora_backward dinp vs double"));
+    EXPECT_TRUE(close_to_double(got_da, ref.da, ratol, rrtol, "lora_backward da vs double"));
+    EXPECT_TRUE(close_to_double(got_db, ref.db, ratol, rrtol, "lora_backward db vs double"));
+    EXPECT_CLOSE(got_dx, dx, gemm(), "lora_backward dinp (+=)");
+    EXPECT_CLOSE(got_da, da, gemm(), "lora_backward da (+=)");
+    EXPECT_CLOSE(got_db, db, gemm(), "lora_backward db (+=)");
   }
 }
 

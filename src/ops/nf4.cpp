@@ -1,6 +1,10 @@
 // NF4 quantization and dequantization (CPU reference; see nf4.h for the layout).
 #include "ops/nf4.h"
 
+// absmax = dyn * scale + offset rounds twice, as bitsandbytes and the CUDA kernel
+// (src/backend/cuda/nf4.cu) do: GCC must not contract it into one fused multiply-add.
+#pragma GCC optimize("fp-contract=off")
+
 #include <algorithm>
 #include <cmath>
 #include <vector>

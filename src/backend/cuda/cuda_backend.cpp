@@ -77,6 +77,7 @@ class CudaBackend final : public Backend {
     cudaDeviceProp prop{};
     LT_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     device_name_ = prop.name;
+    max_pitch_ = prop.memPitch;
     LT_CUDA_CHECK(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking));
     LT_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking));
     LT_CUDA_CHECK(cudaEventCreateWithFlags(&compute_done_, cudaEventDisableTiming));
@@ -178,8 +179,21 @@ class CudaBackend final : public Backend {
   void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
                size_t rows) override {
     if (row_bytes == 0 || rows == 0) return;
-    LT_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
-                                    cudaMemcpyDeviceToDevice, compute_));
+    // cudaMemcpy2D refuses pitches above the device's memPitch (2^31 - 1 bytes): one contiguous
+    // block (copy_device of a whole N x D activation is 2 GiB at 128K tokens) is a plain copy,
+    // and rows further apart than that go one at a time.
+    if (rows == 1 || (dst_pitch == row_bytes && src_pitch == row_bytes)) {
+      LT_CUDA_CHECK(
+          cudaMemcpyAsync(dst, src, row_bytes * rows, cudaMemcpyDeviceToDevice, compute_));
+    } else if (std::max(dst_pitch, src_pitch) > max_pitch_) {
+      for (size_t r = 0; r < rows; ++r)
+        LT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + r * dst_pitch,
+                                      static_cast<const char*>(src) + r * src_pitch, row_bytes,
+                                      cudaMemcpyDeviceToDevice, compute_));
+    } else {
+      LT_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                                      cudaMemcpyDeviceToDevice, compute_));
+    }
   }
   bool host_addressable() const override { return false; }
 
@@ -411,6 +425,7 @@ class CudaBackend final : public Backend {
 
   int device_;
   std::string device_name_;
+  size_t max_pitch_ = 0;  // cudaMemcpy2D's largest pitch
   float* absmax_table_ = nullptr;  // NF4 double-quantization code table (256), device memory
   cudaStream_t compute_ = nullptr, copy_ = nullptr;
   cudaEvent_t compute_done_ = nullptr, copies_done_ = nullptr;
