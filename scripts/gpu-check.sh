@@ -1,38 +1,80 @@
 #!/usr/bin/env bash
 # One-call check of the CUDA backend on a bare GPU machine (CUDA toolkit, PyTorch, transformers,
-# PEFT; no network). Everything goes under OUT_DIR: a log per step and summary.txt, which says
-# for every step whether it passed, failed or was skipped and why. Budget: about 8 minutes.
-#   scripts/gpu-check.sh OUT_DIR
+# PEFT; no network, none of longtune's other libraries). Usage:
+#   scripts/gpu-check.sh OUT_DIR [STEP...]
+# STEPs, in the order they run (default: all of them):
+#   conformance  the op-conformance suite on the GPU (ctest -L gpu)
+#   train        the same tiny training runs on GPU and CPU, losses compared line by line
+#                (full fine-tune, LoRA on a bf16 base, + checkpointing, + checkpoint offload);
+#                offload's GPU losses equal checkpointing's exactly; every GPU allocation planned
+#   bench        the Llama-3-8B-shaped benchmarks: longtune LoRA r16 bf16 at 4K/16K/32K and the
+#                longest planned sequence, with and without offload; transformers + PEFT side by
+#                side (tokens/s, peak memory, MFU, its longest sequence); one layer's ops
+#   sanitizer    compute-sanitizer memcheck and racecheck on small op cases
+# Binaries: from .gpu-bundle/ when it is there (scripts/gpu-bundle.sh builds them on a machine
+# with longtune's libraries and packs them; LONGTUNE_GPU_BUNDLE names another folder), else
+# built here into build-gpu/ (needs longtune's build dependencies installed).
+# Time: GPU_CHECK_BUDGET seconds in all (default 500): a step whose minimum does not fit in what
+# is left is skipped and says so; each step's limit is cut to what is left.
+# Output under OUT_DIR, at most a few files (the device tool returns 8): summary.txt (one line a
+# step: PASS / FAIL / SKIP and why), benchmarks.txt, logs.tar.gz (every step's log, repacked
+# after each step so a run cut short still returns what it did).
 set -u
-OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR}
+OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR [conformance] [train] [bench] [sanitizer]}
+shift
+STEPS=${*:-conformance train bench sanitizer}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BUILD=$ROOT/build-gpu
+LOGS=$(mktemp -d /tmp/gpu-check-logs.XXXXXX)
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-500}
+DEADLINE=$((START + BUDGET))
 JOBS=$(nproc)
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
-# step NAME SECONDS CMD...: runs CMD with a time limit, its output in OUT/NAME.log.
+pack() {
+  tar -C "$LOGS" -czf "$OUT/.logs.tar.gz.tmp" . 2>/dev/null && mv "$OUT/.logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+}
+finish() {
+  note "total $(( $(date +%s) - START ))s of a ${BUDGET}s budget"
+  pack
+  rm -rf "$LOGS"
+}
+trap finish EXIT
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+# step NAME MIN_SECONDS LIMIT_SECONDS CMD...: runs CMD with a time limit cut to what is left of
+# the budget (skipped when less than MIN is left), its output in NAME.log.
 step() {
-  local name=$1 limit=$2
-  shift 2
+  local name=$1 min=$2 limit=$3
+  shift 3
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt "$min" ]; then
+    note "SKIP  $name: ${left}s left of the budget, it needs at least ${min}s"
+    return 75
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
-  if [ $rc -eq 0 ]; then note "PASS  $name (${dt}s)"
+  # A benchmark that skips itself (no device, a missing package) has not passed on a GPU machine.
+  if [ $rc -eq 0 ] && grep -q ': skipped: ' "$LOGS/$name.log"; then
+    rc=3
+    note "FAIL  $name: $(grep -m1 ': skipped: ' "$LOGS/$name.log")"
+  elif [ $rc -eq 0 ]; then note "PASS  $name (${dt}s)"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then note "FAIL  $name: timed out after ${limit}s"
   else note "FAIL  $name: exit $rc (${dt}s), see $name.log"; fi
+  pack
   return $rc
 }
 
-note "gpu-check $(date -u +%FT%TZ) at $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-NVCC=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
-if ! nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1; then
+note "gpu-check $(date -u +%FT%TZ) at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), steps: $STEPS"
+if ! nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1; then
   note "SKIP  everything: nvidia-smi failed (no GPU or no driver), see nvidia-smi.txt"
   exit 1
 fi
@@ -46,51 +88,109 @@ case "$GPU" in
   *) PEAK=0 ;;
 esac
 
-# 1. Build for this GPU only (faster than the default 80;90).
-if ! step build-configure 120 cmake -S . -B "$BUILD" -G Ninja -DLONGTUNE_CUDA=ON \
-    -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="${CAP:-90}" -DLONGTUNE_MARCH=native; then
-  note "SKIP  all later steps: configure failed"; exit 1
-fi
-if ! step build 300 ninja -C "$BUILD" -j"$JOBS"; then
-  note "SKIP  all later steps: build failed"; exit 1
-fi
-"$BUILD/longtune" --version > "$OUT/version.txt" 2>&1
-
-# 2. Conformance suite on the GPU, then the whole suite.
-step ctest-gpu 120 ctest --test-dir "$BUILD" -L gpu --output-on-failure
-grep -E "Skipped|SKIPPED|no CUDA device" "$OUT/ctest-gpu.log" | head -5 >> "$SUMMARY"
-step ctest-all 240 ctest --test-dir "$BUILD" -j8 --output-on-failure --timeout 200
-
-# 3. compute-sanitizer (memcheck, racecheck on the attention kernels) on small cases.
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$SAN" ]; then
-  step sanitizer-memcheck 150 "$SAN" --tool memcheck --error-exitcode 9 \
-    "$BUILD/test_backend_ops" --gtest_filter='*SwiGlu/cuda:*Linear/cuda:*LmHeadCrossEntropy/cuda:*Attention/cuda:*RmsNorm/cuda:*Nf4*/cuda:*Lora/cuda:*Bf16ToF32/cuda:*LinearBf16Weight/cuda:CudaBackend.Bf16GemmMode'
-  step sanitizer-racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 \
-    "$BUILD/test_backend_ops" --gtest_filter='*Attention/cuda'
+# 1. The binaries: unpack a bundle, or build for this GPU only.
+BUNDLE=${LONGTUNE_GPU_BUNDLE:-$ROOT/.gpu-bundle}
+LIBPATH=""
+if [ -f "$BUNDLE/manifest" ]; then
+  src_dir=$(sed -n 's/^source_dir=//p' "$BUNDLE/manifest")
+  built_dir=$(sed -n 's/^build_dir=//p' "$BUNDLE/manifest")
+  note "bundle: $(tr '\n' ' ' < "$BUNDLE/manifest")"
+  if [ "$built_dir" != "$src_dir/build-gpu" ]; then
+    note "FAIL  setup: the bundle's build folder $built_dir is not build-gpu/ of $src_dir"; exit 1
+  fi
+  need=$(sed -n 's/^glibc=//p' "$BUNDLE/manifest")
+  have=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
+  if [ -n "$need" ] && [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
+    note "FAIL  setup: the bundle needs glibc $need, this machine has $have"; exit 1
+  fi
+  rm -rf "$BUILD" && mkdir -p "$BUILD/deps"
+  tar -C "$BUILD" -xJf "$BUNDLE/build.tar.xz"
+  tar -C "$BUILD/deps" -xJf "$BUNDLE/deps.tar.xz"
+  # A library this machine has under the same name (soname) is a compatible version, most
+  # likely newer than the bundle's (Debian 12): use it, so that the bundle adds only what is
+  # missing and this machine's own programs (ctest, grep, python) never load the bundle's.
+  # The GCC runtime must have what the bundle's gives (GLIBCXX_3.4.30, GCC 12).
+  for path in "$BUILD"/deps/*; do
+    lib=$(basename "$path")
+    sys=$(ldconfig -p | awk -v n="$lib" '$1 == n && /x86-64/ {print $NF; exit}')
+    [ -n "$sys" ] || continue
+    if [ "$lib" = libstdc++.so.6 ] && ! grep -qa GLIBCXX_3.4.30 "$sys"; then continue; fi
+    rm -f "$path"
+  done
+  note "bundle: libraries this machine lacks, taken from the bundle: $(cd "$BUILD/deps" && ls | tr '\n' ' ')"
+  # ctest's files and the tests name the folders the bundle was built in; the tests read
+  # ../shared/data beside the source folder.
+  if [ "$src_dir" != "$ROOT" ]; then
+    if [ -e "$src_dir" ] && [ ! -L "$src_dir" ]; then
+      note "FAIL  setup: $src_dir exists here and is not this checkout"; exit 1
+    fi
+    mkdir -p "$(dirname "$src_dir")" && ln -sfn "$ROOT" "$src_dir"
+  fi
+  if [ ! -d "$ROOT/../shared/data" ] && [ -f "$BUNDLE/data.tar.xz" ]; then
+    tar -C "$ROOT/.." -xJf "$BUNDLE/data.tar.xz"
+  fi
+  LIBPATH=$BUILD/deps
+  note "PASS  setup (bundle unpacked into build-gpu/)"
 else
-  note "SKIP  compute-sanitizer: not found"
+  NVCC=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+  if ! step build-configure 20 120 cmake -S . -B "$BUILD" -G Ninja -DLONGTUNE_CUDA=ON \
+      -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="${CAP:-90}" \
+      -DLONGTUNE_MARCH=native; then
+    note "SKIP  all later steps: configure failed (on a machine without longtune's libraries," \
+      "run scripts/gpu-bundle.sh where they are and carry .gpu-bundle)"
+    exit 1
+  fi
+  if ! step build 60 300 ninja -C "$BUILD" -j"$JOBS"; then
+    note "SKIP  all later steps: build failed"; exit 1
+  fi
+fi
+# cuBLAS, cuBLASLt, NCCL and the CUDA runtime come from this machine: the toolkit's folders or
+# the NVIDIA wheels beside PyTorch, wherever the loader does not already find them.
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
+  [ -f "$BUILD/deps/$lib" ] && continue
+  ldconfig -p | grep -q "^[[:space:]]*$lib " && continue
+  found=$(find /usr/local/cuda*/ /usr/local/lib /usr/lib/python3*/ /opt \
+    -maxdepth 9 -name "$lib" -print -quit 2>/dev/null)
+  if [ -n "$found" ]; then LIBPATH=$LIBPATH:$(dirname "$found")
+  else note "warning: $lib not found on this machine"; fi
+done
+LIBPATH=${LIBPATH#:}
+export LD_LIBRARY_PATH=$LIBPATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# Python steps use this machine's own libraries.
+py() { env LD_LIBRARY_PATH= python3 "$@"; }
+"$BUILD/longtune" --version > "$LOGS/version.txt" 2>&1
+note "longtune: $(tr '\n' ' ' < "$LOGS/version.txt")"
+
+# 2. Conformance suite on the GPU.
+if wants conformance; then
+  step conformance 30 150 ctest --test-dir "$BUILD" -L gpu --output-on-failure -j4
+  # On a GPU machine a skipped CUDA case means the backend did not start: that is a failure.
+  if grep -q "(Skipped)" "$LOGS/conformance.log"; then
+    note "FAIL  conformance-cuda: CUDA cases were skipped (the backend did not start):"
+    "$BUILD/test_backend_ops" --gtest_filter='Backends/BackendOps.Embedding/cuda' 2>&1 |
+      grep -m1 "no CUDA device" | tee -a "$SUMMARY"
+  fi
 fi
 
-# 4. The same tiny training run on GPU and on CPU: losses line by line.
+# 3. The same tiny training run on GPU and on CPU: losses line by line.
 DATA=""
 for d in "$ROOT/../shared/data" "$ROOT/shared/data"; do [ -d "$d" ] && DATA=$d && break; done
-if [ -z "$DATA" ]; then
-  note "SKIP  train-compare: no shared/data folder beside or inside the checkout"
-else
-  TMP=$OUT/train
+if wants train && [ -z "$DATA" ]; then
+  note "SKIP  train: no shared/data folder beside or inside the checkout"
+elif wants train; then
+  TMP=$LOGS/train
   rm -rf "$TMP" && mkdir -p "$TMP"
   TOK=$DATA/tokenizers/llama2
-  step train-init 60 "$BUILD/longtune" init --preset tiny --vocab_size 32000 --seed 1 \
+  step train-init 10 60 "$BUILD/longtune" init --preset tiny --vocab_size 32000 --seed 1 \
     --output_dir "$TMP/model"
   # compare NAME: the losses of train-NAME-cpu.log and train-NAME-cuda.log, line by line.
   compare() {
     local name=$1
-    if ! [ -s "$OUT/train-$name-cpu.log" ] || ! [ -s "$OUT/train-$name-cuda.log" ]; then
+    if ! [ -s "$LOGS/train-$name-cpu.log" ] || ! [ -s "$LOGS/train-$name-cuda.log" ]; then
       note "SKIP  compare-$name: a training log is empty"
       return
     fi
-    python3 - "$OUT/train-$name-cpu.log" "$OUT/train-$name-cuda.log" > "$OUT/compare-$name.log" 2>&1 <<'PY'
+    py - "$LOGS/train-$name-cpu.log" "$LOGS/train-$name-cuda.log" > "$LOGS/compare-$name.log" 2>&1 <<'PY'
 import re, sys
 def losses(path):
     return [float(m.group(1)) for m in re.finditer(r"loss ([0-9.eE+-]+|nan|inf)", open(path).read())]
@@ -123,18 +223,19 @@ PY
     devs="cpu cuda"
     [ "$cfg" = lora-bf16-ckpt ] && devs=cuda
     for dev in $devs; do
-      step "train-$cfg-$dev" 150 "$BUILD/longtune" train --model_name_or_path "$TMP/model" \
+      step "train-$cfg-$dev" 15 90 "$BUILD/longtune" train --model_name_or_path "$TMP/model" \
         --tokenizer "$TOK" --data_path "$DATA/instructions/llamafactory_alpaca_en_demo.json" \
         --output_dir "$TMP/out-$cfg-$dev" --max_steps 8 --logging_steps 1 --learning_rate 1e-3 \
         --per_device_train_batch_size 2 --model_max_length 256 --seed 1 --device "$dev" \
-        "${extra[@]}"
+        --report_to none "${extra[@]}"
     done
     [ "$cfg" != lora-bf16-ckpt ] && compare "$cfg"
   done
+  rm -rf "$TMP"/out-* "$TMP/model"
   # Offload only moves the checkpoints: on the GPU its losses equal checkpointing's exactly (a
   # copy read or overwritten out of order would change them).
-  if python3 - "$OUT/train-lora-bf16-ckpt-cuda.log" "$OUT/train-lora-bf16-offload-cuda.log" \
-      > "$OUT/compare-offload-exact.log" 2>&1 <<'PY'
+  if py - "$LOGS/train-lora-bf16-ckpt-cuda.log" "$LOGS/train-lora-bf16-offload-cuda.log" \
+      > "$LOGS/compare-offload-exact.log" 2>&1 <<'PY'
 import re, sys
 def losses(path):
     return re.findall(r"loss ([0-9.eE+-]+|nan|inf)", open(path).read())
@@ -147,7 +248,7 @@ PY
   else note "FAIL  offload-exact: see compare-offload-exact.log"; fi
   # The plan covers every GPU allocation: no scratch outside the planned workspace, and the
   # measured device peak within the plan plus the CUDA runtime it allows (1 GiB).
-  if python3 - "$OUT"/train-*-cuda.log > "$OUT/plan-vs-device.log" 2>&1 <<'PY'
+  if py - "$LOGS"/train-*-cuda.log > "$LOGS/plan-vs-device.log" 2>&1 <<'PY'
 import re, sys
 units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 ok = True
@@ -165,30 +266,42 @@ sys.exit(0 if ok else 1)
 PY
   then note "PASS  plan-vs-device (every GPU allocation planned; see plan-vs-device.log)"
   else note "FAIL  plan-vs-device: see plan-vs-device.log"; fi
+  pack
 fi
 
-# 5. Benchmarks (validated before timing), if time is left.
-ELAPSED=$(( $(date +%s) - START ))
-if [ $ELAPSED -gt 420 ]; then
-  note "SKIP  benchmarks: ${ELAPSED}s already spent of the ~8 minute budget"
-else
+# 4. Benchmarks (each validates its result before timing): the whole model first, then the
+# transformers + PEFT baseline on the same GPU, then one layer's ops.
+if wants bench; then
   if [ "$PEAK" = 0 ]; then note "note: unknown GPU peak; MFU printed against 989 TFLOP/s"; PEAK=989; fi
-  step bench-gpu-bf16 150 "$BUILD/bench_gpu" --precision bf16 --peak_tflops "$PEAK" \
-    --tokens 4096,16384,32768
-  # The whole model: Llama-3-8B shape, random weights, LoRA r=16 on every linear layer over a
-  # bf16 base, bf16 GEMMs, checkpointing, batch 1; then with activation offload, each also at
-  # the longest sequence the planner says fits in 95% of the GPU's memory.
+  # Llama-3-8B shape, random weights, LoRA r=16 on every linear layer over a bf16 base, bf16
+  # GEMMs, checkpointing, batch 1; then with activation offload, each also at the longest
+  # sequence the planner says fits in 95% of the GPU's memory.
   MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   FIT="$(( ${MEM:-81559} * 95 / 100 ))MiB"
-  step bench-longtune-lora 240 "$BUILD/bench_train" preset:llama3-8b 4096,16384,32768 1 \
+  step bench-longtune-lora 90 240 "$BUILD/bench_train" preset:llama3-8b 4096,16384,32768 1 \
     device=cuda lora=16 bf16 ckpt mini=auto peak_tflops="$PEAK" fit="$FIT"
-  step bench-longtune-lora-offload 180 "$BUILD/bench_train" preset:llama3-8b 32768 1 \
-    device=cuda lora=16 bf16 offload mini=auto peak_tflops="$PEAK" fit="$FIT"
-  step bench-hf-peft 300 python3 bench/hf_peft_bench.py --peak_tflops "$PEAK" \
+  step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py --peak_tflops "$PEAK" \
     --tokens 4096,16384,32768 --longest --granularity 8192
-  cat "$OUT/bench-gpu-bf16.log" "$OUT/bench-longtune-lora.log" \
-    "$OUT/bench-longtune-lora-offload.log" "$OUT/bench-hf-peft.log" >> "$OUT/benchmarks.txt" 2>/dev/null
+  step bench-longtune-lora-offload 60 180 "$BUILD/bench_train" preset:llama3-8b 32768 1 \
+    device=cuda lora=16 bf16 offload mini=auto peak_tflops="$PEAK" fit="$FIT"
+  step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --precision bf16 --peak_tflops "$PEAK" \
+    --tokens 4096,16384,32768
+  for b in bench-longtune-lora bench-hf-peft bench-longtune-lora-offload bench-gpu-ops; do
+    [ -f "$LOGS/$b.log" ] && { echo "== $b"; cat "$LOGS/$b.log"; }
+  done > "$OUT/benchmarks.txt"
 fi
-note "total $(( $(date +%s) - START ))s"
+
+# 5. compute-sanitizer (memcheck, racecheck on the attention kernels) on small cases.
+if wants sanitizer; then
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [ -x "$SAN" ]; then
+    step sanitizer-memcheck 60 150 "$SAN" --tool memcheck --error-exitcode 9 \
+      "$BUILD/test_backend_ops" --gtest_filter='*SwiGlu/cuda:*Linear/cuda:*LmHeadCrossEntropy/cuda:*Attention/cuda:*RmsNorm/cuda:*Nf4*/cuda:*Lora/cuda:*Bf16ToF32/cuda:*LinearBf16Weight/cuda:CudaBackend.Bf16GemmMode'
+    step sanitizer-racecheck 60 120 "$SAN" --tool racecheck --error-exitcode 9 \
+      "$BUILD/test_backend_ops" --gtest_filter='*Attention/cuda'
+  else
+    note "SKIP  sanitizer: compute-sanitizer not found"
+  fi
+fi
 grep -q '^FAIL' "$SUMMARY" && exit 1
 exit 0
