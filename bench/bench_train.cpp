@@ -10,7 +10,8 @@
 //             lora=R (LoRA r=R, alpha 2R, all linear layers), bf16 (bf16 GEMMs on CUDA; with
 //             LoRA the frozen projections in bf16), peak_tflops=X (MFU reference; default: the
 //             measured sgemm peak on the CPU, 989 on CUDA), fit=BYTES (also run the longest
-//             sequence the planner says fits in BYTES of device memory)
+//             sequence the planner says fits in BYTES of device memory, one timed step; SEQ
+//             'fit' runs that length alone)
 #include <fmt/format.h>
 #include <omp.h>
 
@@ -95,14 +96,15 @@ void random_weights(LlamaModel& m) {
 int run(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr,
-                 "usage: bench_train MODEL_DIR|preset:NAME SEQ[,SEQ...] [steps] [naive] "
+                 "usage: bench_train MODEL_DIR|preset:NAME SEQ[,SEQ...]|fit [steps] [naive] "
                  "[mini=M|auto] [ckpt] [offload] [device=D] [lora=R] [bf16] [peak_tflops=X] "
                  "[fit=BYTES]\n");
     return 2;
   }
   const std::string model = argv[1];
   std::vector<int64_t> seqs;
-  std::stringstream ss(argv[2]);
+  const bool fit_only = std::string(argv[2]) == "fit";
+  std::stringstream ss(fit_only ? "" : argv[2]);
   for (std::string tok; std::getline(ss, tok, ',');) seqs.push_back(number<int64_t>(tok, "SEQ"));
   const int steps = argc > 3 ? number<int>(argv[3], "steps") : 3;
   RunSettings base;
@@ -137,6 +139,7 @@ int run(int argc, char** argv) {
       label += (label.empty() ? "" : "+") + a;
   }
   if (label.empty()) label = "default";
+  if (fit_only && fit == 0) fail("SEQ 'fit' needs fit=BYTES");
   base.offload_dir = "/tmp";
   base.bf16_residual = bf16;  // as train --bf16 True: the residual stream and checkpoints in bf16
   if (lora_r > 0) {
@@ -173,6 +176,7 @@ int run(int argc, char** argv) {
     pr.bf16_gemms = bf16;
     return pr;
   };
+  const size_t given = seqs.size();
   if (fit > 0) {  // the planner's longest sequence for this budget, then run it
     PlanRequest pr = plan_request(seqs.empty() ? 4096 : seqs.back(), settings_for(4096));
     pr.mini_sequence_auto = mini == "auto";
@@ -181,7 +185,11 @@ int run(int argc, char** argv) {
                format_bytes(fit), longest);
     if (longest > 0) seqs.push_back(longest);
   }
-  for (int64_t T : seqs) {
+  // The planner's longest sequence (after the given lengths, when it fits at all) runs one
+  // step, timed: the longest steps take minutes.
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const int64_t T = seqs[i];
+    const int steps_here = i >= given ? 0 : steps;
     const RunSettings rs = settings_for(T);
     const Example e = bench_row(T, config.vocab_size);
     std::vector<const Example*> rows = {&e};
@@ -222,13 +230,14 @@ int run(int argc, char** argv) {
       const auto t_first = std::chrono::steady_clock::now();
       first_loss = train_step(m, adam, opt, sched, micro, 0).loss;
       be->synchronize();
-      if (steps == 0)
+      if (steps_here == 0)
         secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_first).count();
       const auto t0 = std::chrono::steady_clock::now();
-      for (int s = 1; s <= steps; ++s) train_step(m, adam, opt, sched, micro, s);
+      for (int s = 1; s <= steps_here; ++s) train_step(m, adam, opt, sched, micro, s);
       be->synchronize();
-      if (steps > 0)
-        secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+      if (steps_here > 0)
+        secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
+               steps_here;
     }
     const size_t measured = host ? measured_peak_rss() : be->device_memory_use().peak;
     // PaLM's model FLOPs (plan/planner.h), the same count bench_gpu and `longtune plan` use.
@@ -236,10 +245,12 @@ int run(int argc, char** argv) {
     const double gflops = flops / secs / 1e9;
     fmt::print(
         "{{\"impl\": \"longtune\", \"device\": \"{}\", \"settings\": \"{}\", \"seq\": {}, "
-        "\"threads\": {}, \"loss\": {:.6f}, \"step_s\": {:.4f}, \"tokens_per_s\": {:.1f}, "
+        "\"threads\": {}, \"loss\": {:.6f}, \"timed_steps\": {}, \"step_s\": {:.4f}, "
+        "\"tokens_per_s\": {:.1f}, "
         "\"peak_bytes\": {}, \"predicted_bytes\": {}, \"gflops\": {:.1f}, "
         "\"peak_gflops\": {:.1f}, \"mfu\": {:.3f}}}\n",
-        be->name(), label, T, threads, first_loss, secs, T / secs, measured, predicted, gflops,
+        be->name(), label, T, threads, first_loss, std::max(steps_here, 1), secs, T / secs, measured,
+        predicted, gflops,
         peak_gflops, gflops / peak_gflops);
     std::fflush(stdout);
     if (!std::isfinite(first_loss)) fail("loss is not finite at seq {}", T);

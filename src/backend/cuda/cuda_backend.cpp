@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -396,6 +397,7 @@ class CudaBackend final : public Backend {
              s.q_rows(), s.k_begin, s.k_rows(), s.T);
     LT_CHECK(s.H % s.KVH == 0, "attention: H={} is not a multiple of KVH={}", s.H, s.KVH);
     LT_CHECK(s.window >= 0, "attention: window={}", s.window);
+    LT_CHECK(s.scale > 0 && std::isfinite(s.scale), "attention: softmax scale={}", s.scale);
     LT_CHECK(s.HD <= cuda::kMaxAttentionHeadDim,
              "attention: head dim {} > {} is not supported by the CUDA kernels", s.HD,
              cuda::kMaxAttentionHeadDim);
