@@ -11,7 +11,8 @@
 //             LoRA the frozen projections in bf16), peak_tflops=X (MFU reference; default: the
 //             measured sgemm peak on the CPU, 989 on CUDA), fit=BYTES (also run the longest
 //             sequence the planner says fits in BYTES of device memory, one timed step; SEQ
-//             'fit' runs that length alone)
+//             'fit' runs that length alone), host=BYTES (with fit on CUDA: the pinned host
+//             memory offloaded buffers may take)
 #include <fmt/format.h>
 #include <omp.h>
 
@@ -98,7 +99,7 @@ int run(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: bench_train MODEL_DIR|preset:NAME SEQ[,SEQ...]|fit [steps] [naive] "
                  "[mini=M|auto] [ckpt] [offload] [device=D] [lora=R] [bf16] [peak_tflops=X] "
-                 "[fit=BYTES]\n");
+                 "[fit=BYTES] [host=BYTES]\n");
     return 2;
   }
   const std::string model = argv[1];
@@ -112,7 +113,7 @@ int run(int argc, char** argv) {
   int64_t lora_r = 0;
   bool bf16 = false;
   double peak_tflops = 0;
-  size_t fit = 0;
+  size_t fit = 0, host_budget = 0;
   for (int i = 4; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "naive")
@@ -133,9 +134,11 @@ int run(int argc, char** argv) {
       peak_tflops = number<double>(a.substr(12), "peak_tflops=");
     else if (a.rfind("fit=", 0) == 0)
       fit = parse_bytes(a.substr(4), "fit=");
+    else if (a.rfind("host=", 0) == 0)
+      host_budget = parse_bytes(a.substr(5), "host=");
     else
       fail("unknown setting '{}'", a);
-    if (a.rfind("peak_tflops=", 0) != 0 && a.rfind("fit=", 0) != 0)
+    if (a.rfind("peak_tflops=", 0) != 0 && a.rfind("fit=", 0) != 0 && a.rfind("host=", 0) != 0)
       label += (label.empty() ? "" : "+") + a;
   }
   if (label.empty()) label = "default";
@@ -174,6 +177,7 @@ int run(int argc, char** argv) {
     PlanRequest pr{config, T, 1, rs};
     pr.device = cuda ? PlanDevice::kCuda : PlanDevice::kCpu;
     pr.bf16_gemms = bf16;
+    pr.host_budget = host_budget;
     return pr;
   };
   const size_t given = seqs.size();

@@ -280,6 +280,8 @@ fi
 if [ "$PEAK" = 0 ]; then note "note: unknown GPU peak; MFU printed against 989 TFLOP/s"; PEAK=989; fi
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 FIT="$(( ${MEM:-81559} * 95 / 100 ))MiB"
+# Offloaded checkpoints are pinned host memory: at most 90% of this machine's RAM.
+HOST="$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) * 9 / 10 ))KiB"
 # Llama-3-8B shape, random weights, LoRA r=16 on every linear layer over a bf16 base, bf16
 # GEMMs, batch 1, mini-sequence chosen by the planner; checkpointing, or checkpoint offload.
 LORA8B=(preset:llama3-8b device=cuda lora=16 bf16 mini=auto peak_tflops="$PEAK")
@@ -299,7 +301,7 @@ if wants longest; then
   step longest-longtune-lora 120 420 "$BUILD/bench_train" "${LORA8B[0]}" fit 0 \
     "${LORA8B[@]:1}" ckpt fit="$FIT"
   step longest-longtune-lora-offload 180 540 "$BUILD/bench_train" "${LORA8B[0]}" fit 0 \
-    "${LORA8B[@]:1}" offload fit="$FIT"
+    "${LORA8B[@]:1}" offload fit="$FIT" host="$HOST"
 fi
 for b in bench-longtune-lora bench-hf-peft bench-longtune-lora-offload bench-gpu-ops \
     longest-longtune-lora longest-longtune-lora-offload; do

@@ -396,6 +396,13 @@ TEST_F(CliErrors, BadFlags) {
       {base + " --max_shard_size 5XB", {"--max_shard_size", "5XB", "GB"}},
       {base + " --lerning_rate 1e-4", {"--lerning_rate", "Did you mean --learning_rate?"}},
       {base + " --adam_beta1 2", {"--adam_beta1", "2"}},
+      {base + " --host_memory_budget lots", {"--host_memory_budget", "lots", "not a size"}},
+      // Offloaded checkpoints are pinned host memory on a device backend: refused before
+      // anything is allocated when they exceed the host budget.
+      {base + " --device cpu-guarded --offload_activations True --host_memory_budget 1KiB",
+       {"pins", "of host memory", "--host_memory_budget", "--offload_activations"}},
+      {"plan --preset tiny --model_max_length 128 --host_memory_budget 1GiB",
+       {"--host_memory_budget", "--device cuda"}},
       {"eval --model_name_or_path " + good_model_.string() + " --data_path " + good_data_.string() +
            " --per_device_eval_batch_sise 2",
        {"--per_device_eval_batch_sise", "Did you mean --per_device_eval_batch_size?"}},

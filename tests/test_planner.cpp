@@ -255,6 +255,56 @@ TEST(Planner, Bf16CheckpointsHalveTheCheckpoints) {
   EXPECT_EQ(dev, L * N * D * 2 + 2 * N * D * 4) << "as allocated: bf16 stores, f32 staging";
 }
 
+// Offloaded checkpoints are pinned host memory on a GPU: a host budget caps the longest
+// sequence offload reaches and turns offload down when it does not fit; the CPU's store is a
+// file, so CPU plans ignore it.
+TEST(Planner, HostBudgetCapsPinnedOffload) {
+  PlanRequest r;
+  r.config = mid_config();
+  r.config.num_hidden_layers = 16;  // enough layers for offload to save device memory
+  r.device = PlanDevice::kCuda;
+  r.bf16_gemms = true;
+  r.settings.checkpointing = r.settings.offload_checkpoints = true;
+  r.seq_len = 4096;
+  const PlanResult p = plan_memory(r);
+  const size_t N = 4096, D = r.config.hidden_size, L = r.config.num_hidden_layers;
+  ASSERT_GE(p.offloaded_bytes, L * N * D * 4) << "the checkpoints are offloaded";
+  EXPECT_TRUE(plan_fits(p, r, p.device_bytes));
+  r.host_budget = p.offloaded_bytes - 1;
+  EXPECT_FALSE(plan_fits(p, r, p.device_bytes));
+  const size_t device_budget = p.device_bytes * 4;
+  r.host_budget = 0;
+  const int64_t unbounded = longest_sequence(r, device_budget, 256);
+  r.host_budget = p.offloaded_bytes;
+  const int64_t capped = longest_sequence(r, device_budget, 256);
+  EXPECT_LT(capped, unbounded);
+  EXPECT_GE(capped, 4096);
+  r.seq_len = capped;
+  EXPECT_LE(plan_memory(r).offloaded_bytes, r.host_budget);
+  r.seq_len = capped + 256;
+  EXPECT_GT(plan_memory(r).offloaded_bytes, r.host_budget);
+  // Automatic settings: with no room on the host, offload is never chosen.
+  r.seq_len = 16384;
+  r.host_budget = 1;
+  const AutoChoice c = choose_settings(r, p.device_bytes, true, true);
+  EXPECT_FALSE(c.fits && c.settings.offload_checkpoints) << c.why;
+  // Checkpointing asked for: on the device it does not fit, offloaded it does not fit the host.
+  // (The device budget holds both offloading candidates: MST's chunks and 1024-row chunks.)
+  PlanRequest q = r;
+  q.mini_sequence_auto = true;
+  size_t offload_device = plan_memory(q).device_bytes;
+  PlanRequest fine = r;
+  fine.settings.mlp_chunks = fine.settings.lm_head_chunks = 16;  // 1024-row chunks
+  offload_device = std::max(offload_device, plan_memory(fine).device_bytes);
+  q.settings.offload_checkpoints = false;
+  ASSERT_GT(plan_memory(q).device_bytes, offload_device);
+  const AutoChoice none = choose_settings(r, offload_device, true, false);
+  EXPECT_FALSE(none.fits);
+  EXPECT_NE(none.why.find("host budget"), std::string::npos) << none.why;
+  r.device = PlanDevice::kCpu;
+  EXPECT_TRUE(plan_fits(plan_memory(r), r, size_t(1) << 40)) << "a CPU store is a file";
+}
+
 TEST(Planner, ParseBytes) {
   EXPECT_EQ(parse_bytes("80GiB", "--memory_budget"), size_t(80) << 30);
   EXPECT_EQ(parse_bytes("512MiB", "--memory_budget"), size_t(512) << 20);

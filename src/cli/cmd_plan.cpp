@@ -102,6 +102,10 @@ int cmd_plan(int argc, char** argv) {
                  "cpu or cuda (the CUDA engine: its workspace and runtime; with --bf16 True "
                  "its bf16 GEMM staging)");
   app.add_option("--memory_budget", budget, "device memory, e.g. 80GiB");
+  std::string host_budget;
+  app.add_option("--host_memory_budget", host_budget,
+                 "--device cuda: host memory the offloaded buffers may pin, e.g. 1TiB (default: "
+                 "not checked)");
   LoraOptions lora;
   add_lora_flags(app, &lora);
   int world_size = 1, zero_stage = 0, sp = 1, pp = 1;
@@ -187,6 +191,12 @@ int cmd_plan(int argc, char** argv) {
 
   std::optional<size_t> budget_bytes;
   if (!budget.empty()) budget_bytes = parse_bytes(budget, "--memory_budget");
+  if (!host_budget.empty()) {
+    if (r.device != PlanDevice::kCuda)
+      fail("--host_memory_budget is for --device cuda plans (on the CPU, offloaded checkpoints "
+           "go to a file)");
+    r.host_budget = parse_bytes(host_budget, "--host_memory_budget");
+  }
   if (budget_bytes && (auto_ms || auto_ck)) {
     const AutoChoice c = choose_settings(r, *budget_bytes, auto_ms, auto_ck);
     r.settings = c.settings;
@@ -223,6 +233,10 @@ int cmd_plan(int argc, char** argv) {
   if (budget_bytes) {
     fmt::print("budget {}: {}\n", format_bytes(*budget_bytes),
                p.device_bytes <= *budget_bytes ? "fits" : "does NOT fit");
+    if (r.host_budget)
+      fmt::print("host budget {}: {} pinned, {}\n", format_bytes(r.host_budget),
+                 format_bytes(p.offloaded_bytes),
+                 p.offloaded_bytes <= r.host_budget ? "fits" : "does NOT fit");
     if (spec && world_size > 1) print_fitting_layouts(r, *budget_bytes, *spec, mfu);
     fmt::print("longest sequence within the budget (batch {}):\n", batch);
     auto print_longest = [&](const char* name, const PlanRequest& q) {

@@ -48,6 +48,9 @@ int cmd_train(int argc, char** argv) {
                 "keep only layer inputs; recompute in backward");
   add_bool_flag(app, "--offload_activations", &o.offload_activations,
                 "keep layer checkpoints in a memory-mapped file (implies checkpointing)");
+  app.add_option("--host_memory_budget", o.host_memory_budget,
+                 "GPU runs: host memory the offloaded buffers may pin, e.g. 200GiB, or auto (the "
+                 "memory available when the run starts)");
   add_bool_flag(app, "--use_flash_attn", &o.use_flash_attn, "tiled attention (default True)");
   app.add_option("--dataset_format", o.dataset_format,
                  "auto, alpaca, messages, sharegpt, completion, text, tokenized");

@@ -184,8 +184,8 @@ void* Arena::take_bytes(const std::string& buffer, size_t bytes) {
 }
 
 namespace {
-size_t read_status_kb(const char* key) {
-  std::ifstream f("/proc/self/status");
+size_t read_kb(const char* file, const char* key) {
+  std::ifstream f(file);
   std::string line;
   size_t n = std::strlen(key);
   while (std::getline(f, line))
@@ -194,8 +194,9 @@ size_t read_status_kb(const char* key) {
 }
 }  // namespace
 
-size_t measured_peak_rss() { return read_status_kb("VmHWM"); }
-size_t current_rss() { return read_status_kb("VmRSS"); }
+size_t measured_peak_rss() { return read_kb("/proc/self/status", "VmHWM"); }
+size_t current_rss() { return read_kb("/proc/self/status", "VmRSS"); }
+size_t available_host_memory() { return read_kb("/proc/meminfo", "MemAvailable"); }
 
 std::string format_bytes(size_t b) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};

@@ -101,6 +101,8 @@ class Arena {
 size_t measured_peak_rss();
 // Current resident set size (VmRSS), in bytes.
 size_t current_rss();
+// Memory this machine can give now without swapping (MemAvailable), in bytes; 0 if unknown.
+size_t available_host_memory();
 std::string format_bytes(size_t bytes);
 
 }  // namespace lt

@@ -236,10 +236,16 @@ std::string PlanResult::describe() const {
   return s;
 }
 
+bool plan_fits(const PlanResult& p, const PlanRequest& r, size_t device_budget) {
+  const bool host_ok = r.device != PlanDevice::kCuda || r.host_budget == 0 ||
+                       p.offloaded_bytes <= r.host_budget;
+  return p.device_bytes <= device_budget && host_ok;
+}
+
 int64_t longest_sequence(PlanRequest r, size_t budget, int64_t granularity, int64_t limit) {
   auto fits = [&](int64_t t) {
     r.seq_len = t;
-    return plan_memory(r).device_bytes <= budget;
+    return plan_fits(plan_memory(r), r, budget);
   };
   if (!fits(granularity)) return 0;
   int64_t lo = granularity, hi = 2 * granularity;  // lo fits
@@ -325,14 +331,19 @@ AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms,
       mini_sequence_auto(r.config,
                          (r.seq_len * r.batch + r.sequence_parallel - 1) / r.sequence_parallel,
                          &best.settings);
-    if (p.device_bytes <= budget) {
+    if (plan_fits(p, r, budget)) {
       best.fits = true;
       best.why = fmt::format("{}: predicted {} fits the budget of {}", c.what,
                              format_bytes(p.device_bytes), format_bytes(budget));
       return best;
     }
-    best.why = fmt::format("even with {}, the prediction {} exceeds the budget of {}", c.what,
-                           format_bytes(p.device_bytes), format_bytes(budget));
+    best.why = p.device_bytes <= budget
+                   ? fmt::format("even with {}, the {} offloaded to pinned host memory exceed the "
+                                 "host budget of {}",
+                                 c.what, format_bytes(p.offloaded_bytes),
+                                 format_bytes(r.host_budget))
+                   : fmt::format("even with {}, the prediction {} exceeds the budget of {}",
+                                 c.what, format_bytes(p.device_bytes), format_bytes(budget));
   }
   return best;
 }

@@ -42,6 +42,9 @@ struct PlanRequest {
   int64_t fpdt_chunk = 0;      // FPDT chunk tokens (0: off)
   int64_t micro_per_step = 1;  // gradient accumulation (the pipeline's micro-batches)
   int only_stage = -1;         // plan this pipeline stage (-1: the largest of all)
+  // CUDA: the host memory the offloaded buffers (checkpoints, FPDT's store, ZeRO-Offload) may
+  // take; they are pinned, so they must fit the host's RAM. 0: not checked.
+  size_t host_budget = 0;
   bool parallel() const {
     return world_size > 1 || zero_stage > 0 || fpdt_chunk > 0 || sequence_parallel > 1 ||
            pipeline_parallel > 1;
@@ -95,7 +98,12 @@ struct StepEstimate {
 };
 StepEstimate estimate_step(const PlanRequest& r, const GpuSpec& gpu, double assumed_mfu);
 
-// Longest seq_len (multiple of `granularity`) whose plan fits budget_bytes; 0 if none.
+// Whether a plan fits: its device bytes within device_budget and, for a CUDA plan with a host
+// budget, its offloaded (pinned host) bytes within r.host_budget.
+bool plan_fits(const PlanResult& p, const PlanRequest& r, size_t device_budget);
+
+// Longest seq_len (multiple of `granularity`) whose plan fits budget_bytes (and
+// r.host_budget); 0 if none.
 int64_t longest_sequence(PlanRequest r, size_t budget_bytes, int64_t granularity = 256,
                          int64_t limit = int64_t(1) << 26);
 

@@ -61,6 +61,9 @@ struct TrainOptions {
   std::string mini_sequence = "1";  // M or "auto"
   bool gradient_checkpointing = false;
   bool offload_activations = false;
+  // Host memory a GPU run may pin for offloaded buffers: bytes, or auto (what this machine has
+  // available when the run starts).
+  std::string host_memory_budget = "auto";
   bool use_flash_attn = true;
   std::string dataset_format = "auto";
   bool train_on_inputs = false;

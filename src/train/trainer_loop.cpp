@@ -49,6 +49,29 @@ size_t planned_device_bytes(const MemoryPlan& plan, const Backend& be) {
   return bytes;
 }
 
+// On a device backend the host arenas (offloaded checkpoints, FPDT's store, ZeRO-Offload) are
+// pinned host memory: refused before anything is allocated when they exceed
+// --host_memory_budget (auto: what this machine has available now). On a host-addressable
+// backend offloaded checkpoints go to a file and everything else is the plan's own memory.
+void check_host_memory(const MemoryPlan& plan, const Backend& be, const std::string& flag) {
+  size_t budget = 0;
+  if (flag != "auto") budget = parse_bytes(flag, "--host_memory_budget");
+  if (be.host_addressable()) return;
+  size_t pinned = 0;
+  for (const auto& a : plan.arena_names())
+    if (host_arena(be, a)) pinned += plan.arena_bytes(a);
+  const bool automatic = flag == "auto";
+  if (automatic) budget = available_host_memory();
+  if (pinned == 0 || budget == 0 || pinned <= budget) return;
+  fail(
+      "the plan pins {} of host memory for offloaded buffers (checkpoint offload, FPDT's store, "
+      "ZeRO-Offload), more than {} ({}); shorten --model_max_length, turn off "
+      "--offload_activations (longtune plan --device cuda shows both), or set "
+      "--host_memory_budget",
+      format_bytes(pinned), format_bytes(budget),
+      automatic ? "available on this machine now" : "--host_memory_budget");
+}
+
 // A checkpoint's tensors in the one-process layout, as host buffers a ParallelEngine gathers
 // into (save) or loads from (resume): the parameter block (full fine-tune) or the adapter (LoRA),
 // and the optimizer moments. `t` views the buffers.
@@ -347,6 +370,7 @@ void Trainer::setup_model() {
   const BackendWorkspace ws = backend_->workspace_needs(workspace_shape(config_, rs));
   plan_workspace(ws, &plan_);
   fmt::print("{}\n", plan_.describe());
+  check_host_memory(plan_, *backend_, o_.host_memory_budget);
   fmt::print("device: {}{}\n", backend_->name(),
              o_.bf16 && backend_->name() == "cuda" ? " (bf16 GEMMs, f32 accumulation)" : "");
   workspace_ = bind_workspace_arena(*backend_, ws);
