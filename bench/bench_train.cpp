@@ -253,9 +253,8 @@ int run(int argc, char** argv) {
         "\"tokens_per_s\": {:.1f}, "
         "\"peak_bytes\": {}, \"predicted_bytes\": {}, \"gflops\": {:.1f}, "
         "\"peak_gflops\": {:.1f}, \"mfu\": {:.3f}}}\n",
-        be->name(), label, T, threads, first_loss, std::max(steps_here, 1), secs, T / secs, measured,
-        predicted, gflops,
-        peak_gflops, gflops / peak_gflops);
+        be->name(), label, T, threads, first_loss, std::max(steps_here, 1), secs, T / secs,
+        measured, predicted, gflops, peak_gflops, gflops / peak_gflops);
     std::fflush(stdout);
     if (!std::isfinite(first_loss)) fail("loss is not finite at seq {}", T);
   }

@@ -562,8 +562,7 @@ LoraReference lora_reference(const Vec& x, const Vec& a, const Vec& b, const Vec
     for (int64_t k = 0; k < IN; ++k) {
       double s = 0;
       for (int64_t j = 0; j < R; ++j) s += u[i * R + j] * a[j * IN + k];
-      r.dx[i * IN + k] +=
-          c.scale * s * lora_dropout_factor(c.seed, c.row0 + i, k, IN, c.dropout);
+      r.dx[i * IN + k] += c.scale * s * lora_dropout_factor(c.seed, c.row0 + i, k, IN, c.dropout);
     }
   for (int64_t j = 0; j < R; ++j) {
     for (int64_t k = 0; k < IN; ++k) {
@@ -585,8 +584,8 @@ LoraReference lora_reference(const Vec& x, const Vec& a, const Vec& b, const Vec
 ::testing::AssertionResult close_to_double(const Vec& got, const std::vector<double>& want,
                                            double atol, double rtol, const char* what) {
   if (got.size() != want.size())
-    return ::testing::AssertionFailure() << what << ": " << got.size() << " elements, want "
-                                         << want.size();
+    return ::testing::AssertionFailure()
+           << what << ": " << got.size() << " elements, want " << want.size();
   size_t worst = 0;
   double worst_excess = -1;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -595,9 +594,9 @@ LoraReference lora_reference(const Vec& x, const Vec& a, const Vec& b, const Vec
     if (excess > worst_excess) worst_excess = excess, worst = i;
   }
   if (worst_excess <= 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": worst element " << worst << " is "
-                                       << got[worst] << ", the double reference " << want[worst]
-                                       << " (atol " << atol << ", rtol " << rtol << ")";
+  return ::testing::AssertionFailure()
+         << what << ": worst element " << worst << " is " << got[worst] << ", the double reference "
+         << want[worst] << " (atol " << atol << ", rtol " << rtol << ")";
 }
 
 // LoRA: the low-rank path and its gradients, with and without dropout (the masks are a hash

@@ -193,8 +193,9 @@ int cmd_plan(int argc, char** argv) {
   if (!budget.empty()) budget_bytes = parse_bytes(budget, "--memory_budget");
   if (!host_budget.empty()) {
     if (r.device != PlanDevice::kCuda)
-      fail("--host_memory_budget is for --device cuda plans (on the CPU, offloaded checkpoints "
-           "go to a file)");
+      fail(
+          "--host_memory_budget is for --device cuda plans (on the CPU, offloaded checkpoints "
+          "go to a file)");
     r.host_budget = parse_bytes(host_budget, "--host_memory_budget");
   }
   if (budget_bytes && (auto_ms || auto_ck)) {

@@ -237,8 +237,8 @@ std::string PlanResult::describe() const {
 }
 
 bool plan_fits(const PlanResult& p, const PlanRequest& r, size_t device_budget) {
-  const bool host_ok = r.device != PlanDevice::kCuda || r.host_budget == 0 ||
-                       p.offloaded_bytes <= r.host_budget;
+  const bool host_ok =
+      r.device != PlanDevice::kCuda || r.host_budget == 0 || p.offloaded_bytes <= r.host_budget;
   return p.device_bytes <= device_budget && host_ok;
 }
 
@@ -338,12 +338,12 @@ AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms,
       return best;
     }
     best.why = p.device_bytes <= budget
-                   ? fmt::format("even with {}, the {} offloaded to pinned host memory exceed the "
-                                 "host budget of {}",
-                                 c.what, format_bytes(p.offloaded_bytes),
-                                 format_bytes(r.host_budget))
-                   : fmt::format("even with {}, the prediction {} exceeds the budget of {}",
-                                 c.what, format_bytes(p.device_bytes), format_bytes(budget));
+                   ? fmt::format(
+                         "even with {}, the {} offloaded to pinned host memory exceed the "
+                         "host budget of {}",
+                         c.what, format_bytes(p.offloaded_bytes), format_bytes(r.host_budget))
+                   : fmt::format("even with {}, the prediction {} exceeds the budget of {}", c.what,
+                                 format_bytes(p.device_bytes), format_bytes(budget));
   }
   return best;
 }

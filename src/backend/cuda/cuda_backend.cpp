@@ -427,7 +427,7 @@ class CudaBackend final : public Backend {
 
   int device_;
   std::string device_name_;
-  size_t max_pitch_ = 0;  // cudaMemcpy2D's largest pitch
+  size_t max_pitch_ = 0;           // cudaMemcpy2D's largest pitch
   float* absmax_table_ = nullptr;  // NF4 double-quantization code table (256), device memory
   cudaStream_t compute_ = nullptr, copy_ = nullptr;
   cudaEvent_t compute_done_ = nullptr, copies_done_ = nullptr;
