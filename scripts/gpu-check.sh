@@ -23,6 +23,14 @@
 # step: PASS / FAIL / SKIP and why), benchmarks.txt, logs.tar.gz (every step's log, repacked
 # after each step so a run cut short still returns what it did).
 set -u
+# The sources a bundle was built from, as a hash of the files themselves (a checkout copied to
+# a GPU machine may have no .git): gpu-bundle.sh records it, the check compares.
+if [ "${1:-}" = --sources-hash ]; then
+  cd "$(dirname "$0")/.."
+  find CMakeLists.txt src tests/*.cpp tests/*.h tests/cuda_emu bench tools/emulate_cuda_kernel.py \
+    -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
+  exit 0
+fi
 OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR [conformance] [train] [bench] [longest] [sanitizer]}
 shift
 STEPS=${*:-conformance train bench sanitizer}
@@ -100,6 +108,13 @@ if [ -f "$BUNDLE/manifest" ]; then
   note "bundle: $(tr '\n' ' ' < "$BUNDLE/manifest")"
   if [ "$built_dir" != "$src_dir/build-gpu" ]; then
     note "FAIL  setup: the bundle's build folder $built_dir is not build-gpu/ of $src_dir"; exit 1
+  fi
+  built_from=$(sed -n 's/^sources=//p' "$BUNDLE/manifest")
+  here=$(bash "$ROOT/scripts/gpu-check.sh" --sources-hash)
+  if [ "$built_from" != "$here" ]; then
+    note "FAIL  setup: the bundle was built from other sources (hash $built_from) than this" \
+      "checkout's ($here): run scripts/gpu-bundle.sh again"
+    exit 1
   fi
   need=$(sed -n 's/^glibc=//p' "$BUNDLE/manifest")
   have=$(getconf GNU_LIBC_VERSION | awk '{print $2}')

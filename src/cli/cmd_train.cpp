@@ -47,7 +47,8 @@ int cmd_train(int argc, char** argv) {
   add_bool_flag(app, "--gradient_checkpointing", &o.gradient_checkpointing,
                 "keep only layer inputs; recompute in backward");
   add_bool_flag(app, "--offload_activations", &o.offload_activations,
-                "keep layer checkpoints in a memory-mapped file (implies checkpointing)");
+                "keep layer checkpoints off the device: a memory-mapped file on the CPU, pinned "
+                "host memory on a GPU (implies checkpointing)");
   app.add_option("--host_memory_budget", o.host_memory_budget,
                  "GPU runs: host memory the offloaded buffers may pin, e.g. 200GiB, or auto (the "
                  "memory available when the run starts)");
