@@ -85,7 +85,7 @@ glibc=$(cd "$BUILD" && objdump -T "${elves[@]}" 2>/dev/null |
   echo "dirty=$(git -C "$ROOT" status --porcelain --untracked-files=no | grep -q . && echo yes || echo no)"
   echo "made=$(date -u +%FT%TZ)"
   echo "cuda_arch=$ARCH"
-  echo "sources=$(bash scripts/gpu-check.sh --sources-hash)"
+  echo "sources=$(bash "$ROOT/scripts/gpu-check.sh" --sources-hash)"
   echo "glibc=${glibc#GLIBC_}"
 } > "$STAGE/manifest"
 cd "$ROOT"
