@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "model/lora.h"
 #include "model/presets.h"
 #include "plan/planner.h"
 #include "train/batching.h"
@@ -303,6 +304,36 @@ TEST(Planner, HostBudgetCapsPinnedOffload) {
   EXPECT_NE(none.why.find("host budget"), std::string::npos) << none.why;
   r.device = PlanDevice::kCpu;
   EXPECT_TRUE(plan_fits(plan_memory(r), r, size_t(1) << 40)) << "a CPU store is a file";
+}
+
+// FPDT on one GPU: whole layers chunk by chunk with q/k/v and the attention gradients in pinned
+// host memory, so past the residual stream nothing grows with the sequence on the device. For
+// Llama-3-8B LoRA on 76 GiB it goes well past checkpoint offload alone (the engine's own plan),
+// and with a host budget the pinned store caps it.
+TEST(Planner, FpdtOnOneGpuGoesPastOffload) {
+  PlanRequest r;
+  r.config = parse_model_config(preset_config("llama3-8b"), "llama3-8b");
+  r.device = PlanDevice::kCuda;
+  r.bf16_gemms = r.settings.bf16_residual = true;
+  LoraOptions o;
+  o.use_peft_lora = true;
+  o.r = 16;
+  o.dropout = 0;
+  o.target_modules = "all-linear";
+  r.settings.lora = resolve_lora(o, 1);
+  r.settings.lora.base_bf16 = r.settings.lora.embed_bf16 = true;
+  r.settings.checkpointing = r.settings.offload_checkpoints = true;
+  r.mini_sequence_auto = true;
+  const size_t budget = size_t(76) << 30;
+  const int64_t offload = longest_sequence(r, budget, 4096);
+  r.fpdt_chunk = 16384;
+  const int64_t fpdt = longest_sequence(r, budget, 4096);
+  EXPECT_GT(offload, 200000);
+  EXPECT_GT(fpdt, 2 * offload) << "offload " << offload << ", FPDT " << fpdt;
+  r.host_budget = size_t(115) << 30;
+  const int64_t capped = longest_sequence(r, budget, 4096);
+  EXPECT_LT(capped, fpdt);
+  EXPECT_GT(capped, offload);
 }
 
 TEST(Planner, ParseBytes) {

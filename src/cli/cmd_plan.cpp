@@ -242,9 +242,9 @@ int cmd_plan(int argc, char** argv) {
     fmt::print("longest sequence within the budget (batch {}):\n", batch);
     auto print_longest = [&](const char* name, const PlanRequest& q) {
       try {
-        fmt::print("  {:<18} {}\n", name, longest_sequence(q, *budget_bytes));
+        fmt::print("  {:<20} {}\n", name, longest_sequence(q, *budget_bytes));
       } catch (const UserError& e) {  // e.g. FPDT without flash attention
-        fmt::print("  {:<18} n/a ({})\n", name, e.what());
+        fmt::print("  {:<20} n/a ({})\n", name, e.what());
       }
     };
     struct Row {
@@ -263,6 +263,16 @@ int cmd_plan(int argc, char** argv) {
       q.settings.checkpointing = row.ckpt;
       q.settings.offload_checkpoints = row.off;
       print_longest(row.name, q);
+    }
+    // FPDT on the layout as given (one device too): whole layers chunk by chunk, q/k/v and the
+    // attention's gradients in pinned host memory; the user's chunk, else 16384 tokens a rank.
+    {
+      PlanRequest q = r;
+      q.settings.flash_attention = true;
+      q.mini_sequence_auto = true;
+      q.settings.checkpointing = q.settings.offload_checkpoints = true;
+      q.fpdt_chunk = r.fpdt_chunk > 0 ? r.fpdt_chunk : int64_t(16384) * sp;
+      print_longest(fmt::format("+ FPDT chunk {}", q.fpdt_chunk).c_str(), q);
     }
     print_longest("these settings", r);
   }
