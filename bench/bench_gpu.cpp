@@ -1,7 +1,8 @@
 // GPU benchmark of one Llama-3-8B-shaped decoder layer (D 4096, H 32, KVH 8, HD 128, F 14336)
 // plus the chunked LM head + loss (V 128256), forward + backward through the Backend interface,
-// at several sequence lengths: tokens/s per layer, extrapolated to the 32-layer model, MFU and
-// the device memory this bench allocated. Random weights; the result is validated (finite loss
+// at several sequence lengths: tokens/s per layer, extrapolated to the 32-layer model, MFU, the
+// device memory this bench allocated, and the TFLOP/s of the attention forward and backward and
+// of one MLP GEMM alone. Random weights; the result is validated (finite loss
 // and gradients) before it is timed. Usage:
 //   bench_gpu [--tokens 4096,16384,32768] [--precision bf16|f32] [--peak_tflops 989]
 //             [--layers 32] [--iters 3]
@@ -111,8 +112,12 @@ int run(int argc, char** argv) {
       "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated\n",
       (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD, (long long)F, (long long)V,
       precision.c_str(), peak_tflops, (long long)layers);
-  std::printf("%8s %12s %12s %12s %14s %8s %12s\n", "tokens", "layer_ms", "lm_head_ms", "model_s",
-              "model_tok/s", "MFU", "bench_GiB");
+  // Per kernel: the attention forward and backward (causal: half of the T x T products; the
+  // backward does 2.5 times the forward's) and one MLP projection GEMM, in TFLOP/s, so a slow
+  // kernel shows by name.
+  std::printf("%8s %12s %12s %12s %14s %8s %12s %11s %11s %11s\n", "tokens", "layer_ms",
+              "lm_head_ms", "model_s", "model_tok/s", "MFU", "bench_GiB", "attn_fwd_TF",
+              "attn_bwd_TF", "gemm_TF");
   for (int64_t T : token_counts) {
     Buffers m(*be);
     const float ws = 0.02f;
@@ -201,6 +206,21 @@ int run(int argc, char** argv) {
     for (int64_t it = 0; it < iters; ++it) head();
     be->synchronize();
     const double head_s = std::chrono::duration<double>(Clock::now() - t0).count() / iters;
+    auto seconds = [&](const auto& op) {
+      const auto t = Clock::now();
+      for (int64_t it = 0; it < iters; ++it) op();
+      be->synchronize();
+      return std::chrono::duration<double>(Clock::now() - t).count() / double(iters);
+    };
+    const double attn_flops = 2.0 * double(T) * double(T) * double(s.H * s.HD);  // causal fwd
+    const double fwd_tf =
+        attn_flops / seconds([&] { be->attention_forward(att, lse, q, k, v, as); }) / 1e12;
+    const double bwd_tf =
+        2.5 * attn_flops /
+        seconds([&] { be->attention_backward(dq, dk, dv, datt, att, lse, q, k, v, as); }) / 1e12;
+    const double gemm_tf = 2.0 * double(T) * double(D) * double(F) /
+                           seconds([&] { be->linear_forward(gate, f_in, wg, nullptr, T, D, F); }) /
+                           1e12;
     const double model_s = layer_s * layers + head_s;
     // PaLM's model FLOPs (plan/planner.h), as bench_train and `longtune plan` count them.
     const double Td = double(T);
@@ -208,9 +228,9 @@ int run(int argc, char** argv) {
     shape["num_hidden_layers"] = layers;
     const double flops = training_flops(parse_model_config(shape, "llama3-8b"), Td, Td);
     const double mfu = flops / model_s / (peak_tflops * 1e12);
-    std::printf("%8lld %12.2f %12.2f %12.3f %14.0f %7.1f%% %12.2f\n", (long long)T, layer_s * 1e3,
-                head_s * 1e3, model_s, Td / model_s, 100.0 * mfu,
-                double(m.bytes()) / double(1ull << 30));
+    std::printf("%8lld %12.2f %12.2f %12.3f %14.0f %7.1f%% %12.2f %11.1f %11.1f %11.1f\n",
+                (long long)T, layer_s * 1e3, head_s * 1e3, model_s, Td / model_s, 100.0 * mfu,
+                double(m.bytes()) / double(1ull << 30), fwd_tf, bwd_tf, gemm_tf);
     std::fflush(stdout);
   }
   std::printf(
