@@ -9,8 +9,9 @@
 #                offload's GPU losses equal checkpointing's (to the dq atomics); every GPU
 #                allocation planned
 #   bench        the Llama-3-8B-shaped benchmarks: longtune LoRA r16 bf16 at 4K/16K/32K with
-#                checkpointing, at 32K with offload; transformers + PEFT side by side (tokens/s,
-#                peak memory, MFU, its longest sequence); one layer's ops
+#                checkpointing; one layer's ops (attention and GEMM TFLOP/s); transformers +
+#                PEFT side by side (tokens/s, peak memory, MFU, its longest sequence); longtune
+#                at 32K with offload
 #   longest      (only when named) longtune's longest planned sequences in 95% of the GPU's
 #                memory, one step each, with checkpointing and with offload (several minutes)
 #   sanitizer    compute-sanitizer memcheck and racecheck on small op cases
@@ -303,12 +304,13 @@ LORA8B=(preset:llama3-8b device=cuda lora=16 bf16 mini=auto peak_tflops="$PEAK")
 if wants bench; then
   step bench-longtune-lora 90 240 "$BUILD/bench_train" "${LORA8B[0]}" 4096,16384,32768 1 \
     "${LORA8B[@]:1}" ckpt
+  # One layer op by op: which kernel reaches what fraction of the peak.
+  step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --precision bf16 --peak_tflops "$PEAK" \
+    --tokens 4096,16384,32768
   step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py \
     --peak_tflops "$PEAK" --tokens 4096,16384,32768 --iters 2 --longest --granularity 8192
   step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "${LORA8B[0]}" 32768 1 \
     "${LORA8B[@]:1}" offload
-  step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --precision bf16 --peak_tflops "$PEAK" \
-    --tokens 4096,16384,32768
 fi
 # 5. The longest sequences the planner says fit in 95% of the GPU's memory, one timed step each
 # (minutes: several hundred thousand tokens), with checkpointing and with offload.
@@ -318,7 +320,7 @@ if wants longest; then
   step longest-longtune-lora-offload 180 540 "$BUILD/bench_train" "${LORA8B[0]}" fit 0 \
     "${LORA8B[@]:1}" offload fit="$FIT" host="$HOST"
 fi
-for b in bench-longtune-lora bench-hf-peft bench-longtune-lora-offload bench-gpu-ops \
+for b in bench-longtune-lora bench-gpu-ops bench-hf-peft bench-longtune-lora-offload \
     longest-longtune-lora longest-longtune-lora-offload; do
   [ -f "$LOGS/$b.log" ] && { echo "== $b"; cat "$LOGS/$b.log"; }
 done > "$OUT/benchmarks.txt"
