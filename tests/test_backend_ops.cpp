@@ -826,6 +826,30 @@ TEST_P(BackendOps, Bf16ToF32) {
 
 // f32 -> bf16, round to nearest even, bit for bit as core/dtype.h (ties, NaN, Inf, overflow
 // to Inf, subnormals), packed and in place.
+// bf16 round-to-nearest-even by arithmetic instead of bit manipulation (an independent
+// reference for core/dtype.h's integer rounding): x rounded to 8 significant bits, or to the
+// bf16 subnormal unit 2^-133 below 2^-126, ties to even (nearbyint in the default rounding
+// mode), overflowing to Inf. Returns the bf16 bits; not for NaN.
+uint16_t bf16_by_arithmetic(float x) {
+  const double d = x;
+  double r = 0;
+  if (std::isinf(d) || d == 0) {
+    r = d;
+  } else {
+    int k = 0;
+    std::frexp(d, &k);  // |d| = m 2^k, m in [0.5, 1)
+    const double ulp = std::ldexp(1.0, std::max(k, -125) - 8);
+    r = std::nearbyint(d / ulp) * ulp;
+    if (std::fabs(r) >= std::ldexp(1.0, 128)) r = std::copysign(INFINITY, d);
+  }
+  const float f = static_cast<float>(r);  // exact: r has at most 8 significant bits
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if (std::signbit(d)) bits |= 0x80000000u;  // -0 stays -0
+  EXPECT_EQ(bits & 0xffffu, 0u) << "the reference itself: " << x;
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 TEST_P(BackendOps, F32ToBf16) {
   const int64_t n = 1003;
   Vec x = random_vec(n, 81, -3, 3);
@@ -850,6 +874,13 @@ TEST_P(BackendOps, F32ToBf16) {
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t want = f32_to_bf16(x[i]);
     ASSERT_EQ(got[i], want) << "f32_to_bf16 element " << i << " of " << n;
+    if (std::isnan(x[i])) {  // a quiet NaN of the same sign
+      EXPECT_EQ(got[i] & 0x7fc0, 0x7fc0) << "element " << i;
+      EXPECT_EQ(got[i] >> 15, uint16_t(std::signbit(x[i]))) << "element " << i;
+    } else {
+      ASSERT_EQ(got[i], bf16_by_arithmetic(x[i]))
+          << "f32_to_bf16 element " << i << " of " << n << " (" << x[i] << ") vs arithmetic";
+    }
     uint32_t bits;
     std::memcpy(&bits, &rounded[i], 4);
     ASSERT_EQ(bits, uint32_t(want) << 16) << "round_to_bf16 element " << i << " of " << n;
