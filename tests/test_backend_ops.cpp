@@ -173,37 +173,48 @@ TEST_P(BackendOps, Embedding) {
   EXPECT_CLOSE(d_dw->read(), dw_want, elementwise(), "embedding_backward (+=)");
 }
 
+// With a NaN in row 3 (NaN propagation: that row's rstd is NaN, so is every dweight column)
+// and with finite data over two of the CUDA kernel's 256-row weight-gradient slices (the
+// dweight values themselves).
 TEST_P(BackendOps, RmsNorm) {
-  const int64_t N = 19, D = 77;
-  Vec x = random_vec(N * D, 5, -2, 2);
-  x[3 * D + 5] = kNaN;  // row 3: NaN everywhere downstream
-  const Vec w = random_vec(D, 6, 0.5, 1.5);
-  const Vec dy = random_vec(N * D, 7);
-  const float eps = 1e-5f;
-  Vec y(N * D), rstd(N);
-  rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, D, eps);
+  struct Case {
+    int64_t N, D;
+    bool nan;
+  };
+  for (const Case& c : {Case{19, 77, true}, Case{300, 130, false}}) {
+    SCOPED_TRACE(::testing::Message() << "N " << c.N << " D " << c.D << (c.nan ? " NaN" : ""));
+    const int64_t N = c.N, D = c.D;
+    Vec x = random_vec(N * D, 5, -2, 2);
+    if (c.nan) x[3 * D + 5] = kNaN;  // row 3: NaN everywhere downstream
+    const Vec w = random_vec(D, 6, 0.5, 1.5);
+    const Vec dy = random_vec(N * D, 7);
+    const float eps = 1e-5f;
+    Vec y(N * D), rstd(N);
+    rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, D, eps);
 
-  auto d_x = buf("inp", x);
-  auto d_w = buf("weight", w);
-  auto d_y = out("out", N * D);
-  auto d_rstd = out("rstd", N);
-  be_->rmsnorm_forward(d_y->get(), d_rstd->get(), d_x->get(), d_w->get(), N, D, eps);
-  EXPECT_CLOSE(d_y->read(), y, elementwise(), "rmsnorm_forward out");
-  EXPECT_CLOSE(d_rstd->read(), rstd, elementwise(), "rmsnorm_forward rstd");
+    auto d_x = buf("inp", x);
+    auto d_w = buf("weight", w);
+    auto d_y = out("out", N * D);
+    auto d_rstd = out("rstd", N);
+    be_->rmsnorm_forward(d_y->get(), d_rstd->get(), d_x->get(), d_w->get(), N, D, eps);
+    EXPECT_CLOSE(d_y->read(), y, elementwise(), "rmsnorm_forward out");
+    EXPECT_CLOSE(d_rstd->read(), rstd, elementwise(), "rmsnorm_forward rstd");
 
-  for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
-    const Vec dx0 = random_vec(N * D, 8), dw0 = random_vec(D, 9);
-    Vec dx = dx0, dw = dw0;
-    rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), N, D, acc);
-    auto d_dy = buf("dout", dy);
-    auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * D);
-    auto d_dw = buf("dweight", dw0);
-    auto d_rs = buf("rstd", rstd);
-    be_->rmsnorm_backward(d_dx->get(), d_dw->get(), d_dy->get(), d_x->get(), d_w->get(),
-                          d_rs->get(), N, D, acc);
-    // dweight: a column sum over N rows (NaN column 5 included).
-    EXPECT_CLOSE(d_dx->read(), dx, elementwise(), "rmsnorm_backward dinp");
-    EXPECT_CLOSE(d_dw->read(), dw, elementwise(), "rmsnorm_backward dweight (+=)");
+    for (Accumulate acc : {Accumulate::kNo, Accumulate::kYes}) {
+      const Vec dx0 = random_vec(N * D, 8), dw0 = random_vec(D, 9);
+      Vec dx = dx0, dw = dw0;
+      rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), N, D, acc);
+      auto d_dy = buf("dout", dy);
+      auto d_dx = acc == Accumulate::kYes ? buf("dinp", dx0) : out("dinp", N * D);
+      auto d_dw = buf("dweight", dw0);
+      auto d_rs = buf("rstd", rstd);
+      be_->rmsnorm_backward(d_dx->get(), d_dw->get(), d_dy->get(), d_x->get(), d_w->get(),
+                            d_rs->get(), N, D, acc);
+      // dweight: a column sum over N rows.
+      EXPECT_CLOSE(d_dx->read(), dx, elementwise(), "rmsnorm_backward dinp");
+      EXPECT_CLOSE(d_dw->read(), dw, c.nan ? elementwise() : gemm(),
+                   "rmsnorm_backward dweight (+=)");
+    }
   }
 }
 

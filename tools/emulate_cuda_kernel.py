@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
-"""Rewrites src/backend/cuda/attention.cu into a C++ header for the CPU emulator of tests/cuda_emu.
+"""Rewrites src/backend/cuda/*.cu into C++ for the CPU emulator of tests/cuda_emu.
 
 Usage: emulate_cuda_kernel.py ATTENTION_CU COMMON_CUH OUT_H
+       emulate_cuda_kernel.py --launchers CUDA_DIR OUT_DIR
+
+The first form writes attention.cu's kernels as a header (below). The second (see
+rewrite_launcher_file) writes OUT_DIR/cuda_emu_kernels.h (kernels.h, cuda_check.h and common.cuh
+on tests/cuda_emu/emu_runtime.h) and one OUT_DIR/NAME_emu.cpp per file of LAUNCHER_FILES, kernels
+AND launchers, so that the test calls the launchers of kernels.h as cuda_backend.cpp does.
 
 The kernels are kept as they are; only what a C++ compiler cannot build is replaced:
   - the CUDA includes: <cuda_bf16.h> goes (tests/cuda_emu/emu.h provides bf16), common.cuh is
@@ -144,7 +150,236 @@ def rewrite_attention(text, path, common, common_path):
             "}  // namespace (emulator: the launchers are dropped)\n}  // namespace lt::cuda\n")
 
 
+# The second form: per .cu file, its kernels with the number of launches of each, and the static
+# `__shared__` and `__constant__` arrays it declares. A kernel, launch or array more or fewer,
+# and the script stops: the test (tests/cuda_emu/test_kernels_emu.cpp) must learn it.
+LAUNCHER_FILES = {
+    "rmsnorm.cu": {"kernels": {"rmsnorm_forward_kernel": 1, "rmsnorm_backward_dinp_kernel": 1,
+                               "rmsnorm_dweight_partial_kernel": 1,
+                               "rmsnorm_dweight_finish_kernel": 1},
+                   "shared": 1, "constant": 0},
+    "rope.cu": {"kernels": {"rope_tables_kernel": 1, "rope_kernel": 2}, "shared": 0, "constant": 0},
+    "swiglu.cu": {"kernels": {"swiglu_forward_kernel": 1, "swiglu_backward_kernel": 1},
+                  "shared": 0, "constant": 0},
+    "embedding.cu": {"kernels": {"embedding_forward_kernel": 1,
+                                 "embedding_forward_bf16_kernel": 1,
+                                 "embedding_backward_kernel": 1},
+                     "shared": 0, "constant": 0},
+    "adamw.cu": {"kernels": {"adamw_kernel": 1}, "shared": 0, "constant": 0},
+    "reduce.cu": {"kernels": {"sum_squares_kernel": 1, "scale_kernel": 1, "add_kernel": 1,
+                              "bf16_to_f32_kernel": 1, "f32_to_bf16_kernel": 1,
+                              "round_to_bf16_kernel": 1},
+                  "shared": 1, "constant": 0},
+    "nf4.cu": {"kernels": {"nf4_dequantize_kernel": 1}, "shared": 0, "constant": 1},
+}
+
+# The CUDA runtime and cuBLAS names tests/cuda_emu/emu_runtime.h provides.
+RUNTIME_NAMES = {
+    "cudaStream_t", "cublasHandle_t", "cudaError_t", "cudaSuccess", "cudaErrorInvalidValue",
+    "cudaGetLastError", "cudaGetErrorString", "cudaStreamSynchronize", "cudaMemcpyAsync",
+    "cudaMemsetAsync", "cudaMemcpyToSymbolAsync", "cudaMemcpyKind", "cudaMemcpyHostToHost",
+    "cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost", "cudaMemcpyDeviceToDevice",
+    "cudaMemcpyDefault", "cublasStatus_t", "cublasGetStatusString", "CUBLAS_STATUS_SUCCESS",
+}
+
+KERNELS_HEADER = "cuda_emu_kernels.h"
+
+
+def strip_comments(text):
+    """text without // and /* */ comments (for scans only; string literals are left alone)."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def check_runtime_names(text, path):
+    for name in sorted(set(re.findall(r"\b(cuda[A-Z]\w*|cublas[A-Z]\w*|CUBLAS_\w+)\b",
+                                      strip_comments(text)))):
+        if name not in RUNTIME_NAMES:
+            raise PatternError(f"{path}: uses {name}, which tests/cuda_emu/emu_runtime.h does "
+                               "not provide")
+
+
+def matching_paren(text, start, path):
+    """The index just past the parenthesis that closes the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise PatternError(f"{path}: unbalanced parentheses after offset {start}")
+
+
+def split_top_level(text):
+    """text split at the commas outside parentheses, brackets and braces."""
+    parts, depth, current = [], 0, ""
+    for c in text:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+    return parts + [current]
+
+
+def rewrite_launches(text, path, expected):
+    """name<<<grid, block, shared, stream>>>(args); -> a synchronous lt::cuda_emu::launch of it."""
+    counts = {k: 0 for k in expected}
+    out, pos = [], 0
+    for m in re.finditer(r"<<<", text):
+        if m.start() < pos:
+            raise PatternError(f"{path}: a kernel launch inside another launch's arguments")
+        head = re.search(r"(\b\w+)\s*(<[^<>;{}()]*>)?\s*$", text[pos:m.start()])
+        if not head:
+            raise PatternError(f"{path}: a `<<<` without a kernel name before it")
+        name, targs = head.group(1), head.group(2) or ""
+        if name not in counts:
+            raise PatternError(f"{path}: a launch of {name}, not among the kernels expected "
+                               f"({', '.join(expected)})")
+        counts[name] += 1
+        close = text.find(">>>", m.end())
+        if close < 0:
+            raise PatternError(f"{path}: a `<<<` of {name} without `>>>`")
+        config = split_top_level(text[m.end():close])
+        if len(config) != 4:
+            raise PatternError(f"{path}: a launch of {name} with {len(config)} configuration "
+                               "argument(s); the rewrite expects <<<grid, block, shared, stream>>>")
+        paren = re.match(r"\s*\(", text[close + 3:])
+        if not paren:
+            raise PatternError(f"{path}: a launch of {name} without arguments after `>>>`")
+        open_at = close + 3 + paren.end() - 1
+        end = matching_paren(text, open_at, path)
+        semi = re.match(r"\s*;", text[end:])
+        if not semi:
+            raise PatternError(f"{path}: a launch of {name} not followed by `;`")
+        end += semi.end()
+        args = text[open_at + 1:end - semi.end() - 1]
+        grid, block, shared, _stream = config
+        kernel = name + targs
+        call = (f'::lt::cuda_emu::launch("{kernel}", dim3({grid.strip()}), dim3({block.strip()}), '
+                f"{shared.strip()}, [&] {{ {kernel}({args}); }});")
+        start = pos + head.start()
+        out.append(text[pos:start])
+        original = text[start:end]
+        out.append(blank_keeping_lines(original, 0, len(original), call))
+        pos = end
+    out.append(text[pos:])
+    for name, n in expected.items():
+        if counts[name] != n:
+            raise PatternError(f"{path}: expected {n} launch(es) of {name}, found {counts[name]}")
+    return "".join(out)
+
+
+def rewrite_static_shared(text, path, expected, tag):
+    """`__shared__ T name[A][B];` -> a reference to the emulator's per-block array."""
+    count_exactly(text, path, r"\b__shared__\b", expected, "__shared__ (static arrays)",
+                  regex=True)
+    count_exactly(text, path, r"\bextern\s+__shared__", 0, "dynamic shared memory", regex=True)
+    pattern = (r"__shared__\s+(?:__align__\((\d+)\)\s+)?(\w[\w:]*)\s+(\w+)\s*"
+               r"((?:\[[^\]\n]+\])+)\s*;")
+    count_exactly(text, path, pattern, expected, "a static `__shared__ T name[...];` array",
+                  regex=True)
+
+    def emulated(m):
+        align, type_, name, dims = m.groups()
+        alignment = f"alignof({type_})"
+        if align:
+            alignment = f"std::max<size_t>({align}, {alignment})"
+        return (f"auto& {name} = *static_cast<{type_}(*){dims}>(::lt::cuda_emu::static_shared("
+                f'"{tag}:{name}", sizeof({type_}{dims}), {alignment}));')
+    return re.sub(pattern, emulated, text, flags=re.S | re.M)
+
+
+def rewrite_constant(text, path, expected):
+    """`__constant__ T name[N];` -> a plain global (cudaMemcpyToSymbolAsync writes it)."""
+    count_exactly(text, path, r"\b__constant__\b", expected, "__constant__", regex=True)
+    pattern = r"__constant__\s+(\w[\w:]*\s+\w+\s*(?:\[[^\]\n]+\])*\s*;)"
+    count_exactly(text, path, pattern, expected, "a `__constant__ T name[...];` array", regex=True)
+    return re.sub(pattern, r"\1", text)
+
+
+def rewrite_launcher_file(text, path, spec):
+    """A .cu file, kernels and launchers, as a C++ source on the emulator."""
+    check_includes(text, path, {'"backend/cuda/common.cuh"', '"backend/cuda/kernels.h"',
+                                '"ops/nf4.h"'})
+    check_runtime_names(text, path)
+    count_exactly(text, path, r"\basm\b", 0, "inline assembly", regex=True)
+    kernels = spec["kernels"]
+    count_exactly(text, path, r"\b__global__\b", len(kernels), "a kernel (__global__)",
+                  regex=True)
+    for kernel in kernels:
+        count_exactly(text, path, r"__global__[^;{]*?\b" + kernel + r"\(", 1,
+                      f"the kernel {kernel}", regex=True)
+    tag = os.path.basename(path)
+    text = rewrite_static_shared(text, path, spec["shared"], tag)
+    text = rewrite_constant(text, path, spec["constant"])
+    text = rewrite_launches(text, path, kernels)
+    text = replace_line(text, path, '#include "backend/cuda/common.cuh"',
+                        f'#include "{KERNELS_HEADER}"', "the common.cuh include")
+    text = replace_line(text, path, '#include "backend/cuda/kernels.h"', "",
+                        "the launcher declarations include")
+    return (f"// Generated by tools/emulate_cuda_kernel.py from {path}: do not edit.\n"
+            f'#line 1 "{path}"\n{text}')
+
+
+def rewrite_kernels_header(kernels_h, kernels_path, check_h, check_path, common, common_path):
+    """kernels.h, cuda_check.h and common.cuh on emu_runtime.h, as one header."""
+    check_includes(kernels_h, kernels_path, {"<cublas_v2.h>", "<cuda_runtime.h>",
+                                             '"backend/backend.h"'})
+    check_includes(check_h, check_path, {"<cublas_v2.h>", "<cuda_runtime.h>"})
+
+    def without_cuda_includes(text, path):
+        check_runtime_names(text, path)
+        text = replace_line(text, path, "#pragma once", "", "the include guard")
+        text = replace_line(text, path, "#include <cublas_v2.h>", "", "the cuBLAS include")
+        return replace_line(text, path, "#include <cuda_runtime.h>", "",
+                            "the CUDA runtime include")
+    kernels_h = without_cuda_includes(kernels_h, kernels_path)
+    check_h = without_cuda_includes(check_h, check_path)
+    check_runtime_names(common, common_path)
+    return ("// Generated by tools/emulate_cuda_kernel.py: do not edit. kernels.h, cuda_check.h "
+            "and\n// common.cuh on the CUDA emulator (tests/cuda_emu/emu_runtime.h).\n"
+            '#pragma once\n#include "emu_runtime.h"\n'
+            f'#line 1 "{check_path}"\n{check_h}\n'
+            f'#line 1 "{kernels_path}"\n{kernels_h}\n'
+            f'#line 1 "{common_path}"\n{rewrite_common(common, common_path)}\n')
+
+
+def main_launchers(cuda_dir, out_dir):
+    outputs = {}
+    try:
+        def read(name):
+            with open(os.path.join(cuda_dir, name)) as f:
+                return f.read(), os.path.join(cuda_dir, name)
+        outputs[KERNELS_HEADER] = rewrite_kernels_header(
+            *read("kernels.h"), *read("cuda_check.h"), *read("common.cuh"))
+        for name, spec in LAUNCHER_FILES.items():
+            text, path = read(name)
+            outputs[name[:-len(".cu")] + "_emu.cpp"] = rewrite_launcher_file(text, path, spec)
+    except (OSError, PatternError) as e:
+        sys.stderr.write(f"emulate_cuda_kernel.py: error: {e}\n"
+                         "The CUDA emulation test (tests/cuda_emu) cannot be generated; update "
+                         "tools/emulate_cuda_kernel.py (and tests/cuda_emu) with the kernel.\n")
+        for name in [KERNELS_HEADER] + [n[:-3] + "_emu.cpp" for n in LAUNCHER_FILES]:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        return 1
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in outputs.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text)
+    return 0
+
+
 def main(argv):
+    if len(argv) == 4 and argv[1] == "--launchers":
+        return main_launchers(argv[2], argv[3])
     if len(argv) != 4:
         sys.stderr.write(__doc__)
         return 2

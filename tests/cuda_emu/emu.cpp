@@ -24,6 +24,8 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 256 << 10;
 // Shared memory mapping: the largest allowed request, rounded to pages, then a guard page.
 constexpr size_t kSharedMapBytes = (kMaxSharedBytes + 4095) / 4096 * 4096;
+// Static shared memory (`__shared__` arrays): CUDA's 48 KiB, then a guard page.
+constexpr size_t kStaticSharedBytes = 48 << 10;
 constexpr uint32_t kCanary = 0x7fc0dea1u;  // a quiet NaN with a recognisable payload
 
 size_t page_bytes() {
@@ -130,6 +132,10 @@ struct Emulator {
   Mapping shared{kSharedMapBytes, Mapping::Guard::kAbove};
   unsigned char* shared_data = nullptr;  // this launch's dynamic shared memory
   size_t shared_bytes = 0;
+  // Static shared arrays, allocated downwards from the guard page at a kernel's first use.
+  Mapping static_shared{kStaticSharedBytes, Mapping::Guard::kAbove};
+  std::vector<std::pair<std::string, size_t>> static_arrays;  // key, offset below end()
+  size_t static_used = 0;
   Context scheduler;
   int current = -1;  // the running fiber
   const std::function<void()>* body = nullptr;
@@ -143,6 +149,8 @@ Emulator& emu() {
   return e;
 }
 Fiber& self() { return emu().fibers[size_t(emu().current)]; }
+// The running thread's linear index in its block (x fastest), which warps are cut from.
+int linear_thread() { return emu().current; }
 
 std::string where() {
   char buf[160];
@@ -160,7 +168,7 @@ void yield_as(State s) {
 
 // Stops the launch from inside a fiber (the scheduler throws EmulationError with message).
 [[noreturn]] void fail(const std::string& message) {
-  emu().failure = where() + ", thread " + std::to_string(threadIdx.x) + ": " + message;
+  emu().failure = where() + ", thread " + std::to_string(linear_thread()) + ": " + message;
   yield_as(State::kFailed);
   abort();  // a failed fiber is never resumed
 }
@@ -222,7 +230,8 @@ std::string describe_threads() {
 void resume(int i) {
   Emulator& e = emu();
   e.current = i;
-  threadIdx = {unsigned(i), 0, 0};
+  const unsigned u = unsigned(i);
+  threadIdx = {u % blockDim.x, u / blockDim.x % blockDim.y, u / blockDim.x / blockDim.y};
   switch_context(e.scheduler, e.fibers[size_t(i)].context);
   if (e.fibers[size_t(i)].state == State::kFailed) throw EmulationError("cuda_emu: " + e.failure);
 }
@@ -303,6 +312,7 @@ void run_block() {
   const int threads = int(e.fibers.size()), warps = threads / kWarp;
   // Shared memory: NaN garbage; its unused tail (alignment) is checked for stray stores.
   std::memset(e.shared_data, 0xff, size_t(e.shared.end() - e.shared_data));
+  std::memset(e.static_shared.end() - e.static_used, 0xff, e.static_used);
   for (int i = 0; i < threads; ++i) {
     Fiber& f = e.fibers[size_t(i)];
     f = Fiber{};
@@ -357,12 +367,13 @@ void on_fault(int sig, siginfo_t* info, void*) {
   if (e.in_launch) {
     const char* what = "past the end of a DeviceArray (its guard page) or a wild pointer";
     if (e.shared.guard_contains(addr)) what = "past the end of dynamic shared memory";
+    if (e.static_shared.guard_contains(addr)) what = "past the end of a static __shared__ array";
     for (const Mapping& s : e.stacks)
       if (s.guard_contains(addr)) what = "a fiber stack overflow";
     char buf[400];
     const int n = snprintf(buf, sizeof buf,
-                           "cuda_emu: %s, block (%u,%u,%u), thread %u: invalid access at %p (%s)\n",
-                           e.kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, addr, what);
+                           "cuda_emu: %s, block (%u,%u,%u), thread %d: invalid access at %p (%s)\n",
+                           e.kernel, blockIdx.x, blockIdx.y, blockIdx.z, e.current, addr, what);
     if (n > 0) (void)!write(2, buf, size_t(std::min(n, int(sizeof buf) - 1)));
   }
   // Returning faults again, now with the default action (the process ends).
@@ -410,14 +421,15 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
   Emulator& e = emu();
   e.kernel = kernel;
   blockIdx = {0, 0, 0};
-  if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % kWarp || block.x > kMaxThreads)
+  const uint64_t block_threads = uint64_t(block.x) * block.y * block.z;
+  if (block_threads == 0 || block_threads % kWarp || block_threads > kMaxThreads)
     throw_error("block (" + std::to_string(block.x) + "," + std::to_string(block.y) + "," +
-                std::to_string(block.z) + ") is not 1-D with a multiple of 32 threads <= 1024");
+                std::to_string(block.z) + ") does not have a multiple of 32 threads <= 1024");
   if (shared_bytes > kMaxSharedBytes)
     throw_error(std::to_string(shared_bytes) + " bytes of shared memory, over the " +
                 std::to_string(kMaxSharedBytes) + " of sm_80");
   install_fault_handler();
-  const int threads = int(block.x);
+  const int threads = int(block_threads);
   e.fibers.assign(size_t(threads), Fiber{});
   while (int(e.stacks.size()) < threads) e.stacks.emplace_back(kStackBytes, Mapping::Guard::kBelow);
   e.warps.assign(size_t(threads / kWarp), WarpExchange{});
@@ -427,6 +439,9 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
   e.shared_data = reinterpret_cast<unsigned char*>(
       reinterpret_cast<uintptr_t>(e.shared.end() - shared_bytes) & ~uintptr_t(15));
   e.body = &body;
+  std::memset(e.static_shared.begin(), 0xff, kStaticSharedBytes);
+  e.static_arrays.clear();
+  e.static_used = 0;
   blockDim = block;
   gridDim = grid;
   const bool reversed = e.schedule == Schedule::kReversed;
@@ -448,11 +463,23 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
 
 unsigned char* dynamic_shared() { return emu().shared_data; }
 
+void* static_shared(const char* key, size_t bytes, size_t align) {
+  Emulator& e = emu();
+  for (const auto& [k, offset] : e.static_arrays)
+    if (k == key) return e.static_shared.end() - offset;
+  const size_t offset = (e.static_used + bytes + align - 1) / align * align;
+  if (offset > kStaticSharedBytes)
+    fail(std::string("static __shared__ arrays over 48 KiB (at ") + key + ")");
+  e.static_arrays.emplace_back(key, offset);
+  e.static_used = offset;
+  return e.static_shared.end() - offset;
+}
+
 void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   Emulator& e = emu();
   Fiber& f = self();
-  const int lane = int(threadIdx.x) % kWarp;
-  WarpExchange& x = e.warps[threadIdx.x / kWarp];
+  const int lane = linear_thread() % kWarp;
+  WarpExchange& x = e.warps[size_t(linear_thread() / kWarp)];
   const int slot = int(f.warp_ops & 1);
   for (int i = 0; i < 4; ++i) x.a[slot][lane][i] = a[i];
   x.b[slot][lane][0] = b0;
@@ -503,7 +530,7 @@ void shfl_xor(void* value, size_t bytes, int lane_mask, unsigned member_mask, in
          std::to_string(lane_mask) + " (not emulated)");
   Emulator& e = emu();
   Fiber& f = self();
-  const int lane = int(threadIdx.x) % kWarp, warp = int(threadIdx.x) / kWarp;
+  const int lane = linear_thread() % kWarp, warp = linear_thread() / kWarp;
   WarpExchange& x = e.warps[size_t(warp)];
   const int slot = int(f.warp_ops & 1), source = lane ^ lane_mask;
   const uint64_t id = f.warp_ops + 1;

@@ -1,10 +1,15 @@
-// CPU emulation of the part of CUDA that src/backend/cuda/attention.cu uses, so that its kernels
-// run unchanged where there is no GPU: tools/emulate_cuda_kernel.py rewrites the .cu file into a
-// header that includes this one (test_attention_emu.cpp runs it against a double reference).
+// CPU emulation of the part of CUDA that src/backend/cuda/*.cu use, so that their kernels run
+// unchanged where there is no GPU: tools/emulate_cuda_kernel.py rewrites attention.cu into a
+// header that includes this one (test_attention_emu.cpp runs it against a double reference), and
+// the other kernel files, launchers included, into sources built on emu_runtime.h
+// (test_kernels_emu.cpp runs them against the CPU ops).
 //
 // Emulated:
 //  - A thread block: every CUDA thread is a fiber with its own stack (its registers), switched
-//    cooperatively; blocks of a grid run one after another.
+//    cooperatively; blocks of a grid run one after another. Blocks may be 2-D or 3-D (warps are
+//    cut from the linear thread index, x fastest, as on the GPU).
+//  - Static `__shared__` arrays (the generator makes them static_shared() calls): one per block,
+//    NaN garbage at the start of every block, the first one ending at a guard page.
 //  - Barriers: __syncthreads and __syncthreads_or are block barriers (threads that exited count
 //    as arrived); __syncwarp, __shfl_xor_sync and mma.sync are warp barriers (exited lanes
 //    count as arrived, except for mma.sync.aligned, which needs the whole warp). Lanes at
@@ -28,9 +33,12 @@
 //  - Lockstep: lanes run one at a time between warp barriers, so a race between lanes of one
 //    warp shows only where the schedules' lane orders expose it. Collectives are matched by kind
 //    and count, not by call site (nor are barriers).
-//  - Hardware arithmetic (__expf is expf; the tensor core's accumulation order and rounding),
-//    timing, occupancy, bank conflicts, launch bounds; the host API (the generator drops the
-//    launchers: the test mirrors their grids). An intrinsic not defined here does not compile.
+//  - Hardware arithmetic (__expf is expf; cosf, sinf, expf are the host libm's; the tensor
+//    core's accumulation order and rounding; nvcc's contraction of a * b + c into an FMA, which
+//    the emulated sources, built with -ffp-contract=off, never do), timing, occupancy, bank
+//    conflicts, launch bounds. The host API is emu_runtime.h's synchronous stand-in (attention's
+//    launchers are dropped: its test mirrors their grids). An intrinsic not defined here does
+//    not compile.
 #pragma once
 
 #include <algorithm>
@@ -73,6 +81,10 @@ using std::isnan;
 using std::max;
 using std::min;
 
+struct alignas(8) float2 {
+  float x, y;
+};
+
 struct __nv_bfloat16 {
   uint16_t bits;
 };
@@ -100,6 +112,25 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
 }
 inline float __expf(float x) { return std::exp(x); }
 
+// Arithmetic rounded after every operation (the _rn intrinsics are never fused by nvcc; the host
+// compiler must not fuse either: -ffp-contract=off).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 namespace lt::cuda_emu {
 
 // The order in which the scheduler runs warps and lanes between barriers (see the top).
@@ -124,14 +155,18 @@ class EmulationError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Runs body (a kernel call) on every thread of every block: grid (x, y, z) blocks of block.x
-// threads (a multiple of 32, 1-D blocks) with shared_bytes of dynamic shared memory. kernel
-// names it in messages. Throws EmulationError; a memory fault ends the process with a message.
+// Runs body (a kernel call) on every thread of every block: grid (x, y, z) blocks of
+// block.x * block.y * block.z threads (a multiple of 32, at most 1024) with shared_bytes of
+// dynamic shared memory. kernel names it in messages. Throws EmulationError; a memory fault ends
+// the process with a message.
 void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
             const std::function<void()>& body);
 
 // The running block's dynamic shared memory (`extern __shared__` in the generated header).
 unsigned char* dynamic_shared();
+// The running block's static `__shared__` array named key (unique per declaration): bytes with
+// align, the same for every thread of the launch, NaN garbage at the start of each block.
+void* static_shared(const char* key, size_t bytes, size_t align);
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, d for the calling lane: d (16x8
 // f32) += a (16x16 bf16, row-major) * b (16x8 bf16, column-major), fragments per the PTX ISA.
