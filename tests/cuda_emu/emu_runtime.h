@@ -1,17 +1,17 @@
-// Stand-ins for the CUDA runtime and cuBLAS names that the launchers of src/backend/cuda use, for
-// the sources tools/emulate_cuda_kernel.py generates (no CUDA toolkit needed). A stream is a
-// label: launches run to completion on the calling thread (emu.h), so every copy and
-// synchronisation is immediate. The generator refuses a .cu file that names a runtime or cuBLAS
-// entity missing here.
+// Stand-ins for the CUDA runtime and cuBLAS (emu_cublas.h) names that the launchers of
+// src/backend/cuda use, for the sources tools/emulate_cuda_kernel.py generates (no CUDA toolkit
+// needed). A stream is a label: launches run to completion on the calling thread (emu.h), so every
+// copy and synchronisation is immediate. The generator refuses a .cu file that names a runtime or
+// cuBLAS entity missing here.
 #pragma once
 
 #include <cstddef>
 #include <cstring>
 
 #include "emu.h"
+#include "emu_cublas.h"
 
 using cudaStream_t = struct CUstream_st*;
-using cublasHandle_t = struct cublasContext*;
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaMemcpyKind {
@@ -21,12 +21,10 @@ enum cudaMemcpyKind {
   cudaMemcpyDeviceToDevice = 3,
   cudaMemcpyDefault = 4,
 };
-enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0 };
 
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : "invalid argument (cuda_emu)";
 }
-inline const char* cublasGetStatusString(cublasStatus_t) { return "cuBLAS (cuda_emu)"; }
 // A launch error throws lt::cuda_emu::EmulationError from the launch itself.
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
