@@ -163,13 +163,13 @@ else
     note "SKIP  all later steps: build failed"; exit 1
   fi
 fi
-# cuBLAS, cuBLASLt, NCCL and the CUDA runtime come from this machine: the toolkit's folders or
+# The driver, cuBLAS, cuBLASLt, NCCL and the CUDA runtime come from this machine: its folders or
 # the NVIDIA wheels beside PyTorch, wherever the loader does not already find them.
-for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
+for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
   [ -f "$BUILD/deps/$lib" ] && continue
   ldconfig -p | grep -q "^[[:space:]]*$lib " && continue
-  found=$(find /usr/local/cuda*/ /usr/local/lib /usr/lib/python3*/ /opt \
-    -maxdepth 9 -name "$lib" -print -quit 2>/dev/null)
+  found=$(find /usr/local/nvidia/ /usr/local/cuda*/ /usr/local/lib /usr/lib/python3*/ /opt \
+    -maxdepth 10 -name "$lib" -print -quit 2>/dev/null)
   if [ -n "$found" ]; then LIBPATH=$LIBPATH:$(dirname "$found")
   else note "warning: $lib not found on this machine"; fi
 done
