@@ -62,7 +62,7 @@ BackendWorkspace cuda_workspace_needs(const WorkspaceShape& s, bool bf16_gemms,
   w.op_bytes = align(std::max(
       {cuda_scratch::attention_backward(s.tokens * s.heads), cuda_scratch::cross_entropy(s.tokens),
        cuda_scratch::column_partials(s.tokens, s.hidden, 8),
-       cuda_scratch::column_partials(s.tokens, std::max(s.q_dim, s.hidden), 4), reduce_bytes}));
+       cuda_scratch::column_partials(s.tokens, std::max(s.q_dim, s.hidden), 8), reduce_bytes}));
   if (!bf16_gemms) return w;
   // bf16 GEMMs stage op(A) (M,K) and op(B) (K,N) rounded, A 256-aligned: the largest product of
   // each kind, LoRA's included (its rank is below every other dimension).

@@ -66,8 +66,8 @@ inline constexpr int64_t kSliceRows = 256;  // rows per partial column sum
 inline size_t attention_backward(int64_t rows) { return size_t(rows > 1 ? rows : 1) * 4; }
 // lm_head_cross_entropy: one double loss per row.
 inline size_t cross_entropy(int64_t N) { return size_t(N) * 8; }
-// Deterministic column sums over row slices: RMSNorm's weight gradient (doubles), the bias
-// gradient (floats).
+// Deterministic column sums over row slices in double: RMSNorm's weight gradient, the bias
+// gradient.
 inline size_t column_partials(int64_t N, int64_t cols, size_t elem) {
   return size_t((N + kSliceRows - 1) / kSliceRows) * size_t(cols) * elem;
 }

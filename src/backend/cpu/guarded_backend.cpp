@@ -137,7 +137,7 @@ class GuardedBackend final : public Backend {
   void linear_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                        const float* w, int64_t N, int64_t IN, int64_t OUT,
                        Accumulate acc) override {
-    if (db) check_scratch("linear_backward (bias)", cuda_scratch::column_partials(N, OUT, 4));
+    if (db) check_scratch("linear_backward (bias)", cuda_scratch::column_partials(N, OUT, 8));
     LT_GUARDED(linear_backward(dinp, dw, db, dout, inp, w, N, IN, OUT, acc));
   }
   void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq, float sc,
@@ -193,7 +193,7 @@ class GuardedBackend final : public Backend {
   void linear_backward_bf16w(float* dinp, float* db, const float* dout, const uint16_t* w,
                              int64_t N, int64_t IN, int64_t OUT, Accumulate acc, float* expand,
                              int64_t rows) override {
-    if (db) check_scratch("linear_backward_bf16w (bias)", cuda_scratch::column_partials(N, OUT, 4));
+    if (db) check_scratch("linear_backward_bf16w (bias)", cuda_scratch::column_partials(N, OUT, 8));
     LT_GUARDED(linear_backward_bf16w(dinp, db, dout, w, N, IN, OUT, acc, expand, rows));
   }
   void embedding_forward_bf16(float* out, const int32_t* ids, const uint16_t* w, int64_t N,

@@ -18,33 +18,34 @@ __global__ void add_bias_kernel(float* out, const float* bias, int64_t N, int64_
     out[i] += bias[i % OUT];
 }
 
-// Column sums of dout (N,OUT), stage 1: block (x: 32 columns, y: 8 row lanes) sums a slice of
-// rows into partial[slice, col]. Stage 2 adds the slices in order: the result is deterministic.
+// Column sums of dout (N,OUT) in double, as the CPU op sums them, stage 1: block (x: 32
+// columns, y: 8 row lanes) sums a slice of rows into partial[slice, col]. Stage 2 adds the
+// slices in order: the result is deterministic.
 constexpr int kColTile = 32, kRowLanes = 8;
-__global__ void column_sum_partial_kernel(float* partial, const float* dout, int64_t N, int64_t OUT,
-                                          int64_t rows_per_slice) {
-  __shared__ float sums[kRowLanes][kColTile + 1];
+__global__ void column_sum_partial_kernel(double* partial, const float* dout, int64_t N,
+                                          int64_t OUT, int64_t rows_per_slice) {
+  __shared__ double sums[kRowLanes][kColTile + 1];
   const int64_t col = blockIdx.x * int64_t(kColTile) + threadIdx.x;
   const int64_t r0 = blockIdx.y * rows_per_slice;
   const int64_t r1 = min(N, r0 + rows_per_slice);
-  float s = 0;
+  double s = 0;
   if (col < OUT)
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowLanes) s += dout[r * OUT + col];
   sums[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && col < OUT) {
-    float t = 0;
+    double t = 0;
     for (int i = 0; i < kRowLanes; ++i) t += sums[i][threadIdx.x];
     partial[blockIdx.y * OUT + col] = t;
   }
 }
-__global__ void column_sum_finish_kernel(float* dbias, const float* partial, int64_t slices,
+__global__ void column_sum_finish_kernel(float* dbias, const double* partial, int64_t slices,
                                          int64_t OUT) {
   const int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (col >= OUT) return;
-  float t = 0;
+  double t = 0;
   for (int64_t s = 0; s < slices; ++s) t += partial[s * OUT + col];
-  dbias[col] += t;
+  dbias[col] += float(t);
 }
 
 // Row-major C (M,N) = alpha * op(A) op(B) + beta * C on bf16 inputs, f32 accumulation and
@@ -146,8 +147,8 @@ void bias_grad(const Context& ctx, float* dbias, const float* dout, int64_t N, i
   if (!dbias || N <= 0 || OUT <= 0) return;
   const int64_t rows_per_slice = cuda_scratch::kSliceRows;
   const int64_t slices = (N + rows_per_slice - 1) / rows_per_slice;
-  auto* partial = static_cast<float*>(
-      ctx.scratch->get(cuda_scratch::column_partials(N, OUT, sizeof(float)), ctx.stream));
+  auto* partial = static_cast<double*>(
+      ctx.scratch->get(cuda_scratch::column_partials(N, OUT, sizeof(double)), ctx.stream));
   const dim3 grid(unsigned((OUT + kColTile - 1) / kColTile), unsigned(slices));
   column_sum_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, ctx.stream>>>(
       partial, dout, N, OUT, rows_per_slice);
