@@ -300,25 +300,26 @@ FIT="$(( ${MEM:-81559} * 95 / 100 ))MiB"
 HOST="$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) * 9 / 10 ))KiB"
 # Llama-3-8B shape, random weights, LoRA r=16 on every linear layer over a bf16 base, bf16
 # GEMMs, batch 1, mini-sequence chosen by the planner; checkpointing, or checkpoint offload.
-LORA8B=(preset:llama3-8b device=cuda lora=16 bf16 mini=auto peak_tflops="$PEAK")
+M8B=preset:llama3-8b
+LORA8B=(device=cuda lora=16 bf16 mini=auto peak_tflops="$PEAK")
 if wants bench; then
-  step bench-longtune-lora 90 240 "$BUILD/bench_train" "${LORA8B[0]}" 4096,16384,32768 1 \
-    "${LORA8B[@]:1}" ckpt
+  step bench-longtune-lora 90 240 "$BUILD/bench_train" "$M8B" 4096,16384,32768 1 \
+    "${LORA8B[@]}" ckpt
   # One layer op by op: which kernel reaches what fraction of the peak.
   step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --precision bf16 --peak_tflops "$PEAK" \
     --tokens 4096,16384,32768
   step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py \
     --peak_tflops "$PEAK" --tokens 4096,16384,32768 --iters 2 --longest --granularity 8192
-  step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "${LORA8B[0]}" 32768 1 \
-    "${LORA8B[@]:1}" offload
+  step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" 32768 1 \
+    "${LORA8B[@]}" offload
 fi
 # 5. The longest sequences the planner says fit in 95% of the GPU's memory, one timed step each
 # (minutes: several hundred thousand tokens), with checkpointing and with offload.
 if wants longest; then
-  step longest-longtune-lora 120 420 "$BUILD/bench_train" "${LORA8B[0]}" fit 0 \
-    "${LORA8B[@]:1}" ckpt fit="$FIT"
-  step longest-longtune-lora-offload 180 540 "$BUILD/bench_train" "${LORA8B[0]}" fit 0 \
-    "${LORA8B[@]:1}" offload fit="$FIT" host="$HOST"
+  step longest-longtune-lora 120 420 "$BUILD/bench_train" "$M8B" fit 0 \
+    "${LORA8B[@]}" ckpt fit="$FIT"
+  step longest-longtune-lora-offload 180 540 "$BUILD/bench_train" "$M8B" fit 0 \
+    "${LORA8B[@]}" offload fit="$FIT" host="$HOST"
 fi
 for b in bench-longtune-lora bench-gpu-ops bench-hf-peft bench-longtune-lora-offload \
     longest-longtune-lora longest-longtune-lora-offload; do
