@@ -41,11 +41,11 @@ size_t measured_peak(const Backend& be) {
   return be.host_addressable() ? measured_peak_rss() : be.device_memory_use().peak;
 }
 
-// The plan's bytes in the backend's device memory (host arenas excluded).
-size_t planned_device_bytes(const MemoryPlan& plan, const Backend& be) {
+// The plan's bytes in the backend's host memory (host = true) or its device memory.
+size_t planned_bytes(const MemoryPlan& plan, const Backend& be, bool host) {
   size_t bytes = 0;
   for (const auto& a : plan.arena_names())
-    if (!host_arena(be, a)) bytes += plan.arena_bytes(a);
+    if (host_arena(be, a) == host) bytes += plan.arena_bytes(a);
   return bytes;
 }
 
@@ -57,9 +57,7 @@ void check_host_memory(const MemoryPlan& plan, const Backend& be, const std::str
   size_t budget = 0;
   if (flag != "auto") budget = parse_bytes(flag, "--host_memory_budget");
   if (be.host_addressable()) return;
-  size_t pinned = 0;
-  for (const auto& a : plan.arena_names())
-    if (host_arena(be, a)) pinned += plan.arena_bytes(a);
+  const size_t pinned = planned_bytes(plan, be, true);
   const bool automatic = flag == "auto";
   if (automatic) budget = available_host_memory();
   if (pinned == 0 || budget == 0 || pinned <= budget) return;
@@ -821,7 +819,7 @@ TrainOutcome Trainer::train() {
                format_bytes(plan_.total_bytes()), format_bytes(measured_peak_rss()));
     if (!backend_->host_addressable())
       fmt::print("device memory on {}: planned {}, measured peak {} (every backend allocation)\n",
-                 backend_->name(), format_bytes(planned_device_bytes(plan_, *backend_)),
+                 backend_->name(), format_bytes(planned_bytes(plan_, *backend_, false)),
                  format_bytes(backend_->device_memory_use().peak));
     if (engine_ && step_ > first_step_) {
       const double n = double(step_ - first_step_);
