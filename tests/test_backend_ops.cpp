@@ -102,6 +102,16 @@ class DeviceBuffer {
   void* base_ = nullptr;
 };
 
+// Skips the calling test when no GPU is visible, unless LONGTUNE_CUDA_MODULE names a module (the
+// CPU emulator of tests/cuda_emu, label emu): then a missing backend fails.
+#define LT_CUDA_OR_SKIP(be, reason)                                                      \
+  do {                                                                                   \
+    if (be) break;                                                                       \
+    const char* named = std::getenv("LONGTUNE_CUDA_MODULE");                             \
+    if (named && *named) FAIL() << "LONGTUNE_CUDA_MODULE=" << named << ": " << (reason); \
+    GTEST_SKIP() << "no CUDA device: " << (reason);                                      \
+  } while (0)
+
 // Tolerances per op class and backend: |got - want| <= atol + rtol |want|.
 struct Tol {
   double atol, rtol;
@@ -117,7 +127,7 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
     } else {
       std::string reason;
       be_ = make_cuda_backend(&reason);
-      if (!be_) GTEST_SKIP() << "no CUDA device: " << reason;
+      LT_CUDA_OR_SKIP(be_, reason);
     }
   }
   bool cpu() const { return be_->name() == "cpu" || be_->name() == "cpu-guarded"; }
@@ -950,7 +960,7 @@ INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu", "cpu-gua
 TEST(CudaBackend, Bf16GemmMode) {
   std::string reason;
   auto be = make_cuda_backend(&reason, GemmPrecision::kBf16);
-  if (!be) GTEST_SKIP() << "no CUDA device: " << reason;
+  LT_CUDA_OR_SKIP(be, reason);
   const int64_t N = 65, IN = 96, OUT = 33;
   const Vec x = random_vec(N * IN, 70), w = random_vec(OUT * IN, 71);
   Vec y(N * OUT);
@@ -990,7 +1000,7 @@ TEST(CudaBackend, Bf16GemmMode) {
 TEST(CudaBackend, Bf16GemmsRunInBlocksWithinTheWorkspace) {
   std::string reason;
   auto whole = make_cuda_backend(&reason, GemmPrecision::kBf16);
-  if (!whole) GTEST_SKIP() << "no CUDA device: " << reason;
+  LT_CUDA_OR_SKIP(whole, reason);
   auto blocked = make_cuda_backend(&reason, GemmPrecision::kBf16);
   ASSERT_TRUE(blocked) << reason;
   const size_t gemm_bytes = 24 << 10;  // 12288 bf16 values: every product below is split

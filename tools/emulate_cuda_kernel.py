@@ -1,37 +1,33 @@
 #!/usr/bin/env python3
-"""Rewrites src/backend/cuda/*.cu into C++ for the CPU emulator of tests/cuda_emu.
+"""Rewrites src/backend/cuda into C++ for the CPU emulator of tests/cuda_emu.
 
-Usage: emulate_cuda_kernel.py ATTENTION_CU COMMON_CUH OUT_H
-       emulate_cuda_kernel.py --launchers CUDA_DIR OUT_DIR
+Usage: emulate_cuda_kernel.py --launchers CUDA_DIR OUT_DIR
 
-The first form writes attention.cu's kernels as a header (below). The second (see
-rewrite_launcher_file) writes OUT_DIR/cuda_emu_kernels.h (kernels.h, cuda_check.h and common.cuh
-on tests/cuda_emu/emu_runtime.h) and one OUT_DIR/NAME_emu.cpp per file of LAUNCHER_FILES, kernels
-AND launchers, so that the test calls the launchers of kernels.h as cuda_backend.cpp does.
+Writes OUT_DIR/cuda_emu_kernels.h (kernels.h, cuda_check.h and common.cuh on
+tests/cuda_emu/emu_runtime.h), one OUT_DIR/NAME_emu.cpp per file of LAUNCHER_FILES, kernels AND
+launchers, and OUT_DIR/cuda_backend_emu.cpp (cuda_backend.cpp on the same header), so that the
+tests and the emulated module (liblongtune_cuda_emu.so) run the launchers and the backend as the
+GPU build does.
 
 The kernels are kept as they are; only what a C++ compiler cannot build is replaced:
-  - the CUDA includes: <cuda_bf16.h> goes (tests/cuda_emu/emu.h provides bf16), common.cuh is
-    inlined without its CUDA includes, kernels.h becomes ops/attention.h (AttentionShape, which
-    make_params reads);
-  - the one inline-asm statement, mma.sync m16n8k16 bf16 -> f32, becomes a call of the emulator's
-    lt::cuda_emu::mma_m16n8k16_bf16 (same operands);
-  - `extern __shared__ ... smem[]` becomes a pointer to the emulator's shared memory;
-  - the host launchers after the anonymous namespace are dropped (the test launches the kernels
-    as they do).
-#line directives keep compiler messages and debuggers on the lines of the .cu file.
+  - the CUDA includes: <cuda_bf16.h> goes (tests/cuda_emu/emu.h provides bf16), common.cuh and
+    kernels.h become the generated cuda_emu_kernels.h;
+  - the one inline-asm statement of attention.cu, mma.sync m16n8k16 bf16 -> f32, becomes a call
+    of the emulator's lt::cuda_emu::mma_m16n8k16_bf16 (same operands);
+  - `extern __shared__ ... smem[]` becomes a pointer to the emulator's dynamic shared memory,
+    static `__shared__` arrays references to its per-block arrays, `__constant__` arrays globals;
+  - `kernel<<<grid, block, shared, stream>>>(args);` becomes lt::cuda_emu::launch_on on that
+    stream, the arguments captured by value (the launch may run later: emu_runtime.h).
+#line directives keep compiler messages and debuggers on the lines of the source files.
 
-Every pattern must occur exactly as often as expected: if attention.cu changes shape (a new
-kernel, a second asm statement, static __shared__ arrays, a launcher moved into the anonymous
-namespace), this script stops with a message naming what it did not find, rather than let the
-emulation test silently run less, or different, code than the GPU does. Exit status 1 then.
+Every pattern must occur exactly as often as expected: if a file changes shape (a new kernel or
+launch, a second asm statement, another shared array, a runtime call the emulator lacks), this
+script stops with a message naming what it did not find, rather than let the emulation tests
+silently run less, or different, code than the GPU does. Exit status 1 then.
 """
 import os
 import re
 import sys
-
-# The kernels the emulation test launches; a new one must be added to the test.
-KERNELS = ["flash_forward_kernel", "dout_dot_out_kernel", "flash_backward_kernel",
-           "attention_merge_kernel"]
 
 MMA_INSTRUCTION = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
                    "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n")
@@ -114,43 +110,7 @@ def rewrite_mma(text, path):
     return blank_keeping_lines(text, stmt.start(), stmt.end(), MMA_CALL)
 
 
-def rewrite_attention(text, path, common, common_path):
-    check_includes(text, path, {"<cuda_bf16.h>", '"backend/cuda/common.cuh"',
-                                '"backend/cuda/kernels.h"'})
-    # Host code starts where the anonymous namespace closes; nothing of the device may follow.
-    end = count_exactly(text, path, r"^\}  // namespace$", 1,
-                        "the end of the anonymous namespace (the launchers follow it)",
-                        regex=True)[0]
-    kept, dropped = text[:end.start()], text[end.start():]
-    for token, what in [("__global__", "a kernel"), ("__device__", "device code"),
-                        ("__shared__", "shared memory")]:
-        count_exactly(dropped, path + " (after the anonymous namespace)", token, 0, what)
-    count_exactly(kept, path, "namespace lt::cuda {", 1, "the opening of namespace lt::cuda")
-    count_exactly(kept, path, "namespace {", 1, "the opening of the anonymous namespace")
-    count_exactly(kept, path, "<<<", 0, "a kernel launch in device code")
-    count_exactly(kept, path, "__global__", len(KERNELS), "a kernel (__global__)")
-    for kernel in KERNELS:
-        count_exactly(kept, path, r"__global__[^;{]*?\b" + kernel + r"\(", 1,
-                      f"the kernel {kernel}", regex=True)
-    # Any other __shared__ (a static array) would become one array per emulated thread.
-    count_exactly(kept, path, "__shared__", 2, "__shared__ (the two kernels' dynamic memory)")
-    count_exactly(kept, path, SHARED_DECL, 2, "the dynamic shared memory declaration")
-    kept = kept.replace(SHARED_DECL, SHARED_EMU)
-    kept = rewrite_mma(kept, path)
-    kept = replace_line(kept, path, "#include <cuda_bf16.h>", "", "the bf16 include")
-    kept = replace_line(kept, path, '#include "backend/cuda/kernels.h"',
-                        '#include "ops/attention.h"', "the launcher declarations include")
-    # common.cuh in place of its include, then back to the .cu file's own line numbers.
-    include = count_exactly(kept, path, '#include "backend/cuda/common.cuh"', 1,
-                            "the common.cuh include")[0]
-    line = kept.count("\n", 0, include.start()) + 1
-    inlined = (f'#line 1 "{common_path}"\n{common}\n#line {line + 1} "{path}"')
-    kept = kept[:include.start()] + inlined + kept[include.end():]
-    return (f'#line 1 "{path}"\n{kept}'
-            "}  // namespace (emulator: the launchers are dropped)\n}  // namespace lt::cuda\n")
-
-
-# The second form: per .cu file, its kernels with the number of launches of each, and the static
+# Per .cu file, its kernels with the number of launches of each, and the static
 # `__shared__` and `__constant__` arrays it declares. A kernel, launch or array more or fewer,
 # and the script stops: the test (tests/cuda_emu/test_kernels_emu.cpp) must learn it.
 LAUNCHER_FILES = {
@@ -178,6 +138,11 @@ LAUNCHER_FILES = {
     "cross_entropy.cu": {"kernels": {"softmax_xent_kernel": 1}, "shared": 2, "constant": 0},
     "lora.cu": {"kernels": {"dropout_kernel": 2, "dropout_grad_kernel": 1}, "shared": 0,
                 "constant": 0, "includes": ['"ops/lora_mask.h"']},
+    # The flash attention: dynamic shared memory in two kernels, the one mma.sync statement.
+    "attention.cu": {"kernels": {"flash_forward_kernel": 1, "dout_dot_out_kernel": 1,
+                                 "flash_backward_kernel": 1, "attention_merge_kernel": 1},
+                     "shared": 0, "dynamic_shared": 2,
+                     "mma": 1, "constant": 0, "drop_includes": ["<cuda_bf16.h>"]},
 }
 
 # The CUDA runtime and cuBLAS names tests/cuda_emu/emu_runtime.h provides.
@@ -191,6 +156,16 @@ RUNTIME_NAMES = {
     "cublasGemmEx", "cublasOperation_t", "CUBLAS_OP_N", "CUBLAS_OP_T", "cudaDataType_t",
     "CUDA_R_32F", "CUDA_R_16BF", "cublasComputeType_t", "CUBLAS_COMPUTE_32F",
     "CUBLAS_COMPUTE_32F_PEDANTIC", "cublasGemmAlgo_t", "CUBLAS_GEMM_DEFAULT",
+    # attention.cu's launchers
+    "cudaFuncSetAttribute", "cudaFuncAttributeMaxDynamicSharedMemorySize",
+    # cuda_backend.cpp
+    "cudaSetDevice", "cudaGetDeviceCount", "cudaGetDeviceProperties", "cudaDeviceProp",
+    "cudaDeviceGetAttribute", "cudaDevAttrComputeCapabilityMajor", "cudaMemGetInfo",
+    "cudaStreamCreateWithFlags", "cudaStreamDestroy", "cudaStreamNonBlocking", "cudaEvent_t",
+    "cudaEventCreateWithFlags", "cudaEventDestroy", "cudaEventDisableTiming", "cudaEventRecord",
+    "cudaStreamWaitEvent", "cudaMalloc", "cudaFree", "cudaMallocAsync", "cudaFreeAsync",
+    "cudaMallocHost", "cudaFreeHost", "cudaMemcpy2DAsync", "cublasCreate", "cublasDestroy",
+    "cublasSetStream", "cublasSetMathMode", "CUBLAS_DEFAULT_MATH",
 }
 
 KERNELS_HEADER = "cuda_emu_kernels.h"
@@ -271,10 +246,12 @@ def rewrite_launches(text, path, expected):
             raise PatternError(f"{path}: a launch of {name} not followed by `;`")
         end += semi.end()
         args = text[open_at + 1:end - semi.end() - 1]
-        grid, block, shared, _stream = config
+        grid, block, shared, stream = config
         kernel = name + targs
-        call = (f'::lt::cuda_emu::launch("{kernel}", dim3({grid.strip()}), dim3({block.strip()}), '
-                f"{shared.strip()}, [&] {{ {kernel}({args}); }});")
+        # Run on the stream's queue, maybe later (emu_runtime.h): arguments captured by value.
+        call = (f'::lt::cuda_emu::launch_on({stream.strip()}, "{kernel}", '
+                f"reinterpret_cast<const void*>(&{kernel}), dim3({grid.strip()}), "
+                f"dim3({block.strip()}), {shared.strip()}, [=] {{ {kernel}({args}); }});")
         start = pos + head.start()
         out.append(text[pos:start])
         original = text[start:end]
@@ -287,11 +264,15 @@ def rewrite_launches(text, path, expected):
     return "".join(out)
 
 
-def rewrite_static_shared(text, path, expected, tag):
-    """`__shared__ T name[A][B];` -> a reference to the emulator's per-block array."""
-    count_exactly(text, path, r"\b__shared__\b", expected, "__shared__ (static arrays)",
+def rewrite_static_shared(text, path, expected, dynamic, tag):
+    """`__shared__ T name[A][B];` -> a reference to the emulator's per-block array, and
+    `extern __shared__` (dynamic memory, SHARED_DECL only) -> the emulator's."""
+    count_exactly(text, path, r"\b__shared__\b", expected + dynamic,
+                  "__shared__ (static arrays and dynamic memory)", regex=True)
+    count_exactly(text, path, r"\bextern\s+__shared__", dynamic, "dynamic shared memory",
                   regex=True)
-    count_exactly(text, path, r"\bextern\s+__shared__", 0, "dynamic shared memory", regex=True)
+    count_exactly(text, path, SHARED_DECL, dynamic, "the dynamic shared memory declaration")
+    text = text.replace(SHARED_DECL, SHARED_EMU)
     pattern = (r"__shared__\s+(?:__align__\((\d+)\)\s+)?(\w[\w:]*)\s+(\w+)\s*"
                r"((?:\[[^\]\n]+\])+)\s*;")
     count_exactly(text, path, pattern, expected, "a static `__shared__ T name[...];` array",
@@ -321,7 +302,10 @@ def rewrite_launcher_file(text, path, spec):
     check_includes(text, path, {'"backend/cuda/common.cuh"', '"backend/cuda/kernels.h"',
                                 '"ops/nf4.h"', *spec.get("includes", []), *drop})
     check_runtime_names(text, path)
-    count_exactly(text, path, r"\basm\b", 0, "inline assembly", regex=True)
+    if spec.get("mma"):
+        text = rewrite_mma(text, path)
+    else:
+        count_exactly(text, path, r"\basm\b", 0, "inline assembly", regex=True)
     kernels = spec["kernels"]
     count_exactly(text, path, r"\b__global__\b", len(kernels), "a kernel (__global__)",
                   regex=True)
@@ -329,7 +313,7 @@ def rewrite_launcher_file(text, path, spec):
         count_exactly(text, path, r"__global__[^;{]*?\b" + kernel + r"\(", 1,
                       f"the kernel {kernel}", regex=True)
     tag = os.path.basename(path)
-    text = rewrite_static_shared(text, path, spec["shared"], tag)
+    text = rewrite_static_shared(text, path, spec["shared"], spec.get("dynamic_shared", 0), tag)
     text = rewrite_constant(text, path, spec["constant"])
     text = rewrite_launches(text, path, kernels)
     text = replace_line(text, path, '#include "backend/cuda/common.cuh"',
@@ -365,6 +349,29 @@ def rewrite_kernels_header(kernels_h, kernels_path, check_h, check_path, common,
             f'#line 1 "{common_path}"\n{rewrite_common(common, common_path)}\n')
 
 
+BACKEND_FILE = "cuda_backend.cpp"
+
+
+def rewrite_backend(text, path):
+    """cuda_backend.cpp (host code only) on emu_runtime.h, through the generated kernels.h."""
+    check_includes(text, path, {"<cuda_runtime.h>", '"backend/backend.h"',
+                                '"backend/cuda/cuda_check.h"', '"backend/cuda/kernels.h"',
+                                '"backend/cuda_module.h"', '"core/check.h"', '"core/error.h"',
+                                '"ops/nf4.h"'})
+    check_runtime_names(text, path)
+    for token, what in [("__global__", "a kernel"), ("__device__", "device code"),
+                        ("__shared__", "shared memory"), ("<<<", "a kernel launch")]:
+        count_exactly(text, path, token, 0, what)
+    count_exactly(text, path, r"\basm\b", 0, "inline assembly", regex=True)
+    text = replace_line(text, path, "#include <cuda_runtime.h>", "", "the CUDA runtime include")
+    text = replace_line(text, path, '#include "backend/cuda/cuda_check.h"', "",
+                        "the CUDA error-check include")
+    text = replace_line(text, path, '#include "backend/cuda/kernels.h"',
+                        f'#include "{KERNELS_HEADER}"', "the launcher declarations include")
+    return (f"// Generated by tools/emulate_cuda_kernel.py from {path}: do not edit.\n"
+            f'#line 1 "{path}"\n{text}')
+
+
 def main_launchers(cuda_dir, out_dir):
     outputs = {}
     try:
@@ -376,11 +383,14 @@ def main_launchers(cuda_dir, out_dir):
         for name, spec in LAUNCHER_FILES.items():
             text, path = read(name)
             outputs[name[:-len(".cu")] + "_emu.cpp"] = rewrite_launcher_file(text, path, spec)
+        text, path = read(BACKEND_FILE)
+        outputs["cuda_backend_emu.cpp"] = rewrite_backend(text, path)
     except (OSError, PatternError) as e:
         sys.stderr.write(f"emulate_cuda_kernel.py: error: {e}\n"
                          "The CUDA emulation test (tests/cuda_emu) cannot be generated; update "
                          "tools/emulate_cuda_kernel.py (and tests/cuda_emu) with the kernel.\n")
-        for name in [KERNELS_HEADER] + [n[:-3] + "_emu.cpp" for n in LAUNCHER_FILES]:
+        for name in ([KERNELS_HEADER, "cuda_backend_emu.cpp"] +
+                     [n[:-3] + "_emu.cpp" for n in LAUNCHER_FILES]):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
         return 1
@@ -392,32 +402,10 @@ def main_launchers(cuda_dir, out_dir):
 
 
 def main(argv):
-    if len(argv) == 4 and argv[1] == "--launchers":
-        return main_launchers(argv[2], argv[3])
-    if len(argv) != 4:
+    if len(argv) != 4 or argv[1] != "--launchers":
         sys.stderr.write(__doc__)
         return 2
-    _, cu_path, common_path, out_path = argv
-    try:
-        with open(cu_path) as f:
-            cu = f.read()
-        with open(common_path) as f:
-            common = f.read()
-        body = rewrite_attention(cu, cu_path, rewrite_common(common, common_path), common_path)
-    except (OSError, PatternError) as e:
-        sys.stderr.write(f"emulate_cuda_kernel.py: error: {e}\n"
-                         "The CUDA emulation test (tests/cuda_emu) cannot be generated; update "
-                         "tools/emulate_cuda_kernel.py (and tests/cuda_emu) with the kernel.\n")
-        # No stale header from an earlier attention.cu may be built in its place.
-        if os.path.exists(out_path):
-            os.remove(out_path)
-        return 1
-    header = ("// Generated by tools/emulate_cuda_kernel.py from " + cu_path + ": do not edit.\n"
-              "// The kernels of attention.cu on the CPU emulator of tests/cuda_emu/emu.h.\n"
-              "#pragma once\n#include \"emu.h\"\n" + body)
-    with open(out_path, "w") as f:
-        f.write(header)
-    return 0
+    return main_launchers(argv[2], argv[3])
 
 
 if __name__ == "__main__":

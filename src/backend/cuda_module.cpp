@@ -61,6 +61,7 @@ struct Loader {
   bool probed = false;
   std::string probe_reason, load_reason;
   const CudaModule* module = nullptr;
+  bool emulated = false;  // the module exports kCudaEmulatorEntry: no driver needed
 
   const CudaModule* load() {  // once loaded, for good; a failure is tried again next time
     if (module) return module;
@@ -75,11 +76,12 @@ struct Loader {
     auto entry = reinterpret_cast<EntryFn>(dlsym(h, kCudaModuleEntry));
     const CudaModule* m = entry ? entry() : nullptr;
     if (!m || m->abi != kCudaModuleAbi || !m->make_backend) {
-      load_reason = fmt::format("{} is not a CUDA module of this longtune (entry {}, abi {})",
-                                path, entry ? "found" : "missing", m ? m->abi : -1);
+      load_reason = fmt::format("{} is not a CUDA module of this longtune (entry {}, abi {})", path,
+                                entry ? "found" : "missing", m ? m->abi : -1);
       return nullptr;
     }
     module = m;
+    emulated = dlsym(h, kCudaEmulatorEntry) != nullptr;
     return module;
   }
 };
@@ -89,12 +91,23 @@ struct Loader {
 const CudaModule* cuda_module(std::string* reason, bool probe_driver) {
   std::string dummy;
   if (!reason) reason = &dummy;
-  if (!cuda_module_built()) {
+  const char* named = std::getenv("LONGTUNE_CUDA_MODULE");
+  const bool explicit_module = named && *named;
+  if (!cuda_module_built() && !explicit_module) {
     *reason = "this longtune was built without the CUDA backend";
     return nullptr;
   }
   static Loader loader;
   std::lock_guard<std::mutex> lock(loader.mu);
+  // A module named by $LONGTUNE_CUDA_MODULE is loaded first: the CPU emulator of
+  // tests/cuda_emu runs without a driver. Any other module needs the driver to see a GPU.
+  if (explicit_module) {
+    if (!loader.load()) {
+      *reason = loader.load_reason;
+      return nullptr;
+    }
+    if (loader.emulated) return loader.module;
+  }
   if (probe_driver) {
     if (!loader.probed) {
       loader.probed = true;

@@ -25,6 +25,9 @@ struct CudaModule {
 inline constexpr int kCudaModuleAbi = 1;
 inline constexpr const char* kCudaModuleEntry = "longtune_cuda_module";
 inline constexpr const char* kCudaModuleFile = "liblongtune_cuda.so";
+// Exported, besides kCudaModuleEntry, only by the CPU emulator's module (tests/cuda_emu,
+// liblongtune_cuda_emu.so), which needs no driver or GPU.
+inline constexpr const char* kCudaEmulatorEntry = "longtune_cuda_emulator";
 
 // True when this longtune was built with the CUDA module.
 bool cuda_module_built();
@@ -32,7 +35,9 @@ bool cuda_module_built();
 std::string cuda_module_path();
 // The loaded module (loaded once, kept for the process), or null with `reason` set: not built,
 // no CUDA driver or no visible GPU (checked through the driver, libcuda.so.1, before anything
-// large is mapped), or the module does not load. `probe_driver` false skips the driver check
+// large is mapped), or the module does not load. A module named by $LONGTUNE_CUDA_MODULE that
+// exports kCudaEmulatorEntry (the CPU emulator of tests/cuda_emu) is used without a driver, in
+// any build. `probe_driver` false skips the driver check
 // (tests that the module loads and resolves every symbol on a machine without a GPU).
 const CudaModule* cuda_module(std::string* reason, bool probe_driver = true);
 

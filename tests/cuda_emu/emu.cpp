@@ -557,9 +557,13 @@ GuardedBytes::GuardedBytes(size_t bytes) {
   data_ = base_ + span - bytes;
   for (unsigned char* c = base_; c < data_; ++c)
     *c = static_cast<unsigned char>(kCanary >> (8 * (size_t(c - base_) % 4)));
+  detail::note_device_memory(data_, bytes, true);
 }
 
-GuardedBytes::~GuardedBytes() { munmap(base_, mapped_); }
+GuardedBytes::~GuardedBytes() {
+  detail::note_device_memory(data_, 0, false);
+  munmap(base_, mapped_);
+}
 
 void GuardedBytes::make_read_only() { mprotect(base_, mapped_ - page_bytes(), PROT_READ); }
 

@@ -1,8 +1,8 @@
 // CPU emulation of the part of CUDA that src/backend/cuda/*.cu use, so that their kernels run
-// unchanged where there is no GPU: tools/emulate_cuda_kernel.py rewrites attention.cu into a
-// header that includes this one (test_attention_emu.cpp runs it against a double reference), and
-// the other kernel files, launchers included, into sources built on emu_runtime.h
-// (test_kernels_emu.cpp runs them against the CPU ops).
+// unchanged where there is no GPU: tools/emulate_cuda_kernel.py rewrites the kernel files,
+// launchers included, and cuda_backend.cpp into sources built on emu_runtime.h (the runtime:
+// memory, streams, events) and this header (test_attention_emu.cpp and test_kernels_emu.cpp run
+// the launchers against double and CPU references; liblongtune_cuda_emu.so is the whole backend).
 //
 // Emulated:
 //  - A thread block: every CUDA thread is a fiber with its own stack (its registers), switched
@@ -36,9 +36,8 @@
 //  - Hardware arithmetic (__expf is expf; cosf, sinf, expf are the host libm's; the tensor
 //    core's accumulation order and rounding; nvcc's contraction of a * b + c into an FMA, which
 //    the emulated sources, built with -ffp-contract=off, never do), timing, occupancy, bank
-//    conflicts, launch bounds. The host API is emu_runtime.h's synchronous stand-in (attention's
-//    launchers are dropped: its test mirrors their grids). An intrinsic not defined here does
-//    not compile.
+//    conflicts, launch bounds. The host API is emu_runtime.h's. An intrinsic not defined here
+//    does not compile.
 #pragma once
 
 #include <algorithm>
@@ -165,8 +164,14 @@ void syncwarp(unsigned member_mask);
 void shfl_xor(void* value, size_t bytes, int lane_mask, unsigned member_mask, int width);
 }  // namespace detail
 
-// bytes of memory that end at an inaccessible page and start after at least kCanaryBytes of
-// NaN-pattern canary (reads before the start see NaN; canary_intact() finds writes there).
+namespace detail {
+// Registers [p, p + bytes) as device memory, or unregisters it (emu_runtime.cpp).
+void note_device_memory(const void* p, size_t bytes, bool add);
+}  // namespace detail
+
+// Device memory (emu_runtime.h's copies check it): bytes of memory that end at an inaccessible
+// page and start after at least kCanaryBytes of NaN-pattern canary (reads before the start see
+// NaN; canary_intact() finds writes there).
 class GuardedBytes {
  public:
   static constexpr size_t kCanaryBytes = 256;

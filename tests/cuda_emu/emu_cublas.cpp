@@ -1,12 +1,29 @@
 // The cuBLAS stand-in of emu_cublas.h.
 #include "emu_cublas.h"
 
+#include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
+#include "emu_runtime.h"
+
+struct cublasContext {
+  cudaStream_t stream = nullptr;
+};
+
 namespace lt::cuda_emu {
 namespace {
-struct cublasContext* const kHandle = reinterpret_cast<struct cublasContext*>(uintptr_t(0xcb1a5));
+std::mutex handles_mu;
+std::set<cublasHandle_t>& handles() {
+  static std::set<cublasHandle_t> live{cublas_handle()};
+  return live;
+}
+bool valid(cublasHandle_t h) {
+  std::lock_guard lock(handles_mu);
+  return handles().count(h) != 0;
+}
 int64_t gemm_calls = 0;
 
 [[noreturn]] void refuse(const std::string& what) {
@@ -23,9 +40,39 @@ double element(const void* X, cudaDataType_t t, int64_t ld, cublasOperation_t op
 }
 }  // namespace
 
-cublasHandle_t cublas_handle() { return kHandle; }
+cublasHandle_t cublas_handle() {
+  static cublasContext null_stream;
+  return &null_stream;
+}
 int64_t cublas_gemm_calls() { return gemm_calls; }
 }  // namespace lt::cuda_emu
+
+cublasStatus_t cublasCreate(cublasHandle_t* handle) {
+  std::lock_guard lock(lt::cuda_emu::handles_mu);
+  *handle = new cublasContext;
+  lt::cuda_emu::handles().insert(*handle);
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasDestroy(cublasHandle_t handle) {
+  std::lock_guard lock(lt::cuda_emu::handles_mu);
+  if (handle == lt::cuda_emu::cublas_handle() || !lt::cuda_emu::handles().erase(handle))
+    return CUBLAS_STATUS_NOT_INITIALIZED;
+  delete handle;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
+  if (!lt::cuda_emu::valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  handle->stream = stream;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode) {
+  if (!lt::cuda_emu::valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (mode != CUBLAS_DEFAULT_MATH) lt::cuda_emu::refuse("math mode " + std::to_string(mode));
+  return CUBLAS_STATUS_SUCCESS;
+}
 
 cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
                             cublasOperation_t transb, int m, int n, int k, const void* alpha,
@@ -35,7 +82,7 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
                             cublasGemmAlgo_t algo) {
   using lt::cuda_emu::refuse;
   const auto str = [](int64_t v) { return std::to_string(v); };
-  if (handle != lt::cuda_emu::cublas_handle()) refuse("a handle other than cublas_handle()");
+  if (!lt::cuda_emu::valid(handle)) refuse("a handle cublasCreate did not return");
   for (const cublasOperation_t op : {transa, transb})
     if (op != CUBLAS_OP_N && op != CUBLAS_OP_T) refuse("operation " + str(op));
   if (computeType != CUBLAS_COMPUTE_32F && computeType != CUBLAS_COMPUTE_32F_PEDANTIC)
@@ -56,24 +103,26 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
   if (k > 0 && (!A || !B)) refuse("a null A or B");
   if (!C) refuse("a null C");
   const double a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
-  // op(A) (m,k) and op(B)^T (n,k) as dense double rows, then one dot product per element.
-  std::vector<double> opa(size_t(m) * k), opbt(size_t(n) * k);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t l = 0; l < k; ++l)
-      opa[i * k + l] = lt::cuda_emu::element(A, Atype, lda, transa, i, l);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t l = 0; l < k; ++l)
-      opbt[j * k + l] = lt::cuda_emu::element(B, Btype, ldb, transb, l, j);
-  float* c = static_cast<float*>(C);
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < m; ++i) {
-      const double* x = opa.data() + i * k;
-      const double* y = opbt.data() + j * k;
-      double s = 0;
-      for (int64_t l = 0; l < k; ++l) s += x[l] * y[l];
-      float& cij = c[i + j * int64_t(ldc)];
-      cij = float(b == 0 ? a * s : a * s + b * double(cij));
+  lt::cuda_emu::enqueue(handle->stream, "cublasGemmEx", [=] {
+    // op(A) (m,k) and op(B)^T (n,k) as dense double rows, then one dot product per element.
+    std::vector<double> opa(size_t(m) * k), opbt(size_t(n) * k);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t l = 0; l < k; ++l)
+        opa[i * k + l] = lt::cuda_emu::element(A, Atype, lda, transa, i, l);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < k; ++l)
+        opbt[j * k + l] = lt::cuda_emu::element(B, Btype, ldb, transb, l, j);
+    float* c = static_cast<float*>(C);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t i = 0; i < m; ++i) {
+        const double* x = opa.data() + i * k;
+        const double* y = opbt.data() + j * k;
+        double s = 0;
+        for (int64_t l = 0; l < k; ++l) s += x[l] * y[l];
+        float& cij = c[i + j * int64_t(ldc)];
+        cij = float(b == 0 ? a * s : a * s + b * double(cij));
+      }
     }
-  }
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -1,10 +1,11 @@
-// The CUDA flash-attention kernels of src/backend/cuda/attention.cu, run on the CPU by the
-// emulator of emu.h (tools/emulate_cuda_kernel.py turns the .cu file into attention_emu.h at
-// build time), against a double-precision reference under each of the emulator's schedules:
-// forward out and lse, backward dq, dk and dv, and the merge of two partial results. The shapes
-// are those of the op-conformance suite (tests/test_backend_ops.cpp), more head dims, layouts and
-// masks, and a few random ones (fixed seed); the tolerance is the suite's for CUDA attention.
-// Last, the emulator's own checks (mma.sync, votes, shuffles, barriers, error reports).
+// The CUDA flash attention of src/backend/cuda/attention.cu, kernels and launchers, run on the
+// CPU by the emulator of emu.h (tools/emulate_cuda_kernel.py --launchers turns the .cu file into
+// attention_emu.cpp at build time), against a double-precision reference under each of the
+// emulator's schedules: forward out and lse, backward dq, dk and dv, and the merge of two partial
+// results. The shapes are those of the op-conformance suite (tests/test_backend_ops.cpp), more head
+// dims, layouts and masks, and a few random ones (fixed seed); the tolerance is the suite's for
+// CUDA attention. Last, the emulator's own checks (mma.sync, votes, shuffles, barriers, error
+// reports).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -17,7 +18,7 @@
 #include <tuple>
 #include <vector>
 
-#include "attention_emu.h"
+#include "cuda_emu_kernels.h"
 #include "reference.h"
 
 namespace lt {
@@ -34,54 +35,18 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
-// The launchers of attention.cu (dropped by the generator), their launches on the emulator.
+// attention.cu's launchers, as cuda_backend.cpp calls them: on the null stream (each launch runs
+// when issued), dvec in scratch of exactly the size the backward asks for (emu_scratch.cpp).
 
-void emu_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                           const AttentionShape& s) {
-  using namespace cuda;
-  if (s.B == 0 || s.q_rows() == 0) return;
-  FlashParams p = make_params(s);
-  p.q = q, p.k = k, p.v = v, p.o_out = out, p.lse_out = lse;
-  const int64_t n_qt = (s.q_rows() + kTileQ - 1) / kTileQ;
-  with_padded_head_dim(s.HD, [&](auto hdp) {
-    constexpr int kHdp = decltype(hdp)::value;
-    cuda_emu::launch("flash_forward_kernel", dim3(unsigned(n_qt), unsigned(s.B * s.H)),
-                     dim3(kThreads), forward_shared_bytes<kHdp>(),
-                     [&] { flash_forward_kernel<kHdp>(p); });
-  });
-}
-
-// dvec: (B * q_rows * H) scratch, as the launcher's.
-void emu_attention_backward(float* dq, float* dk, float* dv, float* dvec, const float* dout,
-                            const float* out, const float* lse, const float* q, const float* k,
-                            const float* v, const AttentionShape& s) {
-  using namespace cuda;
-  if (s.B == 0 || (s.q_rows() == 0 && s.k_rows() == 0)) return;
-  const int64_t rows = s.B * s.q_rows() * s.H;
-  if (rows > 0) {
-    cuda_emu::launch("dout_dot_out_kernel", dim3(unsigned((rows + 7) / 8)), dim3(256), 0,
-                     [&] { dout_dot_out_kernel(dvec, dout, out, s.B, s.q_rows(), s.H, s.HD); });
-    std::fill_n(dq, rows * s.HD, 0.0f);  // cudaMemsetAsync
-  }
-  FlashParams p = make_params(s);
-  p.q = q, p.k = k, p.v = v, p.out = out, p.dout = dout, p.lse = lse, p.dvec = dvec;
-  p.dq = dq, p.dk = dk, p.dv = dv;
-  const int64_t n_kt = (s.k_rows() + kTileK - 1) / kTileK;
-  if (n_kt == 0) return;
-  with_padded_head_dim(s.HD, [&](auto hdp) {
-    constexpr int kHdp = decltype(hdp)::value;
-    cuda_emu::launch("flash_backward_kernel", dim3(unsigned(n_kt), unsigned(s.B * s.KVH)),
-                     dim3(kThreads), backward_shared_bytes<kHdp>(),
-                     [&] { flash_backward_kernel<kHdp>(p); });
-  });
-}
-
-void emu_attention_merge(float* out, float* lse, const float* out_b, const float* lse_b,
-                         int64_t rows, int64_t H, int64_t HD) {
-  const int64_t tasks = rows * H;
-  if (tasks == 0) return;
-  cuda_emu::launch("attention_merge_kernel", dim3(unsigned((tasks + 7) / 8)), dim3(256), 0,
-                   [&] { cuda::attention_merge_kernel(out, lse, out_b, lse_b, rows, H, HD); });
+cuda::Context& emu_context() {
+  static cuda::Scratch scratch{"attention emu"};
+  static cuda::Context ctx = [] {
+    cuda::Context c;
+    c.scratch = &scratch;
+    c.max_shared_bytes = cuda_emu::kMaxSharedBytes;
+    return c;
+  }();
+  return ctx;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -303,7 +268,8 @@ TEST_P(AttentionEmu, ForwardBackward) {
 
   // Forward; outputs start as NaN, so an element the kernel skips is caught.
   DeviceArray<float> d_out(nq, kNaN), d_lse(nl, kNaN);
-  emu_attention_forward(d_out.data(), d_lse.data(), d_q.data(), d_k.data(), d_v.data(), s);
+  cuda::attention_forward(emu_context(), d_out.data(), d_lse.data(), d_q.data(), d_k.data(),
+                          d_v.data(), s);
   DVec want_out, want_lse;
   reference_forward(want_out, want_lse, q, k, v, s);
   auto check = [&](const DeviceArray<float>& got, const DVec& want, Scale scale, const char* what) {
@@ -322,15 +288,15 @@ TEST_P(AttentionEmu, ForwardBackward) {
   DeviceArray<float> d_out_ref(out), d_lse_ref(lse);
   d_out_ref.make_read_only();
   d_lse_ref.make_read_only();
-  DeviceArray<float> d_dq(nq, kNaN), d_dk(nk, kNaN), d_dv(nk, kNaN), d_dvec(nl, kNaN);
-  emu_attention_backward(d_dq.data(), d_dk.data(), d_dv.data(), d_dvec.data(), d_dout.data(),
-                         d_out_ref.data(), d_lse_ref.data(), d_q.data(), d_k.data(), d_v.data(), s);
+  DeviceArray<float> d_dq(nq, kNaN), d_dk(nk, kNaN), d_dv(nk, kNaN);
+  cuda::attention_backward(emu_context(), d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(),
+                           d_out_ref.data(), d_lse_ref.data(), d_q.data(), d_k.data(), d_v.data(),
+                           s);
   DVec want_dq, want_dk, want_dv;
   reference_backward(want_dq, want_dk, want_dv, dout, out, lse, q, k, v, s);
   check(d_dq, want_dq, Scale::kMaxAbs, "backward dq (B,TQ,H,HD)");
   check(d_dk, want_dk, Scale::kMaxAbs, "backward dk (B,TK,KVH,HD)");
   check(d_dv, want_dv, Scale::kMaxAbs, "backward dv (B,TK,KVH,HD)");
-  EXPECT_TRUE(d_dvec.canary_intact()) << label.str() << ": a store before the start of dvec";
 }
 
 std::string case_test_name(const testing::TestParamInfo<AttentionEmu::ParamType>& info) {
@@ -385,7 +351,8 @@ TEST_P(AttentionMergeEmu, Merge) {
     DeviceArray<float> d_a(a), d_la(la), d_b(b), d_lb(lb);
     d_b.make_read_only();
     d_lb.make_read_only();
-    emu_attention_merge(d_a.data(), d_la.data(), d_b.data(), d_lb.data(), rows, H, HD);
+    cuda::attention_merge(emu_context(), d_a.data(), d_la.data(), d_b.data(), d_lb.data(), rows, H,
+                          HD);
     // The conformance suite's elementwise tolerance for CUDA (libm vs CUDA math, a few ulp).
     EXPECT_TRUE(all_close(d_a.to_vector(), want, 1e-6, 4e-6, label.str() + ": out (rows,H,HD)"));
     EXPECT_TRUE(all_close(d_la.to_vector(), want_l, 1e-6, 4e-6, label.str() + ": lse (H,rows)"));

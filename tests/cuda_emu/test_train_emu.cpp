@@ -1,0 +1,147 @@
+// `longtune train --device cuda` end to end on the CUDA emulator (label emu; ctest sets
+// LONGTUNE_CUDA_MODULE to liblongtune_cuda_emu.so, the real cuda_backend.cpp and kernels on
+// tests/cuda_emu): the pretrained stories260K trains a few steps on the emulated GPU and on the
+// CPU, and the losses agree step by step, as scripts/gpu-check.sh's train step checks on a GPU.
+// The emulated device runs its copy stream lazily (emu_runtime.h), so a checkpoint copied
+// before the layer that wrote it, or read back before its prefetch was waited for, changes the
+// offload run's losses: they must equal the checkpointing run's bit for bit (the emulator runs
+// blocks in order, so even the attention backward's dq atomics add in one order).
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "cli_runner.h"
+
+namespace lt {
+namespace {
+
+namespace fs = std::filesystem;
+const fs::path kData = fs::path(LT_SOURCE_DIR) / "../shared/data";
+
+struct TrainRun {
+  std::vector<double> losses;
+  std::string log;
+};
+
+class TrainEmu : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = fs::temp_directory_path() / ("lt_test_train_emu_" + std::to_string(getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    const fs::path m = kData / "models/stories260K";
+    const auto r =
+        testing::run_cli({"convert", "llama2c", "--checkpoint", m / "stories260K.bin",
+                          "--tokenizer", m / "tok512.bin", "--output_dir", dir_ / "model"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+  }
+  static void TearDownTestSuite() { fs::remove_all(dir_); }
+
+  void SetUp() override {
+    const char* module = std::getenv("LONGTUNE_CUDA_MODULE");
+    ASSERT_TRUE(module && *module) << "run through ctest: LONGTUNE_CUDA_MODULE names the emulator";
+  }
+
+  // Three steps of one row of up to 128 tokens, as gpu-check's runs at a smaller size.
+  static TrainRun train(const std::string& name, const std::string& device,
+                        std::vector<std::string> extra) {
+    std::vector<std::string> args = {"train",
+                                     "--model_name_or_path",
+                                     dir_ / "model",
+                                     "--data_path",
+                                     kData / "instructions/llamafactory_alpaca_en_demo.json",
+                                     "--output_dir",
+                                     dir_ / (name + "-" + device),
+                                     "--max_steps",
+                                     "3",
+                                     "--logging_steps",
+                                     "1",
+                                     "--learning_rate",
+                                     "1e-3",
+                                     "--per_device_train_batch_size",
+                                     "1",
+                                     "--model_max_length",
+                                     "128",
+                                     "--seed",
+                                     "1",
+                                     "--device",
+                                     device,
+                                     "--report_to",
+                                     "none",
+                                     "--save_strategy",
+                                     "no"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto r = testing::run_cli(args);
+    TrainRun run;
+    run.log = r.out + r.err;
+    EXPECT_EQ(r.rc, 0) << name << " on " << device << ":\n" << run.log;
+    static const std::regex loss(R"(step \d+/\d+ .*?loss ([0-9.eE+-]+|nan|inf))");
+    for (std::sregex_iterator it(run.log.begin(), run.log.end(), loss), end; it != end; ++it)
+      run.losses.push_back(std::stod((*it)[1]));
+    EXPECT_EQ(run.losses.size(), 3u) << name << " on " << device << ":\n" << run.log;
+    return run;
+  }
+
+  // The CUDA run's losses within 2e-2 relative of the CPU's (bf16 attention operands), and its
+  // device memory: every allocation planned, the measured peak within the plan.
+  static void compare(const std::string& name, const TrainRun& cpu, const TrainRun& cuda) {
+    ASSERT_EQ(cpu.losses.size(), cuda.losses.size()) << name;
+    for (size_t i = 0; i < cpu.losses.size(); ++i) {
+      const double rel = std::fabs(cuda.losses[i] - cpu.losses[i]) / std::fabs(cpu.losses[i]);
+      EXPECT_LE(rel, 2e-2) << name << " step " << i + 1 << ": cpu " << cpu.losses[i] << ", cuda "
+                           << cuda.losses[i];
+    }
+    EXPECT_EQ(cuda.log.find("outside the plan"), std::string::npos) << name << ":\n" << cuda.log;
+    static const std::regex mem(
+        R"(device memory on cuda: planned ([0-9.]+) (B|KiB|MiB|GiB), measured peak ([0-9.]+) (B|KiB|MiB|GiB))");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(cuda.log, m, mem)) << name << ":\n" << cuda.log;
+    const auto bytes = [](const std::string& v, const std::string& unit) {
+      const double scale = unit == "GiB"   ? 1 << 30
+                           : unit == "MiB" ? 1 << 20
+                           : unit == "KiB" ? 1 << 10
+                                           : 1;
+      return std::stod(v) * scale;
+    };
+    EXPECT_LE(bytes(m[3], m[4]), bytes(m[1], m[2]) * 1.001) << name << ": " << m[0];
+  }
+
+  static fs::path dir_;
+};
+fs::path TrainEmu::dir_;
+
+const std::vector<std::string> kLoraBf16 = {
+    "--use_peft_lora", "True", "--lora_target_modules", "all-linear", "--lora_dropout", "0",
+    "--bf16",          "True"};
+
+std::vector<std::string> with(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+TEST_F(TrainEmu, FullFineTuneMatchesTheCpu) {
+  compare("full", train("full", "cpu", {}), train("full", "cuda", {}));
+}
+
+TEST_F(TrainEmu, LoraOnABf16BaseMatchesTheCpu) {
+  compare("lora-bf16", train("lora-bf16", "cpu", kLoraBf16), train("lora-bf16", "cuda", kLoraBf16));
+}
+
+// Offloaded checkpoints go to pinned host memory on the copy stream and come back ahead of
+// their layer: the losses of checkpointing exactly, and the CPU's within the tolerance.
+TEST_F(TrainEmu, OffloadEqualsCheckpointingAndMatchesTheCpu) {
+  const auto ckpt = with(kLoraBf16, {"--gradient_checkpointing", "True"});
+  const auto offload = with(ckpt, {"--offload_activations", "True"});
+  const TrainRun a = train("ckpt", "cuda", ckpt), b = train("offload", "cuda", offload);
+  EXPECT_EQ(a.losses, b.losses) << "offload changed the losses:\n" << b.log;
+  compare("offload", train("offload", "cpu", offload), b);
+}
+
+}  // namespace
+}  // namespace lt
