@@ -261,10 +261,12 @@ ParallelEngine::ParallelEngine(LlamaModel& model, Backend& backend, Communicator
   // A device backend's collectives on device buffers go over NCCL (bootstrapped over the MPI
   // groups); MPI keeps the host-memory ones. The pipeline stages' messages are staged through
   // host buffers over MPI either way.
-  // Without NCCL (or without a GPU for it) they are staged through host memory over MPI.
-  if (!be_.host_addressable() && world_.size() > 1) {
+  // Without NCCL (or without a GPU for it) they are staged through host memory over MPI. In a
+  // world of one they are device copies (the local world's memmove cannot reach the device).
+  if (!be_.host_addressable()) {
     std::string why;
-    stage_nccl_ = make_nccl_communicator(*stage_group_, ps_.timeout_seconds, &why);
+    if (world_.size() > 1)
+      stage_nccl_ = make_nccl_communicator(*stage_group_, ps_.timeout_seconds, &why);
     if (!stage_nccl_) stage_nccl_ = make_staged_communicator(*stage_group_, be_);
     if (lay_.sp > 1) {
       seq_nccl_ = make_nccl_communicator(*seq_group_, ps_.timeout_seconds, &why);

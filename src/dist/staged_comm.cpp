@@ -1,6 +1,6 @@
 // Collectives on device buffers over a host communicator, staged through host memory (see
-// comm.h): what a device backend does without NCCL, and how the guarded CPU backend exercises
-// the device paths of the distributed code.
+// comm.h): what a device backend does without NCCL (and in a world of one, where they are device
+// copies), and how the guarded CPU backend exercises the device paths of the distributed code.
 #include <numeric>
 
 #include "core/check.h"
@@ -25,6 +25,7 @@ class StagedCommunicator final : public Communicator {
   bool device_memory() const override { return true; }
 
   void allreduce_sum(float* data, size_t n) override {
+    if (size() == 1) return;  // a world of one: the float collectives are device copies
     std::vector<float> h = be_.download(data, n);
     host_.allreduce_sum(h.data(), n);
     be_.copy_to_device(data, h.data(), n * 4);
@@ -34,6 +35,7 @@ class StagedCommunicator final : public Communicator {
   void allreduce_sum(int64_t* data, size_t n) override { host_.allreduce_sum(data, n); }
   void reduce_scatter_sum(float* recv, const float* send,
                           const std::vector<int64_t>& counts) override {
+    if (size() == 1) return copy(recv, send, total(counts));
     const std::vector<float> s = be_.download(send, size_t(total(counts)));
     std::vector<float> r(size_t(counts[rank()]));
     host_.reduce_scatter_sum(r.data(), s.data(), counts);
@@ -41,6 +43,7 @@ class StagedCommunicator final : public Communicator {
     count(stats_.reduce_scatter_bytes, s.size() * 4);
   }
   void allgather(float* recv, const float* send, const std::vector<int64_t>& counts) override {
+    if (size() == 1) return copy(recv, send, total(counts));
     const int64_t at = std::accumulate(counts.begin(), counts.begin() + rank(), int64_t{0});
     std::vector<float> r(size_t(total(counts)));
     const int64_t mine = counts[rank()];
@@ -55,6 +58,7 @@ class StagedCommunicator final : public Communicator {
     return std::make_unique<Done>();
   }
   void alltoall(float* recv, const float* send, size_t n) override {
+    if (size() == 1) return copy(recv, send, int64_t(n));
     const std::vector<float> s = be_.download(send, n * size_t(size()));
     std::vector<float> r(s.size());
     host_.alltoall(r.data(), s.data(), n);
@@ -118,6 +122,11 @@ class StagedCommunicator final : public Communicator {
     Backend* be = nullptr;
     float* device = nullptr;
   };
+  // A collective of a world of one: send to recv on the device (send null: in place).
+  void copy(float* recv, const float* send, int64_t n) {
+    if (send && send != recv && n > 0) be_.copy_device(recv, send, size_t(n) * 4);
+    ++stats_.calls;
+  }
   void count(uint64_t& field, uint64_t bytes) {
     field += bytes;
     ++stats_.calls;

@@ -122,7 +122,9 @@ void ZeroEngine::declare(const ParamTable& table, const ZeroSettings& z, const S
     out->scratch = b.take("zero.rs_scratch", std::min(z.reduce_bucket_size, S), G, "grads_local");
   if (z.stage >= 2)
     out->scratch = b.take("zero.rs_scratch", std::min(std::max(outer, layer), S), G, "grads_local");
-  const std::string opt_arena = z.offload_optimizer ? "optimizer_host" : "optimizer";
+  // With a host master (either offload) the update runs on the host: moments there too.
+  const std::string opt_arena =
+      z.offload_optimizer || z.offload_params ? "optimizer_host" : "optimizer";
   out->m = b.take("zero.exp_avg", S, O, opt_arena);
   out->v = b.take("zero.exp_avg_sq", S, O, opt_arena);
   if (z.offload_optimizer || z.offload_params) {
@@ -179,8 +181,13 @@ ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, co
   ArenaTaker taker(&arenas_);
   declare(table_, z_, layout_, dp_.rank(), taker, buf_.get());
   const size_t S = static_cast<size_t>(hi_ - lo_);
-  be_.memset_zero(buf_->m, S * 4);
-  be_.memset_zero(buf_->v, S * 4);
+  // ZeRO-Offload's moments are host memory (pinned on a GPU, where cudaMemset refuses it).
+  for (float* moment : {buf_->m, buf_->v}) {
+    if (buf_->master)
+      std::memset(moment, 0, S * 4);
+    else
+      be_.memset_zero(moment, S * 4);
+  }
   if (buf_->full_params) full_views_ = table_.bind(buf_->full_params);
   if (z_.stage >= 2) model_.set_weights_provider(this);
 }
@@ -242,7 +249,10 @@ void ZeroEngine::gather_full(float* out) {
     return;
   }
   std::vector<float> mine(hi_ - lo_);
-  be_.copy_to_host(mine.data(), shard_params(), mine.size() * 4);
+  if (shard_in_host_memory())
+    std::memcpy(mine.data(), shard_params(), mine.size() * 4);
+  else
+    be_.copy_to_host(mine.data(), shard_params(), mine.size() * 4);
   std::memcpy(out + lo_, mine.data(), mine.size() * 4);
   for (int64_t b = 0; b < P; b += z_.allgather_bucket_size) {
     const int64_t e = std::min(P, b + z_.allgather_bucket_size);
@@ -256,7 +266,7 @@ void ZeroEngine::gather_moments(float* moments) {
   for (int k = 0; k < 2; ++k) {
     float* out = moments + k * P;
     // ZeRO-Offload keeps the moments in host memory; otherwise they are device buffers.
-    if (z_.offload_optimizer)
+    if (buf_->master)
       std::memcpy(out + lo_, mine[k], S * 4);
     else
       be_.copy_to_host(out + lo_, mine[k], S * 4);
@@ -273,7 +283,7 @@ void ZeroEngine::load_moments(const float* moments) {
   float* mine[2] = {buf_->m, buf_->v};
   for (int k = 0; k < 2; ++k) {
     const float* in = moments + k * P + lo_;
-    if (z_.offload_optimizer)
+    if (buf_->master)
       std::memcpy(mine[k], in, S * 4);
     else
       be_.copy_to_device(mine[k], in, S * 4);
@@ -282,11 +292,25 @@ void ZeroEngine::load_moments(const float* moments) {
 
 // ---- Gathering and reducing ranges of the block -------------------------------------------
 
-void ZeroEngine::gather_range(int64_t b, int64_t e, float* dst) {
+bool ZeroEngine::shard_in_host_memory() const {
+  return z_.stage == 3 && !buf_->param_shard;  // offload_params: the shard is the host master
+}
+
+// This rank's part of [b, e) for an allgather into dst: its shard, or, when that is host memory,
+// null after copying the part into place on the device (the collectives take device buffers).
+const float* ZeroEngine::gather_source(int64_t b, int64_t e, float* dst) {
   const auto counts = layout_.counts(b, e);
   const int64_t own = counts[dp_.rank()];
   const float* src = own > 0 ? shard_params() + (std::max(b, lo_) - lo_) : shard_params();
-  dev_.allgather(dst, src, counts);
+  if (!shard_in_host_memory()) return src;
+  int64_t at = 0;
+  for (int r = 0; r < dp_.rank(); ++r) at += counts[r];
+  if (own > 0) be_.copy_to_device(dst + at, src, size_t(own) * 4);
+  return nullptr;
+}
+
+void ZeroEngine::gather_range(int64_t b, int64_t e, float* dst) {
+  dev_.allgather(dst, gather_source(b, e, dst), layout_.counts(b, e));
 }
 
 void ZeroEngine::reduce_scatter_add(int64_t b, int64_t e, const float* src) {
@@ -384,10 +408,9 @@ void ZeroEngine::acquire(int64_t unit, Pass pass, ModelWeights* w, ModelWeights*
     if (z_.prefetch && next >= 0 && next < L && slot_unit_[1 - s] != next) {
       if (pending_[1 - s]) pending_[1 - s]->wait();
       const int64_t nb = layer_begin_[next], ne = layer_begin_[next + 1];
-      const auto counts = layout_.counts(nb, ne);
-      const float* src =
-          counts[dp_.rank()] > 0 ? shard_params() + (std::max(nb, lo_) - lo_) : shard_params();
-      pending_[1 - s] = dev_.allgather_async(buf_->layer_params[1 - s], src, counts);
+      float* slot = buf_->layer_params[1 - s];
+      pending_[1 - s] =
+          dev_.allgather_async(slot, gather_source(nb, ne, slot), layout_.counts(nb, ne));
       slot_unit_[1 - s] = next;
     }
   } else {

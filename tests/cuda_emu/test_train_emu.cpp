@@ -143,5 +143,34 @@ TEST_F(TrainEmu, OffloadEqualsCheckpointingAndMatchesTheCpu) {
   compare("offload", train("offload", "cpu", offload), b);
 }
 
+// QLoRA: the frozen projections in NF4, dequantized on the device per use; the MLP and LM head in
+// two mini-sequence chunks.
+TEST_F(TrainEmu, QloraWithMiniSequencesMatchesTheCpu) {
+  const auto qlora = with(kLoraBf16, {"--load_in_4bit", "True", "--mini_sequence", "2"});
+  compare("qlora", train("qlora", "cpu", qlora), train("qlora", "cuda", qlora));
+}
+
+// FPDT on one GPU: attention over 32-token chunks whose q/k/v live in pinned host memory, chunk
+// pairs merged on the device (attention blocks and merge), copies on the copy stream.
+TEST_F(TrainEmu, FpdtChunksMatchTheCpu) {
+  const auto fpdt = with(kLoraBf16, {"--fpdt_chunk_size", "32"});
+  compare("fpdt", train("fpdt", "cpu", fpdt), train("fpdt", "cuda", fpdt));
+}
+
+// ZeRO in one process (the engine's collectives on a world of one are device copies): ZeRO-3
+// with offload (parameter shard and optimizer on the host, layer weights gathered to the device
+// per use) and ZeRO-2. The guarded CPU backend, whose device memory the host cannot touch,
+// gives the CPU's losses exactly (both crashed before: the local world's collectives were host
+// memmoves of device buffers).
+TEST_F(TrainEmu, ZeroInOneProcessMatchesTheCpu) {
+  for (const std::string fsdp : {"full_shard offload", "shard_grad_op"}) {
+    const std::string name = fsdp == "shard_grad_op" ? "zero2" : "zero3-offload";
+    const std::vector<std::string> zero = {"--fsdp", fsdp};
+    const TrainRun cpu = train(name, "cpu", zero);
+    EXPECT_EQ(train(name, "cpu-guarded", zero).losses, cpu.losses) << name;
+    compare(name, cpu, train(name, "cuda", zero));
+  }
+}
+
 }  // namespace
 }  // namespace lt
