@@ -18,8 +18,12 @@
 # Binaries: from .gpu-bundle/ when it is there (scripts/gpu-bundle.sh builds them on a machine
 # with longtune's libraries and packs them; LONGTUNE_GPU_BUNDLE names another folder), else
 # built here into build-gpu/ (needs longtune's build dependencies installed).
+# GPU_CHECK_BUILD_DIR names a build folder to use as it is instead (the CI check of this script
+# on the CPU emulator, tests/cuda_emu/gpu_check_emu.sh).
 # Time: GPU_CHECK_BUDGET seconds in all (default 500): a step whose minimum does not fit in what
-# is left is skipped and says so; each step's limit is cut to what is left.
+# is left is skipped and says so; each step's limit is cut to what is left. The train step's
+# runs: GPU_CHECK_TRAIN_STEPS (default 8) steps of GPU_CHECK_TRAIN_BATCH (2) rows of up to
+# GPU_CHECK_TRAIN_TOKENS (256) tokens.
 # Output under OUT_DIR, at most a few files (the device tool returns 8): summary.txt (one line a
 # step: PASS / FAIL / SKIP and why), benchmarks.txt, logs.tar.gz (every step's log, repacked
 # after each step so a run cut short still returns what it did).
@@ -39,7 +43,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-BUILD=$ROOT/build-gpu
+BUILD=${GPU_CHECK_BUILD_DIR:-$ROOT/build-gpu}
 LOGS=$(mktemp -d /tmp/gpu-check-logs.XXXXXX)
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
@@ -103,7 +107,10 @@ esac
 # 1. The binaries: unpack a bundle, or build for this GPU only.
 BUNDLE=${LONGTUNE_GPU_BUNDLE:-$ROOT/.gpu-bundle}
 LIBPATH=""
-if [ -f "$BUNDLE/manifest" ]; then
+if [ -n "${GPU_CHECK_BUILD_DIR:-}" ]; then
+  if [ ! -x "$BUILD/longtune" ]; then note "FAIL  setup: no longtune in $BUILD"; exit 1; fi
+  note "PASS  setup (the build in $BUILD as it is)"
+elif [ -f "$BUNDLE/manifest" ]; then
   src_dir=$(sed -n 's/^source_dir=//p' "$BUNDLE/manifest")
   built_dir=$(sed -n 's/^build_dir=//p' "$BUNDLE/manifest")
   note "bundle: $(tr '\n' ' ' < "$BUNDLE/manifest")"
@@ -244,8 +251,10 @@ PY
     for dev in $devs; do
       step "train-$cfg-$dev" 15 90 "$BUILD/longtune" train --model_name_or_path "$TMP/model" \
         --tokenizer "$TOK" --data_path "$DATA/instructions/llamafactory_alpaca_en_demo.json" \
-        --output_dir "$TMP/out-$cfg-$dev" --max_steps 8 --logging_steps 1 --learning_rate 1e-3 \
-        --per_device_train_batch_size 2 --model_max_length 256 --seed 1 --device "$dev" \
+        --output_dir "$TMP/out-$cfg-$dev" --max_steps "${GPU_CHECK_TRAIN_STEPS:-8}" \
+        --logging_steps 1 --learning_rate 1e-3 \
+        --per_device_train_batch_size "${GPU_CHECK_TRAIN_BATCH:-2}" \
+        --model_max_length "${GPU_CHECK_TRAIN_TOKENS:-256}" --seed 1 --device "$dev" \
         --report_to none "${extra[@]}"
     done
     [ "$cfg" != lora-bf16-ckpt ] && compare "$cfg"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# scripts/gpu-check.sh's conformance and train steps, run here on the CUDA emulator (label emu),
+# so that the script a GPU session runs once, in minutes it cannot spare, has run before: setup,
+# budgeting, the conformance step and its skipped-case check, the CPU-vs-GPU loss comparisons,
+# offload against checkpointing, the plan against the device's peak, and the output files.
+# Usage: gpu_check_emu.sh BUILD_DIR (with liblongtune_cuda_emu.so in it).
+set -euo pipefail
+BUILD=$(cd "${1:?usage: gpu_check_emu.sh BUILD_DIR}" && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=$(mktemp -d /tmp/lt_gpu_check_emu.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+# nvidia-smi as the script asks it: the emulated device (emu_runtime.h).
+mkdir -p "$WORK/bin"
+cat > "$WORK/bin/nvidia-smi" <<'EOF'
+#!/bin/sh
+case "$*" in
+  *name,compute_cap*) echo "cuda_emu, 8.0" ;;
+  *memory.total*) echo 4096 ;;
+  *) echo "cuda_emu: the CPU emulator of tests/cuda_emu" ;;
+esac
+EOF
+chmod +x "$WORK/bin/nvidia-smi"
+export PATH=$WORK/bin:$PATH
+export LONGTUNE_CUDA_MODULE=$BUILD/liblongtune_cuda_emu.so
+export GPU_CHECK_BUILD_DIR=$BUILD GPU_CHECK_BUDGET=600
+# The script's model (the tiny preset with the Llama-2 vocabulary), fewer and shorter steps.
+export GPU_CHECK_TRAIN_STEPS=2 GPU_CHECK_TRAIN_BATCH=1 GPU_CHECK_TRAIN_TOKENS=96
+status=0
+bash "$ROOT/scripts/gpu-check.sh" "$WORK/out" conformance train || status=$?
+cat "$WORK/out/summary.txt"
+fail() {
+  echo "gpu_check_emu: $*" >&2
+  exit 1
+}
+[ "$status" -eq 0 ] || fail "gpu-check.sh exited $status"
+[ -s "$WORK/out/logs.tar.gz" ] || fail "no logs.tar.gz"
+if grep -E "^(FAIL|SKIP)" "$WORK/out/summary.txt"; then fail "a step failed or was skipped"; fi
+for want in "PASS  setup" "PASS  conformance" "PASS  compare-full" "PASS  compare-lora-bf16 " \
+    "PASS  compare-lora-bf16-offload" "PASS  offload-vs-ckpt" "PASS  plan-vs-device"; do
+  grep -qF "$want" "$WORK/out/summary.txt" || fail "no line \"$want\" in summary.txt"
+done
+echo "gpu_check_emu: every step passed"
