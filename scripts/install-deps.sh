@@ -6,7 +6,8 @@ set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev libomp-dev nlohmann-json3-dev libcli11-dev
       libfmt-dev libpcre2-dev libicu-dev libyaml-cpp-dev libgtest-dev libgmock-dev
       libopenmpi-dev openmpi-bin slurm-wlm munge python3 python3-venv
-      libprotobuf-dev protobuf-compiler libcurl4-openssl-dev libcrcutil-dev libxxhash-dev)
+      libprotobuf-dev protobuf-compiler libcurl4-openssl-dev libcrcutil-dev libxxhash-dev
+      libboost-context-dev)
 [ "${1:-}" = "--fuzz" ] && pkgs+=(clang libclang-rt-dev)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -10,8 +10,9 @@
 #include <cstdlib>
 #include <string>
 
-// Fibers are glibc's ucontext (swapcontext); most of the emulation's time is switching.
-#include <ucontext.h>
+// Fibers are Boost.Context's (fcontext: a switch saves a few registers and makes no system call,
+// unlike glibc's swapcontext, which also saves the signal mask).
+#include <boost/context/fiber.hpp>
 
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
@@ -75,17 +76,28 @@ class Mapping {
 
 // ---- Fiber contexts ---------------------------------------------------------------------------
 
+namespace bctx = boost::context;
+
+// An emulated thread's two continuations: `thread`, held by the scheduler while the thread is
+// suspended (empty once it has returned), and `scheduler`, held by the running thread.
+// Destroying a suspended thread (a launch that failed) unwinds its stack.
 struct Context {
-  ucontext_t uc;
+  bctx::fiber thread;
+  bctx::fiber scheduler;
 };
-void make_context(Context& c, unsigned char* begin, unsigned char* end, void (*entry)()) {
-  getcontext(&c.uc);
-  c.uc.uc_stack.ss_sp = begin;
-  c.uc.uc_stack.ss_size = size_t(end - begin);
-  c.uc.uc_link = nullptr;
-  makecontext(&c.uc, entry, 0);
+// The emulator's stacks (with their guard pages) outlive the fibers that run on them.
+struct KeptStack {
+  bctx::stack_context allocate() { std::abort(); }
+  void deallocate(bctx::stack_context&) noexcept {}
+};
+template <typename Entry>
+void make_context(Context& c, unsigned char* begin, unsigned char* end, Entry entry) {
+  bctx::stack_context sc;
+  sc.size = size_t(end - begin);
+  sc.sp = end;
+  c.thread = bctx::fiber(std::allocator_arg, bctx::preallocated(end, sc.size, sc), KeptStack{},
+                         std::move(entry));
 }
-void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 
 // ---- Emulator state ---------------------------------------------------------------------------
 
@@ -136,7 +148,6 @@ struct Emulator {
   Mapping static_shared{kStaticSharedBytes, Mapping::Guard::kAbove};
   std::vector<std::pair<std::string, size_t>> static_arrays;  // key, offset below end()
   size_t static_used = 0;
-  Context scheduler;
   int current = -1;  // the running fiber
   const std::function<void()>* body = nullptr;
   const char* kernel = nullptr;
@@ -144,9 +155,10 @@ struct Emulator {
   std::string failure;
 };
 
+// Never destroyed: a failed launch's suspended fibers would unwind on stacks already unmapped.
 Emulator& emu() {
-  static Emulator e;
-  return e;
+  static auto* e = new Emulator;
+  return *e;
 }
 Fiber& self() { return emu().fibers[size_t(emu().current)]; }
 // The running thread's linear index in its block (x fastest), which warps are cut from.
@@ -163,20 +175,22 @@ std::string where() {
 void yield_as(State s) {
   Fiber& f = self();
   f.state = s;
-  switch_context(f.context, emu().scheduler);
+  f.context.scheduler = std::move(f.context.scheduler).resume();
 }
 
 // Stops the launch from inside a fiber (the scheduler throws EmulationError with message).
 [[noreturn]] void fail(const std::string& message) {
   emu().failure = where() + ", thread " + std::to_string(linear_thread()) + ": " + message;
   yield_as(State::kFailed);
-  abort();  // a failed fiber is never resumed
+  abort();  // a failed fiber is never resumed (destroying it unwinds it from yield_as)
 }
 
-void fiber_entry() {
+bctx::fiber fiber_entry(bctx::fiber&& scheduler) {
+  self().context.scheduler = std::move(scheduler);
   (*emu().body)();
-  yield_as(State::kExited);
-  abort();
+  Fiber& f = self();
+  f.state = State::kExited;
+  return std::move(f.context.scheduler);
 }
 
 void warp_barrier(WarpOp op) {
@@ -232,7 +246,8 @@ void resume(int i) {
   e.current = i;
   const unsigned u = unsigned(i);
   threadIdx = {u % blockDim.x, u / blockDim.x % blockDim.y, u / blockDim.x / blockDim.y};
-  switch_context(e.scheduler, e.fibers[size_t(i)].context);
+  Context& c = e.fibers[size_t(i)].context;
+  c.thread = std::move(c.thread).resume();
   if (e.fibers[size_t(i)].state == State::kFailed) throw EmulationError("cuda_emu: " + e.failure);
 }
 
@@ -430,7 +445,8 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
                 std::to_string(kMaxSharedBytes) + " of sm_80");
   install_fault_handler();
   const int threads = int(block_threads);
-  e.fibers.assign(size_t(threads), Fiber{});
+  e.fibers.clear();  // a failed launch's suspended threads unwind here
+  e.fibers.resize(size_t(threads));
   while (int(e.stacks.size()) < threads) e.stacks.emplace_back(kStackBytes, Mapping::Guard::kBelow);
   e.warps.assign(size_t(threads / kWarp), WarpExchange{});
   // CUDA aligns dynamic shared memory (16 bytes at least); the rest up to the guard page is
