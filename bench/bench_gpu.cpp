@@ -1,11 +1,12 @@
-// GPU benchmark of one Llama-3-8B-shaped decoder layer (D 4096, H 32, KVH 8, HD 128, F 14336)
-// plus the chunked LM head + loss (V 128256), forward + backward through the Backend interface,
+// GPU benchmark of one decoder layer of a preset's shape (default Llama-3-8B: D 4096, H 32, KVH 8,
+// HD 128, F 14336) plus the chunked LM head + loss (V 128256), forward + backward through the
+// Backend interface,
 // at several sequence lengths: tokens/s per layer, extrapolated to the 32-layer model, MFU, the
 // device memory this bench allocated, and the TFLOP/s of the attention forward and backward and
 // of one MLP GEMM alone. Random weights; the result is validated (finite loss
 // and gradients) before it is timed. Usage:
 //   bench_gpu [--tokens 4096,16384,32768] [--precision bf16|f32] [--peak_tflops 989]
-//             [--layers 32] [--iters 3]
+//             [--layers N (default: the preset's)] [--iters 3] [--preset llama3-8b]
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -24,8 +25,12 @@ namespace lt {
 namespace {
 
 struct Shape {
-  int64_t D = 4096, H = 32, KVH = 8, HD = 128, F = 14336, V = 128256;
+  int64_t D, H, KVH, HD, F, V;
 };
+Shape shape_of(const ModelConfig& c) {
+  return {c.hidden_size,       c.num_attention_heads, c.num_key_value_heads,
+          c.head_dim,          c.intermediate_size,   c.vocab_size};
+}
 
 // Counts what it allocates, so the figure is this bench's device memory.
 class Buffers {
@@ -75,7 +80,8 @@ int run(int argc, char** argv) {
   std::vector<int64_t> token_counts = {4096, 16384, 32768};
   std::string precision = "bf16";
   double peak_tflops = 989.0;  // H100 SXM dense bf16
-  int64_t layers = 32, iters = 3;
+  int64_t layers = 0, iters = 3;
+  std::string preset = "llama3-8b";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : "";
@@ -94,6 +100,8 @@ int run(int argc, char** argv) {
       layers = std::atoll(v), ++i;
     } else if (a == "--iters") {
       iters = std::atoll(v), ++i;
+    } else if (a == "--preset") {
+      preset = v, ++i;
     } else {
       fail("bench_gpu: unknown argument '{}'", a);
     }
@@ -105,13 +113,17 @@ int run(int argc, char** argv) {
     std::printf("bench_gpu: skipped: no CUDA device: %s\n", reason.c_str());
     return 0;
   }
-  const Shape s;
+  nlohmann::json shape = preset_config(preset);
+  if (layers <= 0) layers = shape.value("num_hidden_layers", int64_t{1});
+  shape["num_hidden_layers"] = layers;
+  const ModelConfig config = parse_model_config(shape, preset);
+  const Shape s = shape_of(config);
   const int64_t D = s.D, QD = s.H * s.HD, KVD = s.KVH * s.HD, F = s.F, V = s.V;
   std::printf(
-      "bench_gpu: Llama-3-8B layer (D %lld H %lld KVH %lld HD %lld F %lld V %lld), "
+      "bench_gpu: %s layer (D %lld H %lld KVH %lld HD %lld F %lld V %lld), "
       "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated\n",
-      (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD, (long long)F, (long long)V,
-      precision.c_str(), peak_tflops, (long long)layers);
+      preset.c_str(), (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD,
+      (long long)F, (long long)V, precision.c_str(), peak_tflops, (long long)layers);
   // Per kernel: the attention forward and backward (causal: half of the T x T products; the
   // backward does 2.5 times the forward's) and one MLP projection GEMM, in TFLOP/s, so a slow
   // kernel shows by name.
@@ -224,9 +236,7 @@ int run(int argc, char** argv) {
     const double model_s = layer_s * layers + head_s;
     // PaLM's model FLOPs (plan/planner.h), as bench_train and `longtune plan` count them.
     const double Td = double(T);
-    nlohmann::json shape = preset_config("llama3-8b");
-    shape["num_hidden_layers"] = layers;
-    const double flops = training_flops(parse_model_config(shape, "llama3-8b"), Td, Td);
+    const double flops = training_flops(config, Td, Td);
     const double mfu = flops / model_s / (peak_tflops * 1e12);
     std::printf("%8lld %12.2f %12.2f %12.3f %14.0f %7.1f%% %12.2f %11.1f %11.1f %11.1f\n",
                 (long long)T, layer_s * 1e3, head_s * 1e3, model_s, Td / model_s, 100.0 * mfu,
@@ -235,8 +245,8 @@ int run(int argc, char** argv) {
   }
   std::printf(
       "note: one layer's weights, gradients and activations (no recompute) plus the LM "
-      "head; full 8B f32 training state (~128 GB) does not fit one GPU, LoRA is not in "
-      "this bench\n");
+      "head (the whole model's training state may not fit one GPU); LoRA is not in this "
+      "bench\n");
   return 0;
 }
 

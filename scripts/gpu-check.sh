@@ -23,7 +23,9 @@
 # Time: GPU_CHECK_BUDGET seconds in all (default 500): a step whose minimum does not fit in what
 # is left is skipped and says so; each step's limit is cut to what is left. The train step's
 # runs: GPU_CHECK_TRAIN_STEPS (default 8) steps of GPU_CHECK_TRAIN_BATCH (2) rows of up to
-# GPU_CHECK_TRAIN_TOKENS (256) tokens.
+# GPU_CHECK_TRAIN_TOKENS (256) tokens. The bench step's model and lengths: GPU_CHECK_BENCH_MODEL
+# (default preset:llama3-8b) and GPU_CHECK_BENCH_TOKENS (4096,16384,32768; offload at the last).
+# GPU_CHECK_SKIP: step names not to run (each says SKIP).
 # Output under OUT_DIR, at most a few files (the device tool returns 8): summary.txt (one line a
 # step: PASS / FAIL / SKIP and why), benchmarks.txt, logs.tar.gz (every step's log, repacked
 # after each step so a run cut short still returns what it did).
@@ -68,6 +70,10 @@ wants() { [[ " $STEPS " == *" $1 "* ]]; }
 step() {
   local name=$1 min=$2 limit=$3
   shift 3
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    note "SKIP  $name: named in GPU_CHECK_SKIP"
+    return 75
+  fi
   local left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt "$min" ]; then
     note "SKIP  $name: ${left}s left of the budget, it needs at least ${min}s"
@@ -309,17 +315,17 @@ FIT="$(( ${MEM:-81559} * 95 / 100 ))MiB"
 HOST="$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) * 9 / 10 ))KiB"
 # Llama-3-8B shape, random weights, LoRA r=16 on every linear layer over a bf16 base, bf16
 # GEMMs, batch 1, mini-sequence chosen by the planner; checkpointing, or checkpoint offload.
-M8B=preset:llama3-8b
+M8B=${GPU_CHECK_BENCH_MODEL:-preset:llama3-8b}
+TOKENS=${GPU_CHECK_BENCH_TOKENS:-4096,16384,32768}
 LORA8B=(device=cuda lora=16 bf16 mini=auto peak_tflops="$PEAK")
 if wants bench; then
-  step bench-longtune-lora 90 240 "$BUILD/bench_train" "$M8B" 4096,16384,32768 1 \
-    "${LORA8B[@]}" ckpt
+  step bench-longtune-lora 90 240 "$BUILD/bench_train" "$M8B" "$TOKENS" 1 "${LORA8B[@]}" ckpt
   # One layer op by op: which kernel reaches what fraction of the peak.
-  step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --precision bf16 --peak_tflops "$PEAK" \
-    --tokens 4096,16384,32768
+  step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --preset "${M8B#preset:}" --precision bf16 \
+    --peak_tflops "$PEAK" --tokens "$TOKENS"
   step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py \
-    --peak_tflops "$PEAK" --tokens 4096,16384,32768 --iters 2 --longest --granularity 8192
-  step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" 32768 1 \
+    --peak_tflops "$PEAK" --tokens "$TOKENS" --iters 2 --longest --granularity 8192
+  step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
     "${LORA8B[@]}" offload
 fi
 # 5. The longest sequences the planner says fit in 95% of the GPU's memory, one timed step each

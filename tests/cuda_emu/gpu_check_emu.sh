@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# scripts/gpu-check.sh's conformance and train steps, run here on the CUDA emulator (label emu),
-# so that the script a GPU session runs once, in minutes it cannot spare, has run before: setup,
-# budgeting, the conformance step and its skipped-case check, the CPU-vs-GPU loss comparisons,
-# offload against checkpointing, the plan against the device's peak, and the output files.
+# scripts/gpu-check.sh's conformance, train and bench steps, run here on the CUDA emulator (label
+# emu), so that the script a GPU session runs once, in minutes it cannot spare, has run before:
+# setup, budgeting, the conformance step and its skipped-case check, the CPU-vs-GPU loss
+# comparisons, offload against checkpointing, the plan against the device's peak, longtune's
+# benchmarks (on the tiny preset) and the output files. Not here: transformers + PEFT on a GPU
+# (bench-hf-peft), the longest sequences, compute-sanitizer.
 # Usage: gpu_check_emu.sh BUILD_DIR (with liblongtune_cuda_emu.so in it).
 set -euo pipefail
 BUILD=$(cd "${1:?usage: gpu_check_emu.sh BUILD_DIR}" && pwd)
@@ -25,8 +27,10 @@ export LONGTUNE_CUDA_MODULE=$BUILD/liblongtune_cuda_emu.so
 export GPU_CHECK_BUILD_DIR=$BUILD GPU_CHECK_BUDGET=600
 # The script's model (the tiny preset with the Llama-2 vocabulary), fewer and shorter steps.
 export GPU_CHECK_TRAIN_STEPS=2 GPU_CHECK_TRAIN_BATCH=1 GPU_CHECK_TRAIN_TOKENS=96
+export GPU_CHECK_BENCH_MODEL=preset:tiny GPU_CHECK_BENCH_TOKENS=128,256
+export GPU_CHECK_SKIP=bench-hf-peft
 status=0
-bash "$ROOT/scripts/gpu-check.sh" "$WORK/out" conformance train || status=$?
+bash "$ROOT/scripts/gpu-check.sh" "$WORK/out" conformance train bench || status=$?
 cat "$WORK/out/summary.txt"
 fail() {
   echo "gpu_check_emu: $*" >&2
@@ -34,9 +38,19 @@ fail() {
 }
 [ "$status" -eq 0 ] || fail "gpu-check.sh exited $status"
 [ -s "$WORK/out/logs.tar.gz" ] || fail "no logs.tar.gz"
-if grep -E "^(FAIL|SKIP)" "$WORK/out/summary.txt"; then fail "a step failed or was skipped"; fi
+if grep -E "^FAIL|^SKIP" "$WORK/out/summary.txt" | grep -v "^SKIP  bench-hf-peft: named in"; then
+  fail "a step failed or was skipped"
+fi
 for want in "PASS  setup" "PASS  conformance" "PASS  compare-full" "PASS  compare-lora-bf16 " \
-    "PASS  compare-lora-bf16-offload" "PASS  offload-vs-ckpt" "PASS  plan-vs-device"; do
+    "PASS  compare-lora-bf16-offload" "PASS  offload-vs-ckpt" "PASS  plan-vs-device" \
+    "PASS  bench-longtune-lora " "PASS  bench-gpu-ops" "PASS  bench-longtune-lora-offload"; do
   grep -qF "$want" "$WORK/out/summary.txt" || fail "no line \"$want\" in summary.txt"
 done
+# benchmarks.txt: longtune's JSON lines at both lengths with checkpointing, one with offload,
+# and the op table.
+B=$WORK/out/benchmarks.txt
+[ "$(grep -c '"impl": "longtune", "device": "cuda", "settings": "[^"]*ckpt"' "$B")" -eq 2 ] ||
+  fail "benchmarks.txt lacks the two checkpointing lines"
+grep -q '"settings": "[^"]*offload", "seq": 256' "$B" || fail "benchmarks.txt lacks offload at 256"
+grep -qE '^ +256 .*%' "$B" || fail "benchmarks.txt lacks bench_gpu's row at 256 tokens"
 echo "gpu_check_emu: every step passed"
