@@ -25,6 +25,18 @@ if [ -f tools/interop_hf.sh ]; then
   echo "interop: transformers loads longtune's model folders"
   bash tools/interop_hf.sh build "$PY" || status=1
 fi
+# The GPU check's baseline (scripts/gpu-check.sh, bench-hf-peft) on the CPU at a tiny shape: the
+# script runs against these package versions, times steps and searches its longest sequence.
+echo "interop: the transformers + PEFT baseline benchmark (a CPU smoke run)"
+if out=$("$PY" bench/hf_peft_bench.py --device cpu --shape tiny --layers 2 --tokens 64,128 \
+    --iters 1 --longest --max_tokens 1024 --granularity 128 2>&1) &&
+    grep -qE '^ +128 ' <<< "$out" && grep -q "1024 tokens fit" <<< "$out"; then
+  echo "  ok"
+else
+  echo "$out"
+  echo "  FAILED: bench/hf_peft_bench.py"
+  status=1
+fi
 # Experiment tracking: TensorBoard reads our event files; a real MLflow server on 127.0.0.1
 # receives a run (packages in a second venv: mlflow pins its own versions).
 TVENV=${LONGTUNE_TRACKING_VENV:-$HOME/.cache/longtune/venv-tracking}
