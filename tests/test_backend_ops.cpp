@@ -779,6 +779,11 @@ TEST_P(BackendOps, ReductionsAndElementwise) {
   const double want = sum_squares(x.data(), n);
   EXPECT_NEAR(be_->sum_squares(d_x->get(), n), want, cpu() ? 0.0 : 1e-12 * want);
   EXPECT_EQ(be_->sum_squares(d_x->get(), 0), 0.0);
+  // Several vectors read back once (the gradient norm over many tensors).
+  const double many = sum_squares(x.data() + 11, 60000) + sum_squares(x.data() + 2, 37);
+  EXPECT_NEAR(
+      be_->sum_squares_many({{d_x->get() + 11, 60000}, {d_x->get(), 0}, {d_x->get() + 2, 37}}),
+      many, cpu() ? 0.0 : 1e-12 * many);
   be_->scale_inplace(d_x->get(), n, 0.37f);
   Vec xs = x;
   scale_inplace(xs.data(), n, 0.37f);

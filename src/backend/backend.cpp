@@ -92,4 +92,10 @@ void Backend::nf4_dequantize(float*, const uint8_t*, const uint8_t*, const float
   LT_CHECK(false, "backend {} has no nf4_dequantize", name());
 }
 
+double Backend::sum_squares_many(const std::vector<SquaresPart>& parts) {
+  double total = 0;
+  for (const SquaresPart& p : parts) total += sum_squares(p.x, p.n);
+  return total;
+}
+
 }  // namespace lt

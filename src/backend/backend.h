@@ -191,6 +191,14 @@ class Backend {
   virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
                             const AdamWParams& p) = 0;
   virtual double sum_squares(const float* x, int64_t n) = 0;
+  // The sum of sum_squares over several vectors, read back once: on a GPU one synchronisation
+  // instead of one per vector (global-norm clipping over hundreds of LoRA tensors). The default
+  // calls sum_squares per part.
+  struct SquaresPart {
+    const float* x;
+    int64_t n;
+  };
+  virtual double sum_squares_many(const std::vector<SquaresPart>& parts);
   virtual void scale_inplace(float* x, int64_t n, float s) = 0;
   // y (n) += x (n)
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;

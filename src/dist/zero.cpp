@@ -478,12 +478,13 @@ double ZeroEngine::square_sum(const std::string& excluded) {
   // Global-norm clipping as torch.nn.utils.clip_grad_norm_: squares of this rank's part, summed
   // over the ranks (stage 0: every rank holds every gradient, no sum needed).
   float* grads = shard_grads();
-  double ss = 0;
+  std::vector<Backend::SquaresPart> parts;
   for (const auto& p : table_.params()) {
     if (p.name == excluded) continue;
     const int64_t b = std::max(p.offset, lo_), e = std::min(p.offset + p.numel, hi_);
-    if (e > b) ss += be_.sum_squares(grads + (b - lo_), e - b);
+    if (e > b) parts.push_back({grads + (b - lo_), e - b});
   }
+  double ss = be_.sum_squares_many(parts);
   if (z_.stage >= 1) dp_.allreduce_sum(&ss, 1);
   return ss;
 }

@@ -63,10 +63,10 @@ float* AdamW::grad_of(const Entry& e, float* grads) const {
 }
 
 double AdamW::square_sum(float* grads, const std::string& excluded) {
-  double ss = 0;
+  std::vector<Backend::SquaresPart> parts;
   for (const auto& e : entries_)
-    if (e.name != excluded) ss += be_.sum_squares(grad_of(e, grads), e.numel);
-  return ss;
+    if (e.name != excluded) parts.push_back({grad_of(e, grads), e.numel});
+  return be_.sum_squares_many(parts);  // one read-back for every tensor
 }
 
 void AdamW::clip_to(float* grads, double norm) {

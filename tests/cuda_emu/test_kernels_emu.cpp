@@ -326,6 +326,19 @@ TEST_P(KernelsEmu, ReductionsAndElementwise) {
     // Fewer elements than one block: 255 threads of 256 add nothing.
     EXPECT_NEAR(cuda::sum_squares(ctx_, d_x->data(), 37), sum_squares(x.data(), 37),
                 1e-12 * sum_squares(x.data(), 37));
+    // Several parts into one set of partials: the longest first, last, alone, with an empty one
+    // and one shorter than a block (scratch of exactly the longest's partials).
+    const auto sq = [&](int64_t at, int64_t m) { return sum_squares(x.data() + at, m); };
+    using Parts = std::vector<Backend::SquaresPart>;
+    const Parts many[] = {Parts{{d_x->data(), n}, {d_x->data() + 5, 37}, {d_x->data(), 0}},
+                          Parts{{d_x->data() + 9, 700}, {d_x->data() + 1, n - 1}},
+                          Parts{{d_x->data() + 3, 5000}}};
+    const double wants[] = {sq(0, n) + sq(5, 37), sq(9, 700) + sq(1, n - 1), sq(3, 5000)};
+    for (int c = 0; c < 3; ++c)
+      EXPECT_NEAR(cuda::sum_squares_many(ctx_, many[c].data(), many[c].size()), wants[c],
+                  1e-12 * wants[c])
+          << "parts " << c;
+    EXPECT_EQ(cuda::sum_squares_many(ctx_, many[0].data() + 2, 1), 0.0) << "an empty part";
   }
   for (const int64_t m : {int64_t(37), n}) {
     SCOPED_TRACE("n=" + std::to_string(m));

@@ -343,6 +343,10 @@ class CudaBackend final : public Backend {
     cuda::adamw_update(ctx_, p, g, m, v, n, a);
   }
   double sum_squares(const float* x, int64_t n) override { return cuda::sum_squares(ctx_, x, n); }
+  double sum_squares_many(const std::vector<SquaresPart>& parts) override {
+    for (const SquaresPart& p : parts) LT_CHECK(p.n >= 0, "sum_squares_many: n={}", p.n);
+    return cuda::sum_squares_many(ctx_, parts.data(), parts.size());
+  }
   void scale_inplace(float* x, int64_t n, float s) override { cuda::scale_inplace(ctx_, x, n, s); }
   void add_inplace(float* y, const float* x, int64_t n) override {
     cuda::add_inplace(ctx_, y, x, n);

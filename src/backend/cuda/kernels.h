@@ -122,6 +122,8 @@ double lm_head_cross_entropy_bf16w(const Context& ctx, float* dhidden, const flo
 void adamw_update(const Context& ctx, float* param, const float* grad, float* m, float* v,
                   int64_t n, const AdamWParams& p);
 double sum_squares(const Context& ctx, const float* x, int64_t n);  // synchronizes
+// Every part's squares added into one set of partials, read back once (synchronizes once).
+double sum_squares_many(const Context& ctx, const Backend::SquaresPart* parts, size_t count);
 void scale_inplace(const Context& ctx, float* x, int64_t n, float s);
 void add_inplace(const Context& ctx, float* y, const float* x, int64_t n);
 void bf16_to_f32(const Context& ctx, float* out, const uint16_t* in, int64_t n);

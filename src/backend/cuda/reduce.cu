@@ -1,5 +1,6 @@
 // CUDA reductions and elementwise helpers for gradient clipping and residuals: sum of squares
 // (double, fixed block order: deterministic), scale, add.
+#include <algorithm>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
@@ -10,8 +11,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// partial[block] = sum of x^2 over a grid-stride walk (double), fixed per block.
-__global__ void sum_squares_kernel(double* partial, const float* x, int64_t n) {
+// partial[block] (+)= sum of x^2 over a grid-stride walk (double), fixed per block; with
+// accumulate, launches in stream order add to the same partials (no atomics: deterministic).
+__global__ void sum_squares_kernel(double* partial, const float* x, int64_t n, bool accumulate) {
   __shared__ double warp_sums[kThreads / kWarp];
   double s = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -23,7 +25,7 @@ __global__ void sum_squares_kernel(double* partial, const float* x, int64_t n) {
   if (threadIdx.x == 0) {
     double t = 0;
     for (int w = 0; w < kThreads / kWarp; ++w) t += warp_sums[w];
-    partial[blockIdx.x] = t;
+    partial[blockIdx.x] = accumulate ? partial[blockIdx.x] + t : t;
   }
 }
 
@@ -67,17 +69,18 @@ __global__ void round_to_bf16_kernel(float* x, int64_t n) {
     x[i] = __uint_as_float(uint32_t(rne_bf16(x[i])) << 16);
 }
 
-}  // namespace
-
-double sum_squares(const Context& ctx, const float* x, int64_t n) {
-  if (n <= 0) return 0.0;
-  // The block count depends only on n and the SM count, so a given device always sums the same
-  // way (the result is deterministic run to run).
+// The block count depends only on n and the SM count, so a given device always sums the same
+// way (the result is deterministic run to run). Returns the blocks launched.
+unsigned launch_sum_squares(const Context& ctx, double* partial, const float* x, int64_t n,
+                            bool accumulate) {
   const unsigned blocks = grid_for(n, kThreads, ctx.num_sms);
-  // grid_for caps blocks at 32 per SM: cuda_scratch::sum_squares(num_sms) bytes at most.
-  auto* partial = static_cast<double*>(ctx.scratch->get(blocks * sizeof(double), ctx.stream));
-  sum_squares_kernel<<<blocks, kThreads, 0, ctx.stream>>>(partial, x, n);
+  sum_squares_kernel<<<blocks, kThreads, 0, ctx.stream>>>(partial, x, n, accumulate);
   LT_CUDA_CHECK_LAUNCH();
+  return blocks;
+}
+
+// The sum of the first `blocks` partials, read back (synchronizes).
+double read_partials(const Context& ctx, const double* partial, unsigned blocks) {
   std::vector<double> host(blocks);
   LT_CUDA_CHECK(cudaMemcpyAsync(host.data(), partial, blocks * sizeof(double),
                                 cudaMemcpyDeviceToHost, ctx.stream));
@@ -85,6 +88,28 @@ double sum_squares(const Context& ctx, const float* x, int64_t n) {
   double total = 0;
   for (unsigned b = 0; b < blocks; ++b) total += host[b];
   return total;
+}
+
+}  // namespace
+
+// grid_for caps blocks at 32 per SM: cuda_scratch::sum_squares(num_sms) bytes at most.
+double sum_squares(const Context& ctx, const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  const unsigned blocks = grid_for(n, kThreads, ctx.num_sms);
+  auto* partial = static_cast<double*>(ctx.scratch->get(blocks * sizeof(double), ctx.stream));
+  return read_partials(ctx, partial, launch_sum_squares(ctx, partial, x, n, false));
+}
+
+double sum_squares_many(const Context& ctx, const Backend::SquaresPart* parts, size_t count) {
+  int64_t longest = 0;
+  for (size_t i = 0; i < count; ++i) longest = std::max(longest, parts[i].n);
+  if (longest <= 0) return 0.0;
+  const unsigned cap = grid_for(longest, kThreads, ctx.num_sms);
+  auto* partial = static_cast<double*>(ctx.scratch->get(cap * sizeof(double), ctx.stream));
+  LT_CUDA_CHECK(cudaMemsetAsync(partial, 0, cap * sizeof(double), ctx.stream));
+  for (size_t i = 0; i < count; ++i)
+    if (parts[i].n > 0) launch_sum_squares(ctx, partial, parts[i].x, parts[i].n, true);
+  return read_partials(ctx, partial, cap);
 }
 
 void scale_inplace(const Context& ctx, float* x, int64_t n, float s) {
