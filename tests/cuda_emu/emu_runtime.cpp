@@ -45,6 +45,7 @@ struct Runtime {
   std::map<void*, std::unique_ptr<GuardedBytes>> allocations;  // cudaMalloc(Async)'s
   std::map<uintptr_t, size_t> pinned;                          // cudaMallocHost's
   size_t used = 0, total = size_t(4) << 30;
+  uint64_t host_waits = 0;  // times the host waited for a stream (longtune_cuda_emu_host_waits)
   std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute
   cudaError_t last = cudaSuccess;
 
@@ -111,6 +112,7 @@ void run_until(Stream& s, uint64_t upto) {
 // The host needs stream s to have run `upto` operations: under kLazyOthersFirst every other
 // stream runs all it can first (work the GPU may well have done before s's).
 void force(Stream& s, uint64_t upto) {
+  ++rt().host_waits;
   if (rt().policy == StreamPolicy::kLazyOthersFirst)
     for (Stream* other : rt().live_streams)
       if (other != &s) run_until(*other, other->issued);
@@ -535,3 +537,10 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t strea
 
 // backend/cuda_module.h's kCudaEmulatorEntry: the module built on this runtime needs no driver.
 extern "C" __attribute__((visibility("default"))) int longtune_cuda_emulator() { return 1; }
+
+// How many times the host has waited for a stream (cudaStreamSynchronize, a copy to pageable
+// memory): on a GPU each wait drains the queue, so test_train_emu bounds them per step.
+extern "C" __attribute__((visibility("default"))) uint64_t longtune_cuda_emu_host_waits() {
+  std::lock_guard lock(rt().mu);
+  return rt().host_waits;
+}

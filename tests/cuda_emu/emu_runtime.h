@@ -26,7 +26,8 @@
 // wrong data. Under lazy-others-first, when the host waits for one stream every other stream first
 // runs all it can: a kernel that reads a prefetch's destination without waiting for the copy stream
 // runs before the copy. Under eager every operation runs when issued. The null stream is always
-// eager (the kernel tests use it).
+// eager (the kernel tests use it). longtune_cuda_emu_host_waits() (exported) counts the times
+// the host waited for a stream.
 #pragma once
 
 #include <cstddef>

@@ -6,6 +6,7 @@
 // before the layer that wrote it, or read back before its prefetch was waited for, changes the
 // offload run's losses: they must equal the checkpointing run's bit for bit (the emulator runs
 // blocks in order, so even the attention backward's dq atomics add in one order).
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -48,9 +49,9 @@ class TrainEmu : public ::testing::Test {
     ASSERT_TRUE(module && *module) << "run through ctest: LONGTUNE_CUDA_MODULE names the emulator";
   }
 
-  // Three steps of one row of up to 128 tokens, as gpu-check's runs at a smaller size.
+  // `steps` steps of one row of up to 128 tokens, as gpu-check's runs at a smaller size.
   static TrainRun train(const std::string& name, const std::string& device,
-                        std::vector<std::string> extra) {
+                        std::vector<std::string> extra, int steps = 3) {
     std::vector<std::string> args = {"train",
                                      "--model_name_or_path",
                                      dir_ / "model",
@@ -59,7 +60,7 @@ class TrainEmu : public ::testing::Test {
                                      "--output_dir",
                                      dir_ / (name + "-" + device),
                                      "--max_steps",
-                                     "3",
+                                     std::to_string(steps),
                                      "--logging_steps",
                                      "1",
                                      "--learning_rate",
@@ -84,7 +85,7 @@ class TrainEmu : public ::testing::Test {
     static const std::regex loss(R"(step \d+/\d+ .*?loss ([0-9.eE+-]+|nan|inf))");
     for (std::sregex_iterator it(run.log.begin(), run.log.end(), loss), end; it != end; ++it)
       run.losses.push_back(std::stod((*it)[1]));
-    EXPECT_EQ(run.losses.size(), 3u) << name << " on " << device << ":\n" << run.log;
+    EXPECT_EQ(run.losses.size(), size_t(steps)) << name << " on " << device << ":\n" << run.log;
     return run;
   }
 
@@ -141,6 +142,31 @@ TEST_F(TrainEmu, OffloadEqualsCheckpointingAndMatchesTheCpu) {
   const TrainRun a = train("ckpt", "cuda", ckpt), b = train("offload", "cuda", offload);
   EXPECT_EQ(a.losses, b.losses) << "offload changed the losses:\n" << b.log;
   compare("offload", train("offload", "cpu", offload), b);
+}
+
+// The host waits for the GPU (each drains its queue: launch latency shows) a fixed number of times
+// a step, whatever the depth of the model or the number of trainable tensors: the micro-batch's
+// inputs, the loss, the LM head's targets and one gradient norm for every tensor (it was one per
+// tensor: 448 a step for Llama-3-8B LoRA). Counted by the emulated runtime over 2 and 4 steps.
+TEST_F(TrainEmu, HostWaitsPerStepDoNotGrowWithTheModel) {
+  const char* path = std::getenv("LONGTUNE_CUDA_MODULE");
+  if (!dlopen(path, RTLD_NOW | RTLD_NOLOAD)) (void)train("waits-load", "cuda", {}, 1);  // loads it
+  void* module = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+  ASSERT_NE(module, nullptr) << dlerror();
+  auto waits = reinterpret_cast<uint64_t (*)()>(dlsym(module, "longtune_cuda_emu_host_waits"));
+  ASSERT_NE(waits, nullptr) << dlerror();
+  const auto lora = with(kLoraBf16, {"--gradient_checkpointing", "True"});
+  uint64_t counts[2];
+  for (int i = 0; i < 2; ++i) {
+    const uint64_t before = waits();
+    (void)train("waits" + std::to_string(i), "cuda", lora, i == 0 ? 2 : 4);
+    counts[i] = waits() - before;
+  }
+  const double per_step = double(counts[1] - counts[0]) / 2;
+  std::printf("host waits: %llu over 2 steps, %llu over 4: %.1f a step\n",
+              (unsigned long long)counts[0], (unsigned long long)counts[1], per_step);
+  // 5 layers, 20 LoRA tensors: one wait per layer or per tensor would pass 16.
+  EXPECT_LE(per_step, 16.0);
 }
 
 // QLoRA: the frozen projections in NF4, dequantized on the device per use; the MLP and LM head in
