@@ -28,8 +28,8 @@ struct Shape {
   int64_t D, H, KVH, HD, F, V;
 };
 Shape shape_of(const ModelConfig& c) {
-  return {c.hidden_size,       c.num_attention_heads, c.num_key_value_heads,
-          c.head_dim,          c.intermediate_size,   c.vocab_size};
+  return {c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+          c.head_dim,    c.intermediate_size,   c.vocab_size};
 }
 
 // Counts what it allocates, so the figure is this bench's device memory.
@@ -121,9 +121,11 @@ int run(int argc, char** argv) {
   const int64_t D = s.D, QD = s.H * s.HD, KVD = s.KVH * s.HD, F = s.F, V = s.V;
   std::printf(
       "bench_gpu: %s layer (D %lld H %lld KVH %lld HD %lld F %lld V %lld), "
-      "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated\n",
-      preset.c_str(), (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD,
-      (long long)F, (long long)V, precision.c_str(), peak_tflops, (long long)layers);
+      "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated%s\n",
+      preset.c_str(), (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD, (long long)F,
+      (long long)V, precision.c_str(), peak_tflops, (long long)layers,
+      std::getenv("LONGTUNE_ATTENTION_TRANSPOSED_TILES") ? " (attention backward: transposed tiles)"
+                                                         : "");
   // Per kernel: the attention forward and backward (causal: half of the T x T products; the
   // backward does 2.5 times the forward's) and one MLP projection GEMM, in TFLOP/s, so a slow
   // kernel shows by name.

@@ -323,6 +323,11 @@ if wants bench; then
   # One layer op by op: which kernel reaches what fraction of the peak.
   step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --preset "${M8B#preset:}" --precision bf16 \
     --peak_tflops "$PEAK" --tokens "$TOKENS"
+  # The attention backward's former kernel (transposed tile copies, one block per SM) at one
+  # length, to compare its attn_bwd_TF with the default's above.
+  step bench-gpu-ops-transposed 15 60 env LONGTUNE_ATTENTION_TRANSPOSED_TILES=1 \
+    "$BUILD/bench_gpu" --preset "${M8B#preset:}" --precision bf16 --peak_tflops "$PEAK" \
+    --tokens "${TOKENS##*,}" --iters 2
   step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py \
     --peak_tflops "$PEAK" --tokens "$TOKENS" --iters 2 --longest --granularity 8192
   step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
@@ -336,7 +341,8 @@ if wants longest; then
   step longest-longtune-lora-offload 180 540 "$BUILD/bench_train" "$M8B" fit 0 \
     "${LORA8B[@]}" offload fit="$FIT" host="$HOST"
 fi
-for b in bench-longtune-lora bench-gpu-ops bench-hf-peft bench-longtune-lora-offload \
+for b in bench-longtune-lora bench-gpu-ops bench-gpu-ops-transposed bench-hf-peft \
+    bench-longtune-lora-offload \
     longest-longtune-lora longest-longtune-lora-offload; do
   [ -f "$LOGS/$b.log" ] && { echo "== $b"; cat "$LOGS/$b.log"; }
 done > "$OUT/benchmarks.txt"

@@ -43,7 +43,8 @@ if grep -E "^FAIL|^SKIP" "$WORK/out/summary.txt" | grep -v "^SKIP  bench-hf-peft
 fi
 for want in "PASS  setup" "PASS  conformance" "PASS  compare-full" "PASS  compare-lora-bf16 " \
     "PASS  compare-lora-bf16-offload" "PASS  offload-vs-ckpt" "PASS  plan-vs-device" \
-    "PASS  bench-longtune-lora " "PASS  bench-gpu-ops" "PASS  bench-longtune-lora-offload"; do
+    "PASS  bench-longtune-lora " "PASS  bench-gpu-ops " "PASS  bench-gpu-ops-transposed" \
+    "PASS  bench-longtune-lora-offload"; do
   grep -qF "$want" "$WORK/out/summary.txt" || fail "no line \"$want\" in summary.txt"
 done
 # benchmarks.txt: longtune's JSON lines at both lengths with checkpointing, one with offload,

@@ -288,15 +288,22 @@ TEST_P(AttentionEmu, ForwardBackward) {
   DeviceArray<float> d_out_ref(out), d_lse_ref(lse);
   d_out_ref.make_read_only();
   d_lse_ref.make_read_only();
-  DeviceArray<float> d_dq(nq, kNaN), d_dk(nk, kNaN), d_dv(nk, kNaN);
-  cuda::attention_backward(emu_context(), d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(),
-                           d_out_ref.data(), d_lse_ref.data(), d_q.data(), d_k.data(), d_v.data(),
-                           s);
   DVec want_dq, want_dk, want_dv;
   reference_backward(want_dq, want_dk, want_dv, dout, out, lse, q, k, v, s);
-  check(d_dq, want_dq, Scale::kMaxAbs, "backward dq (B,TQ,H,HD)");
-  check(d_dk, want_dk, Scale::kMaxAbs, "backward dk (B,TK,KVH,HD)");
-  check(d_dv, want_dv, Scale::kMaxAbs, "backward dv (B,TK,KVH,HD)");
+  // Both backward kernels: B operands read down the row-major tiles (the default) and from
+  // transposed copies.
+  for (const bool transposed : {false, true}) {
+    SCOPED_TRACE(transposed ? "transposed tiles" : "row-major tiles only");
+    cuda::Context ctx = emu_context();
+    ctx.attention_transposed_tiles = transposed;
+    DeviceArray<float> d_dq(nq, kNaN), d_dk(nk, kNaN), d_dv(nk, kNaN);
+    cuda::attention_backward(ctx, d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(),
+                             d_out_ref.data(), d_lse_ref.data(), d_q.data(), d_k.data(), d_v.data(),
+                             s);
+    check(d_dq, want_dq, Scale::kMaxAbs, "backward dq (B,TQ,H,HD)");
+    check(d_dk, want_dk, Scale::kMaxAbs, "backward dk (B,TK,KVH,HD)");
+    check(d_dv, want_dv, Scale::kMaxAbs, "backward dv (B,TK,KVH,HD)");
+  }
 }
 
 std::string case_test_name(const testing::TestParamInfo<AttentionEmu::ParamType>& info) {

@@ -15,7 +15,13 @@
 //
 // Backward: one block per (key tile of 64, b, kv head); each warp owns 16 keys and accumulates
 // their dK and dV in registers over every query head of the group and every query tile that
-// sees the key tile, recomputing P = exp(S * scale - lse) from the saved lse. dK and dV rows
+// sees the key tile, recomputing P = exp(S * scale - lse) from the saved lse. The B operands
+// whose contraction runs down a tile's rows (dO and Q for dV and dK, K for dQ) are read down the
+// columns of the row-major tiles, two 16-bit loads a register (conflict-free), so the block
+// needs no transposed copies: 78 KB of shared memory at head dim 128 instead of 132, two blocks
+// per SM (255 registers, no spills, on sm_90). Context::attention_transposed_tiles selects the
+// former kernel, which stages transposed copies and loads them 32 bits at a time (one block per SM
+// at head dim 128), for comparison on a GPU (LONGTUNE_ATTENTION_TRANSPOSED_TILES=1). dK and dV rows
 // have one owner (written once, overwritten); dQ rows receive contributions from many key tiles
 // and are accumulated with f32 atomicAdd into dq (zeroed first): their summation order, hence
 // the last bits of dq, is not deterministic.
@@ -31,25 +37,25 @@
 namespace lt::cuda {
 namespace {
 
-constexpr int kTileQ = 64;   // query rows per tile (4 warps x 16)
-constexpr int kTileK = 64;   // keys per tile
+constexpr int kTileQ = 64;  // query rows per tile (4 warps x 16)
+constexpr int kTileK = 64;  // keys per tile
 constexpr int kThreads = 128;
-constexpr int kPad = 8;      // bf16 padding per shared-memory row: 16 bytes, conflict-free frags
+constexpr int kPad = 8;  // bf16 padding per shared-memory row: 16 bytes, conflict-free frags
 
 struct FlashParams {
-  const float* q;        // (B,TQ,H,HD)
-  const float* k;        // (B,TK,KVH,HD)
-  const float* v;        // (B,TK,KVH,HD)
-  const float* out;      // (B,TQ,H,HD)   backward only
-  const float* dout;     // (B,TQ,H,HD)   backward only
-  const float* lse;      // (B,H,TQ)      backward only (forward writes lse_out)
-  const float* dvec;     // (B,H,TQ) rowsum(dO * O), backward only
-  const int32_t* doc;    // (B,T) or null
-  float* o_out;          // (B,TQ,H,HD)   forward output
-  float* lse_out;        // (B,H,TQ)      forward output
-  float* dq;             // (B,TQ,H,HD)   backward: += (atomics; zeroed by the launcher)
-  float* dk;             // (B,TK,KVH,HD) backward: overwritten
-  float* dv;             // (B,TK,KVH,HD) backward: overwritten
+  const float* q;      // (B,TQ,H,HD)
+  const float* k;      // (B,TK,KVH,HD)
+  const float* v;      // (B,TK,KVH,HD)
+  const float* out;    // (B,TQ,H,HD)   backward only
+  const float* dout;   // (B,TQ,H,HD)   backward only
+  const float* lse;    // (B,H,TQ)      backward only (forward writes lse_out)
+  const float* dvec;   // (B,H,TQ) rowsum(dO * O), backward only
+  const int32_t* doc;  // (B,T) or null
+  float* o_out;        // (B,TQ,H,HD)   forward output
+  float* lse_out;      // (B,H,TQ)      forward output
+  float* dq;           // (B,TQ,H,HD)   backward: += (atomics; zeroed by the launcher)
+  float* dk;           // (B,TK,KVH,HD) backward: overwritten
+  float* dv;           // (B,TK,KVH,HD) backward: overwritten
   int64_t B, T, H, KVH, HD, window;
   int64_t TQ, TK, QB, KB;  // the block: query rows [QB, QB+TQ), key rows [KB, KB+TK)
   float scale;
@@ -62,6 +68,23 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 __device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// The two bf16 at p and p + stride, the first in the low half: a pair of B-fragment elements read
+// down a column of a row-major tile.
+__device__ __forceinline__ uint32_t lds_column_pair(const __nv_bfloat16* p, int stride) {
+  const auto* u = reinterpret_cast<const uint16_t*>(p);
+  return uint32_t(u[0]) | (uint32_t(u[stride]) << 16);
+}
+
+// B fragment (16 x 8, rows k0 .. k0 + 15 of the contraction, column n) of an mma whose B is
+// a row-major tile (rows = the contraction index): b0 holds rows k0 + 2t, + 1; b1 rows + 8, + 9.
+__device__ __forceinline__ void load_b_frag_down(uint32_t& b0, uint32_t& b1,
+                                                 const __nv_bfloat16* tile, int stride, int k0,
+                                                 int n, int t) {
+  const __nv_bfloat16* p = tile + (k0 + 2 * t) * stride + n;
+  b0 = lds_column_pair(p, stride);
+  b1 = lds_column_pair(p + 8 * stride, stride);
 }
 
 // c (16x8 f32) += a (16x16 bf16, row-major fragment) * b (16x8 bf16, column-major fragment).
@@ -79,8 +102,8 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 }
 
 // A fragment of rows [r0, r0+16) and columns [c0, c0+16) of a row-major bf16 tile.
-__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const __nv_bfloat16* tile,
-                                            int stride, int r0, int c0, int g, int t) {
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const __nv_bfloat16* tile, int stride,
+                                            int r0, int c0, int g, int t) {
   a[0] = lds32(tile + (r0 + g) * stride + c0 + 2 * t);
   a[1] = lds32(tile + (r0 + g + 8) * stride + c0 + 2 * t);
   a[2] = lds32(tile + (r0 + g) * stride + c0 + 2 * t + 8);
@@ -111,8 +134,8 @@ __device__ void stage_tile(__nv_bfloat16* rows_tile, __nv_bfloat16* cols_tile, c
 
 // Whether any of the 64 entries doc[row0 ..] (< T) lies in [lo, hi]; the entries are also
 // stored in doc_s. Must be called by every thread of the block.
-__device__ bool stage_docs(int32_t* doc_s, const int32_t* doc, int64_t row0, int64_t T,
-                           int32_t lo, int32_t hi) {
+__device__ bool stage_docs(int32_t* doc_s, const int32_t* doc, int64_t row0, int64_t T, int32_t lo,
+                           int32_t hi) {
   bool any = false;
   if (threadIdx.x < 64) {
     const int64_t j = row0 + threadIdx.x;
@@ -146,11 +169,11 @@ template <int HDP>
 __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kStride = HDP + kPad, kStrideT = 64 + kPad;
-  auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);  // (64 queries, HDP)
-  __nv_bfloat16* k_s = q_s + 64 * kStride;               // (64 keys, HDP)
-  __nv_bfloat16* vt_s = k_s + 64 * kStride;              // (HDP, 64 keys)
+  auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);                // (64 queries, HDP)
+  __nv_bfloat16* k_s = q_s + 64 * kStride;                           // (64 keys, HDP)
+  __nv_bfloat16* vt_s = k_s + 64 * kStride;                          // (HDP, 64 keys)
   auto* kdoc_s = reinterpret_cast<int32_t*>(vt_s + HDP * kStrideT);  // (64)
-  int32_t* qrange_s = kdoc_s + 64;                                    // (2)
+  int32_t* qrange_s = kdoc_s + 64;                                   // (2)
 
   const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD;
   const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
@@ -293,28 +316,33 @@ __global__ void dout_dot_out_kernel(float* dvec, const float* dout, const float*
   if (lane == 0) dvec[(b * H + h) * T + i] = acc;
 }
 
-template <int HDP>
+// Row-major k, v, q, dO tiles, dS, and with kTransposed the transposed K, Q and dO copies.
+template <int HDP, bool kTransposed>
 constexpr size_t backward_shared_bytes() {
-  return size_t(4 * 64 * (HDP + kPad) + 3 * HDP * (64 + kPad) + 64 * (64 + kPad)) * 2 +
+  return size_t(4 * 64 * (HDP + kPad) + (kTransposed ? 3 * HDP * (64 + kPad) : 0) +
+                64 * (64 + kPad)) *
+             2 +
          3 * 64 * 4 + 2 * 4;
 }
 
-template <int HDP>
+template <int HDP, bool kTransposed>
 __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kStride = HDP + kPad, kStrideT = 64 + kPad;
+  constexpr int kTransposedTile = kTransposed ? HDP * kStrideT : 0;
   auto* k_s = reinterpret_cast<__nv_bfloat16*>(smem);  // (64 keys, HDP)
-  __nv_bfloat16* v_s = k_s + 64 * kStride;               // (64 keys, HDP)
-  __nv_bfloat16* q_s = v_s + 64 * kStride;               // (64 queries, HDP)
-  __nv_bfloat16* do_s = q_s + 64 * kStride;              // (64 queries, HDP)
-  __nv_bfloat16* kt_s = do_s + 64 * kStride;             // (HDP, 64 keys)
-  __nv_bfloat16* qt_s = kt_s + HDP * kStrideT;           // (HDP, 64 queries)
-  __nv_bfloat16* dot_s = qt_s + HDP * kStrideT;          // (HDP, 64 queries)
-  __nv_bfloat16* ds_s = dot_s + HDP * kStrideT;          // (64 queries, 64 keys) dS
-  auto* lse_s = reinterpret_cast<float*>(ds_s + 64 * kStrideT);  // (64)
-  float* dvec_s = lse_s + 64;                                     // (64)
-  auto* qdoc_s = reinterpret_cast<int32_t*>(dvec_s + 64);         // (64)
-  int32_t* krange_s = qdoc_s + 64;                                // (2)
+  __nv_bfloat16* v_s = k_s + 64 * kStride;             // (64 keys, HDP)
+  __nv_bfloat16* q_s = v_s + 64 * kStride;             // (64 queries, HDP)
+  __nv_bfloat16* do_s = q_s + 64 * kStride;            // (64 queries, HDP)
+  // kTransposed only: (HDP, 64 keys), (HDP, 64 queries) twice; else empty (null).
+  __nv_bfloat16* kt_s = kTransposed ? do_s + 64 * kStride : nullptr;
+  __nv_bfloat16* qt_s = kTransposed ? kt_s + kTransposedTile : nullptr;
+  __nv_bfloat16* dot_s = kTransposed ? qt_s + kTransposedTile : nullptr;
+  __nv_bfloat16* ds_s = do_s + 64 * kStride + 3 * kTransposedTile;  // (64 queries, 64 keys) dS
+  auto* lse_s = reinterpret_cast<float*>(ds_s + 64 * kStrideT);     // (64)
+  float* dvec_s = lse_s + 64;                                       // (64)
+  auto* qdoc_s = reinterpret_cast<int32_t*>(dvec_s + 64);           // (64)
+  int32_t* krange_s = qdoc_s + 64;                                  // (2)
 
   const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD, G = H / KVH;
   const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
@@ -403,15 +431,22 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
         dsf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(dpt[nt][0], dpt[nt][1]);
         dsf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(dpt[nt][2], dpt[nt][3]);
       }
-      // dV (16 keys x HDP) += P^T dO; dK += dS^T Q (B operands from the transposed tiles).
+      // dV (16 keys x HDP) += P^T dO; dK += dS^T Q (B operands down the columns of dO and Q).
 #pragma unroll
       for (int nt = 0; nt < HDP / 8; ++nt) {
 #pragma unroll
         for (int kk = 0; kk < kTileQ / 16; ++kk) {
-          const __nv_bfloat16* dr = dot_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
-          const __nv_bfloat16* qr = qt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
-          mma_bf16(dv_acc[nt], pf[kk], lds32(dr), lds32(dr + 8));
-          mma_bf16(dk_acc[nt], dsf[kk], lds32(qr), lds32(qr + 8));
+          uint32_t db0, db1, qb0, qb1;
+          if constexpr (kTransposed) {
+            const __nv_bfloat16* dr = dot_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+            const __nv_bfloat16* qr = qt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+            db0 = lds32(dr), db1 = lds32(dr + 8), qb0 = lds32(qr), qb1 = lds32(qr + 8);
+          } else {
+            load_b_frag_down(db0, db1, do_s, kStride, kk * 16, nt * 8 + g, t);
+            load_b_frag_down(qb0, qb1, q_s, kStride, kk * 16, nt * 8 + g, t);
+          }
+          mma_bf16(dv_acc[nt], pf[kk], db0, db1);
+          mma_bf16(dk_acc[nt], dsf[kk], qb0, qb1);
         }
       }
       __syncthreads();  // dS of every warp is in ds_s
@@ -430,8 +465,14 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int kk = 0; kk < kTileK / 16; ++kk) {
-          const __nv_bfloat16* kr = kt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
-          mma_bf16(acc, af[kk], lds32(kr), lds32(kr + 8));
+          uint32_t kb0, kb1;
+          if constexpr (kTransposed) {
+            const __nv_bfloat16* kr = kt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+            kb0 = lds32(kr), kb1 = lds32(kr + 8);
+          } else {
+            load_b_frag_down(kb0, kb1, k_s, kStride, kk * 16, nt * 8 + g, t);
+          }
+          mma_bf16(acc, af[kk], kb0, kb1);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -511,7 +552,7 @@ void attention_merge(const Context& ctx, float* out, float* lse, const float* ou
   const int64_t tasks = rows * H;
   if (tasks == 0) return;
   attention_merge_kernel<<<unsigned((tasks + 7) / 8), 256, 0, ctx.stream>>>(out, lse, out_b, lse_b,
-                                                                           rows, H, HD);
+                                                                            rows, H, HD);
   LT_CUDA_CHECK_LAUNCH();
 }
 
@@ -519,13 +560,13 @@ size_t attention_shared_bytes(int64_t HD) {
   size_t bytes = 0;
   with_padded_head_dim(HD, [&](auto hdp) {
     constexpr int kHdp = decltype(hdp)::value;
-    bytes = std::max(forward_shared_bytes<kHdp>(), backward_shared_bytes<kHdp>());
+    bytes = std::max(forward_shared_bytes<kHdp>(), backward_shared_bytes<kHdp, true>());
   });
   return bytes;
 }
 
-void attention_forward(const Context& ctx, float* out, float* lse, const float* q,
-                       const float* k, const float* v, const AttentionShape& s) {
+void attention_forward(const Context& ctx, float* out, float* lse, const float* q, const float* k,
+                       const float* v, const AttentionShape& s) {
   if (s.B == 0 || s.q_rows() == 0) return;
   FlashParams p = make_params(s);
   p.q = q, p.k = k, p.v = v, p.o_out = out, p.lse_out = lse;
@@ -535,8 +576,8 @@ void attention_forward(const Context& ctx, float* out, float* lse, const float* 
     constexpr size_t bytes = forward_shared_bytes<kHdp>();
     LT_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<kHdp>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    flash_forward_kernel<kHdp><<<dim3(unsigned(n_qt), unsigned(s.B * s.H)), kThreads, bytes,
-                                 ctx.stream>>>(p);
+    flash_forward_kernel<kHdp>
+        <<<dim3(unsigned(n_qt), unsigned(s.B * s.H)), kThreads, bytes, ctx.stream>>>(p);
     LT_CUDA_CHECK_LAUNCH();
   });
 }
@@ -546,10 +587,11 @@ void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, con
                         const float* v, const AttentionShape& s) {
   if (s.B == 0 || (s.q_rows() == 0 && s.k_rows() == 0)) return;
   const int64_t rows = s.B * s.q_rows() * s.H;
-  auto* dvec = static_cast<float*>(ctx.scratch->get(cuda_scratch::attention_backward(rows), ctx.stream));
+  auto* dvec =
+      static_cast<float*>(ctx.scratch->get(cuda_scratch::attention_backward(rows), ctx.stream));
   if (rows > 0) {
-    dout_dot_out_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream>>>(
-        dvec, dout, out, s.B, s.q_rows(), s.H, s.HD);
+    dout_dot_out_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream>>>(dvec, dout, out, s.B,
+                                                                          s.q_rows(), s.H, s.HD);
     LT_CUDA_CHECK_LAUNCH();
     LT_CUDA_CHECK(cudaMemsetAsync(dq, 0, size_t(rows * s.HD) * 4, ctx.stream));
   }
@@ -558,14 +600,21 @@ void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, con
   p.dq = dq, p.dk = dk, p.dv = dv;
   const int64_t n_kt = (s.k_rows() + kTileK - 1) / kTileK;
   if (n_kt == 0) return;
-  with_padded_head_dim(s.HD, [&](auto hdp) {
+  const auto launch = [&](auto hdp, auto transposed) {
     constexpr int kHdp = decltype(hdp)::value;
-    constexpr size_t bytes = backward_shared_bytes<kHdp>();
-    LT_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<kHdp>,
+    constexpr bool kT = decltype(transposed)::value;
+    constexpr size_t bytes = backward_shared_bytes<kHdp, kT>();
+    LT_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<kHdp, kT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    flash_backward_kernel<kHdp><<<dim3(unsigned(n_kt), unsigned(s.B * s.KVH)), kThreads, bytes,
-                                  ctx.stream>>>(p);
+    flash_backward_kernel<kHdp, kT>
+        <<<dim3(unsigned(n_kt), unsigned(s.B * s.KVH)), kThreads, bytes, ctx.stream>>>(p);
     LT_CUDA_CHECK_LAUNCH();
+  };
+  with_padded_head_dim(s.HD, [&](auto hdp) {
+    if (ctx.attention_transposed_tiles)
+      launch(hdp, std::true_type{});
+    else
+      launch(hdp, std::false_type{});
   });
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -94,6 +95,8 @@ class CudaBackend final : public Backend {
     ctx_.gemm_scratch = &gemm_scratch_;
     ctx_.num_sms = prop.multiProcessorCount;
     ctx_.max_shared_bytes = prop.sharedMemPerBlockOptin;
+    const char* transposed = std::getenv("LONGTUNE_ATTENTION_TRANSPOSED_TILES");
+    ctx_.attention_transposed_tiles = transposed && std::string(transposed) == "1";
   }
 
   ~CudaBackend() override {

@@ -56,6 +56,9 @@ struct Context {
                                        // are blocked to its limit(kCudaGemmScratchCap))
   int num_sms = 1;                     // streaming multiprocessors (grid sizing)
   size_t max_shared_bytes = 48 << 10;  // opt-in shared memory per block
+  // The attention backward's former kernel, with transposed tile copies (attention.cu; set from
+  // LONGTUNE_ATTENTION_TRANSPOSED_TILES=1, to compare the two on a GPU).
+  bool attention_transposed_tiles = false;
 };
 
 // ---- linear.cu: cuBLAS GEMMs --------------------------------------------------------------
