@@ -104,6 +104,12 @@ class Backend {
   virtual void* alloc(size_t bytes) = 0;
   virtual void free(void* p) = 0;
   virtual DeviceMemoryUse device_memory_use() const = 0;
+  // Device memory free now and in all, as the driver reports them; zeros when the backend does
+  // not know (the CPU backends: their memory is the host's).
+  struct DeviceMemoryInfo {
+    size_t free = 0, total = 0;
+  };
+  virtual DeviceMemoryInfo device_memory_info() const { return {}; }
   virtual void copy_to_device(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void memset_zero(void* p, size_t bytes) = 0;

@@ -70,6 +70,20 @@ void check_host_memory(const MemoryPlan& plan, const Backend& be, const std::str
       automatic ? "available on this machine now" : "--host_memory_budget");
 }
 
+// The plan's device memory against what the GPU has free, before anything is allocated (a run
+// that does not fit would fail at its first allocation the plan did not leave room for).
+void check_device_memory(const MemoryPlan& plan, const Backend& be) {
+  const Backend::DeviceMemoryInfo m = be.device_memory_info();
+  const size_t need = planned_bytes(plan, be, false);
+  if (m.total == 0 || need <= m.free) return;
+  fail(
+      "the plan needs {} of {} memory, {} of {} is free; turn on --gradient_checkpointing True "
+      "or --offload_activations True, set --mini_sequence auto, shorten --model_max_length or "
+      "--per_device_train_batch_size (longtune plan --device cuda --memory_budget {} shows what "
+      "fits this GPU)",
+      format_bytes(need), be.name(), format_bytes(m.free), format_bytes(m.total), m.total);
+}
+
 // A checkpoint's tensors in the one-process layout, as host buffers a ParallelEngine gathers
 // into (save) or loads from (resume): the parameter block (full fine-tune) or the adapter (LoRA),
 // and the optimizer moments. `t` views the buffers.
@@ -369,6 +383,7 @@ void Trainer::setup_model() {
   plan_workspace(ws, &plan_);
   fmt::print("{}\n", plan_.describe());
   check_host_memory(plan_, *backend_, o_.host_memory_budget);
+  check_device_memory(plan_, *backend_);
   fmt::print("device: {}{}\n", backend_->name(),
              o_.bf16 && backend_->name() == "cuda" ? " (bf16 GEMMs, f32 accumulation)" : "");
   workspace_ = bind_workspace_arena(*backend_, ws);

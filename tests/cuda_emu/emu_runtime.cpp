@@ -44,7 +44,7 @@ struct Runtime {
   std::map<uintptr_t, size_t> device;                          // every device range: begin -> bytes
   std::map<void*, std::unique_ptr<GuardedBytes>> allocations;  // cudaMalloc(Async)'s
   std::map<uintptr_t, size_t> pinned;                          // cudaMallocHost's
-  size_t used = 0, total = size_t(4) << 30;
+  size_t used = 0;                                             // device bytes allocated
   uint64_t host_waits = 0;  // times the host waited for a stream (longtune_cuda_emu_host_waits)
   std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute
   cudaError_t last = cudaSuccess;
@@ -64,15 +64,6 @@ struct Runtime {
         std::abort();
       }
     }
-    if (const char* env = std::getenv("LONGTUNE_CUDA_EMU_MEMORY"); env && *env) {
-      char* end = nullptr;
-      const unsigned long long v = std::strtoull(env, &end, 10);
-      if (*end || v == 0) {
-        std::fprintf(stderr, "cuda_emu: LONGTUNE_CUDA_EMU_MEMORY=%s: a number of bytes > 0\n", env);
-        std::abort();
-      }
-      total = size_t(v);
-    }
   }
 };
 
@@ -80,6 +71,26 @@ struct Runtime {
 Runtime& rt() {
   static auto* r = new Runtime;
   return *r;
+}
+
+// The emulated device's memory: LONGTUNE_CUDA_EMU_MEMORY bytes (read at every use, so that a
+// test can shrink the device between runs), default 4 GiB.
+size_t device_bytes() {
+  const char* env = std::getenv("LONGTUNE_CUDA_EMU_MEMORY");
+  if (!env || !*env) return size_t(4) << 30;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(env, &end, 10);
+  if (*end || v == 0) {
+    std::fprintf(stderr, "cuda_emu: LONGTUNE_CUDA_EMU_MEMORY=%s: a number of bytes > 0\n", env);
+    std::abort();
+  }
+  return size_t(v);
+}
+
+// Bytes not allocated (0 once a shrunk device holds more than it has).
+size_t free_bytes() {
+  const size_t total = device_bytes();
+  return total > rt().used ? total - rt().used : 0;
 }
 
 cudaError_t error(cudaError_t e, const std::string& why) {
@@ -335,7 +346,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   *prop = {};
   std::snprintf(prop->name, sizeof prop->name,
                 "cuda_emu (a compute capability 8.0 GPU on the CPU)");
-  prop->totalGlobalMem = rt().total;
+  prop->totalGlobalMem = lt::cuda_emu::device_bytes();
   prop->memPitch = lt::cuda_emu::kMemPitch;
   prop->multiProcessorCount = lt::cuda_emu::kSms;
   prop->sharedMemPerBlockOptin = lt::cuda_emu::kMaxSharedBytes;
@@ -353,8 +364,8 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   Lock lock(rt().mu);
-  *total_bytes = rt().total;
-  *free_bytes = rt().total - rt().used;
+  *total_bytes = lt::cuda_emu::device_bytes();
+  *free_bytes = lt::cuda_emu::free_bytes();
   return cudaSuccess;
 }
 
@@ -443,10 +454,10 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
 cudaError_t cudaMalloc(void** p, size_t bytes) {
   Lock lock(rt().mu);
   *p = nullptr;
-  if (bytes > rt().total - rt().used)
+  if (bytes > lt::cuda_emu::free_bytes())
     return lt::cuda_emu::error(cudaErrorMemoryAllocation,
-                               "cudaMalloc of " + std::to_string(bytes) +
-                                   " bytes: " + std::to_string(rt().total - rt().used) + " free");
+                               "cudaMalloc of " + std::to_string(bytes) + " bytes: " +
+                                   std::to_string(lt::cuda_emu::free_bytes()) + " free");
   if (bytes) *p = lt::cuda_emu::allocate(bytes);
   return cudaSuccess;
 }

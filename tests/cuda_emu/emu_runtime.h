@@ -5,8 +5,8 @@
 //
 // The emulated device: one GPU of compute capability 8.0 with 2 SMs (grids stay small), sm_80's
 // 163 KiB of opt-in shared memory, a memPitch of 4 KiB (so that small tensors take both of
-// copy_2d's paths) and LONGTUNE_CUDA_EMU_MEMORY bytes of memory (default 4 GiB; an allocation
-// past it fails as cudaMalloc does).
+// copy_2d's paths) and LONGTUNE_CUDA_EMU_MEMORY bytes of memory (default 4 GiB; read at every
+// use; an allocation past it fails as cudaMalloc does).
 //
 // Memory: device allocations (cudaMalloc, cudaMallocAsync, and emu.h's GuardedBytes) are
 // 256-byte aligned, start as 0xff bytes (NaN as f32 and bf16) and end at an inaccessible page;

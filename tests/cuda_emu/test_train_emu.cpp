@@ -169,6 +169,34 @@ TEST_F(TrainEmu, HostWaitsPerStepDoNotGrowWithTheModel) {
   EXPECT_LE(per_step, 16.0);
 }
 
+// A plan larger than the GPU's free memory is refused before anything is allocated, with the
+// flags that shrink it; the output folder is not created. (The emulated device shrunk to 5 MiB;
+// the run plans 6.7 MiB.)
+TEST_F(TrainEmu, APlanLargerThanTheGpuIsRefusedBeforeAllocating) {
+  ASSERT_EQ(setenv("LONGTUNE_CUDA_EMU_MEMORY", "5242880", 1), 0);
+  std::vector<std::string> args = {"train",
+                                   "--model_name_or_path",
+                                   dir_ / "model",
+                                   "--data_path",
+                                   kData / "instructions/llamafactory_alpaca_en_demo.json",
+                                   "--output_dir",
+                                   dir_ / "too-big",
+                                   "--max_steps",
+                                   "1",
+                                   "--device",
+                                   "cuda",
+                                   "--report_to",
+                                   "none"};
+  const auto r = testing::run_cli(args);
+  unsetenv("LONGTUNE_CUDA_EMU_MEMORY");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.err.find("of cuda memory, "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(" of 5.00 MiB is free"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--gradient_checkpointing True"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out.find("step 1/1"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(dir_ / "too-big"));
+}
+
 // QLoRA: the frozen projections in NF4, dequantized on the device per use; the MLP and LM head in
 // two mini-sequence chunks.
 TEST_F(TrainEmu, QloraWithMiniSequencesMatchesTheCpu) {

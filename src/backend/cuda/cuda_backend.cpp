@@ -163,6 +163,11 @@ class CudaBackend final : public Backend {
     note_peak();
     return {allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes(), peak_};
   }
+  DeviceMemoryInfo device_memory_info() const override {
+    DeviceMemoryInfo m;
+    LT_CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+    return m;
+  }
   void copy_to_device(void* d, const void* s, size_t n) override {
     if (n == 0) return;
     LT_CUDA_CHECK(cudaMemcpyAsync(d, s, n, cudaMemcpyHostToDevice, compute_));
