@@ -390,12 +390,16 @@ void on_fault(int sig, siginfo_t* info, void*) {
                            "cuda_emu: %s, block (%u,%u,%u), thread %d: invalid access at %p (%s)\n",
                            e.kernel, blockIdx.x, blockIdx.y, blockIdx.z, e.current, addr, what);
     if (n > 0) (void)!write(2, buf, size_t(std::min(n, int(sizeof buf) - 1)));
+  } else if (const char* what = detail::host_access_fault(addr)) {
+    (void)!write(2, what, std::strlen(what));
   }
   // Returning faults again, now with the default action (the process ends).
   signal(sig, SIG_DFL);
 }
 
-void install_fault_handler() {
+}  // namespace
+
+void detail::install_fault_handler() {
   static bool installed = false;
   if (installed) return;
   installed = true;
@@ -412,8 +416,6 @@ void install_fault_handler() {
   sigaction(SIGSEGV, &sa, nullptr);
   sigaction(SIGBUS, &sa, nullptr);
 }
-
-}  // namespace
 
 // ---- Public functions -------------------------------------------------------------------------
 
@@ -443,7 +445,7 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
   if (shared_bytes > kMaxSharedBytes)
     throw_error(std::to_string(shared_bytes) + " bytes of shared memory, over the " +
                 std::to_string(kMaxSharedBytes) + " of sm_80");
-  install_fault_handler();
+  detail::install_fault_handler();
   const int threads = int(block_threads);
   e.fibers.clear();  // a failed launch's suspended threads unwind here
   e.fibers.resize(size_t(threads));
@@ -582,6 +584,15 @@ GuardedBytes::~GuardedBytes() {
 }
 
 void GuardedBytes::make_read_only() { mprotect(base_, mapped_ - page_bytes(), PROT_READ); }
+
+void GuardedBytes::set_accessible(bool accessible) {
+  mprotect(base_, mapped_ - page_bytes(), accessible ? PROT_READ | PROT_WRITE : PROT_NONE);
+}
+
+bool GuardedBytes::contains(const void* p) const {
+  const auto* b = static_cast<const unsigned char*>(p);
+  return b >= base_ && b < base_ + mapped_;
+}
 
 bool GuardedBytes::canary_intact() const {
   for (const unsigned char* c = base_; c < data_; ++c)

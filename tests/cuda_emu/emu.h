@@ -167,6 +167,11 @@ void shfl_xor(void* value, size_t bytes, int lane_mask, unsigned member_mask, in
 namespace detail {
 // Registers [p, p + bytes) as device memory, or unregisters it (emu_runtime.cpp).
 void note_device_memory(const void* p, size_t bytes, bool add);
+// The fault handler (installed at the first launch or device allocation).
+void install_fault_handler();
+// A message when addr lies in device memory the host may not touch now (emu_runtime.cpp), for
+// the fault handler; null otherwise.
+const char* host_access_fault(const void* addr);
 }  // namespace detail
 
 // Device memory (emu_runtime.h's copies check it): bytes of memory that end at an inaccessible
@@ -182,6 +187,9 @@ class GuardedBytes {
   void* data() const { return data_; }
   // From now on a store faults (inputs of a kernel).
   void make_read_only();
+  // Every access faults (false) or none does (true): device memory outside stream operations.
+  void set_accessible(bool accessible);
+  bool contains(const void* p) const;
   bool canary_intact() const;
 
  private:

@@ -46,6 +46,7 @@ struct Runtime {
   std::map<uintptr_t, size_t> pinned;                          // cudaMallocHost's
   size_t used = 0;                                             // device bytes allocated
   uint64_t host_waits = 0;  // times the host waited for a stream (longtune_cuda_emu_host_waits)
+  int device_access = 0;    // stream operations running: cudaMalloc'd memory is accessible
   std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute
   cudaError_t last = cudaSuccess;
 
@@ -93,6 +94,26 @@ size_t free_bytes() {
   return total > rt().used ? total - rt().used : 0;
 }
 
+// cudaMalloc'd memory is inaccessible to the host (PROT_NONE) except while stream operations
+// (kernels, copies, memsets, cuBLAS) run: a host dereference of a device pointer faults, as on
+// a GPU, and the fault handler names it (host_access_fault).
+class DeviceAccess {
+ public:
+  DeviceAccess() {
+    if (rt().device_access++ == 0) set(true);
+  }
+  ~DeviceAccess() {
+    if (--rt().device_access == 0) set(false);
+  }
+  DeviceAccess(const DeviceAccess&) = delete;
+  DeviceAccess& operator=(const DeviceAccess&) = delete;
+
+ private:
+  static void set(bool on) {
+    for (auto& [p, memory] : rt().allocations) memory->set_accessible(on);
+  }
+};
+
 cudaError_t error(cudaError_t e, const std::string& why) {
   std::fprintf(stderr, "cuda_emu: %s\n", why.c_str());
   rt().last = e;
@@ -101,6 +122,7 @@ cudaError_t error(cudaError_t e, const std::string& why) {
 
 // Runs stream s's operations until `upto` of them have run.
 void run_until(Stream& s, uint64_t upto) {
+  DeviceAccess access;
   while (s.done < upto) {
     if (s.running)
       throw EmulationError("cuda_emu: stream " + std::to_string(s.id) +
@@ -209,6 +231,7 @@ cudaError_t copy_rows(const char* call, void* dst, size_t dpitch, const void* sr
     enqueue(stream, call, [copy, staged] { copy(staged->data()); });
   } else if (wd == 'h') {
     if (stream) force(*stream_of(stream), stream_of(stream)->issued);
+    DeviceAccess access;
     copy(s);
   } else {
     enqueue(stream, call, [copy, s] { copy(s); });
@@ -217,15 +240,18 @@ cudaError_t copy_rows(const char* call, void* dst, size_t dpitch, const void* sr
 }
 
 void* allocate(size_t bytes) {
+  detail::install_fault_handler();
   auto memory = std::make_unique<GuardedBytes>((bytes + kAlign - 1) / kAlign * kAlign);
   void* p = memory->data();
   std::memset(p, 0xff, bytes);  // NaN: a read before the first write shows
+  memory->set_accessible(rt().device_access > 0);
   rt().used += bytes;
   rt().allocations.emplace(p, std::move(memory));
   return p;
 }
 
 void release(void* p) {
+  DeviceAccess access;
   auto it = rt().allocations.find(p);
   if (!it->second->canary_intact())
     throw EmulationError("cuda_emu: a store before the start of a device allocation");
@@ -243,6 +269,7 @@ void set_stream_policy(StreamPolicy policy) {
 void enqueue(cudaStream_t stream, const char* what, std::function<void()> op) {
   std::lock_guard lock(rt().mu);
   if (!stream) {
+    DeviceAccess access;
     op();
     return;
   }
@@ -288,6 +315,16 @@ char where(const void* p, size_t bytes) {
   if (inside(rt().device, a, bytes)) return 'd';
   if (overlaps(rt().device, a, bytes)) return '?';
   return inside(rt().pinned, a, bytes) ? 'p' : 'h';
+}
+
+const char* host_access_fault(const void* addr) {
+  // In a signal handler, after a fault: no lock (the faulting thread may hold it).
+  if (rt().device_access > 0) return nullptr;
+  for (const auto& [p, memory] : rt().allocations)
+    if (memory->contains(addr))
+      return "cuda_emu: the host touched device memory (a cudaMalloc allocation) outside any "
+             "stream operation: on a GPU this dereferences a device pointer on the host\n";
+  return nullptr;
 }
 
 void note_device_memory(const void* p, size_t bytes, bool add) {

@@ -10,10 +10,10 @@
 //
 // Memory: device allocations (cudaMalloc, cudaMallocAsync, and emu.h's GuardedBytes) are
 // 256-byte aligned, start as 0xff bytes (NaN as f32 and bf16) and end at an inaccessible page;
-// cudaFree checks the canary before them. Host and device share one address space, so a host
-// access to device memory is not caught here (the cpu-guarded backend catches those in the
-// model code); a copy whose kind does not match where its pointers are (host, pinned host,
-// device) is refused.
+// cudaFree checks the canary before them. cudaMalloc'd memory is inaccessible to the host except
+// while stream operations run, so a host dereference of a device pointer faults, as on a GPU,
+// and the fault handler says so; a copy whose kind does not match where its pointers are (host,
+// pinned host, device) is refused.
 //
 // Streams: every operation (kernel launch, copy, memset, cuBLAS call, stream-ordered free) goes
 // into its stream's queue. LONGTUNE_CUDA_EMU_STREAMS picks the policy: lazy (the default),
