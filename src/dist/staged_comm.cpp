@@ -1,6 +1,8 @@
 // Collectives on device buffers over a host communicator, staged through host memory (see
 // comm.h): what a device backend does without NCCL (and in a world of one, where they are device
 // copies), and how the guarded CPU backend exercises the device paths of the distributed code.
+// Its own stats stay zero: the host communicator it stages through counts the traffic (the
+// engine sums both).
 #include <numeric>
 
 #include "core/check.h"
@@ -29,7 +31,6 @@ class StagedCommunicator final : public Communicator {
     std::vector<float> h = be_.download(data, n);
     host_.allreduce_sum(h.data(), n);
     be_.copy_to_device(data, h.data(), n * 4);
-    count(stats_.allreduce_bytes, n * 4);
   }
   void allreduce_sum(double* data, size_t n) override { host_.allreduce_sum(data, n); }
   void allreduce_sum(int64_t* data, size_t n) override { host_.allreduce_sum(data, n); }
@@ -40,7 +41,6 @@ class StagedCommunicator final : public Communicator {
     std::vector<float> r(size_t(counts[rank()]));
     host_.reduce_scatter_sum(r.data(), s.data(), counts);
     be_.copy_to_device(recv, r.data(), r.size() * 4);
-    count(stats_.reduce_scatter_bytes, s.size() * 4);
   }
   void allgather(float* recv, const float* send, const std::vector<int64_t>& counts) override {
     if (size() == 1) return copy(recv, send, total(counts));
@@ -50,7 +50,6 @@ class StagedCommunicator final : public Communicator {
     if (mine) be_.copy_to_host(r.data() + at, send ? send : recv + at, size_t(mine) * 4);
     host_.allgather(r.data(), nullptr, counts);
     be_.copy_to_device(recv, r.data(), r.size() * 4);
-    count(stats_.allgather_bytes, r.size() * 4);
   }
   std::unique_ptr<CommRequest> allgather_async(float* recv, const float* send,
                                                const std::vector<int64_t>& counts) override {
@@ -63,24 +62,20 @@ class StagedCommunicator final : public Communicator {
     std::vector<float> r(s.size());
     host_.alltoall(r.data(), s.data(), n);
     be_.copy_to_device(recv, r.data(), r.size() * 4);
-    count(stats_.alltoall_bytes, s.size() * 4);
   }
   void send(const float* data, size_t n, int dst, int tag) override {
     const std::vector<float> h = be_.download(data, n);
     host_.send(h.data(), n, dst, tag);
-    count(stats_.p2p_bytes, n * 4);
   }
   void recv(float* data, size_t n, int src, int tag) override {
     std::vector<float> h(n);
     host_.recv(h.data(), n, src, tag);
     be_.copy_to_device(data, h.data(), n * 4);
-    ++stats_.calls;
   }
   std::unique_ptr<CommRequest> isend(const float* data, size_t n, int dst, int tag) override {
     auto r = std::make_unique<Staged>();
     r->host = be_.download(data, n);  // the device buffer may change once isend returns
     r->inner = host_.isend(r->host.data(), n, dst, tag);
-    count(stats_.p2p_bytes, n * 4);
     return r;
   }
   std::unique_ptr<CommRequest> irecv(float* data, size_t n, int src, int tag) override {
@@ -89,7 +84,6 @@ class StagedCommunicator final : public Communicator {
     r->inner = host_.irecv(r->host.data(), n, src, tag);
     r->be = &be_;
     r->device = data;
-    ++stats_.calls;
     return r;
   }
   void broadcast(void* data, size_t bytes, int root) override {
@@ -125,11 +119,6 @@ class StagedCommunicator final : public Communicator {
   // A collective of a world of one: send to recv on the device (send null: in place).
   void copy(float* recv, const float* send, int64_t n) {
     if (send && send != recv && n > 0) be_.copy_device(recv, send, size_t(n) * 4);
-    ++stats_.calls;
-  }
-  void count(uint64_t& field, uint64_t bytes) {
-    field += bytes;
-    ++stats_.calls;
   }
   Communicator& host_;
   Backend& be_;

@@ -487,6 +487,15 @@ std::vector<MicroBatch> step_micro(const std::vector<Example>& rows, int64_t ste
   return micro;
 }
 
+// LT_TEST_DEVICE: the backend of both runs (default cpu). On cuda (the emulated module in CI) the
+// attention rounds its probability tiles to bf16, and a layout that splits or reorders the
+// sequence (Ulysses, FPDT) tiles it differently: the comparison allows bf16-sized differences.
+std::string test_device() {
+  const char* device = std::getenv("LT_TEST_DEVICE");
+  return device ? device : "cpu";
+}
+double device_tolerance() { return test_device() == "cuda" ? 200.0 : 1.0; }
+
 ParaRun run_parallel(const Para& p, Communicator& world, const std::vector<Example>& rows) {
   const ModelConfig c = para_config(p);
   const LoraSpec spec = para_lora(p);
@@ -494,8 +503,7 @@ ParaRun run_parallel(const Para& p, Communicator& world, const std::vector<Examp
   const ParallelLayout lay = ParallelLayout::make(world.size(), world.rank(), p.sp, p.pp);
   // LT_TEST_DEVICE=cpu-guarded runs the layouts on the guarded CPU backend: the device paths
   // (collectives and point-to-point staged through host memory) with the CPU's arithmetic.
-  const char* device = std::getenv("LT_TEST_DEVICE");
-  auto be = make_backend(device ? device : "cpu");
+  auto be = make_backend(test_device());
   RunSettings rs;
   rs.lora = spec;
   rs.checkpointing = p.checkpointing;
@@ -543,7 +551,7 @@ ParaRun run_one_process(const Para& p, int dp, const std::vector<Example>& rows)
   const ModelConfig c = para_config(p);
   const LoraSpec spec = para_lora(p);
   const Weights w = para_weights(c, spec);
-  auto be = make_cpu_backend();
+  auto be = make_backend(test_device());
   RunSettings rs;
   rs.lora = spec;
   rs.bf16_residual = p.bf16;
@@ -551,12 +559,11 @@ ParaRun run_one_process(const Para& p, int dp, const std::vector<Example>& rows)
   LlamaModel model(c, *be, rs);
   if (spec.enabled) {
     load_base(model, w.full);
-    for (const auto& t : model.trainable()) {
-      const auto named = lora_named(c, spec, w);
-      std::memcpy(t.param, named.at(t.name).data(), t.numel * 4);
-    }
+    const auto named = lora_named(c, spec, w);
+    for (const auto& t : model.trainable())
+      be->copy_to_device(t.param, named.at(t.name).data(), t.numel * 4);
   } else {
-    std::memcpy(model.params(), w.full.data(), w.full.size() * 4);
+    be->copy_to_device(model.params(), w.full.data(), w.full.size() * 4);
   }
   const OptimizerSettings opt = para_opt();
   AdamW adam(model.trainable(), *be, opt);
@@ -569,10 +576,9 @@ ParaRun run_one_process(const Para& p, int dp, const std::vector<Example>& rows)
     out.grad_norm.push_back(r.grad_norm);
   }
   if (spec.enabled) {
-    for (const auto& t : model.trainable())
-      out.trainable[t.name].assign(t.param, t.param + t.numel);
+    for (const auto& t : model.trainable()) out.trainable[t.name] = be->download(t.param, t.numel);
   } else {
-    out.params.assign(model.params(), model.params() + w.full.size());
+    out.params = be->download(model.params(), w.full.size());
   }
   return out;
 }
@@ -585,9 +591,11 @@ void expect_parallel_matches(const Para& p) {
                               tiny_config(p.layers, p.tied).vocab_size, 11);
   const ParaRun dist = run_parallel(p, world, rows);
   const ParaRun one = run_one_process(p, lay.dp, rows);
+  const double tol = device_tolerance();
   for (size_t s = 0; s < one.loss.size(); ++s) {
-    EXPECT_NEAR(dist.loss[s], one.loss[s], 2e-5 * std::abs(one.loss[s])) << "step " << s;
-    EXPECT_NEAR(dist.grad_norm[s], one.grad_norm[s], 1e-4 * one.grad_norm[s]) << "step " << s;
+    EXPECT_NEAR(dist.loss[s], one.loss[s], tol * 2e-5 * std::abs(one.loss[s])) << "step " << s;
+    EXPECT_NEAR(dist.grad_norm[s], one.grad_norm[s], tol * 1e-4 * one.grad_norm[s])
+        << "step " << s;
   }
   EXPECT_GT(std::abs(one.loss.back() - one.loss.front()), 1e-4) << "training did not move";
   if (world.rank() != 0) return;
@@ -608,7 +616,7 @@ void expect_parallel_matches(const Para& p) {
   } else {
     compare("params", dist.params.data(), one.params.data(), int64_t(one.params.size()));
   }
-  EXPECT_LE(worst, 3e-5) << "worst weight " << at << " (distributed vs one process)";
+  EXPECT_LE(worst, tol * 3e-5) << "worst weight " << at << " (distributed vs one process)";
   std::printf("%s on %d ranks (%s): losses %.6f .. %.6f, worst weight difference %.2e\n",
               p.name().c_str(), world.size(), lay.describe().c_str(), dist.loss.front(),
               dist.loss.back(), worst);
