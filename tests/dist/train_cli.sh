@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `longtune train` under mpirun (2 ranks) against one process with the same global batch: the
-# logged loss and grad_norm of every step agree (to 4 decimals) for data parallel with ZeRO,
-# sequence parallel (Ulysses, FPDT), pipeline stages, and LoRA / QLoRA over data parallel and
-# pipeline stages; only rank 0 prints and saves; checkpoints resume on their own and on other
-# layouts; an impossible layout is a clear error. Usage: train_cli.sh LONGTUNE MPIRUN REPO_ROOT
+# logged loss and grad_norm of every step agree (to 4 decimals) for data parallel with ZeRO
+# (ZeRO-3 with the optimizer offloaded, and the parameters too), sequence parallel (Ulysses,
+# FPDT), pipeline stages, and LoRA / QLoRA over data parallel and pipeline stages; only rank 0
+# prints and saves; checkpoints resume on their own and on other layouts; an impossible layout is
+# a clear error. Usage: train_cli.sh LONGTUNE MPIRUN REPO_ROOT
 set -euo pipefail
 longtune=$1 mpirun=$2 root=$3
 work=$(mktemp -d)
@@ -22,6 +23,10 @@ cat > ds.json <<'JSON'
  "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
                        "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}}
 JSON
+# ZeRO-3 with the parameter shard offloaded too (each rank's shard lives in host memory).
+sed 's/"offload_optimizer": {"device": "cpu"},/"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},/' \
+  ds.json > ds_param.json
+grep -q offload_param ds_param.json || { echo "FAIL: ds_param.json"; exit 1; }
 common=(train --model_name_or_path "$root/tests/fixtures/models/llama_gqa" --data_path data.jsonl
         --max_steps 4 --logging_steps 1 --learning_rate 1e-3 --weight_decay 0.1
         --gradient_accumulation_steps 2 --overwrite_output_dir True --save_steps 2
@@ -43,7 +48,7 @@ differ() {
          END { exit bad ? 0 : 1 }'
 }
 status=0
-for variant in "--deepspeed ds.json" "--fsdp shard_grad_op"; do
+for variant in "--deepspeed ds.json" "--deepspeed ds_param.json" "--fsdp shard_grad_op"; do
   # shellcheck disable=SC2086
   "$mpirun" --oversubscribe -np 2 "$longtune" "${common[@]}" --output_dir two \
       --per_device_train_batch_size 2 $variant > two.log
