@@ -642,6 +642,10 @@ CommStats ParallelEngine::stats() const {
   return s;
 }
 
+std::string_view ParallelEngine::device_collectives() const {
+  return stage_nccl_ ? stage_nccl_->backend() : stage_group_->backend();
+}
+
 void ParallelEngine::reset_stats() {
   world_.reset_stats();
   for (auto* g : {stage_group_.get(), seq_group_.get(), pipe_group_.get(), leaders_.get(),

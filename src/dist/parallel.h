@@ -96,6 +96,9 @@ class ParallelEngine {
   // its groups.
   CommStats stats() const;
   void reset_stats();
+  // What carries the collectives on device buffers: "nccl", "mpi-staged" (host copies, or device
+  // copies in a world of one) or the host group's own ("mpi", "local") on a host backend.
+  std::string_view device_collectives() const;
 
  private:
   class Optimizer;

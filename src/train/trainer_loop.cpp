@@ -390,6 +390,8 @@ void Trainer::setup_model() {
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
   if (distributed_) {  // every rank reads the checkpoint and keeps its part
     engine_ = std::make_unique<ParallelEngine>(*model_, *backend_, *world_, layout_, ps);
+    if (!backend_->host_addressable())
+      fmt::print("device collectives: {}\n", engine_->device_collectives());
     if (!lora_.enabled) {
       const ParamTable whole(config_);
       std::vector<float> full(whole.total_numel());

@@ -358,6 +358,8 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "invalid device ordinal (cuda_emu)";
     case cudaErrorInvalidResourceHandle:
       return "invalid resource handle (cuda_emu)";
+    case cudaErrorNotReady:
+      return "device not ready (cuda_emu)";
   }
   return "unknown error (cuda_emu)";
 }
@@ -444,6 +446,8 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   }
   return cudaSuccess;
 }
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) { return cudaStreamSynchronize(stream); }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
   Lock lock(rt().mu);

@@ -58,6 +58,10 @@ for variant in "--deepspeed ds.json" "--deepspeed ds_param.json" "--fsdp shard_g
   if [ "$(grep -c '^step 1/' two.log)" != 1 ]; then echo "FAIL: not only rank 0 logged"; status=1; fi
   grep -q "distributed: 2 ranks = 2 data-parallel x 1 sequence-parallel x 1 pipeline (mpi)" two.log ||
     { echo "FAIL: not distributed"; status=1; }
+  # On the emulated GPU the device collectives go over (emulated) NCCL: nccl_comm.cpp runs.
+  if [ -n "${LONGTUNE_CUDA_MODULE:-}" ] && ! grep -q "^device collectives: nccl" two.log; then
+    echo "FAIL ($variant): the device collectives are not NCCL's"; status=1
+  fi
   [ -f two/model.safetensors ] || { echo "FAIL: no saved model"; status=1; }
   echo "$variant:"; steps two.log
 done
