@@ -49,9 +49,10 @@ class TrainEmu : public ::testing::Test {
     ASSERT_TRUE(module && *module) << "run through ctest: LONGTUNE_CUDA_MODULE names the emulator";
   }
 
-  // `steps` steps of one row of up to 128 tokens, as gpu-check's runs at a smaller size.
-  static TrainRun train(const std::string& name, const std::string& device,
-                        std::vector<std::string> extra, int steps = 3) {
+  // `steps` steps of one row of up to 128 tokens, as gpu-check's runs at a smaller size, into
+  // NAME-DEVICE.
+  static std::vector<std::string> train_args(const std::string& name, const std::string& device,
+                                             const std::vector<std::string>& extra, int steps) {
     std::vector<std::string> args = {"train",
                                      "--model_name_or_path",
                                      dir_ / "model",
@@ -78,7 +79,12 @@ class TrainEmu : public ::testing::Test {
                                      "--save_strategy",
                                      "no"};
     args.insert(args.end(), extra.begin(), extra.end());
-    const auto r = testing::run_cli(args);
+    return args;
+  }
+
+  static TrainRun train(const std::string& name, const std::string& device,
+                        const std::vector<std::string>& extra, int steps = 3) {
+    const auto r = testing::run_cli(train_args(name, device, extra, steps));
     TrainRun run;
     run.log = r.out + r.err;
     EXPECT_EQ(r.rc, 0) << name << " on " << device << ":\n" << run.log;
@@ -174,27 +180,14 @@ TEST_F(TrainEmu, HostWaitsPerStepDoNotGrowWithTheModel) {
 // the run plans 6.7 MiB.)
 TEST_F(TrainEmu, APlanLargerThanTheGpuIsRefusedBeforeAllocating) {
   ASSERT_EQ(setenv("LONGTUNE_CUDA_EMU_MEMORY", "5242880", 1), 0);
-  std::vector<std::string> args = {"train",
-                                   "--model_name_or_path",
-                                   dir_ / "model",
-                                   "--data_path",
-                                   kData / "instructions/llamafactory_alpaca_en_demo.json",
-                                   "--output_dir",
-                                   dir_ / "too-big",
-                                   "--max_steps",
-                                   "1",
-                                   "--device",
-                                   "cuda",
-                                   "--report_to",
-                                   "none"};
-  const auto r = testing::run_cli(args);
+  const auto r = testing::run_cli(train_args("too-big", "cuda", {}, 1));
   unsetenv("LONGTUNE_CUDA_EMU_MEMORY");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.err.find("of cuda memory, "), std::string::npos) << r.err;
   EXPECT_NE(r.err.find(" of 5.00 MiB is free"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("--gradient_checkpointing True"), std::string::npos) << r.err;
   EXPECT_EQ(r.out.find("step 1/1"), std::string::npos) << r.out;
-  EXPECT_FALSE(fs::exists(dir_ / "too-big"));
+  EXPECT_FALSE(fs::exists(dir_ / "too-big-cuda"));
 }
 
 // QLoRA: the frozen projections in NF4, dequantized on the device per use; the MLP and LM head in
