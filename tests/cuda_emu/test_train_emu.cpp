@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <regex>
 #include <string>
 #include <vector>
@@ -138,6 +139,37 @@ TEST_F(TrainEmu, FullFineTuneMatchesTheCpu) {
 
 TEST_F(TrainEmu, LoraOnABf16BaseMatchesTheCpu) {
   compare("lora-bf16", train("lora-bf16", "cpu", kLoraBf16), train("lora-bf16", "cuda", kLoraBf16));
+}
+
+// Evaluation during training (forward only, eval micro-batches of several rows): the eval loss on
+// the emulated GPU within the same tolerance of the CPU's.
+TEST_F(TrainEmu, EvaluationMatchesTheCpu) {
+  const fs::path eval = dir_ / "eval.jsonl";
+  {
+    std::ofstream f(eval);
+    for (int i = 0; i < 6; ++i) {
+      f << "{\"input_ids\": [1";
+      for (int t = 0; t < 20 + 7 * i; ++t) f << ", " << (37 * i + 11 * t) % 500 + 3;
+      f << "]}\n";
+    }
+  }
+  const std::vector<std::string> extra = {"--eval_data_path",
+                                          eval,
+                                          "--eval_strategy",
+                                          "steps",
+                                          "--eval_steps",
+                                          "2",
+                                          "--per_device_eval_batch_size",
+                                          "4",
+                                          "--use_peft_lora",
+                                          "True"};
+  const TrainRun cpu = train("eval", "cpu", extra, 2), cuda = train("eval", "cuda", extra, 2);
+  static const std::regex loss(R"(eval at step 2: loss ([0-9.]+))");
+  std::smatch a, b;
+  ASSERT_TRUE(std::regex_search(cpu.log, a, loss)) << cpu.log;
+  ASSERT_TRUE(std::regex_search(cuda.log, b, loss)) << cuda.log;
+  const double want = std::stod(a[1]), got = std::stod(b[1]);
+  EXPECT_LE(std::fabs(got - want), 2e-2 * want) << "eval loss: cpu " << want << ", cuda " << got;
 }
 
 // Offloaded checkpoints go to pinned host memory on the copy stream and come back ahead of
