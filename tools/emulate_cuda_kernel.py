@@ -352,7 +352,7 @@ def rewrite_kernels_header(kernels_h, kernels_path, check_h, check_path, common,
 
 
 BACKEND_FILE = "cuda_backend.cpp"
-NCCL_FILE = "../../dist/nccl_comm.cpp"  # beside CUDA_DIR's parent's parent: src/dist
+NCCL_FILE = "../../dist/nccl_comm.cpp"  # relative to CUDA_DIR (src/backend/cuda): src/dist
 
 
 def rewrite_nccl(text, path):

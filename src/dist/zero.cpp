@@ -183,7 +183,7 @@ ZeroEngine::ZeroEngine(LlamaModel& model, Backend& backend, Communicator& dp, co
   const size_t S = static_cast<size_t>(hi_ - lo_);
   // ZeRO-Offload's moments are host memory (pinned on a GPU, where cudaMemset refuses it).
   for (float* moment : {buf_->m, buf_->v}) {
-    if (buf_->master)
+    if (optimizer_on_host())
       std::memset(moment, 0, S * 4);
     else
       be_.memset_zero(moment, S * 4);
@@ -266,7 +266,7 @@ void ZeroEngine::gather_moments(float* moments) {
   for (int k = 0; k < 2; ++k) {
     float* out = moments + k * P;
     // ZeRO-Offload keeps the moments in host memory; otherwise they are device buffers.
-    if (buf_->master)
+    if (optimizer_on_host())
       std::memcpy(out + lo_, mine[k], S * 4);
     else
       be_.copy_to_host(out + lo_, mine[k], S * 4);
@@ -283,7 +283,7 @@ void ZeroEngine::load_moments(const float* moments) {
   float* mine[2] = {buf_->m, buf_->v};
   for (int k = 0; k < 2; ++k) {
     const float* in = moments + k * P + lo_;
-    if (buf_->master)
+    if (optimizer_on_host())
       std::memcpy(mine[k], in, S * 4);
     else
       be_.copy_to_device(mine[k], in, S * 4);
@@ -291,6 +291,10 @@ void ZeroEngine::load_moments(const float* moments) {
 }
 
 // ---- Gathering and reducing ranges of the block -------------------------------------------
+
+bool ZeroEngine::optimizer_on_host() const {
+  return buf_->master != nullptr;  // either offload: master, moments and the update on the host
+}
 
 bool ZeroEngine::shard_in_host_memory() const {
   return z_.stage == 3 && !buf_->param_shard;  // offload_params: the shard is the host master
@@ -442,7 +446,7 @@ void ZeroEngine::update_shard(double lr) {
   float* params = shard_params();
   float* grads = shard_grads();
   const size_t S = static_cast<size_t>(hi_ - lo_);
-  const bool host = buf_->master != nullptr;
+  const bool host = optimizer_on_host();
   if (host) be_.copy_to_host(buf_->host_grads, grads, S * 4);
   for (const auto& p : table_.params()) {
     const int64_t b = std::max(p.offset, lo_), e = std::min(p.offset + p.numel, hi_);

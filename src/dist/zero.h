@@ -107,6 +107,7 @@ class ZeroEngine final : public LayerWeightsProvider {
   void reduce_full_grads();
   void reduce_scatter_add(int64_t b, int64_t e, const float* src);
   void gather_range(int64_t b, int64_t e, float* dst);
+  bool optimizer_on_host() const;
   bool shard_in_host_memory() const;
   const float* gather_source(int64_t b, int64_t e, float* dst);
   void allgather_full_params();
