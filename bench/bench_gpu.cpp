@@ -7,6 +7,8 @@
 // and gradients) before it is timed. Usage:
 //   bench_gpu [--tokens 4096,16384,32768] [--precision bf16|f32] [--peak_tflops 989]
 //             [--layers N (default: the preset's)] [--iters 3] [--preset llama3-8b]
+//             [--deterministic] (Backend::set_deterministic: the attention backward's dQ by its
+//             own kernel, no atomics; attn_bwd_TF still counts the atomics' 2.5x forward FLOPs)
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -82,6 +84,7 @@ int run(int argc, char** argv) {
   double peak_tflops = 989.0;  // H100 SXM dense bf16
   int64_t layers = 0, iters = 3;
   std::string preset = "llama3-8b";
+  bool deterministic = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : "";
@@ -102,6 +105,8 @@ int run(int argc, char** argv) {
       iters = std::atoll(v), ++i;
     } else if (a == "--preset") {
       preset = v, ++i;
+    } else if (a == "--deterministic") {
+      deterministic = true;
     } else {
       fail("bench_gpu: unknown argument '{}'", a);
     }
@@ -113,6 +118,7 @@ int run(int argc, char** argv) {
     std::printf("bench_gpu: skipped: no CUDA device: %s\n", reason.c_str());
     return 0;
   }
+  be->set_deterministic(deterministic);
   nlohmann::json shape = preset_config(preset);
   if (layers <= 0) layers = shape.value("num_hidden_layers", int64_t{1});
   shape["num_hidden_layers"] = layers;
@@ -121,11 +127,12 @@ int run(int argc, char** argv) {
   const int64_t D = s.D, QD = s.H * s.HD, KVD = s.KVH * s.HD, F = s.F, V = s.V;
   std::printf(
       "bench_gpu: %s layer (D %lld H %lld KVH %lld HD %lld F %lld V %lld), "
-      "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated%s\n",
+      "GEMMs %s, peak %.0f TFLOP/s, %lld layers extrapolated%s%s\n",
       preset.c_str(), (long long)D, (long long)s.H, (long long)s.KVH, (long long)s.HD, (long long)F,
       (long long)V, precision.c_str(), peak_tflops, (long long)layers,
       std::getenv("LONGTUNE_ATTENTION_TRANSPOSED_TILES") ? " (attention backward: transposed tiles)"
-                                                         : "");
+                                                         : "",
+      deterministic ? " (deterministic kernels)" : "");
   // Per kernel: the attention forward and backward (causal: half of the T x T products; the
   // backward does 2.5 times the forward's) and one MLP projection GEMM, in TFLOP/s, so a slow
   // kernel shows by name.

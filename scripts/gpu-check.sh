@@ -6,10 +6,11 @@
 #   conformance  the op-conformance suite on the GPU (ctest -L gpu)
 #   train        the same tiny training runs on GPU and CPU, losses compared line by line
 #                (full fine-tune, LoRA on a bf16 base, + checkpointing, + checkpoint offload);
-#                offload's GPU losses equal checkpointing's (to the dq atomics); every GPU
-#                allocation planned
+#                with --full_determinism offload's GPU losses equal checkpointing's bit for bit
+#                and two full fine-tunes write the same model bytes; every GPU allocation planned
 #   bench        the Llama-3-8B-shaped benchmarks: longtune LoRA r16 bf16 at 4K/16K/32K with
-#                checkpointing; one layer's ops (attention and GEMM TFLOP/s); transformers +
+#                checkpointing; one layer's ops (attention and GEMM TFLOP/s; the attention
+#                backward's transposed-tile and deterministic variants too); transformers +
 #                PEFT side by side (tokens/s, peak memory, MFU, its longest sequence); longtune
 #                at 32K with offload
 #   longest      (only when named) longtune's longest planned sequences in 95% of the GPU's
@@ -243,17 +244,20 @@ PY
   }
   # Full fine-tune in f32 storage, then LoRA over a bf16 base with bf16 GEMMs on the GPU, then
   # the same with checkpointing (GPU only) and with checkpoint offload (staged copies on the
-  # copy stream, ordered by events).
-  for cfg in full lora-bf16 lora-bf16-ckpt lora-bf16-offload; do
+  # copy stream, ordered by events), these two with --full_determinism; last the full fine-tune
+  # with --full_determinism twice on the GPU (full-det-a, full-det-b: the same model bytes).
+  for cfg in full lora-bf16 lora-bf16-ckpt lora-bf16-offload full-det-a full-det-b; do
     extra=()
     case $cfg in lora-bf16*) extra=(--use_peft_lora True --lora_target_modules all-linear \
       --lora_dropout 0 --bf16 True) ;; esac
     case $cfg in
-      *-ckpt) extra+=(--gradient_checkpointing True) ;;
-      *-offload) extra+=(--gradient_checkpointing True --offload_activations True) ;;
+      *-ckpt) extra+=(--gradient_checkpointing True --full_determinism True) ;;
+      *-offload) extra+=(--gradient_checkpointing True --offload_activations True \
+        --full_determinism True) ;;
+      full-det-*) extra+=(--full_determinism True) ;;
     esac
     devs="cpu cuda"
-    [ "$cfg" = lora-bf16-ckpt ] && devs=cuda
+    case $cfg in lora-bf16-ckpt | full-det-*) devs=cuda ;; esac
     for dev in $devs; do
       step "train-$cfg-$dev" 15 90 "$BUILD/longtune" train --model_name_or_path "$TMP/model" \
         --tokenizer "$TOK" --data_path "$DATA/instructions/llamafactory_alpaca_en_demo.json" \
@@ -263,12 +267,20 @@ PY
         --model_max_length "${GPU_CHECK_TRAIN_TOKENS:-256}" --seed 1 --device "$dev" \
         --report_to none "${extra[@]}"
     done
-    [ "$cfg" != lora-bf16-ckpt ] && compare "$cfg"
+    case $cfg in lora-bf16-ckpt | full-det-*) ;; *) compare "$cfg" ;; esac
   done
+  # The deterministic kernels (no atomics): two runs, the same bits, although the GPU's blocks
+  # finish in another order every run.
+  if [ -s "$TMP/out-full-det-a-cuda/model.safetensors" ] &&
+      cmp "$TMP/out-full-det-a-cuda/model.safetensors" \
+        "$TMP/out-full-det-b-cuda/model.safetensors" > "$LOGS/compare-determinism.log" 2>&1; then
+    note "PASS  determinism (--full_determinism: two GPU runs wrote the same model.safetensors)"
+  else
+    note "FAIL  determinism: the two --full_determinism runs differ or are missing (compare-determinism.log)"
+  fi
   rm -rf "$TMP"/out-* "$TMP/model"
-  # Offload only moves the checkpoints: on the GPU its losses equal checkpointing's (a copy read
-  # or overwritten out of order would change them by far more) up to the summation order of the
-  # attention backward's dq atomics: 1e-5 relative.
+  # Offload only moves the checkpoints: on the GPU, with --full_determinism, its losses equal
+  # checkpointing's bit for bit (a copy read or overwritten out of order would change them).
   if py - "$LOGS/train-lora-bf16-ckpt-cuda.log" "$LOGS/train-lora-bf16-offload-cuda.log" \
       > "$LOGS/compare-offload.log" 2>&1 <<'PY'
 import re, sys
@@ -277,11 +289,11 @@ def losses(path):
 a, b = losses(sys.argv[1]), losses(sys.argv[2])
 print("checkpointing:", a)
 print("offload:      ", b)
-ok = bool(a) and len(a) == len(b) and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b))
-print("identical" if a == b else "not bit-identical")
+ok = bool(a) and a == b
+print("identical" if ok else "not bit-identical")
 sys.exit(0 if ok else 1)
 PY
-  then note "PASS  offload-vs-ckpt (GPU losses with offload equal checkpointing's to 1e-5: $(tail -1 "$LOGS/compare-offload.log"))"
+  then note "PASS  offload-vs-ckpt (GPU losses with offload equal checkpointing's bit for bit)"
   else note "FAIL  offload-vs-ckpt: see compare-offload.log"; fi
   # The plan covers every GPU allocation: no scratch outside the planned workspace, and the
   # measured device peak within the plan plus the CUDA runtime it allows (1 GiB).
@@ -328,6 +340,10 @@ if wants bench; then
   step bench-gpu-ops-transposed 15 60 env LONGTUNE_ATTENTION_TRANSPOSED_TILES=1 \
     "$BUILD/bench_gpu" --preset "${M8B#preset:}" --precision bf16 --peak_tflops "$PEAK" \
     --tokens "${TOKENS##*,}" --iters 2
+  # The deterministic backward (--full_determinism: dQ by a query-tile kernel, no atomics) at
+  # the same length: its cost against the default's attn_bwd_TF and tokens/s.
+  step bench-gpu-ops-deterministic 15 60 "$BUILD/bench_gpu" --preset "${M8B#preset:}" \
+    --precision bf16 --peak_tflops "$PEAK" --tokens "${TOKENS##*,}" --iters 2 --deterministic
   step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py \
     --peak_tflops "$PEAK" --tokens "$TOKENS" --iters 2 --longest --granularity 8192
   step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
@@ -341,7 +357,8 @@ if wants longest; then
   step longest-longtune-lora-offload 180 540 "$BUILD/bench_train" "$M8B" fit 0 \
     "${LORA8B[@]}" offload fit="$FIT" host="$HOST"
 fi
-for b in bench-longtune-lora bench-gpu-ops bench-gpu-ops-transposed bench-hf-peft \
+for b in bench-longtune-lora bench-gpu-ops bench-gpu-ops-transposed \
+    bench-gpu-ops-deterministic bench-hf-peft \
     bench-longtune-lora-offload \
     longest-longtune-lora longest-longtune-lora-offload; do
   [ -f "$LOGS/$b.log" ] && { echo "== $b"; cat "$LOGS/$b.log"; }

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -181,6 +182,11 @@ TEST_P(BackendOps, Embedding) {
   auto d_dw = buf("dweight", dw0);
   be_->embedding_backward(d_dw->get(), d_dout->get(), d_ids->get(), N, D);
   EXPECT_CLOSE(d_dw->read(), dw_want, elementwise(), "embedding_backward (+=)");
+  // Deterministic kernels (--full_determinism): the CPU op's additions in its order, bit for bit.
+  be_->set_deterministic(true);
+  auto d_dw2 = buf("dweight", dw0);
+  be_->embedding_backward(d_dw2->get(), d_dout->get(), d_ids->get(), N, D);
+  EXPECT_CLOSE(d_dw2->read(), dw_want, Tol({0, 0}), "embedding_backward, deterministic (+=)");
 }
 
 // With a NaN in row 3 (NaN propagation: that row's rstd is NaN, so is every dweight column)
@@ -446,6 +452,57 @@ TEST_P(BackendOps, Attention) {
     EXPECT_CLOSE(d_dq->read(), dq, attention(max_abs(dq)), "attention_backward dq");
     EXPECT_CLOSE(d_dk->read(), dk, attention(max_abs(dk)), "attention_backward dk");
     EXPECT_CLOSE(d_dv->read(), dv, attention(max_abs(dv)), "attention_backward dv");
+    // The deterministic backward (--full_determinism; CUDA: dQ by a query-tile kernel).
+    be_->set_deterministic(true);
+    auto d_dq2 = out("dq", nq);
+    auto d_dk2 = out("dk", nk);
+    auto d_dv2 = out("dv", nk);
+    be_->attention_backward(d_dq2->get(), d_dk2->get(), d_dv2->get(), d_do->get(), d_o_ref->get(),
+                            d_lse_ref->get(), d_q->get(), d_k->get(), d_v->get(), ds);
+    be_->set_deterministic(false);
+    EXPECT_CLOSE(d_dq2->read(), dq, attention(max_abs(dq)), "attention_backward dq, deterministic");
+    EXPECT_CLOSE(d_dk2->read(), dk, attention(max_abs(dk)), "attention_backward dk, deterministic");
+    EXPECT_CLOSE(d_dv2->read(), dv, attention(max_abs(dv)), "attention_backward dv, deterministic");
+  }
+}
+
+// On a GPU blocks finish in a different order every run: the deterministic kernels must still
+// give the same bits, run after run (the emulator's block orders: AttentionEmuDeterminism). An
+// 8B-shaped head layout over 5 key tiles, and an embedding gradient whose ids repeat.
+TEST_P(BackendOps, DeterministicKernelsRepeatBitForBit) {
+  be_->set_deterministic(true);
+  AttentionShape s{1, 300, 8, 2, 128, 0, nullptr, float(1.0 / std::sqrt(128.0))};
+  const int64_t nq = s.T * s.H * s.HD, nk = s.T * s.KVH * s.HD, nl = s.H * s.T;
+  auto d_q = buf("q", random_vec(nq, 51, -2, 2));
+  auto d_k = buf("k", random_vec(nk, 52, -2, 2));
+  auto d_v = buf("v", random_vec(nk, 53));
+  auto d_do = buf("dout", random_vec(nq, 54));
+  auto d_o = out("out", nq);
+  auto d_lse = out("lse", nl);
+  be_->attention_forward(d_o->get(), d_lse->get(), d_q->get(), d_k->get(), d_v->get(), s);
+  const int64_t V = 11, D = 96, N = 500;  // every id about 45 times
+  auto d_ids = buf("ids", random_ids(N, V, 55));
+  auto d_g = buf("dout", random_vec(N * D, 56));
+  std::vector<uint32_t> first;
+  for (int run = 0; run < 3; ++run) {
+    auto d_dq = out("dq", nq);
+    auto d_dk = out("dk", nk);
+    auto d_dv = out("dv", nk);
+    auto d_dw = buf("dweight", Vec(V * D, 0.0f));
+    be_->attention_backward(d_dq->get(), d_dk->get(), d_dv->get(), d_do->get(), d_o->get(),
+                            d_lse->get(), d_q->get(), d_k->get(), d_v->get(), s);
+    be_->embedding_backward(d_dw->get(), d_g->get(), d_ids->get(), N, D);
+    std::vector<uint32_t> bits;
+    for (auto* b : {d_dq.get(), d_dk.get(), d_dv.get(), d_dw.get()})
+      for (float x : b->read()) bits.push_back(std::bit_cast<uint32_t>(x));
+    if (run == 0) {
+      first = bits;
+      continue;
+    }
+    size_t diff = 0;
+    while (diff < bits.size() && bits[diff] == first[diff]) ++diff;
+    EXPECT_EQ(diff, bits.size()) << "run " << run << ": element " << diff
+                                 << " of dq|dk|dv|dweight differs from run 0";
   }
 }
 

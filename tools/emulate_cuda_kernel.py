@@ -123,7 +123,8 @@ LAUNCHER_FILES = {
                   "shared": 0, "constant": 0},
     "embedding.cu": {"kernels": {"embedding_forward_kernel": 1,
                                  "embedding_forward_bf16_kernel": 1,
-                                 "embedding_backward_kernel": 1},
+                                 "embedding_backward_kernel": 1,
+                                 "embedding_backward_ordered_kernel": 1},
                      "shared": 0, "constant": 0},
     "adamw.cu": {"kernels": {"adamw_kernel": 1}, "shared": 0, "constant": 0},
     "reduce.cu": {"kernels": {"sum_squares_kernel": 1, "scale_kernel": 1, "add_kernel": 1,
@@ -138,10 +139,11 @@ LAUNCHER_FILES = {
     "cross_entropy.cu": {"kernels": {"softmax_xent_kernel": 1}, "shared": 2, "constant": 0},
     "lora.cu": {"kernels": {"dropout_kernel": 2, "dropout_grad_kernel": 1}, "shared": 0,
                 "constant": 0, "includes": ['"ops/lora_mask.h"']},
-    # The flash attention: dynamic shared memory in two kernels, the one mma.sync statement.
+    # The flash attention: dynamic shared memory in three kernels, the one mma.sync statement.
     "attention.cu": {"kernels": {"flash_forward_kernel": 1, "dout_dot_out_kernel": 1,
-                                 "flash_backward_kernel": 1, "attention_merge_kernel": 1},
-                     "shared": 0, "dynamic_shared": 2,
+                                 "flash_backward_kernel": 1, "flash_backward_dq_kernel": 1,
+                                 "attention_merge_kernel": 1},
+                     "shared": 0, "dynamic_shared": 3,
                      "mma": 1, "constant": 0, "drop_includes": ["<cuda_bf16.h>"]},
 }
 

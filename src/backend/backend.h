@@ -145,6 +145,12 @@ class Backend {
     (void)op_scratch, (void)op_bytes, (void)gemm_scratch, (void)gemm_bytes;
   }
 
+  // Run-to-run bit-identical results (`--full_determinism True`): ops whose fast kernels sum in
+  // an order that varies between runs (CUDA: atomics in the attention backward's dQ and the
+  // embedding backward) switch to kernels with one owner per output. The CPU backend is always
+  // deterministic (whatever the thread count) and ignores it.
+  virtual void set_deterministic(bool on) { (void)on; }
+
   // Pinned (page-locked) host memory for asynchronous transfers (CPU: ordinary memory).
   virtual void* alloc_pinned(size_t bytes) = 0;
   virtual void free_pinned(void* p) = 0;

@@ -53,6 +53,10 @@ int cmd_train(int argc, char** argv) {
                  "GPU runs: host memory the offloaded buffers may pin, e.g. 200GiB, or auto (the "
                  "memory available when the run starts)");
   add_bool_flag(app, "--use_flash_attn", &o.use_flash_attn, "tiled attention (default True)");
+  add_bool_flag(app, "--full_determinism", &o.full_determinism,
+                "bit-identical results run to run: CUDA kernels without atomics (attention "
+                "backward's dQ in a second kernel, embedding backward by column; slower). The "
+                "CPU is always deterministic");
   app.add_option("--dataset_format", o.dataset_format,
                  "auto, alpaca, messages, sharegpt, completion, text, tokenized");
   add_bool_flag(app, "--train_on_inputs", &o.train_on_inputs, "train prompt tokens too");

@@ -65,6 +65,8 @@ struct TrainOptions {
   // available when the run starts).
   std::string host_memory_budget = "auto";
   bool use_flash_attn = true;
+  // Bit-identical runs (HF's full_determinism): Backend::set_deterministic.
+  bool full_determinism = false;
   std::string dataset_format = "auto";
   bool train_on_inputs = false;
   bool packing = false;

@@ -378,14 +378,16 @@ void Trainer::setup_model() {
                lora_.embed_bf16 ? ", frozen embedding and LM head in bf16" : "",
                lora_.train_embed || lora_.train_norm ? ", plus embed/norm tensors" : "");
   backend_ = make_backend(o_.device, o_.bf16);
+  backend_->set_deterministic(o_.full_determinism);
   // The backend's own temporaries, planned for this run's largest ops (none on the CPU).
   const BackendWorkspace ws = backend_->workspace_needs(workspace_shape(config_, rs));
   plan_workspace(ws, &plan_);
   fmt::print("{}\n", plan_.describe());
   check_host_memory(plan_, *backend_, o_.host_memory_budget);
   check_device_memory(plan_, *backend_);
-  fmt::print("device: {}{}\n", backend_->name(),
-             o_.bf16 && backend_->name() == "cuda" ? " (bf16 GEMMs, f32 accumulation)" : "");
+  fmt::print("device: {}{}{}\n", backend_->name(),
+             o_.bf16 && backend_->name() == "cuda" ? " (bf16 GEMMs, f32 accumulation)" : "",
+             o_.full_determinism ? ", deterministic kernels" : "");
   workspace_ = bind_workspace_arena(*backend_, ws);
   model_ = std::make_unique<LlamaModel>(config_, *backend_, rs);
   if (distributed_) {  // every rank reads the checkpoint and keeps its part

@@ -7,6 +7,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -279,6 +280,25 @@ void enqueue(cudaStream_t stream, const char* what, std::function<void()> op) {
   if (rt().policy == StreamPolicy::kEager) run_until(s, s.issued);
 }
 
+namespace {
+
+// LONGTUNE_CUDA_EMU_SCHEDULE, when set.
+std::optional<Schedule> env_schedule() {
+  const char* env = std::getenv("LONGTUNE_CUDA_EMU_SCHEDULE");
+  if (!env || !*env) return std::nullopt;
+  const std::string v = env;
+  if (v == "in-order") return Schedule::kInOrder;
+  if (v == "reversed") return Schedule::kReversed;
+  if (v == "interleaved") return Schedule::kInterleaved;
+  std::fprintf(stderr,
+               "cuda_emu: LONGTUNE_CUDA_EMU_SCHEDULE=%s: allowed: in-order, reversed, "
+               "interleaved\n",
+               env);
+  std::abort();
+}
+
+}  // namespace
+
 void launch_on(cudaStream_t stream, const char* kernel, const void* func, dim3 grid, dim3 block,
                size_t shared_bytes, std::function<void()> body) {
   std::lock_guard lock(rt().mu);
@@ -293,7 +313,11 @@ void launch_on(cudaStream_t stream, const char* kernel, const void* func, dim3 g
                            "cudaFuncAttributeMaxDynamicSharedMemorySize is " +
                            std::to_string(allowed));
   }
-  enqueue(stream, kernel, [=] { launch(kernel, grid, block, shared_bytes, body); });
+  const std::optional<Schedule> schedule = env_schedule();
+  enqueue(stream, kernel, [=] {
+    if (schedule) set_schedule(*schedule);
+    launch(kernel, grid, block, shared_bytes, body);
+  });
 }
 
 namespace detail {

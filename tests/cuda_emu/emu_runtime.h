@@ -118,7 +118,10 @@ void set_stream_policy(StreamPolicy policy);
 // Puts op on stream (runs it now on the null stream or under kEager); what names it in errors.
 void enqueue(cudaStream_t stream, const char* what, std::function<void()> op);
 // A kernel launch on stream (the generated launchers' `<<<grid, block, shared, stream>>>`):
-// more than 48 KiB of dynamic shared memory needs cudaFuncSetAttribute on func first.
+// more than 48 KiB of dynamic shared memory needs cudaFuncSetAttribute on func first. When
+// LONGTUNE_CUDA_EMU_SCHEDULE is set (in-order, reversed, interleaved; read at every launch, so
+// that a test can change it between runs) the kernel runs under that schedule (emu.h), as a
+// GPU's blocks finish in another order from run to run; else under the one last set.
 void launch_on(cudaStream_t stream, const char* kernel, const void* func, dim3 grid, dim3 block,
                size_t shared_bytes, std::function<void()> body);
 

@@ -42,8 +42,9 @@ if grep -E "^FAIL|^SKIP" "$WORK/out/summary.txt" | grep -v "^SKIP  bench-hf-peft
   fail "a step failed or was skipped"
 fi
 for want in "PASS  setup" "PASS  conformance" "PASS  compare-full" "PASS  compare-lora-bf16 " \
-    "PASS  compare-lora-bf16-offload" "PASS  offload-vs-ckpt" "PASS  plan-vs-device" \
-    "PASS  bench-longtune-lora " "PASS  bench-gpu-ops " "PASS  bench-gpu-ops-transposed" \
+    "PASS  compare-lora-bf16-offload" "PASS  offload-vs-ckpt" "PASS  determinism" \
+    "PASS  plan-vs-device" "PASS  bench-longtune-lora " "PASS  bench-gpu-ops " \
+    "PASS  bench-gpu-ops-transposed" "PASS  bench-gpu-ops-deterministic" \
     "PASS  bench-longtune-lora-offload"; do
   grep -qF "$want" "$WORK/out/summary.txt" || fail "no line \"$want\" in summary.txt"
 done

@@ -8,6 +8,7 @@
 // reports).
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
@@ -290,20 +291,23 @@ TEST_P(AttentionEmu, ForwardBackward) {
   d_lse_ref.make_read_only();
   DVec want_dq, want_dk, want_dv;
   reference_backward(want_dq, want_dk, want_dv, dout, out, lse, q, k, v, s);
-  // Both backward kernels: B operands read down the row-major tiles (the default) and from
-  // transposed copies.
-  for (const bool transposed : {false, true}) {
-    SCOPED_TRACE(transposed ? "transposed tiles" : "row-major tiles only");
-    cuda::Context ctx = emu_context();
-    ctx.attention_transposed_tiles = transposed;
-    DeviceArray<float> d_dq(nq, kNaN), d_dk(nk, kNaN), d_dv(nk, kNaN);
-    cuda::attention_backward(ctx, d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(),
-                             d_out_ref.data(), d_lse_ref.data(), d_q.data(), d_k.data(), d_v.data(),
-                             s);
-    check(d_dq, want_dq, Scale::kMaxAbs, "backward dq (B,TQ,H,HD)");
-    check(d_dk, want_dk, Scale::kMaxAbs, "backward dk (B,TK,KVH,HD)");
-    check(d_dv, want_dv, Scale::kMaxAbs, "backward dv (B,TK,KVH,HD)");
-  }
+  // Every backward variant: B operands read down the row-major tiles (the default) or from
+  // transposed copies; dQ with atomics (the default) or by the deterministic query-tile kernel.
+  for (const bool deterministic : {false, true})
+    for (const bool transposed : {false, true}) {
+      SCOPED_TRACE(std::string(transposed ? "transposed tiles" : "row-major tiles only") +
+                   (deterministic ? ", deterministic dQ kernel" : ", dQ with atomics"));
+      cuda::Context ctx = emu_context();
+      ctx.attention_transposed_tiles = transposed;
+      ctx.deterministic = deterministic;
+      DeviceArray<float> d_dq(nq, kNaN), d_dk(nk, kNaN), d_dv(nk, kNaN);
+      cuda::attention_backward(ctx, d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(),
+                               d_out_ref.data(), d_lse_ref.data(), d_q.data(), d_k.data(),
+                               d_v.data(), s);
+      check(d_dq, want_dq, Scale::kMaxAbs, "backward dq (B,TQ,H,HD)");
+      check(d_dk, want_dk, Scale::kMaxAbs, "backward dk (B,TK,KVH,HD)");
+      check(d_dv, want_dv, Scale::kMaxAbs, "backward dv (B,TK,KVH,HD)");
+    }
 }
 
 std::string case_test_name(const testing::TestParamInfo<AttentionEmu::ParamType>& info) {
@@ -315,6 +319,56 @@ INSTANTIATE_TEST_SUITE_P(Schedules, AttentionEmu,
                          testing::Combine(testing::ValuesIn(cuda_emu::kSchedules),
                                           testing::ValuesIn(all_cases())),
                          case_test_name);
+
+// The order in which blocks run (in order, reversed, and the interleaved warps) stands in for a
+// GPU's varying block timing. dQ rows summed by atomics over five key tiles change in their last
+// bits when the blocks run in the other order (this shows the test can tell); the deterministic
+// backward gives the same bits under every schedule, for every output.
+TEST(AttentionEmuDeterminism, DeterministicBackwardIsBitIdenticalWhateverTheBlockOrder) {
+  AttentionShape s;
+  s.B = 1, s.T = 300, s.H = 4, s.KVH = 2, s.HD = 64;
+  s.scale = float(1.0 / std::sqrt(double(s.HD)));
+  const int64_t nq = s.T * s.H * s.HD, nk = s.T * s.KVH * s.HD;
+  const Vec q = random_vec(nq, 41, -2, 2), k = random_vec(nk, 42, -2, 2), v = random_vec(nk, 43),
+            dout = random_vec(nq, 44);
+  DVec want_out, want_lse;
+  reference_forward(want_out, want_lse, q, k, v, s);
+  const Vec out(want_out.begin(), want_out.end()), lse(want_lse.begin(), want_lse.end());
+  DeviceArray<float> d_q(q), d_k(k), d_v(v), d_dout(dout), d_out(out), d_lse(lse);
+  struct Grads {
+    Vec dq, dk, dv;
+  };
+  const auto backward = [&](Schedule schedule, bool deterministic) {
+    cuda_emu::set_schedule(schedule);
+    cuda::Context ctx = emu_context();
+    ctx.deterministic = deterministic;
+    DeviceArray<float> d_dq(nq, kNaN), d_dk(nk, kNaN), d_dv(nk, kNaN);
+    cuda::attention_backward(ctx, d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(),
+                             d_out.data(), d_lse.data(), d_q.data(), d_k.data(), d_v.data(), s);
+    cuda_emu::set_schedule(Schedule::kInOrder);
+    return Grads{d_dq.to_vector(), d_dk.to_vector(), d_dv.to_vector()};
+  };
+  const auto differing = [](const Vec& a, const Vec& b) {
+    int64_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+      n += std::bit_cast<uint32_t>(a[i]) != std::bit_cast<uint32_t>(b[i]);
+    return n;
+  };
+  const Grads atomics_in_order = backward(Schedule::kInOrder, false);
+  const Grads atomics_reversed = backward(Schedule::kReversed, false);
+  EXPECT_GT(differing(atomics_in_order.dq, atomics_reversed.dq), 0)
+      << "dQ by atomics gave the same bits in both block orders: the test cannot tell";
+  const Grads first = backward(Schedule::kInOrder, true);
+  for (Schedule schedule : cuda_emu::kSchedules) {
+    const Grads g = backward(schedule, true);
+    EXPECT_EQ(differing(g.dq, first.dq), 0) << schedule << ": dq";
+    EXPECT_EQ(differing(g.dk, first.dk), 0) << schedule << ": dk";
+    EXPECT_EQ(differing(g.dv, first.dv), 0) << schedule << ": dv";
+  }
+  // dK and dV have one owner in both backwards: the same kernel code, the same bits.
+  EXPECT_EQ(differing(first.dk, atomics_in_order.dk), 0);
+  EXPECT_EQ(differing(first.dv, atomics_in_order.dv), 0);
+}
 
 class AttentionMergeEmu : public testing::TestWithParam<Schedule> {};
 

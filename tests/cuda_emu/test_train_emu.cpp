@@ -5,7 +5,8 @@
 // The emulated device runs its copy stream lazily (emu_runtime.h), so a checkpoint copied
 // before the layer that wrote it, or read back before its prefetch was waited for, changes the
 // offload run's losses: they must equal the checkpointing run's bit for bit (the emulator runs
-// blocks in order, so even the attention backward's dq atomics add in one order).
+// blocks in one order unless LONGTUNE_CUDA_EMU_SCHEDULE says otherwise, so even the attention
+// backward's dq atomics add in one order).
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -14,6 +15,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <map>
 #include <regex>
 #include <string>
 #include <vector>
@@ -234,6 +237,36 @@ TEST_F(TrainEmu, QloraWithMiniSequencesMatchesTheCpu) {
 TEST_F(TrainEmu, FpdtChunksMatchTheCpu) {
   const auto fpdt = with(kLoraBf16, {"--fpdt_chunk_size", "32"});
   compare("fpdt", train("fpdt", "cpu", fpdt), train("fpdt", "cuda", fpdt));
+}
+
+// --full_determinism: a full fine-tune of 320-token packed rows (5 key tiles a row: dQ rows
+// summed over up to 5 tiles; the embedding's ids repeat) gives the same model bytes whether the
+// emulated GPU runs its blocks in order or reversed (as a GPU's blocks finish in another order
+// run to run). Without the flag the two orders give different bits (the test can tell); with it
+// the losses still match the CPU's.
+TEST_F(TrainEmu, FullDeterminismGivesTheSameBitsWhateverTheBlockOrder) {
+  const std::vector<std::string> rows = {"--model_max_length", "320", "--packing", "True"};
+  const auto model_bytes = [](const std::string& name) {
+    std::ifstream f(dir_ / (name + "-cuda") / "model.safetensors", std::ios::binary);
+    EXPECT_TRUE(f.good()) << name;
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  std::map<std::string, TrainRun> runs;
+  for (const std::string mode : {"default", "deterministic"})
+    for (const std::string order : {"in-order", "reversed"}) {
+      ASSERT_EQ(setenv("LONGTUNE_CUDA_EMU_SCHEDULE", order.c_str(), 1), 0);
+      const auto extra = mode == "default" ? rows : with(rows, {"--full_determinism", "True"});
+      runs[mode + "-" + order] = train(mode + "-" + order, "cuda", extra, 2);
+      unsetenv("LONGTUNE_CUDA_EMU_SCHEDULE");
+    }
+  EXPECT_NE(model_bytes("default-in-order"), model_bytes("default-reversed"))
+      << "the block order left the default kernels' bits alone: the test cannot tell";
+  EXPECT_EQ(model_bytes("deterministic-in-order"), model_bytes("deterministic-reversed"));
+  EXPECT_EQ(runs["deterministic-in-order"].losses, runs["deterministic-reversed"].losses);
+  EXPECT_NE(runs["deterministic-in-order"].log.find("deterministic kernels"), std::string::npos);
+  compare("deterministic",
+          train("deterministic", "cpu", with(rows, {"--full_determinism", "True"}), 2),
+          runs["deterministic-in-order"]);
 }
 
 // ZeRO in one process (the engine's collectives on a world of one are device copies): ZeRO-3

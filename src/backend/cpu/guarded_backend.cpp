@@ -80,6 +80,7 @@ class GuardedBackend final : public Backend {
   }
 
   // Pinned host memory is host memory: readable everywhere (as on a GPU machine).
+  void set_deterministic(bool on) override { inner_->set_deterministic(on); }
   void* alloc_pinned(size_t bytes) override { return inner_->alloc_pinned(bytes); }
   void free_pinned(void* p) override {
     flush_copies();

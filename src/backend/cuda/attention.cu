@@ -25,6 +25,13 @@
 // have one owner (written once, overwritten); dQ rows receive contributions from many key tiles
 // and are accumulated with f32 atomicAdd into dq (zeroed first): their summation order, hence
 // the last bits of dq, is not deterministic.
+//
+// Deterministic backward (Context::deterministic, `--full_determinism True`): the key-tile kernel
+// leaves dQ out, and a second kernel owns the query tiles as the forward does: one block per
+// (query tile, b, h), each warp 16 queries, dQ accumulated in registers over the visible key
+// tiles in order (S, P and dP recomputed: three tile products where the atomics took one) and
+// written once. Every output then has one owner and a fixed summation order: bit-identical run
+// to run.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -53,7 +60,8 @@ struct FlashParams {
   const int32_t* doc;  // (B,T) or null
   float* o_out;        // (B,TQ,H,HD)   forward output
   float* lse_out;      // (B,H,TQ)      forward output
-  float* dq;           // (B,TQ,H,HD)   backward: += (atomics; zeroed by the launcher)
+  float* dq;           // (B,TQ,H,HD)   backward: += (atomics; zeroed by the launcher), or
+                       //               written once by the deterministic dQ kernel
   float* dk;           // (B,TK,KVH,HD) backward: overwritten
   float* dv;           // (B,TK,KVH,HD) backward: overwritten
   int64_t B, T, H, KVH, HD, window;
@@ -110,6 +118,34 @@ __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const __nv_bfloat1
   a[3] = lds32(tile + (r0 + g + 8) * stride + c0 + 2 * t + 8);
 }
 
+// The warp's two products over the head dim, x = A1 B1^T and y = A2 B2^T (16 x 64 each): A tiles
+// row-major, the warp's 16 rows from row r0; B tiles row-major, 64 rows (the products' columns).
+// All four tiles have row stride `stride`. The backward's S^T = K Q^T and dP^T = V dO^T, the dQ
+// kernel's S = Q K^T and dP = dO V^T.
+template <int HDP, int kStride>
+__device__ __forceinline__ void warp_tile_products(float (&x)[8][4], float (&y)[8][4],
+                                                   const __nv_bfloat16* a1, const __nv_bfloat16* b1,
+                                                   const __nv_bfloat16* a2, const __nv_bfloat16* b2,
+                                                   int r0, int g, int t) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[nt][e] = y[nt][e] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < HDP / 16; ++kk) {
+    uint32_t f1[4], f2[4];
+    load_a_frag(f1, a1, kStride, r0, kk * 16, g, t);
+    load_a_frag(f2, a2, kStride, r0, kk * 16, g, t);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const __nv_bfloat16* r1 = b1 + (nt * 8 + g) * kStride + kk * 16 + 2 * t;
+      const __nv_bfloat16* r2 = b2 + (nt * 8 + g) * kStride + kk * 16 + 2 * t;
+      mma_bf16(x[nt], f1, lds32(r1), lds32(r1 + 8));
+      mma_bf16(y[nt], f2, lds32(r2), lds32(r2 + 8));
+    }
+  }
+}
+
 // Key j is visible from query i (both < T) under the mask of AttentionShape.
 __device__ __forceinline__ bool visible(int64_t i, int64_t j, int64_t window, int32_t doc_i,
                                         int32_t doc_j) {
@@ -144,6 +180,34 @@ __device__ bool stage_docs(int32_t* doc_s, const int32_t* doc, int64_t row0, int
     any = j < T && d >= lo && d <= hi;
   }
   return __syncthreads_or(any) != 0;
+}
+
+// The first key tile (a multiple of 64 from KB) and the end of the keys that a query tile
+// [q0, q0 + 64) can see: nothing before its window, nothing after its last query (causal).
+__device__ __forceinline__ void key_tiles_of(const FlashParams& p, int64_t q0, int64_t& first,
+                                             int64_t& end) {
+  const int64_t k_first = p.window > 0 ? max(p.KB, q0 - p.window + 1) : p.KB;
+  first = p.KB + (k_first - p.KB) / kTileK * kTileK;
+  end = min(p.KB + p.TK, q0 + kTileQ);
+}
+
+// For a query tile's loop over key tiles (the forward, the dQ kernel): after a barrier (the
+// previous tile is no longer read), stages key tile k0 of (b, kvh): its doc ids (kdoc_s; false,
+// and nothing staged, when none meets the query tile's documents [qlo, qhi]: skip it), K
+// row-major, V row-major (v_rows) and/or transposed (v_cols), then a barrier. Every thread must
+// call it.
+template <int HDP>
+__device__ bool stage_key_tile(__nv_bfloat16* k_s, __nv_bfloat16* v_rows, __nv_bfloat16* v_cols,
+                               int32_t* kdoc_s, const FlashParams& p, const int32_t* doc, int64_t b,
+                               int64_t kvh, int64_t k0, int32_t qlo, int32_t qhi) {
+  __syncthreads();
+  const int64_t k_stop = p.KB + p.TK;
+  if (doc && !stage_docs(kdoc_s, doc, k0, k_stop, qlo, qhi)) return false;
+  const int64_t base = (b * p.TK * p.KVH + kvh) * p.HD;
+  stage_tile<HDP>(k_s, nullptr, p.k + base, p.KVH * p.HD, k0 - p.KB, p.TK, p.HD);
+  stage_tile<HDP>(v_rows, v_cols, p.v + base, p.KVH * p.HD, k0 - p.KB, p.TK, p.HD);
+  __syncthreads();
+  return true;
 }
 
 // [min, max] of doc[row0 .. row0 + 64) (< T) into range[0..1]; every thread must call it.
@@ -204,16 +268,10 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
 #pragma unroll
   for (int nt = 0; nt < HDP / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
 
-  const int64_t k_first = p.window > 0 ? max(KB, q0 - p.window + 1) : KB;
-  const int64_t k_end = min(k_stop, q0 + kTileQ);  // causal: no later key is visible
-  for (int64_t k0 = KB + (k_first - KB) / kTileK * kTileK; k0 < k_end; k0 += kTileK) {
-    __syncthreads();  // the previous tile's k_s, vt_s and kdoc_s are no longer read
-    if (doc) {
-      if (!stage_docs(kdoc_s, doc, k0, k_stop, qlo, qhi)) continue;  // disjoint documents: skip
-    }
-    stage_tile<HDP>(k_s, nullptr, p.k + (b * TK * KVH + kvh) * HD, KVH * HD, k0 - KB, TK, HD);
-    stage_tile<HDP>(nullptr, vt_s, p.v + (b * TK * KVH + kvh) * HD, KVH * HD, k0 - KB, TK, HD);
-    __syncthreads();
+  int64_t k_tile0, k_end;
+  key_tiles_of(p, q0, k_tile0, k_end);
+  for (int64_t k0 = k_tile0; k0 < k_end; k0 += kTileK) {
+    if (!stage_key_tile<HDP>(k_s, nullptr, vt_s, kdoc_s, p, doc, b, kvh, k0, qlo, qhi)) continue;
 
     // S (16 x 64 per warp) = Q K^T
     float s[kTileK / 8][4];
@@ -316,16 +374,19 @@ __global__ void dout_dot_out_kernel(float* dvec, const float* dout, const float*
   if (lane == 0) dvec[(b * H + h) * T + i] = acc;
 }
 
-// Row-major k, v, q, dO tiles, dS, and with kTransposed the transposed K, Q and dO copies.
-template <int HDP, bool kTransposed>
+// Row-major k, v, q, dO tiles, dS (kDq only), and with kTransposed the transposed K, Q and dO
+// copies.
+template <int HDP, bool kTransposed, bool kDq>
 constexpr size_t backward_shared_bytes() {
   return size_t(4 * 64 * (HDP + kPad) + (kTransposed ? 3 * HDP * (64 + kPad) : 0) +
-                64 * (64 + kPad)) *
+                (kDq ? 64 * (64 + kPad) : 0)) *
              2 +
          3 * 64 * 4 + 2 * 4;
 }
 
-template <int HDP, bool kTransposed>
+// kDq: this kernel also adds dQ, with atomics; without it flash_backward_dq_kernel writes dQ
+// (the deterministic backward).
+template <int HDP, bool kTransposed, bool kDq>
 __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kStride = HDP + kPad, kStrideT = 64 + kPad;
@@ -338,11 +399,12 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
   __nv_bfloat16* kt_s = kTransposed ? do_s + 64 * kStride : nullptr;
   __nv_bfloat16* qt_s = kTransposed ? kt_s + kTransposedTile : nullptr;
   __nv_bfloat16* dot_s = kTransposed ? qt_s + kTransposedTile : nullptr;
-  __nv_bfloat16* ds_s = do_s + 64 * kStride + 3 * kTransposedTile;  // (64 queries, 64 keys) dS
-  auto* lse_s = reinterpret_cast<float*>(ds_s + 64 * kStrideT);     // (64)
-  float* dvec_s = lse_s + 64;                                       // (64)
-  auto* qdoc_s = reinterpret_cast<int32_t*>(dvec_s + 64);           // (64)
-  int32_t* krange_s = qdoc_s + 64;                                  // (2)
+  // (64 queries, 64 keys) dS, kDq only
+  __nv_bfloat16* ds_s = do_s + 64 * kStride + 3 * kTransposedTile;
+  auto* lse_s = reinterpret_cast<float*>(ds_s + (kDq ? 64 * kStrideT : 0));  // (64)
+  float* dvec_s = lse_s + 64;                                                // (64)
+  auto* qdoc_s = reinterpret_cast<int32_t*>(dvec_s + 64);                    // (64)
+  int32_t* krange_s = qdoc_s + 64;                                           // (2)
 
   const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD, G = H / KVH;
   const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
@@ -394,23 +456,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
 
       // S^T (16 keys x 64 queries per warp) = K Q^T and dP^T = V dO^T.
       float st[kTileQ / 8][4], dpt[kTileQ / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < kTileQ / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < HDP / 16; ++kk) {
-        uint32_t kf[4], vf[4];
-        load_a_frag(kf, k_s, kStride, warp * 16, kk * 16, g, t);
-        load_a_frag(vf, v_s, kStride, warp * 16, kk * 16, g, t);
-#pragma unroll
-        for (int nt = 0; nt < kTileQ / 8; ++nt) {
-          const __nv_bfloat16* qr = q_s + (nt * 8 + g) * kStride + kk * 16 + 2 * t;
-          const __nv_bfloat16* dr = do_s + (nt * 8 + g) * kStride + kk * 16 + 2 * t;
-          mma_bf16(st[nt], kf, lds32(qr), lds32(qr + 8));
-          mma_bf16(dpt[nt], vf, lds32(dr), lds32(dr + 8));
-        }
-      }
+      warp_tile_products<HDP, kStride>(st, dpt, k_s, q_s, v_s, do_s, warp * 16, g, t);
       // P^T = exp(S^T scale - lse) (0 where masked); dS^T = P^T (dP^T - D) scale.
       uint32_t pf[kTileQ / 16][4], dsf[kTileQ / 16][4];
 #pragma unroll
@@ -424,7 +470,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
           const float pv = vis ? __expf(st[nt][e] * p.scale - lse_s[c]) : 0.0f;
           st[nt][e] = pv;
           dpt[nt][e] = vis ? pv * (dpt[nt][e] - dvec_s[c]) * p.scale : 0.0f;
-          ds_s[c * kStrideT + warp * 16 + g + 8 * r] = __float2bfloat16_rn(dpt[nt][e]);
+          if constexpr (kDq)
+            ds_s[c * kStrideT + warp * 16 + g + 8 * r] = __float2bfloat16_rn(dpt[nt][e]);
         }
         pf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(st[nt][0], st[nt][1]);
         pf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(st[nt][2], st[nt][3]);
@@ -449,37 +496,39 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
           mma_bf16(dk_acc[nt], dsf[kk], qb0, qb1);
         }
       }
-      __syncthreads();  // dS of every warp is in ds_s
+      if constexpr (kDq) {  // else flash_backward_dq_kernel writes dQ
+        __syncthreads();    // dS of every warp is in ds_s
 
-      // dQ (64 queries x HDP) += dS (64 x 64 keys) K: warp w takes queries 16w..16w+15, one
-      // 8-column slice at a time, and adds it to dq with atomics.
-      uint32_t af[kTileK / 16][4];
+        // dQ (64 queries x HDP) += dS (64 x 64 keys) K: warp w takes queries 16w..16w+15, one
+        // 8-column slice at a time, and adds it to dq with atomics.
+        uint32_t af[kTileK / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < kTileK / 16; ++kk)
-        load_a_frag(af[kk], ds_s, kStrideT, warp * 16, kk * 16, g, t);
-      const int64_t qrow[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+        for (int kk = 0; kk < kTileK / 16; ++kk)
+          load_a_frag(af[kk], ds_s, kStrideT, warp * 16, kk * 16, g, t);
+        const int64_t qrow[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
 #pragma unroll 4
-      for (int nt = 0; nt < HDP / 8; ++nt) {
-        if (nt * 8 >= HD) break;  // warp-uniform (mma.sync needs the whole warp): padding only
-        const int d = nt * 8 + 2 * t;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int nt = 0; nt < HDP / 8; ++nt) {
+          if (nt * 8 >= HD) break;  // warp-uniform (mma.sync needs the whole warp): padding only
+          const int d = nt * 8 + 2 * t;
+          float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int kk = 0; kk < kTileK / 16; ++kk) {
-          uint32_t kb0, kb1;
-          if constexpr (kTransposed) {
-            const __nv_bfloat16* kr = kt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
-            kb0 = lds32(kr), kb1 = lds32(kr + 8);
-          } else {
-            load_b_frag_down(kb0, kb1, k_s, kStride, kk * 16, nt * 8 + g, t);
+          for (int kk = 0; kk < kTileK / 16; ++kk) {
+            uint32_t kb0, kb1;
+            if constexpr (kTransposed) {
+              const __nv_bfloat16* kr = kt_s + (nt * 8 + g) * kStrideT + kk * 16 + 2 * t;
+              kb0 = lds32(kr), kb1 = lds32(kr + 8);
+            } else {
+              load_b_frag_down(kb0, kb1, k_s, kStride, kk * 16, nt * 8 + g, t);
+            }
+            mma_bf16(acc, af[kk], kb0, kb1);
           }
-          mma_bf16(acc, af[kk], kb0, kb1);
-        }
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          if (qrow[r] >= q_stop || d >= HD) continue;
-          float* dst = p.dq + (row_base + (qrow[r] - QB) * H) * HD + d;
-          atomicAdd(dst, acc[2 * r]);
-          if (d + 1 < HD) atomicAdd(dst + 1, acc[2 * r + 1]);
+          for (int r = 0; r < 2; ++r) {
+            if (qrow[r] >= q_stop || d >= HD) continue;
+            float* dst = p.dq + (row_base + (qrow[r] - QB) * H) * HD + d;
+            atomicAdd(dst, acc[2 * r]);
+            if (d + 1 < HD) atomicAdd(dst + 1, acc[2 * r + 1]);
+          }
         }
       }
     }
@@ -496,6 +545,113 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
       const int d = nt * 8 + 2 * t;
       if (d < HD) dkrow[d] = dk_acc[nt][2 * r], dvrow[d] = dv_acc[nt][2 * r];
       if (d + 1 < HD) dkrow[d + 1] = dk_acc[nt][2 * r + 1], dvrow[d + 1] = dv_acc[nt][2 * r + 1];
+    }
+  }
+}
+
+// Deterministic dQ: one block per (query tile of 64, b, h), longest tiles first as the forward;
+// each warp owns 16 queries and accumulates their dQ (16 x HDP) in registers over the visible
+// key tiles in order: S = Q K^T and dP = dO V^T (A fragments from the row-major Q and dO tiles,
+// B from the key rows), P = exp(S scale - lse), dS = P (dP - D) scale, dQ += dS K (dS in the
+// C-to-A register layout, K read down its columns). Written once (overwritten): every row of the
+// block, also those that see no key (zero).
+template <int HDP>
+constexpr size_t backward_dq_shared_bytes() {
+  return size_t(4 * 64 * (HDP + kPad)) * 2 + 64 * 4 + 2 * 4;
+}
+
+template <int HDP>
+__global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(FlashParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kStride = HDP + kPad;
+  auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);             // (64 queries, HDP)
+  __nv_bfloat16* do_s = q_s + 64 * kStride;                       // (64 queries, HDP)
+  __nv_bfloat16* k_s = do_s + 64 * kStride;                       // (64 keys, HDP)
+  __nv_bfloat16* v_s = k_s + 64 * kStride;                        // (64 keys, HDP)
+  auto* kdoc_s = reinterpret_cast<int32_t*>(v_s + 64 * kStride);  // (64)
+  int32_t* qrange_s = kdoc_s + 64;                                // (2)
+
+  const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD;
+  const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
+  const int64_t q_stop = QB + TQ, k_stop = KB + TK;
+  const int64_t n_qt = (TQ + kTileQ - 1) / kTileQ;
+  const int64_t q0 = QB + (n_qt - 1 - blockIdx.x) * kTileQ;
+  const int64_t b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KVH);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  const int32_t* doc = p.doc ? p.doc + b * T : nullptr;
+  const int64_t row_base = b * TQ * H + h;  // row (b, i, h) = row_base + (i - QB) * H
+
+  stage_tile<HDP>(q_s, nullptr, p.q + row_base * HD, H * HD, q0 - QB, TQ, HD);
+  stage_tile<HDP>(do_s, nullptr, p.dout + row_base * HD, H * HD, q0 - QB, TQ, HD);
+  int32_t qlo = 0, qhi = 0;
+  if (doc) {
+    doc_range(qrange_s, doc, q0, q_stop);
+    qlo = qrange_s[0], qhi = qrange_s[1];
+  }
+
+  // This thread's two query rows; lse = -inf (a row that sees nothing) -> +inf so P = 0, as
+  // rows past the block.
+  const int64_t qi[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  int32_t qdoc[2];
+  float lse[2], dvec[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = qi[r] < q_stop;
+    qdoc[r] = doc && in ? doc[qi[r]] : 0;
+    const float L = in ? p.lse[(b * H + h) * TQ + qi[r] - QB] : INFINITY;
+    lse[r] = L == -INFINITY ? INFINITY : L;
+    dvec[r] = in ? p.dvec[(b * H + h) * TQ + qi[r] - QB] : 0.0f;
+  }
+  float dq_acc[HDP / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < HDP / 8; ++nt)
+    dq_acc[nt][0] = dq_acc[nt][1] = dq_acc[nt][2] = dq_acc[nt][3] = 0.0f;
+
+  int64_t k_tile0, k_end;
+  key_tiles_of(p, q0, k_tile0, k_end);
+  for (int64_t k0 = k_tile0; k0 < k_end; k0 += kTileK) {
+    if (!stage_key_tile<HDP>(k_s, v_s, nullptr, kdoc_s, p, doc, b, kvh, k0, qlo, qhi)) continue;
+
+    // S (16 x 64 per warp) = Q K^T and dP = dO V^T.
+    float s[kTileK / 8][4], dp[kTileK / 8][4];
+    warp_tile_products<HDP, kStride>(s, dp, q_s, k_s, do_s, v_s, warp * 16, g, t);
+    // dS = P (dP - D) scale with P = exp(S scale - lse) (0 where masked), packed as A fragments.
+    uint32_t dsf[kTileK / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < kTileK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const int64_t j = k0 + nt * 8 + 2 * t + (e & 1);
+        const bool vis = qi[r] < q_stop && j < k_stop &&
+                         visible(qi[r], j, p.window, qdoc[r], doc ? kdoc_s[j - k0] : 0);
+        const float pv = vis ? __expf(s[nt][e] * p.scale - lse[r]) : 0.0f;
+        dp[nt][e] = vis ? pv * (dp[nt][e] - dvec[r]) * p.scale : 0.0f;
+      }
+      dsf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(dp[nt][0], dp[nt][1]);
+      dsf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(dp[nt][2], dp[nt][3]);
+    }
+    // dQ (16 x HDP) += dS (16 x 64 keys) K (64 keys x HDP).
+#pragma unroll
+    for (int nt = 0; nt < HDP / 8; ++nt) {
+#pragma unroll
+      for (int kk = 0; kk < kTileK / 16; ++kk) {
+        uint32_t kb0, kb1;
+        load_b_frag_down(kb0, kb1, k_s, kStride, kk * 16, nt * 8 + g, t);
+        mma_bf16(dq_acc[nt], dsf[kk], kb0, kb1);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (qi[r] >= q_stop) continue;
+    float* dqrow = p.dq + (row_base + (qi[r] - QB) * H) * HD;
+#pragma unroll
+    for (int nt = 0; nt < HDP / 8; ++nt) {
+      const int d = nt * 8 + 2 * t;
+      if (d < HD) dqrow[d] = dq_acc[nt][2 * r];
+      if (d + 1 < HD) dqrow[d + 1] = dq_acc[nt][2 * r + 1];
     }
   }
 }
@@ -560,7 +716,8 @@ size_t attention_shared_bytes(int64_t HD) {
   size_t bytes = 0;
   with_padded_head_dim(HD, [&](auto hdp) {
     constexpr int kHdp = decltype(hdp)::value;
-    bytes = std::max(forward_shared_bytes<kHdp>(), backward_shared_bytes<kHdp, true>());
+    bytes = std::max({forward_shared_bytes<kHdp>(), backward_shared_bytes<kHdp, true, true>(),
+                      backward_dq_shared_bytes<kHdp>()});
   });
   return bytes;
 }
@@ -593,28 +750,48 @@ void attention_backward(const Context& ctx, float* dq, float* dk, float* dv, con
     dout_dot_out_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream>>>(dvec, dout, out, s.B,
                                                                           s.q_rows(), s.H, s.HD);
     LT_CUDA_CHECK_LAUNCH();
-    LT_CUDA_CHECK(cudaMemsetAsync(dq, 0, size_t(rows * s.HD) * 4, ctx.stream));
+    // The deterministic dQ kernel writes every row; the atomics add to zeros.
+    if (!ctx.deterministic)
+      LT_CUDA_CHECK(cudaMemsetAsync(dq, 0, size_t(rows * s.HD) * 4, ctx.stream));
   }
   FlashParams p = make_params(s);
   p.q = q, p.k = k, p.v = v, p.out = out, p.dout = dout, p.lse = lse, p.dvec = dvec;
   p.dq = dq, p.dk = dk, p.dv = dv;
   const int64_t n_kt = (s.k_rows() + kTileK - 1) / kTileK;
-  if (n_kt == 0) return;
-  const auto launch = [&](auto hdp, auto transposed) {
+  const int64_t n_qt = (s.q_rows() + kTileQ - 1) / kTileQ;
+  const auto launch = [&](auto hdp, auto transposed, auto with_dq) {
     constexpr int kHdp = decltype(hdp)::value;
-    constexpr bool kT = decltype(transposed)::value;
-    constexpr size_t bytes = backward_shared_bytes<kHdp, kT>();
-    LT_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<kHdp, kT>,
+    constexpr bool kT = decltype(transposed)::value, kDq = decltype(with_dq)::value;
+    constexpr size_t bytes = backward_shared_bytes<kHdp, kT, kDq>();
+    LT_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<kHdp, kT, kDq>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    flash_backward_kernel<kHdp, kT>
+    flash_backward_kernel<kHdp, kT, kDq>
         <<<dim3(unsigned(n_kt), unsigned(s.B * s.KVH)), kThreads, bytes, ctx.stream>>>(p);
     LT_CUDA_CHECK_LAUNCH();
   };
+  const auto launch_dq = [&](auto hdp) {
+    constexpr int kHdp = decltype(hdp)::value;
+    constexpr size_t bytes = backward_dq_shared_bytes<kHdp>();
+    LT_CUDA_CHECK(cudaFuncSetAttribute(flash_backward_dq_kernel<kHdp>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    flash_backward_dq_kernel<kHdp>
+        <<<dim3(unsigned(n_qt), unsigned(s.B * s.H)), kThreads, bytes, ctx.stream>>>(p);
+    LT_CUDA_CHECK_LAUNCH();
+  };
   with_padded_head_dim(s.HD, [&](auto hdp) {
-    if (ctx.attention_transposed_tiles)
-      launch(hdp, std::true_type{});
-    else
-      launch(hdp, std::false_type{});
+    if (n_kt > 0) {
+      const auto with_dq = [&](auto transposed) {
+        if (ctx.deterministic)
+          launch(hdp, transposed, std::false_type{});
+        else
+          launch(hdp, transposed, std::true_type{});
+      };
+      if (ctx.attention_transposed_tiles)
+        with_dq(std::true_type{});
+      else
+        with_dq(std::false_type{});
+    }
+    if (ctx.deterministic && n_qt > 0) launch_dq(hdp);
   });
 }
 

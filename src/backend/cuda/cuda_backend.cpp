@@ -114,6 +114,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string_view name() const override { return "cuda"; }
+  void set_deterministic(bool on) override { ctx_.deterministic = on; }
   bool supports(OpKind) const override { return true; }  // attention: HD <= 128 (per call)
 
   // ---- memory and transfers ----------------------------------------------------------------

@@ -59,6 +59,10 @@ struct Context {
   // The attention backward's former kernel, with transposed tile copies (attention.cu; set from
   // LONGTUNE_ATTENTION_TRANSPOSED_TILES=1, to compare the two on a GPU).
   bool attention_transposed_tiles = false;
+  // Deterministic kernels where the fast ones sum in an order that varies run to run (the
+  // attention backward's dQ: a second, query-tile kernel instead of atomics). Backend::
+  // set_deterministic (`--full_determinism True`).
+  bool deterministic = false;
 };
 
 // ---- linear.cu: cuBLAS GEMMs --------------------------------------------------------------

@@ -62,20 +62,29 @@ void gemm_on_bf16(const Context& ctx, float* C, int64_t ldc, const __nv_bfloat16
                                CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// dst (rows, cols), contiguous = bf16 of src (rows, cols) with row pitch `pitch`.
+// dst (rows, cols), contiguous = bf16 of src (rows, cols) with row pitch `pitch`. Every GEMM
+// input of the bf16 mode passes here: blocks stride over rows (y) and columns (x), so no element
+// pays a 64-bit division for its row.
 __global__ void to_bf16_2d_kernel(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
                                   int64_t pitch) {
-  const int64_t n = rows * cols;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = __float2bfloat16_rn(src[(i / cols) * pitch + i % cols]);
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const float* s = src + r * pitch;
+    __nv_bfloat16* d = dst + r * cols;
+    for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < cols;
+         c += int64_t(gridDim.x) * blockDim.x)
+      d[c] = __float2bfloat16_rn(s[c]);
+  }
 }
 
 void to_bf16_2d(const Context& ctx, __nv_bfloat16* dst, const float* src, int64_t rows,
                 int64_t cols, int64_t pitch) {
   if (rows * cols == 0) return;
-  to_bf16_2d_kernel<<<grid_for(rows * cols, 256, ctx.num_sms), 256, 0, ctx.stream>>>(dst, src, rows,
-                                                                                     cols, pitch);
+  constexpr int kThreads = 256;
+  // As many blocks as grid_for would give the whole matrix: columns first, rows with the rest.
+  const unsigned total = grid_for(rows * cols, kThreads, ctx.num_sms);
+  const unsigned gx = std::min<unsigned>(total, unsigned((cols + kThreads - 1) / kThreads));
+  const unsigned gy = unsigned(std::min<int64_t>({rows, int64_t(total / gx), 65535}));
+  to_bf16_2d_kernel<<<dim3(gx, gy), kThreads, 0, ctx.stream>>>(dst, src, rows, cols, pitch);
   LT_CUDA_CHECK_LAUNCH();
 }
 
