@@ -178,7 +178,9 @@ TEST(Planner, FpdtDeviceMemoryGrowsOnlyWithTheResidualStream) {
       "device bytes per sequence token on each of 4 ranks: Ulysses %.0f, FPDT %.0f "
       "(hidden %g)\n",
       ulysses, fpdt, D);
-  EXPECT_LT(fpdt, 0.3 * ulysses);
+  // Ulysses keeps about 13.7 f32 hidden vectors per local token (3.4 per sequence token on each
+  // of the 4 ranks; dL/d(out) and dq live in the layer's dead activations), FPDT a third of it.
+  EXPECT_LT(fpdt, 0.4 * ulysses);
   // What remains per local token, as the engine allocates it: the two f32 staging buffers and
   // the bf16 one the checkpoints leave through, the residual gradient and the final norm's
   // input (f32), RoPE tables and token ids: under 5 f32 hidden vectors.

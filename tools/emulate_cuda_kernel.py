@@ -131,7 +131,7 @@ LAUNCHER_FILES = {
                               "bf16_to_f32_kernel": 1, "f32_to_bf16_kernel": 1,
                               "round_to_bf16_kernel": 1},
                   "shared": 1, "constant": 0},
-    "nf4.cu": {"kernels": {"nf4_dequantize_kernel": 1}, "shared": 0, "constant": 1},
+    "nf4.cu": {"kernels": {"nf4_dequantize_kernel": 1}, "shared": 0, "constant": 2},
     # cuBLAS: tests/cuda_emu/emu_cublas.h. <cuda_bf16.h> goes (emu.h provides bf16).
     "linear.cu": {"kernels": {"add_bias_kernel": 1, "column_sum_partial_kernel": 1,
                               "column_sum_finish_kernel": 1, "to_bf16_2d_kernel": 1},

@@ -74,10 +74,13 @@ struct LlamaModel::Work {
   float* head_expand;             // bf16 LM head: (head_expand_rows, D) widened rows
   int64_t head_expand_rows = 0;
   float *dres, *dnorm, *dattn, *dq, *dk, *dv;  // (N,D) (N,D) (N,H*HD) (N,H*HD) (N,KVH*HD) x2
-  float* base_weight;                          // packed base: one expanded (OUT,IN) weight
-  float *lora_t, *lora_u;                      // (N,R) LoRA intermediates
-  float *lora_xd, *lora_dxd;                   // dropped-out input and its gradient:
-  size_t lora_xd_numel = 0;                    // rows x IN of the widest projection
+  // dattn and dq (null) live in the layer's ffn_in and x_mid, dead once its MLP backward is done
+  // (layer_backward; the plain and Ulysses paths, not FPDT's chunks), when H*HD <= D.
+  bool attn_grads_in_acts = false;
+  float* base_weight;         // packed base: one expanded (OUT,IN) weight
+  float *lora_t, *lora_u;     // (N,R) LoRA intermediates
+  float *lora_xd, *lora_dxd;  // dropped-out input and its gradient:
+  size_t lora_xd_numel = 0;   // rows x IN of the widest projection
   int64_t mlp_chunk = 0, lm_chunk = 0;
 };
 
@@ -430,8 +433,11 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     w->dres = b.take("grad.res", N * D, MemCategory::kScratch, "scratch");
     if (!fpdt) {  // FPDT keeps these per chunk (SeqWork)
       w->dnorm = b.take("grad.norm", N * D, MemCategory::kScratch, "scratch");
-      w->dattn = b.take("grad.attn_out", N * QD, MemCategory::kAttention, "scratch");
-      w->dq = b.take("grad.q", N * QD, MemCategory::kAttention, "scratch");
+      w->attn_grads_in_acts = QD <= D;
+      if (!w->attn_grads_in_acts) {
+        w->dattn = b.take("grad.attn_out", N * QD, MemCategory::kAttention, "scratch");
+        w->dq = b.take("grad.q", N * QD, MemCategory::kAttention, "scratch");
+      }
       w->dk = b.take("grad.k", N * KVD, MemCategory::kAttention, "scratch");
       w->dv = b.take("grad.v", N * KVD, MemCategory::kAttention, "scratch");
     }
@@ -1021,19 +1027,21 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
   be_.rmsnorm_backward(dres, g.ffn_norm, k.dnorm, a.x_mid, w.ffn_norm, a.ffn_rstd, N, D,
                        Accumulate::kYes);
 
-  // Attention.
-  project_backward(k.dattn, slot(Proj::kO), dres, a.attn_out, N, l, 0, Accumulate::kNo);
+  // Attention. From here on ffn_in and x_mid are dead: they may hold dL/d(attn_out) and dq.
+  float* dattn = k.attn_grads_in_acts ? a.ffn_in : k.dattn;
+  float* dq = k.attn_grads_in_acts ? a.x_mid : k.dq;
+  project_backward(dattn, slot(Proj::kO), dres, a.attn_out, N, l, 0, Accumulate::kNo);
   if (settings_.sequence_path()) {
-    seq_attention_backward(l, a);
+    seq_attention_backward(l, a, dattn, dq);
   } else {
     AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), ms.docs, 1.0f / std::sqrt(float(HD))};
     if (settings_.flash_attention)
-      be_.attention_backward(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
+      be_.attention_backward(dq, k.dk, k.dv, dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
     else
-      attention_backward_naive(k.dq, k.dk, k.dv, k.dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
-    be_.rope_backward(k.dq, k.dq, ms.rope_cos, ms.rope_sin, N, H, HD);
+      attention_backward_naive(dq, k.dk, k.dv, dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
+    be_.rope_backward(dq, dq, ms.rope_cos, ms.rope_sin, N, H, HD);
     be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
-    project_backward(k.dnorm, slot(Proj::kQ), k.dq, a.attn_in, N, l, 0, Accumulate::kNo);
+    project_backward(k.dnorm, slot(Proj::kQ), dq, a.attn_in, N, l, 0, Accumulate::kNo);
     project_backward(k.dnorm, slot(Proj::kK), k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
     project_backward(k.dnorm, slot(Proj::kV), k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
   }
@@ -1112,7 +1120,7 @@ void LlamaModel::seq_attention_forward(int64_t l, LayerActs& a) {
   from_heads(a.attn_out, a.o_heads, N, QD);
 }
 
-void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
+void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a, float* dattn, float* dq) {
   const ModelConfig& cf = config_;
   Work& k = *work_;
   const Slot& ms = slot();
@@ -1121,17 +1129,17 @@ void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a) {
   const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
   AttentionShape whole{
       1, N * P, H / P, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
-  to_heads(k.dattn, k.dattn, N, QD);  // dL/d(out) in head layout
+  to_heads(dattn, dattn, N, QD);  // dL/d(out) in head layout
   if (settings_.flash_attention)
-    be_.attention_backward(k.dq, k.dk, k.dv, k.dattn, a.o_heads, a.lse, a.q, a.k, a.v, whole);
+    be_.attention_backward(dq, k.dk, k.dv, dattn, a.o_heads, a.lse, a.q, a.k, a.v, whole);
   else
-    attention_backward_naive(k.dq, k.dk, k.dv, k.dattn, a.o_heads, a.lse, a.q, a.k, a.v, whole);
-  from_heads(k.dq, k.dq, N, QD);
+    attention_backward_naive(dq, k.dk, k.dv, dattn, a.o_heads, a.lse, a.q, a.k, a.v, whole);
+  from_heads(dq, dq, N, QD);
   from_heads(k.dk, k.dk, N, KVD);
   from_heads(k.dv, k.dv, N, KVD);
-  be_.rope_backward(k.dq, k.dq, ms.rope_cos, ms.rope_sin, N, H, HD);
+  be_.rope_backward(dq, dq, ms.rope_cos, ms.rope_sin, N, H, HD);
   be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
-  project_backward(k.dnorm, sl[int(Proj::kQ)], k.dq, a.attn_in, N, l, 0, Accumulate::kNo);
+  project_backward(k.dnorm, sl[int(Proj::kQ)], dq, a.attn_in, N, l, 0, Accumulate::kNo);
   project_backward(k.dnorm, sl[int(Proj::kK)], k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
   project_backward(k.dnorm, sl[int(Proj::kV)], k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
 }

@@ -269,9 +269,10 @@ class LlamaModel {
   void layer_forward(int64_t l, LayerActs& a, Pass pass);
   void layer_backward(int64_t l, LayerActs& a, float* dres);
   // DeepSpeed-Ulysses attention: q/k/v projections and RoPE, all-to-all to whole sequences of
-  // H/P heads, attention, all-to-all back into a.attn_out; its backward into k.dnorm.
+  // H/P heads, attention, all-to-all back into a.attn_out; its backward (from dattn, dL/d(out),
+  // through dq, both (N, H*HD)) into k.dnorm.
   void seq_attention_forward(int64_t l, LayerActs& a);
-  void seq_attention_backward(int64_t l, LayerActs& a);
+  void seq_attention_backward(int64_t l, LayerActs& a, float* dattn, float* dq);
   // FPDT: a whole layer's forward (kRecompute: up to the stored attention output) and backward,
   // chunk by chunk over the sequence.
   void fpdt_forward(int64_t l, LayerActs& a, Pass pass);

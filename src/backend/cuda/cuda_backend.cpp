@@ -20,7 +20,6 @@
 #include "backend/cuda_module.h"
 #include "core/check.h"
 #include "core/error.h"
-#include "ops/nf4.h"
 
 namespace lt {
 namespace cuda {
@@ -104,7 +103,6 @@ class CudaBackend final : public Backend {
     (void)cudaStreamSynchronize(copy_);
     scratch_.release();
     gemm_scratch_.release();
-    if (absmax_table_) (void)cudaFree(absmax_table_);
     (void)cudaStreamSynchronize(compute_);
     (void)cublasDestroy(cublas_);
     (void)cudaEventDestroy(compute_done_);
@@ -386,12 +384,11 @@ class CudaBackend final : public Backend {
   void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
                       const float* absmax_scale, float absmax_offset, int64_t n) override {
     LT_CHECK(n >= 0 && n % 2 == 0, "nf4_dequantize: n={} must be even on CUDA", n);
-    if (!absmax_table_) {  // the 256-entry dynamic map, uploaded once
-      absmax_table_ = static_cast<float*>(alloc(256 * sizeof(float)));
-      copy_to_device(absmax_table_, dynamic_map_code().data(), 256 * sizeof(float));
+    if (!nf4_tables_uploaded_) {  // the code tables into constant memory, once
+      cuda::nf4_upload_tables(ctx_);
+      nf4_tables_uploaded_ = true;
     }
-    cuda::nf4_dequantize(ctx_, out,
-                         {packed, absmax_q, absmax_table_, absmax_scale, absmax_offset, n});
+    cuda::nf4_dequantize(ctx_, out, {packed, absmax_q, absmax_scale, absmax_offset, n});
   }
 
  private:
@@ -440,8 +437,8 @@ class CudaBackend final : public Backend {
 
   int device_;
   std::string device_name_;
-  size_t max_pitch_ = 0;           // cudaMemcpy2D's largest pitch
-  float* absmax_table_ = nullptr;  // NF4 double-quantization code table (256), device memory
+  size_t max_pitch_ = 0;              // cudaMemcpy2D's largest pitch
+  bool nf4_tables_uploaded_ = false;  // cuda::nf4_upload_tables
   cudaStream_t compute_ = nullptr, copy_ = nullptr;
   cudaEvent_t compute_done_ = nullptr, copies_done_ = nullptr;
   cublasHandle_t cublas_ = nullptr;

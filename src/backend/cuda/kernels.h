@@ -140,15 +140,17 @@ void round_to_bf16(const Context& ctx, float* x, int64_t n);
 // ---- nf4.cu -------------------------------------------------------------------------------
 // NF4 weight in device memory, the layout of src/ops/nf4.h: element i is
 //   code[nibble(i)] * (absmax_table[absmax_codes[i/64]] * absmax_scale[i/(64*256)] + offset),
-// nibble(i) = i even ? codes[i/2] >> 4 : codes[i/2] & 15 (high nibble first, as bitsandbytes).
+// nibble(i) = i even ? codes[i/2] >> 4 : codes[i/2] & 15 (high nibble first, as bitsandbytes);
+// code = nf4_code(), absmax_table = dynamic_map_code() (src/ops/nf4.h), both in constant memory.
 struct Nf4Device {
   const uint8_t* codes = nullptr;         // (ceil(n/2)) packed 4-bit codes
   const uint8_t* absmax_codes = nullptr;  // (ceil(n/64)) 8-bit code of each 64-block absmax
-  const float* absmax_table = nullptr;    // (256) dynamic_map_code() in device memory
   const float* absmax_scale = nullptr;    // (ceil(n/(64*256))) scale of each 256-block group
   float absmax_offset = 0;                // mean subtracted before quantizing the absmax
   int64_t n = 0;                          // elements
 };
+// The two code tables into constant memory, on ctx.stream: before the first nf4_dequantize.
+void nf4_upload_tables(const Context& ctx);
 void nf4_dequantize(const Context& ctx, float* out, const Nf4Device& w);
 
 // ---- lora.cu: LoRA's low-rank GEMMs and dropout with the CPU op's masks --------------------
