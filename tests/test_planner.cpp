@@ -405,6 +405,21 @@ TEST(Planner, CudaPlanCountsTheBackendWorkspace) {
       << "8B products are blocked to the cap";
 }
 
+// MST's LM-head rule (ceil(V/D) chunks, a chunk of logits as large as the hidden states) until a
+// chunk would pass 4096 rows: then 4096-row chunks, so the logits stop growing with the sequence.
+TEST(Planner, LmHeadChunksStopGrowingAt4096Rows) {
+  const ModelConfig c = mid_config();
+  const int64_t mst = (c.vocab_size + c.hidden_size - 1) / c.hidden_size;
+  for (const int64_t t : {mst * 1024, mst * 4096, mst * 4096 + 1, int64_t(1) << 20}) {
+    RunSettings s;
+    mini_sequence_auto(c, t, &s);
+    const int64_t rows = (t + s.lm_head_chunks - 1) / s.lm_head_chunks;
+    EXPECT_LE(rows, 4096) << t << " tokens";
+    if (t <= mst * 4096) EXPECT_EQ(s.lm_head_chunks, mst) << t << " tokens";
+    if (t > mst * 4096) EXPECT_EQ(s.lm_head_chunks, (t + 4095) / 4096) << t << " tokens";
+  }
+}
+
 // The plan reports the settings it planned: MST's automatic chunks, not the request's 1.
 TEST(Planner, ReportsTheMiniSequenceChunksItPlanned) {
   PlanRequest r;

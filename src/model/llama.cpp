@@ -397,10 +397,16 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
 
   auto w = std::make_unique<Work>();
   w->inv_freq = b.take("inv_freq", HD / 2, MemCategory::kScratch, "scratch");
-  // The final norm and the LM head run on the last pipeline stage only.
+  // The final norm and the LM head run on the last pipeline stage only. Its output lives in the
+  // shared layer activations' attn_in where there are such (dead after the last layer's forward;
+  // a backward's recompute rewrites them only after the loss has read final_in, and the loss
+  // runs right after its micro-batch's forward: stage_loss_backward).
   const bool last = l1 == c.num_hidden_layers;
-  w->final_in =
-      last ? b.take("final_in", N * D, MemCategory::kActivations, "activations") : nullptr;
+  const bool final_in_acts = !per_layer_acts && !fpdt;
+  w->final_in = !last ? nullptr
+                : final_in_acts
+                    ? out->shared_acts->attn_in
+                    : b.take("final_in", N * D, MemCategory::kActivations, "activations");
   w->final_rstd =
       last ? b.take("final_rstd", N, MemCategory::kActivations, "activations") : nullptr;
   // FPDT runs the MLP inside each sequence chunk: mini-sequence chunks no longer than that.

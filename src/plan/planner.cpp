@@ -271,8 +271,11 @@ std::optional<int64_t> parse_mini_sequence(const std::string& value) {
 void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
   // MST's rules: MLP chunks of ~hidden_size tokens; ceil(V/D) LM-head chunks, so that one chunk
   // of logits is as large as the hidden states. Chunks never go below kMinChunkRows rows: below
-  // that the GEMMs stop being compute-bound and the saving is no longer worth it.
-  constexpr int64_t kMinChunkRows = 256;
+  // that the GEMMs stop being compute-bound and the saving is no longer worth it. LM-head chunks
+  // never go above kMaxLmChunkRows rows: past 131K tokens MST's chunk (tokens / 32 rows of a
+  // 128K vocabulary) grows with the sequence (5 GiB of f32 logits at 350K tokens) while a
+  // 4096-row product (4 TFLOP for Llama-3-8B) is long compute-bound.
+  constexpr int64_t kMinChunkRows = 256, kMaxLmChunkRows = 4096;
   const int64_t t = std::max<int64_t>(1, tokens);
   auto chunks_for_rows = [&](int64_t rows) {
     rows = std::max(rows, std::min(t, kMinChunkRows));
@@ -281,7 +284,7 @@ void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
   s->mlp_chunks = chunks_for_rows(c.hidden_size);
   const int64_t lm_chunks =
       std::max<int64_t>(1, (c.vocab_size + c.hidden_size - 1) / c.hidden_size);
-  s->lm_head_chunks = chunks_for_rows((t + lm_chunks - 1) / lm_chunks);
+  s->lm_head_chunks = chunks_for_rows(std::min((t + lm_chunks - 1) / lm_chunks, kMaxLmChunkRows));
 }
 
 AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms, bool auto_ck) {
