@@ -34,7 +34,8 @@ if [ -n "$SEQS_RUN" ] && "$PY" -c "import torch, transformers" 2>/dev/null; then
   for T in ${SEQS//,/ }; do "$PY" bench/torch_train.py "$MODEL" "$T" 2 --threads "$THREADS" 2>/dev/null | tee -a "$R"; done
 fi
 echo "== longest sequence within $BUDGET (planner), verified by one training step"
-build/longtune plan --model_name_or_path "$MODEL" --model_max_length 1024 --memory_budget "$BUDGET" | tail -6 | tee "$OUT/longest.txt"
+build/longtune plan --model_name_or_path "$MODEL" --model_max_length 1024 --memory_budget "$BUDGET" |
+  sed -n '/^longest sequence within/,$p' | tee "$OUT/longest.txt"
 for k in vanilla flash mini ckpt offload; do
   case $k in vanilla) row="vanilla";; flash) row="+ flash attention";; mini) row="+ mini-sequence";;
     ckpt) row="+ checkpointing";; offload) row="+ offload";; esac
