@@ -146,10 +146,12 @@ __device__ __forceinline__ void warp_tile_products(float (&x)[8][4], float (&y)[
   }
 }
 
-// Key j is visible from query i (both < T) under the mask of AttentionShape.
-__device__ __forceinline__ bool visible(int64_t i, int64_t j, int64_t window, int32_t doc_i,
+// Key j is visible from query i under the mask of AttentionShape, both inside the block (rows
+// past the block's queries or keys see nothing).
+__device__ __forceinline__ bool visible(const FlashParams& p, int64_t i, int64_t j, int32_t doc_i,
                                         int32_t doc_j) {
-  return j <= i && (window <= 0 || i - j < window) && doc_i == doc_j;
+  return i < p.QB + p.TQ && j < p.KB + p.TK && j <= i && (p.window <= 0 || i - j < p.window) &&
+         doc_i == doc_j;
 }
 
 // Stages rows [row0, row0 + 64) of a (.., ld) f32 matrix, columns < HD, as bf16 into a
@@ -240,8 +242,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
   int32_t* qrange_s = kdoc_s + 64;                                   // (2)
 
   const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD;
-  const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
-  const int64_t q_stop = QB + TQ, k_stop = KB + TK;  // past the block's last query / key
+  const int64_t TQ = p.TQ, QB = p.QB;
+  const int64_t q_stop = QB + TQ;  // past the block's last query
   const int64_t n_qt = (TQ + kTileQ - 1) / kTileQ;
   const int64_t q0 = QB + (n_qt - 1 - blockIdx.x) * kTileQ;  // longest (last) query tiles first
   const int64_t b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KVH);
@@ -292,8 +294,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
         const int64_t j = k0 + nt * 8 + 2 * t + (e & 1);
-        const bool vis = qi[r] < q_stop && j < k_stop &&
-                         visible(qi[r], j, p.window, qdoc[r], doc ? kdoc_s[j - k0] : 0);
+        const bool vis = visible(p, qi[r], j, qdoc[r], doc ? kdoc_s[j - k0] : 0);
         s[nt][e] = vis ? s[nt][e] * p.scale : -INFINITY;
         mx[r] = fmaxf(mx[r], s[nt][e]);
       }
@@ -465,8 +466,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
         for (int e = 0; e < 4; ++e) {
           const int r = e / 2, c = nt * 8 + 2 * t + (e & 1);
           const int64_t i = q0 + c;
-          const bool vis = i < q_stop && kj[r] < k_stop &&
-                           visible(i, kj[r], p.window, doc ? qdoc_s[c] : 0, kdoc[r]);
+          const bool vis = visible(p, i, kj[r], doc ? qdoc_s[c] : 0, kdoc[r]);
           const float pv = vis ? __expf(st[nt][e] * p.scale - lse_s[c]) : 0.0f;
           st[nt][e] = pv;
           dpt[nt][e] = vis ? pv * (dpt[nt][e] - dvec_s[c]) * p.scale : 0.0f;
@@ -572,8 +572,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(FlashParams
   int32_t* qrange_s = kdoc_s + 64;                                // (2)
 
   const int64_t T = p.T, H = p.H, KVH = p.KVH, HD = p.HD;
-  const int64_t TQ = p.TQ, TK = p.TK, QB = p.QB, KB = p.KB;
-  const int64_t q_stop = QB + TQ, k_stop = KB + TK;
+  const int64_t TQ = p.TQ, QB = p.QB;
+  const int64_t q_stop = QB + TQ;
   const int64_t n_qt = (TQ + kTileQ - 1) / kTileQ;
   const int64_t q0 = QB + (n_qt - 1 - blockIdx.x) * kTileQ;
   const int64_t b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KVH);
@@ -623,8 +623,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(FlashParams
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
         const int64_t j = k0 + nt * 8 + 2 * t + (e & 1);
-        const bool vis = qi[r] < q_stop && j < k_stop &&
-                         visible(qi[r], j, p.window, qdoc[r], doc ? kdoc_s[j - k0] : 0);
+        const bool vis = visible(p, qi[r], j, qdoc[r], doc ? kdoc_s[j - k0] : 0);
         const float pv = vis ? __expf(s[nt][e] * p.scale - lse[r]) : 0.0f;
         dp[nt][e] = vis ? pv * (dp[nt][e] - dvec[r]) * p.scale : 0.0f;
       }
