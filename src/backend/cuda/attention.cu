@@ -74,6 +74,15 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// C fragment nt (16 x 8 f32) of a 16 x 64 product into the A fragments of the next product,
+// whose k-step nt / 2 it half fills (FlashAttention-2's register reuse: the C layout of tiles 2kk
+// and 2kk + 1 is the A layout of k-step kk), rounded to bf16.
+__device__ __forceinline__ void c_to_a_frag(uint32_t (&a)[kTileK / 16][4], const float (&c)[4],
+                                            int nt) {
+  a[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(c[0], c[1]);
+  a[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(c[2], c[3]);
+}
+
 __device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
@@ -321,9 +330,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashParams p) 
         s[nt][e] = __expf(s[nt][e] - m_use[e / 2]);
         l[e / 2] += s[nt][e];
       }
-      // C layout of S tiles 2kk, 2kk+1 is the A layout of P for k-step kk (FA2 register reuse).
-      pf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(s[nt][0], s[nt][1]);
-      pf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(s[nt][2], s[nt][3]);
+      c_to_a_frag(pf, s[nt], nt);
     }
 #pragma unroll
     for (int nt = 0; nt < HDP / 8; ++nt) {
@@ -473,10 +480,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(FlashParams p)
           if constexpr (kDq)
             ds_s[c * kStrideT + warp * 16 + g + 8 * r] = __float2bfloat16_rn(dpt[nt][e]);
         }
-        pf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(st[nt][0], st[nt][1]);
-        pf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(st[nt][2], st[nt][3]);
-        dsf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(dpt[nt][0], dpt[nt][1]);
-        dsf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(dpt[nt][2], dpt[nt][3]);
+        c_to_a_frag(pf, st[nt], nt);
+        c_to_a_frag(dsf, dpt[nt], nt);
       }
       // dV (16 keys x HDP) += P^T dO; dK += dS^T Q (B operands down the columns of dO and Q).
 #pragma unroll
@@ -627,8 +632,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_dq_kernel(FlashParams
         const float pv = vis ? __expf(s[nt][e] * p.scale - lse[r]) : 0.0f;
         dp[nt][e] = vis ? pv * (dp[nt][e] - dvec[r]) * p.scale : 0.0f;
       }
-      dsf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(dp[nt][0], dp[nt][1]);
-      dsf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(dp[nt][2], dp[nt][3]);
+      c_to_a_frag(dsf, dp[nt], nt);
     }
     // dQ (16 x HDP) += dS (16 x 64 keys) K (64 keys x HDP).
 #pragma unroll
