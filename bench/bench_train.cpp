@@ -12,7 +12,8 @@
 //             measured sgemm peak on the CPU, 989 on CUDA), fit=BYTES (also run the longest
 //             sequence the planner says fits in BYTES of device memory, one timed step; SEQ
 //             'fit' runs that length alone), host=BYTES (with fit on CUDA: the pinned host
-//             memory offloaded buffers may take)
+//             memory offloaded buffers may take), profile (one more step with op timing
+//             (Backend::set_op_profiling): a table of where its time went, after the JSON line)
 #include <fmt/format.h>
 #include <omp.h>
 
@@ -99,7 +100,7 @@ int run(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: bench_train MODEL_DIR|preset:NAME SEQ[,SEQ...]|fit [steps] [naive] "
                  "[mini=M|auto] [ckpt] [offload] [device=D] [lora=R] [bf16] [peak_tflops=X] "
-                 "[fit=BYTES] [host=BYTES]\n");
+                 "[fit=BYTES] [host=BYTES] [profile]\n");
     return 2;
   }
   const std::string model = argv[1];
@@ -111,7 +112,7 @@ int run(int argc, char** argv) {
   RunSettings base;
   std::string mini = "1", label, device = "cpu";
   int64_t lora_r = 0;
-  bool bf16 = false;
+  bool bf16 = false, profile = false;
   double peak_tflops = 0;
   size_t fit = 0, host_budget = 0;
   for (int i = 4; i < argc; ++i) {
@@ -130,6 +131,8 @@ int run(int argc, char** argv) {
       lora_r = number<int64_t>(a.substr(5), "lora=");
     else if (a == "bf16")
       bf16 = true;
+    else if (a == "profile")
+      profile = true;
     else if (a.rfind("peak_tflops=", 0) == 0)
       peak_tflops = number<double>(a.substr(12), "peak_tflops=");
     else if (a.rfind("fit=", 0) == 0)
@@ -138,7 +141,8 @@ int run(int argc, char** argv) {
       host_budget = parse_bytes(a.substr(5), "host=");
     else
       fail("unknown setting '{}'", a);
-    if (a.rfind("peak_tflops=", 0) != 0 && a.rfind("fit=", 0) != 0 && a.rfind("host=", 0) != 0)
+    if (a.rfind("peak_tflops=", 0) != 0 && a.rfind("fit=", 0) != 0 && a.rfind("host=", 0) != 0 &&
+        a != "profile")
       label += (label.empty() ? "" : "+") + a;
   }
   if (label.empty()) label = "default";
@@ -199,7 +203,8 @@ int run(int argc, char** argv) {
     std::vector<const Example*> rows = {&e};
     const std::vector<MicroBatch> micro = {make_micro_batch(rows)};
     const size_t predicted = plan_memory(plan_request(T, rs)).device_bytes;
-    double first_loss = 0, secs = 0;
+    double first_loss = 0, secs = 0, profile_ms = 0;
+    std::vector<OpTime> ops;
     // A fresh backend per length: its device-memory peak is this run's.
     auto be = make_backend(device, bf16);
     const bool host = be->host_addressable();
@@ -242,6 +247,16 @@ int run(int argc, char** argv) {
       if (steps_here > 0)
         secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
                steps_here;
+      if (profile) {  // one more step, every op timed where it runs
+        be->set_op_profiling(true);
+        const auto tp = std::chrono::steady_clock::now();
+        train_step(m, adam, opt, sched, micro, steps_here + 1);
+        ops = be->take_op_profile();  // waits for the step's work
+        profile_ms =
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tp)
+                .count();
+        be->set_op_profiling(false);
+      }
     }
     const size_t measured = host ? measured_peak_rss() : be->device_memory_use().peak;
     // PaLM's model FLOPs (plan/planner.h), the same count bench_gpu and `longtune plan` use.
@@ -255,6 +270,9 @@ int run(int argc, char** argv) {
         "\"peak_gflops\": {:.1f}, \"mfu\": {:.3f}}}\n",
         be->name(), label, T, threads, first_loss, std::max(steps_here, 1), secs, T / secs,
         measured, predicted, gflops, peak_gflops, gflops / peak_gflops);
+    if (profile)
+      fmt::print("op profile: {} {} seq {}, one step of {:.1f} ms\n{}", be->name(), label, T,
+                 profile_ms, format_op_profile(ops, profile_ms));
     std::fflush(stdout);
     if (!std::isfinite(first_loss)) fail("loss is not finite at seq {}", T);
   }

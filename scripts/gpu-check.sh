@@ -331,7 +331,10 @@ M8B=${GPU_CHECK_BENCH_MODEL:-preset:llama3-8b}
 TOKENS=${GPU_CHECK_BENCH_TOKENS:-4096,16384,32768}
 LORA8B=(device=cuda lora=16 bf16 mini=auto peak_tflops="$PEAK")
 if wants bench; then
-  step bench-longtune-lora 90 240 "$BUILD/bench_train" "$M8B" "$TOKENS" 1 "${LORA8B[@]}" ckpt
+  # `profile`: one more step per length with every op timed on the GPU (CUDA events), a table
+  # of where the step's time goes: kernels, cuBLAS products, bf16 staging, time outside the ops.
+  step bench-longtune-lora 90 240 "$BUILD/bench_train" "$M8B" "$TOKENS" 1 "${LORA8B[@]}" ckpt \
+    profile
   # One layer op by op: which kernel reaches what fraction of the peak.
   step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --preset "${M8B#preset:}" --precision bf16 \
     --peak_tflops "$PEAK" --tokens "$TOKENS"

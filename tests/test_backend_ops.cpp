@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -1012,6 +1013,99 @@ TEST_P(BackendOps, AsyncCopiesThroughPinnedMemory) {
   be_->free_pinned(pinned);
 }
 
+// The sums of an op profile by name (depth 0: Backend calls; 1: work inside them).
+std::map<std::string, OpTime> by_name(const std::vector<OpTime>& rows, int depth) {
+  std::map<std::string, OpTime> m;
+  for (const OpTime& r : rows) {
+    EXPECT_TRUE(std::isfinite(r.ms) && r.ms >= 0) << r.name << ": " << r.ms << " ms";
+    if (r.depth == depth) m[r.name] = r;
+  }
+  return m;
+}
+double total_ms(const std::map<std::string, OpTime>& m) {
+  double t = 0;
+  for (const auto& [name, r] : m) t += r.ms;
+  return t;
+}
+
+TEST(OpProfile, SumsByNameAndDepthAndShowsTheTimeOutsideTheOps) {
+  OpTimes t;
+  t.add("gemm", 1, 2.0);
+  t.add("linear_forward", 0, 3.0);
+  t.add("rmsnorm_forward", 0, 4.0);
+  t.add("linear_forward", 0, 2.5);
+  t.add("gemm", 1, 1.0);
+  const std::vector<OpTime> rows = t.take();
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[0].name, "linear_forward");  // depth 0 first, the longest first
+  EXPECT_EQ(rows[0].calls, 2);
+  EXPECT_DOUBLE_EQ(rows[0].ms, 5.5);
+  EXPECT_EQ(rows[1].name, "rmsnorm_forward");
+  EXPECT_EQ(rows[2].name, "gemm");
+  EXPECT_EQ(rows[2].depth, 1);
+  EXPECT_DOUBLE_EQ(rows[2].ms, 3.0);
+  EXPECT_TRUE(t.take().empty());
+  const std::string table = format_op_profile(rows, 10.0);
+  EXPECT_NE(table.find("linear_forward"), std::string::npos) << table;
+  EXPECT_NE(table.find("55.0%"), std::string::npos) << table;
+  EXPECT_LT(table.find("inside the ops above"), table.find("gemm")) << table;
+  // 10 ms of wall time, 9.5 in depth-0 ops (the nested gemm time is not added again).
+  const size_t outside = table.find("(outside the ops)");
+  ASSERT_NE(outside, std::string::npos) << table;
+  const std::string last = table.substr(outside);
+  EXPECT_NE(last.find(" 0.500 "), std::string::npos) << last;
+  EXPECT_NE(last.find(" 5.0%"), std::string::npos) << last;
+}
+
+// Backend::set_op_profiling: every call made while it is on is counted once, under its op's
+// name; take_op_profile clears the sums; nothing is counted while it is off. The CUDA backend
+// also times the cuBLAS products inside the calls (two per LoRA forward), within their callers'
+// time.
+TEST_P(BackendOps, OpProfileCountsEveryCallWhileOn) {
+  const int64_t N = 37, IN = 48, OUT = 29;
+  LoraCall c;
+  c.R = 5;
+  c.scale = 0.5f;
+  auto d_x = buf("inp", random_vec(N * IN, 80));
+  auto d_w = buf("weight", random_vec(OUT * IN, 81));
+  auto d_a = buf("a", random_vec(c.R * IN, 82));
+  auto d_b = buf("b", random_vec(OUT * c.R, 83));
+  auto d_y = out("out", N * OUT);
+  auto d_t = out("t", N * c.R);
+  auto linear = [&] {
+    be_->linear_forward(d_y->get(), d_x->get(), d_w->get(), nullptr, N, IN, OUT);
+  };
+  auto lora = [&] {
+    be_->lora_forward(d_y->get(), d_t->get(), nullptr, d_x->get(), d_a->get(), d_b->get(), N, IN,
+                      OUT, c);
+  };
+  linear();
+  EXPECT_TRUE(be_->take_op_profile().empty()) << "counted while off";
+  be_->set_op_profiling(true);
+  linear();
+  lora();
+  linear();
+  be_->scale_inplace(d_y->get(), N * OUT, 0.5f);
+  const std::vector<OpTime> rows = be_->take_op_profile();
+  const auto ops = by_name(rows, 0);
+  ASSERT_EQ(ops.size(), 3u) << "linear_forward, lora_forward, scale_inplace";
+  EXPECT_EQ(ops.at("linear_forward").calls, 2);
+  EXPECT_EQ(ops.at("lora_forward").calls, 1);
+  EXPECT_EQ(ops.at("scale_inplace").calls, 1);
+  const auto inside = by_name(rows, 1);
+  if (cpu()) {
+    EXPECT_TRUE(inside.empty());
+  } else {
+    ASSERT_EQ(inside.size(), 1u);
+    EXPECT_EQ(inside.at("cuBLAS GEMM (f32)").calls, 4) << "one per linear, two per LoRA";
+    EXPECT_LE(total_ms(inside), total_ms(ops) + 1e-3) << "nested spans lie inside their ops";
+  }
+  EXPECT_TRUE(be_->take_op_profile().empty()) << "take clears the sums";
+  be_->set_op_profiling(false);
+  lora();
+  EXPECT_TRUE(be_->take_op_profile().empty()) << "counted after profiling was turned off";
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu", "cpu-guarded", "cuda"),
                          [](const ::testing::TestParamInfo<std::string>& i) {
                            return i.param == "cpu-guarded" ? std::string("cpu_guarded") : i.param;
@@ -1053,6 +1147,30 @@ TEST(CudaBackend, Bf16GemmMode) {
   EXPECT_TRUE(all_close(d_dx16.read().data(), d_dx.read().data(), N * IN, 1e-5, 1e-5,
                         "bf16-weight linear_backward vs the widened weight"));
   EXPECT_EQ(d_e.read(), sentinel) << "the bf16 path widened the weight";
+}
+
+// With bf16 GEMMs the profile splits a linear layer into the staging of its f32 inputs (both
+// operands of an f32 weight, only the activations of a bf16 weight) and the cuBLAS product.
+TEST(CudaBackend, OpProfileSeparatesBf16StagingFromTheProducts) {
+  std::string reason;
+  auto be = make_cuda_backend(&reason, GemmPrecision::kBf16);
+  LT_CUDA_OR_SKIP(be, reason);
+  const int64_t N = 65, IN = 96, OUT = 33;
+  DeviceBuffer<float> d_x(*be, "inp", random_vec(N * IN, 84)),
+      d_w(*be, "weight", random_vec(OUT * IN, 85)), d_y(*be, "out", N * OUT),
+      d_e(*be, "expand", OUT * IN);
+  DeviceBuffer<uint16_t> d_w16(*be, "weight16", std::vector<uint16_t>(size_t(OUT * IN), 0x3f80));
+  be->set_op_profiling(true);
+  be->linear_forward(d_y.get(), d_x.get(), d_w.get(), nullptr, N, IN, OUT);
+  be->linear_forward_bf16w(d_y.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get(), OUT);
+  const std::vector<OpTime> rows = be->take_op_profile();
+  be->set_op_profiling(false);
+  const auto ops = by_name(rows, 0), inside = by_name(rows, 1);
+  ASSERT_EQ(ops.size(), 2u);
+  ASSERT_EQ(inside.size(), 2u);
+  EXPECT_EQ(inside.at("bf16 staging of GEMM inputs").calls, 3) << "2 for f32 weights, 1 for bf16";
+  EXPECT_EQ(inside.at("cuBLAS GEMM (bf16 inputs)").calls, 2);
+  EXPECT_LE(total_ms(inside), total_ms(ops) + 1e-3);
 }
 
 // bf16 GEMMs whose staged operands pass the GEMM workspace run block by block: bound to a small

@@ -165,6 +165,7 @@ RUNTIME_NAMES = {
     "cudaDeviceGetAttribute", "cudaDevAttrComputeCapabilityMajor", "cudaMemGetInfo",
     "cudaStreamCreateWithFlags", "cudaStreamDestroy", "cudaStreamNonBlocking", "cudaEvent_t",
     "cudaEventCreateWithFlags", "cudaEventDestroy", "cudaEventDisableTiming", "cudaEventRecord",
+    "cudaEventDefault", "cudaEventElapsedTime",
     "cudaStreamWaitEvent", "cudaMalloc", "cudaFree", "cudaMallocAsync", "cudaFreeAsync",
     "cudaMallocHost", "cudaFreeHost", "cudaMemcpy2DAsync", "cublasCreate", "cublasDestroy",
     "cublasSetStream", "cublasSetMathMode", "CUBLAS_DEFAULT_MATH",

@@ -8,6 +8,7 @@
 #include <string_view>
 #include <vector>
 
+#include "backend/op_profile.h"
 #include "ops/adamw.h"
 #include "ops/attention.h"
 #include "ops/common.h"
@@ -150,6 +151,12 @@ class Backend {
   // embedding backward) switch to kernels with one owner per output. The CPU backend is always
   // deterministic (whatever the thread count) and ignores it.
   virtual void set_deterministic(bool on) { (void)on; }
+
+  // Op timing (backend/op_profile.h): while on, the backend times every op call where it runs.
+  // take_op_profile waits for the work issued so far and returns the sums since profiling was
+  // turned on or last taken. A backend that cannot time returns nothing.
+  virtual void set_op_profiling(bool on) { (void)on; }
+  virtual std::vector<OpTime> take_op_profile() { return {}; }
 
   // Pinned (page-locked) host memory for asynchronous transfers (CPU: ordinary memory).
   virtual void* alloc_pinned(size_t bytes) = 0;

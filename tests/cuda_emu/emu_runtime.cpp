@@ -2,6 +2,7 @@
 // events (see the header for the model).
 #include "emu_runtime.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -31,9 +32,18 @@ struct Stream {
   bool running = false;           // an operation of it is running (its waits may recurse)
 };
 
+// When a timing event's record ran on its stream (the host clock: emulated kernels take the
+// time the CPU takes to run them).
+struct Stamp {
+  bool done = false;
+  std::chrono::steady_clock::time_point at;
+};
+
 struct Event {
-  Stream* stream = nullptr;  // the stream of the last record (null: complete)
-  uint64_t pos = 0;          // complete once stream->done >= pos
+  Stream* stream = nullptr;      // the stream of the last record (null: complete)
+  uint64_t pos = 0;              // complete once stream->done >= pos
+  bool timing = false;           // created without cudaEventDisableTiming
+  std::shared_ptr<Stamp> stamp;  // the last record's, for cudaEventElapsedTime
 };
 
 struct Runtime {
@@ -475,10 +485,11 @@ cudaError_t cudaStreamQuery(cudaStream_t stream) { return cudaStreamSynchronize(
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
   Lock lock(rt().mu);
-  if (flags != cudaEventDisableTiming)
+  if (flags != cudaEventDisableTiming && flags != cudaEventDefault)
     return lt::cuda_emu::error(cudaErrorInvalidValue,
                                "cudaEventCreateWithFlags: flags " + std::to_string(flags));
   auto* e = new lt::cuda_emu::Event;
+  e->timing = flags == cudaEventDefault;
   rt().events.insert(e);
   *event = reinterpret_cast<cudaEvent_t>(e);
   return cudaSuccess;
@@ -500,6 +511,26 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     return lt::cuda_emu::error(cudaErrorInvalidResourceHandle, "cudaEventRecord");
   e->stream = lt::cuda_emu::stream_of(stream);
   e->pos = e->stream ? e->stream->issued : 0;
+  if (e->timing) {  // the stream's clock when it gets here
+    auto stamp = std::make_shared<lt::cuda_emu::Stamp>();
+    e->stamp = stamp;
+    lt::cuda_emu::enqueue(stream, "cudaEventRecord", [stamp] {
+      stamp->at = std::chrono::steady_clock::now();
+      stamp->done = true;
+    });
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  Lock lock(rt().mu);
+  auto* a = reinterpret_cast<lt::cuda_emu::Event*>(start);
+  auto* b = reinterpret_cast<lt::cuda_emu::Event*>(end);
+  if (!rt().events.count(a) || !rt().events.count(b) || !a->timing || !b->timing)
+    return lt::cuda_emu::error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime");
+  if (!a->stamp || !b->stamp || !a->stamp->done || !b->stamp->done)
+    return lt::cuda_emu::error(cudaErrorNotReady, "cudaEventElapsedTime: not yet recorded");
+  *ms = std::chrono::duration<float, std::milli>(b->stamp->at - a->stamp->at).count();
   return cudaSuccess;
 }
 

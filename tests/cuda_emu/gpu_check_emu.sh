@@ -55,4 +55,11 @@ B=$WORK/out/benchmarks.txt
   fail "benchmarks.txt lacks the two checkpointing lines"
 grep -q '"settings": "[^"]*offload", "seq": 256' "$B" || fail "benchmarks.txt lacks offload at 256"
 grep -qE '^ +256 .*%' "$B" || fail "benchmarks.txt lacks bench_gpu's row at 256 tokens"
+# The op profile of a checkpointing step at each length: the attention kernels and the cuBLAS
+# products inside the linear layers each take a share.
+[ "$(grep -c '^op profile: cuda .*ckpt seq' "$B")" -eq 2 ] || fail "benchmarks.txt lacks the op profiles"
+for op in attention_backward linear_forward_bf16w "cuBLAS GEMM (bf16 inputs)" \
+    "bf16 staging of GEMM inputs" "(outside the ops)"; do
+  grep -qF "  $op " "$B" || fail "the op profile lacks $op"
+done
 echo "gpu_check_emu: every step passed"

@@ -79,8 +79,13 @@ class GuardedBackend final : public Backend {
     op_bound_ = op ? op_bytes : 0;
   }
 
-  // Pinned host memory is host memory: readable everywhere (as on a GPU machine).
   void set_deterministic(bool on) override { inner_->set_deterministic(on); }
+  void set_op_profiling(bool on) override { inner_->set_op_profiling(on); }
+  std::vector<OpTime> take_op_profile() override {
+    flush_copies();
+    return inner_->take_op_profile();
+  }
+  // Pinned host memory is host memory: readable everywhere (as on a GPU machine).
   void* alloc_pinned(size_t bytes) override { return inner_->alloc_pinned(bytes); }
   void free_pinned(void* p) override {
     flush_copies();

@@ -67,6 +67,74 @@ void* Scratch::get(size_t bytes, cudaStream_t stream) {
   return ptr_;
 }
 
+// The backend's Profiler: a pair of timing events on the stream around each span, read once
+// the stream has been waited for and summed by name (depth: how many spans enclose it). Events
+// are reused; with more than kMaxPending spans unread, begin waits for the stream and reads them
+// (profiled runs only).
+class EventProfiler final : public Profiler {
+ public:
+  EventProfiler() = default;
+  EventProfiler(const EventProfiler&) = delete;
+  EventProfiler& operator=(const EventProfiler&) = delete;
+  ~EventProfiler() {
+    // Teardown path: errors are not fatal.
+    for (const Timed& t : open_) (void)cudaEventDestroy(t.begin);
+    for (const Timed& t : done_) (void)cudaEventDestroy(t.begin), (void)cudaEventDestroy(t.end);
+    for (cudaEvent_t e : free_) (void)cudaEventDestroy(e);
+  }
+  void begin(cudaStream_t stream, const char* name) override {
+    if (done_.size() >= kMaxPending) read(stream);
+    const cudaEvent_t e = event();
+    LT_CUDA_CHECK(cudaEventRecord(e, stream));
+    open_.push_back({name, int(open_.size()), e, nullptr});
+  }
+  void end(cudaStream_t stream) override {
+    LT_CHECK(!open_.empty(), "cuda profiler: end without begin");
+    Timed t = open_.back();
+    open_.pop_back();
+    t.end = event();
+    LT_CUDA_CHECK(cudaEventRecord(t.end, stream));
+    done_.push_back(t);
+  }
+  // Waits for stream and returns the sums since the last take.
+  std::vector<OpTime> take(cudaStream_t stream) {
+    read(stream);
+    return times_.take();
+  }
+
+ private:
+  static constexpr size_t kMaxPending = size_t(1) << 16;
+  struct Timed {
+    const char* name;
+    int depth;
+    cudaEvent_t begin, end;
+  };
+  cudaEvent_t event() {
+    cudaEvent_t e = nullptr;
+    if (free_.empty()) {
+      LT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
+    } else {
+      e = free_.back();
+      free_.pop_back();
+    }
+    return e;
+  }
+  void read(cudaStream_t stream) {
+    LT_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (const Timed& t : done_) {
+      float ms = 0;
+      LT_CUDA_CHECK(cudaEventElapsedTime(&ms, t.begin, t.end));
+      times_.add(t.name, t.depth, double(ms));
+      free_.push_back(t.begin);
+      free_.push_back(t.end);
+    }
+    done_.clear();
+  }
+  std::vector<Timed> open_, done_;
+  std::vector<cudaEvent_t> free_;
+  OpTimes times_;
+};
+
 }  // namespace cuda
 
 namespace {
@@ -113,6 +181,8 @@ class CudaBackend final : public Backend {
 
   std::string_view name() const override { return "cuda"; }
   void set_deterministic(bool on) override { ctx_.deterministic = on; }
+  void set_op_profiling(bool on) override { ctx_.profiler = on ? &profiler_ : nullptr; }
+  std::vector<OpTime> take_op_profile() override { return profiler_.take(compute_); }
   bool supports(OpKind) const override { return true; }  // attention: HD <= 128 (per call)
 
   // ---- memory and transfers ----------------------------------------------------------------
@@ -178,6 +248,7 @@ class CudaBackend final : public Backend {
     LT_CUDA_CHECK(cudaStreamSynchronize(compute_));
   }
   void memset_zero(void* p, size_t n) override {
+    const cuda::Span span(ctx_, "memset_zero");
     if (n) LT_CUDA_CHECK(cudaMemsetAsync(p, 0, n, compute_));
   }
   void synchronize() override {
@@ -186,6 +257,7 @@ class CudaBackend final : public Backend {
   }
   void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
                size_t rows) override {
+    const cuda::Span span(ctx_, "copy_2d");
     if (row_bytes == 0 || rows == 0) return;
     // cudaMemcpy2D refuses pitches above the device's memPitch (2^31 - 1 bytes): one contiguous
     // block (copy_device of a whole N x D activation is 2 GiB at 128K tokens) is a plain copy,
@@ -240,38 +312,45 @@ class CudaBackend final : public Backend {
   // ---- ops ---------------------------------------------------------------------------------
   void embedding_forward(float* out, const int32_t* ids, const float* w, int64_t N,
                          int64_t D) override {
+    const cuda::Span span(ctx_, "embedding_forward");
     LT_CHECK(N >= 0 && D >= 0, "embedding_forward: N={} D={}", N, D);
     cuda::embedding_forward(ctx_, out, ids, w, N, D);
   }
   void embedding_backward(float* dw, const float* dout, const int32_t* ids, int64_t N,
                           int64_t D) override {
+    const cuda::Span span(ctx_, "embedding_backward");
     LT_CHECK(N >= 0 && D >= 0, "embedding_backward: N={} D={}", N, D);
     cuda::embedding_backward(ctx_, dw, dout, ids, N, D);
   }
   void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int64_t N,
                        int64_t D, float eps) override {
+    const cuda::Span span(ctx_, "rmsnorm_forward");
     LT_CHECK(N >= 0 && D >= 1, "rmsnorm_forward: N={} D={}", N, D);
     cuda::rmsnorm_forward(ctx_, out, rstd, inp, w, N, D, eps);
   }
   void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
                         const float* rstd, int64_t N, int64_t D, Accumulate acc) override {
+    const cuda::Span span(ctx_, "rmsnorm_backward");
     LT_CHECK(N >= 0 && D >= 1, "rmsnorm_backward: N={} D={}", N, D);
     cuda::rmsnorm_backward(ctx_, dinp, dw, dout, inp, w, rstd, N, D, acc);
   }
   void linear_forward(float* out, const float* inp, const float* w, const float* b, int64_t N,
                       int64_t IN, int64_t OUT) override {
+    const cuda::Span span(ctx_, "linear_forward");
     check_gemm_dims("linear_forward", N, IN, OUT);
     cuda::linear_forward(ctx_, out, inp, w, b, N, IN, OUT);
   }
   void linear_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                        const float* w, int64_t N, int64_t IN, int64_t OUT,
                        Accumulate acc) override {
+    const cuda::Span span(ctx_, "linear_backward");
     check_gemm_dims("linear_backward", N, IN, OUT);
     cuda::linear_backward(ctx_, dinp, dw, db, dout, inp, w, N, IN, OUT, acc);
   }
   void linear_forward_bf16w(float* out, const float* inp, const uint16_t* w, const float* b,
                             int64_t N, int64_t IN, int64_t OUT, float* expand,
                             int64_t expand_rows) override {
+    const cuda::Span span(ctx_, "linear_forward_bf16w");
     check_gemm_dims("linear_forward_bf16w", N, IN, OUT);
     LT_CHECK(expand_rows >= 1, "linear_forward_bf16w: expand_rows={}", expand_rows);
     cuda::linear_forward_bf16w(ctx_, out, inp, w, b, N, IN, OUT, expand, expand_rows);
@@ -279,59 +358,70 @@ class CudaBackend final : public Backend {
   void linear_backward_bf16w(float* dinp, float* db, const float* dout, const uint16_t* w,
                              int64_t N, int64_t IN, int64_t OUT, Accumulate acc, float* expand,
                              int64_t expand_rows) override {
+    const cuda::Span span(ctx_, "linear_backward_bf16w");
     check_gemm_dims("linear_backward_bf16w", N, IN, OUT);
     LT_CHECK(expand_rows >= 1, "linear_backward_bf16w: expand_rows={}", expand_rows);
     cuda::linear_backward_bf16w(ctx_, dinp, db, dout, w, N, IN, OUT, acc, expand, expand_rows);
   }
   void embedding_forward_bf16(float* out, const int32_t* ids, const uint16_t* w, int64_t N,
                               int64_t D) override {
+    const cuda::Span span(ctx_, "embedding_forward_bf16");
     LT_CHECK(N >= 0 && D >= 0, "embedding_forward_bf16: N={} D={}", N, D);
     cuda::embedding_forward_bf16(ctx_, out, ids, w, N, D);
   }
   void rope_tables(float* cos, float* sin, const int32_t* pos, const float* inv_freq, float sc,
                    int64_t N, int64_t HD) override {
+    const cuda::Span span(ctx_, "rope_tables");
     LT_CHECK(N >= 0 && HD >= 2 && HD % 2 == 0, "rope_tables: N={} HD={}", N, HD);
     cuda::rope_tables(ctx_, cos, sin, pos, inv_freq, sc, N, HD);
   }
   void rope_forward(float* out, const float* inp, const float* cos, const float* sin, int64_t N,
                     int64_t H, int64_t HD) override {
+    const cuda::Span span(ctx_, "rope_forward");
     LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_forward: N={} H={} HD={}", N, H, HD);
     cuda::rope_forward(ctx_, out, inp, cos, sin, N, H, HD);
   }
   void rope_backward(float* dinp, const float* dout, const float* cos, const float* sin, int64_t N,
                      int64_t H, int64_t HD) override {
+    const cuda::Span span(ctx_, "rope_backward");
     LT_CHECK(N >= 0 && H >= 1 && HD >= 2 && HD % 2 == 0, "rope_backward: N={} H={} HD={}", N, H,
              HD);
     cuda::rope_backward(ctx_, dinp, dout, cos, sin, N, H, HD);
   }
   void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override {
+    const cuda::Span span(ctx_, "swiglu_forward");
     LT_CHECK(n >= 0, "swiglu_forward: n={}", n);
     cuda::swiglu_forward(ctx_, out, g, u, n);
   }
   void swiglu_backward(float* dg, float* du, const float* dout, const float* g, const float* u,
                        int64_t n) override {
+    const cuda::Span span(ctx_, "swiglu_backward");
     LT_CHECK(n >= 0, "swiglu_backward: n={}", n);
     cuda::swiglu_backward(ctx_, dg, du, dout, g, u, n);
   }
   void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                          const AttentionShape& s) override {
+    const cuda::Span span(ctx_, "attention_forward");
     check_attention(s);
     cuda::attention_forward(ctx_, out, lse, q, k, v, s);
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                           const float* lse, const float* q, const float* k, const float* v,
                           const AttentionShape& s) override {
+    const cuda::Span span(ctx_, "attention_backward");
     check_attention(s);
     cuda::attention_backward(ctx_, dq, dk, dv, dout, out, lse, q, k, v, s);
   }
   void attention_merge(float* out, float* lse, const float* out_b, const float* lse_b, int64_t rows,
                        int64_t H, int64_t HD) override {
+    const cuda::Span span(ctx_, "attention_merge");
     LT_CHECK(rows >= 0 && H >= 1 && HD >= 1, "attention_merge: rows={} H={} HD={}", rows, H, HD);
     cuda::attention_merge(ctx_, out, lse, out_b, lse_b, rows, H, HD);
   }
   double lm_head_cross_entropy(float* dh, float* dw, const float* h, const float* w,
                                const int32_t* t, int64_t N, int64_t D, int64_t V, int64_t chunk,
                                float gs, float* scratch) override {
+    const cuda::Span span(ctx_, "lm_head_cross_entropy");
     check_cross_entropy("lm_head_cross_entropy", t, N, D, V, chunk);
     return cuda::lm_head_cross_entropy(ctx_, dh, dw, h, w, t, host_targets_.data(), N, D, V, chunk,
                                        gs, scratch);
@@ -339,6 +429,7 @@ class CudaBackend final : public Backend {
   double lm_head_cross_entropy_bf16w(float* dh, const float* h, const uint16_t* w, const int32_t* t,
                                      int64_t N, int64_t D, int64_t V, int64_t chunk, float gs,
                                      float* scratch, float* expand, int64_t expand_rows) override {
+    const cuda::Span span(ctx_, "lm_head_cross_entropy_bf16w");
     check_cross_entropy("lm_head_cross_entropy_bf16w", t, N, D, V, chunk);
     LT_CHECK(expand_rows >= 1, "lm_head_cross_entropy_bf16w: expand_rows={}", expand_rows);
     return cuda::lm_head_cross_entropy_bf16w(ctx_, dh, h, w, t, host_targets_.data(), N, D, V,
@@ -346,28 +437,43 @@ class CudaBackend final : public Backend {
   }
   void adamw_update(float* p, const float* g, float* m, float* v, int64_t n,
                     const AdamWParams& a) override {
+    const cuda::Span span(ctx_, "adamw_update");
     LT_CHECK(n >= 0, "adamw_update: n={}", n);
     cuda::adamw_update(ctx_, p, g, m, v, n, a);
   }
-  double sum_squares(const float* x, int64_t n) override { return cuda::sum_squares(ctx_, x, n); }
+  double sum_squares(const float* x, int64_t n) override {
+    const cuda::Span span(ctx_, "sum_squares");
+    return cuda::sum_squares(ctx_, x, n);
+  }
   double sum_squares_many(const std::vector<SquaresPart>& parts) override {
+    const cuda::Span span(ctx_, "sum_squares_many");
     for (const SquaresPart& p : parts) LT_CHECK(p.n >= 0, "sum_squares_many: n={}", p.n);
     return cuda::sum_squares_many(ctx_, parts.data(), parts.size());
   }
-  void scale_inplace(float* x, int64_t n, float s) override { cuda::scale_inplace(ctx_, x, n, s); }
+  void scale_inplace(float* x, int64_t n, float s) override {
+    const cuda::Span span(ctx_, "scale_inplace");
+    cuda::scale_inplace(ctx_, x, n, s);
+  }
   void add_inplace(float* y, const float* x, int64_t n) override {
+    const cuda::Span span(ctx_, "add_inplace");
     cuda::add_inplace(ctx_, y, x, n);
   }
   void bf16_to_f32(float* out, const uint16_t* in, int64_t n) override {
+    const cuda::Span span(ctx_, "bf16_to_f32");
     cuda::bf16_to_f32(ctx_, out, in, n);
   }
   void f32_to_bf16(uint16_t* out, const float* in, int64_t n) override {
+    const cuda::Span span(ctx_, "f32_to_bf16");
     cuda::f32_to_bf16(ctx_, out, in, n);
   }
-  void round_to_bf16(float* x, int64_t n) override { cuda::round_to_bf16(ctx_, x, n); }
+  void round_to_bf16(float* x, int64_t n) override {
+    const cuda::Span span(ctx_, "round_to_bf16");
+    cuda::round_to_bf16(ctx_, x, n);
+  }
   void lora_forward(float* out, float* t, float* xd, const float* inp, const float* a,
                     const float* b, int64_t N, int64_t IN, int64_t OUT,
                     const LoraCall& c) override {
+    const cuda::Span span(ctx_, "lora_forward");
     LT_CHECK(c.R > 0 && N >= 0, "lora_forward R={} N={}", c.R, N);
     LT_CHECK(c.dropout <= 0 || xd, "lora_forward: dropout needs the xd scratch");
     check_gemm_dims("lora_forward", N, IN, OUT);
@@ -376,6 +482,7 @@ class CudaBackend final : public Backend {
   void lora_backward(float* dinp, float* da, float* db, float* t, float* u, float* xd, float* dxd,
                      const float* dout, const float* inp, const float* a, const float* b, int64_t N,
                      int64_t IN, int64_t OUT, const LoraCall& c) override {
+    const cuda::Span span(ctx_, "lora_backward");
     LT_CHECK(c.R > 0 && N >= 0, "lora_backward R={} N={}", c.R, N);
     LT_CHECK(c.dropout <= 0 || (xd && dxd), "lora_backward: dropout needs the xd/dxd scratch");
     check_gemm_dims("lora_backward", N, IN, OUT);
@@ -383,6 +490,7 @@ class CudaBackend final : public Backend {
   }
   void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
                       const float* absmax_scale, float absmax_offset, int64_t n) override {
+    const cuda::Span span(ctx_, "nf4_dequantize");
     LT_CHECK(n >= 0 && n % 2 == 0, "nf4_dequantize: n={} must be even on CUDA", n);
     if (!nf4_tables_uploaded_) {  // the code tables into constant memory, once
       cuda::nf4_upload_tables(ctx_);
@@ -444,6 +552,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   cuda::Scratch scratch_{"op scratch"}, gemm_scratch_{"GEMM scratch"};
   cuda::Context ctx_;
+  cuda::EventProfiler profiler_;
   void note_peak() const {
     peak_ = std::max(peak_, allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes());
   }

@@ -46,6 +46,17 @@ class Scratch {
   bool warned_ = false;
 };
 
+// Op timing (Backend::set_op_profiling): what times a piece of work on a stream, begin to end;
+// spans nest. The backend's implementation (cuda_backend.cpp) records timing events.
+class Profiler {
+ public:
+  virtual void begin(cudaStream_t stream, const char* name) = 0;
+  virtual void end(cudaStream_t stream) = 0;
+
+ protected:
+  ~Profiler() = default;
+};
+
 // Everything a launcher needs: no globals (the streams and handles belong to one CudaBackend).
 struct Context {
   cudaStream_t stream = nullptr;    // the compute stream
@@ -63,6 +74,24 @@ struct Context {
   // attention backward's dQ: a second, query-tile kernel instead of atomics). Backend::
   // set_deterministic (`--full_determinism True`).
   bool deterministic = false;
+  Profiler* profiler = nullptr;  // while op timing is on
+};
+
+// Times the work its scope enqueues on ctx.stream (nothing when ctx.profiler is null).
+class Span {
+ public:
+  Span(const Context& ctx, const char* name) : p_(ctx.profiler), stream_(ctx.stream) {
+    if (p_) p_->begin(stream_, name);
+  }
+  ~Span() {
+    if (p_) p_->end(stream_);
+  }
+  Span(const Span&) = delete;
+  Span& operator=(const Span&) = delete;
+
+ private:
+  Profiler* p_;
+  cudaStream_t stream_;
 };
 
 // ---- linear.cu: cuBLAS GEMMs --------------------------------------------------------------

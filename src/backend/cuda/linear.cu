@@ -55,6 +55,7 @@ __global__ void column_sum_finish_kernel(float* dbias, const double* partial, in
 void gemm_on_bf16(const Context& ctx, float* C, int64_t ldc, const __nv_bfloat16* a16, int64_t lda,
                   const __nv_bfloat16* b16, int64_t ldb, int64_t M, int64_t N, int64_t K,
                   bool trans_a, bool trans_b, float alpha, float beta) {
+  const Span span(ctx, "cuBLAS GEMM (bf16 inputs)");
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, b16,
@@ -79,6 +80,7 @@ __global__ void to_bf16_2d_kernel(__nv_bfloat16* dst, const float* src, int64_t 
 void to_bf16_2d(const Context& ctx, __nv_bfloat16* dst, const float* src, int64_t rows,
                 int64_t cols, int64_t pitch) {
   if (rows * cols == 0) return;
+  const Span span(ctx, "bf16 staging of GEMM inputs");
   constexpr int kThreads = 256;
   // As many blocks as grid_for would give the whole matrix: columns first, rows with the rest.
   const unsigned total = grid_for(rows * cols, kThreads, ctx.num_sms);
@@ -195,6 +197,7 @@ void gemm(const Context& ctx, float* C, const float* A, const float* B, int64_t 
     const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const int64_t lda = trans_a ? M : K, ldb = trans_b ? K : N;
+    const Span span(ctx, "cuBLAS GEMM (f32)");
     // CUBLAS_COMPUTE_32F_PEDANTIC: true f32 products, never TF32 (NVIDIA_TF32_OVERRIDE aside).
     LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, B,
                                  CUDA_R_32F, int(ldb), A, CUDA_R_32F, int(lda), &beta, C,
@@ -233,6 +236,7 @@ void gemm_f32_ld(const Context& ctx, float* C, int64_t ldc, const float* A, int6
                  const float* B, int64_t ldb, int64_t M, int64_t N, int64_t K, bool trans_a,
                  bool trans_b, float alpha, float beta) {
   if (M <= 0 || N <= 0 || K <= 0) return;  // callers never pass K = 0
+  const Span span(ctx, "cuBLAS GEMM (f32)");
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   LT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas, op_b, op_a, int(N), int(M), int(K), &alpha, B,
