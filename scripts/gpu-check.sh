@@ -335,6 +335,10 @@ if wants bench; then
   # of where the step's time goes: kernels, cuBLAS products, bf16 staging, time outside the ops.
   step bench-longtune-lora 90 240 "$BUILD/bench_train" "$M8B" "$TOKENS" 1 "${LORA8B[@]}" ckpt \
     profile
+  # The same at the longest length with held GEMM inputs off (every bf16 GEMM rounds its f32
+  # inputs itself): what holding them saves, in tokens/s and in the profile's staging row.
+  step bench-longtune-lora-unheld 30 90 env LONGTUNE_CUDA_HOLD_GEMM_INPUTS=0 \
+    "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 "${LORA8B[@]}" ckpt profile
   # One layer op by op: which kernel reaches what fraction of the peak.
   step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --preset "${M8B#preset:}" --precision bf16 \
     --peak_tflops "$PEAK" --tokens "$TOKENS"
@@ -360,7 +364,7 @@ if wants longest; then
   step longest-longtune-lora-offload 180 540 "$BUILD/bench_train" "$M8B" fit 0 \
     "${LORA8B[@]}" offload fit="$FIT" host="$HOST"
 fi
-for b in bench-longtune-lora bench-gpu-ops bench-gpu-ops-transposed \
+for b in bench-longtune-lora bench-longtune-lora-unheld bench-gpu-ops bench-gpu-ops-transposed \
     bench-gpu-ops-deterministic bench-hf-peft \
     bench-longtune-lora-offload \
     longest-longtune-lora longest-longtune-lora-offload; do

@@ -1173,6 +1173,48 @@ TEST(CudaBackend, OpProfileSeparatesBf16StagingFromTheProducts) {
   EXPECT_LE(total_ms(inside), total_ms(ops) + 1e-3);
 }
 
+// Backend::hold_gemm_input: while x is held, the bf16 GEMMs that read it (a bf16-weight linear
+// layer and a LoRA adapter's A, as LlamaModel::project) multiply one rounding of it, made at its
+// first use, and give the same bits as staging it per GEMM; after the release it is staged again.
+// Backends without bf16 GEMMs hold nothing.
+TEST(CudaBackend, HeldGemmInputIsRoundedOnceWithTheSameProducts) {
+  std::string reason;
+  auto be = make_cuda_backend(&reason, GemmPrecision::kBf16);
+  LT_CUDA_OR_SKIP(be, reason);
+  const int64_t N = 65, IN = 96, OUT = 33;
+  LoraCall c;
+  c.R = 4;
+  c.scale = 2.0f;
+  const Vec w = random_vec(OUT * IN, 86);
+  std::vector<uint16_t> w16(w.size());
+  for (size_t i = 0; i < w.size(); ++i) w16[i] = f32_to_bf16(w[i]);
+  DeviceBuffer<float> d_x(*be, "inp", random_vec(N * IN, 87)),
+      d_a(*be, "a", random_vec(c.R * IN, 88)), d_b(*be, "b", random_vec(OUT * c.R, 89)),
+      d_t(*be, "t", N * c.R), d_e(*be, "expand", 1), d_y(*be, "out", N * OUT);
+  DeviceBuffer<uint16_t> d_w16(*be, "weight16", w16);
+  // out = x W^T + LoRA; the profile's count of staged GEMM inputs.
+  auto project = [&] {
+    be->set_op_profiling(true);
+    be->linear_forward_bf16w(d_y.get(), d_x.get(), d_w16.get(), nullptr, N, IN, OUT, d_e.get(), 1);
+    be->lora_forward(d_y.get(), d_t.get(), nullptr, d_x.get(), d_a.get(), d_b.get(), N, IN, OUT, c);
+    const auto inside = by_name(be->take_op_profile(), 1);
+    be->set_op_profiling(false);
+    return inside.at("bf16 staging of GEMM inputs").calls;
+  };
+  EXPECT_EQ(project(), 5) << "x twice, the adapter's a, t and b";
+  const Vec staged = d_y.read();
+  ASSERT_TRUE(be->hold_gemm_input(d_x.get(), N, IN));
+  EXPECT_EQ(project(), 4) << "x once";
+  EXPECT_EQ(d_y.read(), staged) << "the held rounding changed the products";
+  EXPECT_EQ(project(), 3) << "x already rounded";
+  be->release_gemm_input(d_x.get());
+  EXPECT_EQ(project(), 5) << "released: staged again";
+  EXPECT_EQ(d_y.read(), staged);
+  auto f32 = make_cuda_backend(&reason, GemmPrecision::kF32);
+  EXPECT_FALSE(f32->hold_gemm_input(d_x.get(), N, IN)) << "f32 GEMMs round nothing";
+  EXPECT_FALSE(make_cpu_backend()->hold_gemm_input(d_x.get(), N, IN));
+}
+
 // bf16 GEMMs whose staged operands pass the GEMM workspace run block by block: bound to a small
 // workspace, the CUDA backend's linear layers and LM head match the same backend unblocked (one
 // cuBLAS call each), the split dimension being M (tokens), N (vocabulary) or K (weight
@@ -1186,7 +1228,7 @@ TEST(CudaBackend, Bf16GemmsRunInBlocksWithinTheWorkspace) {
   const size_t gemm_bytes = 24 << 10;  // 12288 bf16 values: every product below is split
   DeviceBuffer<float> op_ws(*blocked, "op workspace", 1 << 20);
   DeviceBuffer<uint16_t> gemm_ws(*blocked, "gemm workspace", int64_t(gemm_bytes / 2));
-  blocked->bind_workspace(op_ws.get(), size_t(1) << 22, gemm_ws.get(), gemm_bytes);
+  blocked->bind_workspace(op_ws.get(), size_t(1) << 22, gemm_ws.get(), gemm_bytes, nullptr, 0);
   const int64_t N = 515, IN = 200, OUT = 97;  // not multiples of 64
   const Vec x = random_vec(N * IN, 80), w = random_vec(OUT * IN, 81), dy = random_vec(N * OUT, 82);
   std::vector<uint16_t> w16(OUT * IN);

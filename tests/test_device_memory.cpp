@@ -78,7 +78,7 @@ Outcome train(const std::string& device, RunSettings rs, bool fpdt) {
   const BackendWorkspace ws = be->workspace_needs(workspace_shape(c, rs));
   std::unique_ptr<void, std::function<void(void*)>> workspace(
       ws.op_bytes ? be->alloc(ws.op_bytes) : nullptr, [&](void* p) { be->free(p); });
-  be->bind_workspace(workspace.get(), ws.op_bytes, nullptr, 0);
+  be->bind_workspace(workspace.get(), ws.op_bytes, nullptr, 0, nullptr, 0);
   LlamaModel m(c, *be, rs);
   const ParamTable full(c);
   std::vector<float> w(full.total_numel());
@@ -240,7 +240,7 @@ TEST(DeviceMemoryDeathTest, GuardedBackendHoldsOpsToThePlannedCudaWorkspace) {
         auto be = make_backend("cpu-guarded");
         const int64_t N = 4096;  // 4096 rows: 16 KiB of CUDA scratch, 1 KiB planned
         void* ws = be->alloc(1024);
-        be->bind_workspace(ws, 1024, nullptr, 0);
+        be->bind_workspace(ws, 1024, nullptr, 0, nullptr, 0);
         float* x = static_cast<float*>(be->alloc(size_t(N) * 4));
         int32_t* t = static_cast<int32_t*>(be->alloc(size_t(N) * 4));
         be->memset_zero(t, size_t(N) * 4);

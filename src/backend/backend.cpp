@@ -74,6 +74,16 @@ BackendWorkspace cuda_workspace_needs(const WorkspaceShape& s, bool bf16_gemms,
   const size_t mlp = std::max({gemm(m, F, D), gemm(m, D, F), gemm(F, D, m), gemm(D, F, m)});
   const size_t head = std::max({gemm(lm, V, D), gemm(lm, D, V), gemm(V, D, lm)});
   w.gemm_bytes = std::min(kCudaGemmScratchCap, align(std::max({proj, mlp, head})));
+  // Held GEMM inputs (Backend::hold_gemm_input): at most an input and an output gradient at a
+  // time: a layer's attn_in or attn_out with a projection's gradient (N rows), or an MLP chunk's
+  // input with its gate/up gradient or h (mlp_rows rows). A pair that passes the cap holds one
+  // input; inputs past it are not held (their GEMMs round them each time).
+  auto fit = [&](size_t rows, size_t a, size_t b) -> size_t {
+    const size_t pair = align(rows * a * 2) + align(rows * b * 2);
+    const size_t one = align(rows * std::max(a, b) * 2);
+    return pair <= kCudaHeldInputCap ? pair : one <= kCudaHeldInputCap ? one : 0;
+  };
+  w.held_bytes = std::max(fit(N, D, Q), fit(m, D, F));
   return w;
 }
 

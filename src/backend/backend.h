@@ -51,12 +51,15 @@ struct WorkspaceShape {
   int64_t lora_rank = 0;
 };
 struct BackendWorkspace {
-  size_t op_bytes = 0, gemm_bytes = 0;
+  size_t op_bytes = 0, gemm_bytes = 0, held_bytes = 0;
 };
 
 // The most device memory the CUDA backend stages GEMM inputs in at bf16: larger products are
 // multiplied block by block (src/backend/cuda/linear.cu).
 inline constexpr size_t kCudaGemmScratchCap = size_t(256) << 20;
+// The most device memory the CUDA backend keeps held GEMM inputs in (Backend::hold_gemm_input):
+// the bf16 roundings of an input and of an output gradient that several GEMMs read.
+inline constexpr size_t kCudaHeldInputCap = size_t(512) << 20;
 
 // The device scratch each CUDA kernel asks for (src/backend/cuda/*.cu size their requests with
 // these; cuda_workspace_needs plans them; the guarded test backend checks every op call against
@@ -142,9 +145,22 @@ class Backend {
     return {};
   }
   virtual void bind_workspace(void* op_scratch, size_t op_bytes, void* gemm_scratch,
-                              size_t gemm_bytes) {
-    (void)op_scratch, (void)op_bytes, (void)gemm_scratch, (void)gemm_bytes;
+                              size_t gemm_bytes, void* held, size_t held_bytes) {
+    (void)op_scratch, (void)op_bytes, (void)gemm_scratch, (void)gemm_bytes, (void)held,
+        (void)held_bytes;
   }
+
+  // A GEMM input that several following calls read unchanged (a layer's normed input for the
+  // q/k/v projections and their adapters, a projection's output gradient for its base and
+  // adapter GEMMs): a backend whose GEMMs round f32 inputs to bf16 (CUDA with bf16 GEMMs) may
+  // round x (rows x cols, contiguous) once, on its first use, and multiply that rounding until
+  // release_gemm_input(x). The caller must not write x in between. False: nothing is kept (no
+  // bf16 GEMMs, or no room), and there is nothing to release. Holds nest, last in first out.
+  virtual bool hold_gemm_input(const float* x, int64_t rows, int64_t cols) {
+    (void)x, (void)rows, (void)cols;
+    return false;
+  }
+  virtual void release_gemm_input(const float* x) { (void)x; }
 
   // Run-to-run bit-identical results (`--full_determinism True`): ops whose fast kernels sum in
   // an order that varies between runs (CUDA: atomics in the attention backward's dQ and the
@@ -261,6 +277,23 @@ class Backend {
   // (ceil(n/64/256)); all device pointers.
   virtual void nf4_dequantize(float* out, const uint8_t* packed, const uint8_t* absmax_q,
                               const float* absmax_scale, float absmax_offset, int64_t n);
+};
+
+// Backend::hold_gemm_input for a scope.
+class HeldGemmInput {
+ public:
+  HeldGemmInput(Backend& be, const float* x, int64_t rows, int64_t cols)
+      : be_(be), x_(x), held_(be.hold_gemm_input(x, rows, cols)) {}
+  ~HeldGemmInput() {
+    if (held_) be_.release_gemm_input(x_);
+  }
+  HeldGemmInput(const HeldGemmInput&) = delete;
+  HeldGemmInput& operator=(const HeldGemmInput&) = delete;
+
+ private:
+  Backend& be_;
+  const float* x_;
+  bool held_;
 };
 
 // The CPU backend (reference; BLAS + OpenMP).

@@ -745,6 +745,8 @@ const uint16_t* LlamaModel::bf16_weight(const LinearSlot& s) const {
 
 void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int64_t n, int64_t l,
                          int64_t row0) {
+  // With an adapter two GEMMs read inp: the base's and the adapter's A.
+  const HeldGemmInput held(be_, s.lora_a ? inp : nullptr, s.lora_a ? n : 0, s.in);
   if (const uint16_t* w16 = bf16_weight(s))
     be_.linear_forward_bf16w(out, inp, w16, s.bias, n, s.in, s.out, work_->base_weight, s.out);
   else
@@ -761,6 +763,10 @@ void LlamaModel::project(float* out, const float* inp, const LinearSlot& s, int6
 void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float* dout,
                                   const float* inp, int64_t n, int64_t l, int64_t row0,
                                   Accumulate acc) {
+  // dout feeds dinp's GEMM and the weight's or the adapter's (three GEMMs with an adapter);
+  // inp the weight's GEMM or the adapter's two.
+  const HeldGemmInput held_dout(be_, dout, n, s.out);
+  const HeldGemmInput held_inp(be_, s.lora_a ? inp : nullptr, s.lora_a ? n : 0, s.in);
   if (const uint16_t* w16 = bf16_weight(s))  // frozen: no weight gradient
     be_.linear_backward_bf16w(dinp, s.grad_bias, dout, w16, n, s.in, s.out, acc, work_->base_weight,
                               s.out);
@@ -775,6 +781,38 @@ void LlamaModel::project_backward(float* dinp, const LinearSlot& s, const float*
                         k.lora_xd, k.lora_dxd, dout + r * s.out, inp + r * s.in, s.lora_a, s.lora_b,
                         std::min(step, n - r), s.in, s.out, lora_call(l, s.proj, row0 + r));
   }
+}
+
+void LlamaModel::project_qkv(float* q, float* k, float* v, const float* inp, const Slots& sl,
+                             int64_t n, int64_t l, int64_t row0) {
+  const HeldGemmInput held(be_, inp, n, config_.hidden_size);
+  project(q, inp, sl[int(Proj::kQ)], n, l, row0);
+  project(k, inp, sl[int(Proj::kK)], n, l, row0);
+  project(v, inp, sl[int(Proj::kV)], n, l, row0);
+}
+
+void LlamaModel::project_qkv_backward(float* dinp, const float* dq, const float* dk,
+                                      const float* dv, const float* inp, const Slots& sl, int64_t n,
+                                      int64_t l, int64_t row0) {
+  const HeldGemmInput held(be_, inp, n, config_.hidden_size);
+  project_backward(dinp, sl[int(Proj::kQ)], dq, inp, n, l, row0, Accumulate::kNo);
+  project_backward(dinp, sl[int(Proj::kK)], dk, inp, n, l, row0, Accumulate::kYes);
+  project_backward(dinp, sl[int(Proj::kV)], dv, inp, n, l, row0, Accumulate::kYes);
+}
+
+void LlamaModel::project_gate_up(float* gate, float* up, const float* inp, const Slots& sl,
+                                 int64_t n, int64_t l, int64_t row0) {
+  const HeldGemmInput held(be_, inp, n, config_.hidden_size);
+  project(gate, inp, sl[int(Proj::kGate)], n, l, row0);
+  project(up, inp, sl[int(Proj::kUp)], n, l, row0);
+}
+
+void LlamaModel::project_gate_up_backward(float* dinp, const float* dgate, const float* dup,
+                                          const float* inp, const Slots& sl, int64_t n, int64_t l,
+                                          int64_t row0) {
+  const HeldGemmInput held(be_, inp, n, config_.hidden_size);
+  project_backward(dinp, sl[int(Proj::kGate)], dgate, inp, n, l, row0, Accumulate::kNo);
+  project_backward(dinp, sl[int(Proj::kUp)], dup, inp, n, l, row0, Accumulate::kYes);
 }
 
 LlamaModel::~LlamaModel() = default;
@@ -959,9 +997,7 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
   if (settings_.sequence_path()) {
     seq_attention_forward(l, a);
   } else {
-    project(a.q, a.attn_in, slot(Proj::kQ), N, l, 0);
-    project(a.k, a.attn_in, slot(Proj::kK), N, l, 0);
-    project(a.v, a.attn_in, slot(Proj::kV), N, l, 0);
+    project_qkv(a.q, a.k, a.v, a.attn_in, sl, N, l, 0);
     be_.rope_forward(a.q, a.q, ms.rope_cos, ms.rope_sin, N, H, HD);
     be_.rope_forward(a.k, a.k, ms.rope_cos, ms.rope_sin, N, KVH, HD);
     AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), ms.docs, 1.0f / std::sqrt(float(HD))};
@@ -979,8 +1015,7 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
   }
 
   if (a.gate) {  // whole-sequence MLP; gate and up are kept for backward
-    project(a.gate, a.ffn_in, slot(Proj::kGate), N, l, 0);
-    project(a.up, a.ffn_in, slot(Proj::kUp), N, l, 0);
+    project_gate_up(a.gate, a.up, a.ffn_in, sl, N, l, 0);
     if (pass == Pass::kRecompute) return;
     be_.swiglu_forward(k.h_c, a.gate, a.up, N * F);
     project(x_out, k.h_c, slot(Proj::kDown), N, l, 0);
@@ -988,8 +1023,7 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
     if (pass == Pass::kRecompute) return;
     for (int64_t r0 = 0; r0 < N; r0 += k.mlp_chunk) {
       const int64_t n = std::min(k.mlp_chunk, N - r0);
-      project(k.gate_c, a.ffn_in + r0 * D, slot(Proj::kGate), n, l, r0);
-      project(k.up_c, a.ffn_in + r0 * D, slot(Proj::kUp), n, l, r0);
+      project_gate_up(k.gate_c, k.up_c, a.ffn_in + r0 * D, sl, n, l, r0);
       be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
       project(x_out + r0 * D, k.h_c, slot(Proj::kDown), n, l, r0);
     }
@@ -1018,16 +1052,12 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
     const float* gate = a.gate ? a.gate + r0 * F : k.gate_c;
     const float* up = a.up ? a.up + r0 * F : k.up_c;
     if (!a.gate) {  // recompute this chunk's gate and up
-      project(k.gate_c, ffn_in, slot(Proj::kGate), n, l, r0);
-      project(k.up_c, ffn_in, slot(Proj::kUp), n, l, r0);
+      project_gate_up(k.gate_c, k.up_c, ffn_in, sl, n, l, r0);
     }
     be_.swiglu_forward(k.h_c, gate, up, n * F);
     project_backward(k.dh_c, slot(Proj::kDown), dres + r0 * D, k.h_c, n, l, r0, Accumulate::kNo);
     be_.swiglu_backward(k.dgate_c, k.dup_c, k.dh_c, gate, up, n * F);
-    project_backward(k.dnorm + r0 * D, slot(Proj::kGate), k.dgate_c, ffn_in, n, l, r0,
-                     Accumulate::kNo);
-    project_backward(k.dnorm + r0 * D, slot(Proj::kUp), k.dup_c, ffn_in, n, l, r0,
-                     Accumulate::kYes);
+    project_gate_up_backward(k.dnorm + r0 * D, k.dgate_c, k.dup_c, ffn_in, sl, n, l, r0);
   }
   // dres += d(ffn_in)/d(x_mid): dres becomes dL/d(x_mid).
   be_.rmsnorm_backward(dres, g.ffn_norm, k.dnorm, a.x_mid, w.ffn_norm, a.ffn_rstd, N, D,
@@ -1047,9 +1077,7 @@ void LlamaModel::layer_backward(int64_t l, LayerActs& a, float* dres) {
       attention_backward_naive(dq, k.dk, k.dv, dattn, a.attn_out, a.lse, a.q, a.k, a.v, s);
     be_.rope_backward(dq, dq, ms.rope_cos, ms.rope_sin, N, H, HD);
     be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
-    project_backward(k.dnorm, slot(Proj::kQ), dq, a.attn_in, N, l, 0, Accumulate::kNo);
-    project_backward(k.dnorm, slot(Proj::kK), k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
-    project_backward(k.dnorm, slot(Proj::kV), k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
+    project_qkv_backward(k.dnorm, dq, k.dk, k.dv, a.attn_in, sl, N, l, 0);
   }
   // dres += d(attn_in)/d(x): dres becomes dL/d(x), the gradient at this layer's input.
   be_.rmsnorm_backward(dres, g.attn_norm, k.dnorm, res(l), w.attn_norm, a.attn_rstd, N, D,
@@ -1111,9 +1139,7 @@ void LlamaModel::seq_attention_forward(int64_t l, LayerActs& a) {
   const int64_t HD = cf.head_dim, QD = H * HD, KVD = KVH * HD, N = n_;
   AttentionShape whole{
       1, N * P, H / P, KVH / P, HD, cf.layer_window(l), ms.seq_docs, 1.0f / std::sqrt(float(HD))};
-  project(a.q, a.attn_in, sl[int(Proj::kQ)], N, l, 0);
-  project(a.k, a.attn_in, sl[int(Proj::kK)], N, l, 0);
-  project(a.v, a.attn_in, sl[int(Proj::kV)], N, l, 0);
+  project_qkv(a.q, a.k, a.v, a.attn_in, sl, N, l, 0);
   be_.rope_forward(a.q, a.q, ms.rope_cos, ms.rope_sin, N, H, HD);
   be_.rope_forward(a.k, a.k, ms.rope_cos, ms.rope_sin, N, KVH, HD);
   to_heads(a.q, a.q, N, QD);
@@ -1145,9 +1171,7 @@ void LlamaModel::seq_attention_backward(int64_t l, LayerActs& a, float* dattn, f
   from_heads(k.dv, k.dv, N, KVD);
   be_.rope_backward(dq, dq, ms.rope_cos, ms.rope_sin, N, H, HD);
   be_.rope_backward(k.dk, k.dk, ms.rope_cos, ms.rope_sin, N, KVH, HD);
-  project_backward(k.dnorm, sl[int(Proj::kQ)], dq, a.attn_in, N, l, 0, Accumulate::kNo);
-  project_backward(k.dnorm, sl[int(Proj::kK)], k.dk, a.attn_in, N, l, 0, Accumulate::kYes);
-  project_backward(k.dnorm, sl[int(Proj::kV)], k.dv, a.attn_in, N, l, 0, Accumulate::kYes);
+  project_qkv_backward(k.dnorm, dq, k.dk, k.dv, a.attn_in, sl, N, l, 0);
 }
 
 // ---- FPDT: whole layers chunk by chunk -----------------------------------------------------
@@ -1185,9 +1209,7 @@ void LlamaModel::fpdt_forward(int64_t l, LayerActs& a, Pass pass) {
     const float* x = res(l) + r0 * D;
     be_.wait_copies();  // the previous chunk's stores have left the chunk buffers
     be_.rmsnorm_forward(q.attn_in, q.attn_rstd, x, w.attn_norm, c, D, cf.rms_norm_eps);
-    project(q.ql, q.attn_in, sl[int(Proj::kQ)], c, l, g0);
-    project(q.kl, q.attn_in, sl[int(Proj::kK)], c, l, g0);
-    project(q.vl, q.attn_in, sl[int(Proj::kV)], c, l, g0);
+    project_qkv(q.ql, q.kl, q.vl, q.attn_in, sl, c, l, g0);
     be_.rope_forward(q.ql, q.ql, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
     be_.rope_forward(q.kl, q.kl, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
     to_heads(q.q_c, q.ql, c, QD);
@@ -1227,8 +1249,7 @@ void LlamaModel::fpdt_forward(int64_t l, LayerActs& a, Pass pass) {
     float* out = res(l + 1) + r0 * D;
     for (int64_t m0 = 0; m0 < c; m0 += k.mlp_chunk) {
       const int64_t n = std::min(k.mlp_chunk, c - m0);
-      project(k.gate_c, q.ffn_in + m0 * D, sl[int(Proj::kGate)], n, l, g0 + m0);
-      project(k.up_c, q.ffn_in + m0 * D, sl[int(Proj::kUp)], n, l, g0 + m0);
+      project_gate_up(k.gate_c, k.up_c, q.ffn_in + m0 * D, sl, n, l, g0 + m0);
       be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
       project(out + m0 * D, k.h_c, sl[int(Proj::kDown)], n, l, g0 + m0);
     }
@@ -1268,16 +1289,12 @@ void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
       const int64_t n = std::min(k.mlp_chunk, c - m0);
       const float* ffn_in = q.ffn_in + m0 * D;
       const int64_t row = g0 + m0;
-      project(k.gate_c, ffn_in, sl[int(Proj::kGate)], n, l, row);
-      project(k.up_c, ffn_in, sl[int(Proj::kUp)], n, l, row);
+      project_gate_up(k.gate_c, k.up_c, ffn_in, sl, n, l, row);
       be_.swiglu_forward(k.h_c, k.gate_c, k.up_c, n * F);
       project_backward(k.dh_c, sl[int(Proj::kDown)], dr + m0 * D, k.h_c, n, l, row,
                        Accumulate::kNo);
       be_.swiglu_backward(k.dgate_c, k.dup_c, k.dh_c, k.gate_c, k.up_c, n * F);
-      project_backward(q.dnorm + m0 * D, sl[int(Proj::kGate)], k.dgate_c, ffn_in, n, l, row,
-                       Accumulate::kNo);
-      project_backward(q.dnorm + m0 * D, sl[int(Proj::kUp)], k.dup_c, ffn_in, n, l, row,
-                       Accumulate::kYes);
+      project_gate_up_backward(q.dnorm + m0 * D, k.dgate_c, k.dup_c, ffn_in, sl, n, l, row);
     }
     be_.rmsnorm_backward(dr, g.ffn_norm, q.dnorm, q.x_mid, w.ffn_norm, q.ffn_rstd, c, D,
                          Accumulate::kYes);
@@ -1329,9 +1346,7 @@ void LlamaModel::fpdt_backward(int64_t l, LayerActs& a, float* dres) {
     be_.rope_backward(q.dq_l, q.dq_l, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, H, HD);
     be_.rope_backward(q.dk_l, q.dk_l, ms.rope_cos + r0 * half, ms.rope_sin + r0 * half, c, KVH, HD);
     be_.rmsnorm_forward(q.attn_in, q.attn_rstd, x, w.attn_norm, c, D, cf.rms_norm_eps);
-    project_backward(q.dnorm, sl[int(Proj::kQ)], q.dq_l, q.attn_in, c, l, g0, Accumulate::kNo);
-    project_backward(q.dnorm, sl[int(Proj::kK)], q.dk_l, q.attn_in, c, l, g0, Accumulate::kYes);
-    project_backward(q.dnorm, sl[int(Proj::kV)], q.dv_l, q.attn_in, c, l, g0, Accumulate::kYes);
+    project_qkv_backward(q.dnorm, q.dq_l, q.dk_l, q.dv_l, q.attn_in, sl, c, l, g0);
     be_.rmsnorm_backward(dres + r0 * D, g.attn_norm, q.dnorm, x, w.attn_norm, q.attn_rstd, c, D,
                          Accumulate::kYes);
   }

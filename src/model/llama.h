@@ -292,6 +292,18 @@ class LlamaModel {
   // and LoRA gradients accumulated (+=) where they exist.
   void project_backward(float* dinp, const LinearSlot& s, const float* dout, const float* inp,
                         int64_t n, int64_t l, int64_t row0, Accumulate acc);
+  // The projections that share an input (n, hidden): q, k and v of the normed layer input,
+  // gate and up of the MLP's; backward, dinp is overwritten with their input gradients summed.
+  // The input is held for their GEMMs (Backend::hold_gemm_input: one bf16 rounding on CUDA).
+  using Slots = std::array<LinearSlot, kNumProj>;
+  void project_qkv(float* q, float* k, float* v, const float* inp, const Slots& sl, int64_t n,
+                   int64_t l, int64_t row0);
+  void project_qkv_backward(float* dinp, const float* dq, const float* dk, const float* dv,
+                            const float* inp, const Slots& sl, int64_t n, int64_t l, int64_t row0);
+  void project_gate_up(float* gate, float* up, const float* inp, const Slots& sl, int64_t n,
+                       int64_t l, int64_t row0);
+  void project_gate_up_backward(float* dinp, const float* dgate, const float* dup, const float* inp,
+                                const Slots& sl, int64_t n, int64_t l, int64_t row0);
   const float* base_weight(const LinearSlot& s);
   // The projection's frozen bf16 weight (LoRA with --bf16 True), else null.
   const uint16_t* bf16_weight(const LinearSlot& s) const;

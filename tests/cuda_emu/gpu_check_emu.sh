@@ -43,23 +43,28 @@ if grep -E "^FAIL|^SKIP" "$WORK/out/summary.txt" | grep -v "^SKIP  bench-hf-peft
 fi
 for want in "PASS  setup" "PASS  conformance" "PASS  compare-full" "PASS  compare-lora-bf16 " \
     "PASS  compare-lora-bf16-offload" "PASS  offload-vs-ckpt" "PASS  determinism" \
-    "PASS  plan-vs-device" "PASS  bench-longtune-lora " "PASS  bench-gpu-ops " \
+    "PASS  plan-vs-device" "PASS  bench-longtune-lora " "PASS  bench-longtune-lora-unheld" \
+    "PASS  bench-gpu-ops " \
     "PASS  bench-gpu-ops-transposed" "PASS  bench-gpu-ops-deterministic" \
     "PASS  bench-longtune-lora-offload"; do
   grep -qF "$want" "$WORK/out/summary.txt" || fail "no line \"$want\" in summary.txt"
 done
-# benchmarks.txt: longtune's JSON lines at both lengths with checkpointing, one with offload,
-# and the op table.
+# benchmarks.txt: longtune's JSON lines at both lengths with checkpointing (and at 256 with held
+# GEMM inputs off), one with offload, and the op table.
 B=$WORK/out/benchmarks.txt
-[ "$(grep -c '"impl": "longtune", "device": "cuda", "settings": "[^"]*ckpt"' "$B")" -eq 2 ] ||
-  fail "benchmarks.txt lacks the two checkpointing lines"
+[ "$(grep -c '"impl": "longtune", "device": "cuda", "settings": "[^"]*ckpt"' "$B")" -eq 3 ] ||
+  fail "benchmarks.txt lacks the three checkpointing lines"
 grep -q '"settings": "[^"]*offload", "seq": 256' "$B" || fail "benchmarks.txt lacks offload at 256"
 grep -qE '^ +256 .*%' "$B" || fail "benchmarks.txt lacks bench_gpu's row at 256 tokens"
 # The op profile of a checkpointing step at each length: the attention kernels and the cuBLAS
 # products inside the linear layers each take a share.
-[ "$(grep -c '^op profile: cuda .*ckpt seq' "$B")" -eq 2 ] || fail "benchmarks.txt lacks the op profiles"
+[ "$(grep -c '^op profile: cuda .*ckpt seq' "$B")" -eq 3 ] || fail "benchmarks.txt lacks the op profiles"
 for op in attention_backward linear_forward_bf16w "cuBLAS GEMM (bf16 inputs)" \
     "bf16 staging of GEMM inputs" "(outside the ops)"; do
   grep -qF "  $op " "$B" || fail "the op profile lacks $op"
 done
+# Held GEMM inputs: fewer stagings at 256 tokens than the same step with holding off.
+read -r -a staged <<< "$(awk '/bf16 staging of GEMM inputs/ {printf "%s ", $(NF-3)}' "$B")"
+[ "${#staged[@]}" -eq 3 ] && [ "${staged[1]}" -lt "${staged[2]}" ] ||
+  fail "stagings at 128, 256 and 256 unheld: ${staged[*]}"
 echo "gpu_check_emu: every step passed"

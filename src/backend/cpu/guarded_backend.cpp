@@ -67,14 +67,15 @@ class GuardedBackend final : public Backend {
   BackendWorkspace workspace_needs(const WorkspaceShape& shape) const override {
     return cuda_workspace_needs(shape, false, 0);  // no SMs: no reduction partials
   }
-  void bind_workspace(void* op, size_t op_bytes, void* gemm, size_t gemm_bytes) override {
+  void bind_workspace(void* op, size_t op_bytes, void* gemm, size_t gemm_bytes, void* held,
+                      size_t held_bytes) override {
     std::lock_guard<std::mutex> lock(mu_);
     auto owns = [&](void* p, size_t n) {
       for (const auto& [base, size] : regions_)
         if (p >= base && static_cast<char*>(p) + n <= static_cast<char*>(base) + size) return true;
       return n == 0;
     };
-    LT_CHECK(owns(op, op_bytes) && owns(gemm, gemm_bytes),
+    LT_CHECK(owns(op, op_bytes) && owns(gemm, gemm_bytes) && owns(held, held_bytes),
              "cpu-guarded: the workspace is not device memory of this backend");
     op_bound_ = op ? op_bytes : 0;
   }

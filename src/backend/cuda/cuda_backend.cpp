@@ -160,6 +160,10 @@ class CudaBackend final : public Backend {
     ctx_.precision = precision;
     ctx_.scratch = &scratch_;
     ctx_.gemm_scratch = &gemm_scratch_;
+    ctx_.held_scratch = &held_scratch_;
+    ctx_.held = &held_;
+    const char* hold = std::getenv("LONGTUNE_CUDA_HOLD_GEMM_INPUTS");
+    held_.enabled = !(hold && std::string(hold) == "0");
     ctx_.num_sms = prop.multiProcessorCount;
     ctx_.max_shared_bytes = prop.sharedMemPerBlockOptin;
     const char* transposed = std::getenv("LONGTUNE_ATTENTION_TRANSPOSED_TILES");
@@ -171,6 +175,7 @@ class CudaBackend final : public Backend {
     (void)cudaStreamSynchronize(copy_);
     scratch_.release();
     gemm_scratch_.release();
+    held_scratch_.release();
     (void)cudaStreamSynchronize(compute_);
     (void)cublasDestroy(cublas_);
     (void)cudaEventDestroy(compute_done_);
@@ -219,18 +224,22 @@ class CudaBackend final : public Backend {
     return cuda_workspace_needs(shape, ctx_.precision == GemmPrecision::kBf16,
                                 cuda_scratch::sum_squares(ctx_.num_sms));
   }
-  void bind_workspace(void* op_scratch, size_t op_bytes, void* gemm_scratch,
-                      size_t gemm_bytes) override {
+  void bind_workspace(void* op_scratch, size_t op_bytes, void* gemm_scratch, size_t gemm_bytes,
+                      void* held, size_t held_bytes) override {
+    LT_CHECK(held_.depth == 0, "bind_workspace while {} GEMM inputs are held", held_.depth);
     synchronize();  // nothing in flight still uses the memory bound before
     scratch_.bind(op_scratch, op_bytes);
     gemm_scratch_.bind(gemm_scratch, gemm_bytes);
+    held_scratch_.bind(held, held_bytes);
   }
   // alloc's bytes plus the backend's own scratch (which only grows), sampled at every
   // allocation, free and query.
   DeviceMemoryUse device_memory_use() const override {
     std::lock_guard<std::mutex> lock(mu_);
     note_peak();
-    return {allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes(), peak_};
+    return {
+        allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes() + held_scratch_.own_bytes(),
+        peak_};
   }
   DeviceMemoryInfo device_memory_info() const override {
     DeviceMemoryInfo m;
@@ -466,6 +475,11 @@ class CudaBackend final : public Backend {
     const cuda::Span span(ctx_, "f32_to_bf16");
     cuda::f32_to_bf16(ctx_, out, in, n);
   }
+  bool hold_gemm_input(const float* x, int64_t rows, int64_t cols) override {
+    LT_CHECK(rows >= 0 && cols >= 0, "hold_gemm_input: rows={} cols={}", rows, cols);
+    return cuda::hold_gemm_input(ctx_, x, rows, cols);
+  }
+  void release_gemm_input(const float* x) override { cuda::release_gemm_input(ctx_, x); }
   void round_to_bf16(float* x, int64_t n) override {
     const cuda::Span span(ctx_, "round_to_bf16");
     cuda::round_to_bf16(ctx_, x, n);
@@ -550,11 +564,14 @@ class CudaBackend final : public Backend {
   cudaStream_t compute_ = nullptr, copy_ = nullptr;
   cudaEvent_t compute_done_ = nullptr, copies_done_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  cuda::Scratch scratch_{"op scratch"}, gemm_scratch_{"GEMM scratch"};
+  cuda::Scratch scratch_{"op scratch"}, gemm_scratch_{"GEMM scratch"},
+      held_scratch_{"held GEMM inputs"};
+  cuda::HeldInputs held_;
   cuda::Context ctx_;
   cuda::EventProfiler profiler_;
   void note_peak() const {
-    peak_ = std::max(peak_, allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes());
+    peak_ = std::max(peak_, allocated_ + scratch_.own_bytes() + gemm_scratch_.own_bytes() +
+                                held_scratch_.own_bytes());
   }
   mutable std::mutex mu_;
   std::unordered_map<void*, size_t> sizes_;

@@ -57,6 +57,23 @@ class Profiler {
   ~Profiler() = default;
 };
 
+// GEMM inputs held in bf16 (Backend::hold_gemm_input): a stack of f32 matrices whose roundings
+// lie in the held scratch at `offset`, made on first use (ready).
+struct HeldInput {
+  const float* src;
+  int64_t rows, cols;
+  size_t offset;
+  int refs;  // holds of this same matrix not yet released
+  bool ready;
+};
+struct HeldInputs {
+  HeldInput stack[4];
+  int depth = 0;
+  size_t used = 0;       // bytes of the held scratch the stack takes
+  void* base = nullptr;  // where the held scratch was when the roundings were made
+  bool enabled = true;   // LONGTUNE_CUDA_HOLD_GEMM_INPUTS=0 turns holding off (A/B runs)
+};
+
 // Everything a launcher needs: no globals (the streams and handles belong to one CudaBackend).
 struct Context {
   cudaStream_t stream = nullptr;    // the compute stream
@@ -74,7 +91,9 @@ struct Context {
   // attention backward's dQ: a second, query-tile kernel instead of atomics). Backend::
   // set_deterministic (`--full_determinism True`).
   bool deterministic = false;
-  Profiler* profiler = nullptr;  // while op timing is on
+  Profiler* profiler = nullptr;     // while op timing is on
+  Scratch* held_scratch = nullptr;  // the bf16 roundings of held GEMM inputs (kBf16 only)
+  HeldInputs* held = nullptr;
 };
 
 // Times the work its scope enqueues on ctx.stream (nothing when ctx.profiler is null).
@@ -100,6 +119,10 @@ void gemm(const Context& ctx, float* C, const float* A, const float* B, int64_t 
           int64_t K, bool trans_a, bool trans_b, float alpha, float beta);
 void linear_forward(const Context& ctx, float* out, const float* inp, const float* weight,
                     const float* bias, int64_t N, int64_t IN, int64_t OUT);
+// Backend::hold_gemm_input / release_gemm_input: kBf16 GEMMs whose f32 operand (a block of it)
+// lies in a held matrix multiply its rounding, made once, instead of staging it.
+bool hold_gemm_input(const Context& ctx, const float* x, int64_t rows, int64_t cols);
+void release_gemm_input(const Context& ctx, const float* x);
 void linear_backward(const Context& ctx, float* dinp, float* dweight, float* dbias,
                      const float* dout, const float* inp, const float* weight, int64_t N,
                      int64_t IN, int64_t OUT, Accumulate acc);

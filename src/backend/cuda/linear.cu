@@ -105,11 +105,33 @@ Block block_of(const T* X, int64_t R, int64_t S, bool trans, int64_t r0, int64_t
   return {X + s0 * R + r0, sb, rb, R};
 }
 
+// The rounding of block b (f32, as stored) when it lies inside a held matrix with the same row
+// pitch, made now if it is not yet; null when it does not.
+const __nv_bfloat16* held_rounding(const Context& ctx, const Block& b) {
+  if (!ctx.held) return nullptr;
+  HeldInputs& h = *ctx.held;
+  const auto* f = static_cast<const float*>(b.first);
+  for (int i = h.depth - 1; i >= 0; --i) {
+    HeldInput& e = h.stack[i];
+    if (e.refs == 0 || b.pitch != e.cols || f < e.src || f >= e.src + e.rows * e.cols) continue;
+    const int64_t off = f - e.src;
+    if (off / e.cols + b.rows > e.rows || off % e.cols + b.cols > e.cols) continue;
+    auto* bf = reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(h.base) + e.offset);
+    if (!e.ready) {
+      to_bf16_2d(ctx, bf, e.src, e.rows, e.cols, e.cols);
+      e.ready = true;
+    }
+    return bf + off;
+  }
+  return nullptr;
+}
+
 // A kBf16 GEMM staged through the GEMM scratch: f32 operands are rounded into it (A first,
 // 256-aligned, then B); a bf16 B (b16) is multiplied where it lies. When the staged operands
 // exceed the scratch's limit the product runs in the blocks gemm_blocks chooses (backend.h),
 // K blocks accumulated into C in f32 (beta for the first, 1 after), each block's operands
-// rounded as it runs. A product that fits is one cuBLAS call.
+// rounded as it runs. A product that fits is one cuBLAS call. An operand block inside a held
+// matrix is multiplied from its rounding (held_rounding) where it lies, not staged.
 void gemm_staged(const Context& ctx, float* C, const float* A, const float* B, const uint16_t* b16,
                  int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, float alpha,
                  float beta) {
@@ -126,26 +148,73 @@ void gemm_staged(const Context& ctx, float* C, const float* A, const float* B, c
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       const int64_t mn = std::min(mb, M - m0);
       const Block a = block_of(A, M, K, trans_a, m0, mn, k0, kn);
-      to_bf16_2d(ctx, a16, static_cast<const float*>(a.first), a.rows, a.cols, a.pitch);
+      const __nv_bfloat16* ap = held_rounding(ctx, a);
+      int64_t lda = a.pitch;
+      if (!ap) {
+        to_bf16_2d(ctx, a16, static_cast<const float*>(a.first), a.rows, a.cols, a.pitch);
+        ap = a16, lda = a.cols;
+      }
       for (int64_t n0 = 0; n0 < N; n0 += nb) {
         const int64_t nn = std::min(nb, N - n0);
         const __nv_bfloat16* bp;
         int64_t ldb;
         if (stage_b) {
           const Block b = block_of(B, K, N, trans_b, k0, kn, n0, nn);
-          to_bf16_2d(ctx, bs16, static_cast<const float*>(b.first), b.rows, b.cols, b.pitch);
-          bp = bs16, ldb = b.cols;
+          bp = held_rounding(ctx, b), ldb = b.pitch;
+          if (!bp) {
+            to_bf16_2d(ctx, bs16, static_cast<const float*>(b.first), b.rows, b.cols, b.pitch);
+            bp = bs16, ldb = b.cols;
+          }
         } else {
           const Block b =
               block_of(reinterpret_cast<const __nv_bfloat16*>(b16), K, N, trans_b, k0, kn, n0, nn);
           bp = static_cast<const __nv_bfloat16*>(b.first), ldb = b.pitch;
         }
-        gemm_on_bf16(ctx, C + m0 * N + n0, N, a16, a.cols, bp, ldb, mn, nn, kn, trans_a, trans_b,
-                     alpha, k0 == 0 ? beta : 1.0f);
+        gemm_on_bf16(ctx, C + m0 * N + n0, N, ap, lda, bp, ldb, mn, nn, kn, trans_a, trans_b, alpha,
+                     k0 == 0 ? beta : 1.0f);
       }
     }
   }
 }
+
+}  // namespace
+
+bool hold_gemm_input(const Context& ctx, const float* x, int64_t rows, int64_t cols) {
+  if (ctx.precision != GemmPrecision::kBf16 || !ctx.held || !ctx.held->enabled || rows <= 0 ||
+      cols <= 0)
+    return false;
+  HeldInputs& h = *ctx.held;
+  for (int i = 0; i < h.depth; ++i) {
+    HeldInput& e = h.stack[i];
+    if (e.refs > 0 && e.src == x && e.rows == rows && e.cols == cols) {
+      ++e.refs;
+      return true;
+    }
+  }
+  constexpr int kDepth = int(sizeof(h.stack) / sizeof(h.stack[0]));
+  const size_t need = align256(size_t(rows * cols) * 2);
+  if (h.depth == kDepth || h.used + need > ctx.held_scratch->limit(kCudaHeldInputCap)) return false;
+  void* base = ctx.held_scratch->get(h.used + need, ctx.stream);
+  if (base != h.base) {  // an unbound scratch grew elsewhere: round the others again
+    for (int i = 0; i < h.depth; ++i) h.stack[i].ready = false;
+    h.base = base;
+  }
+  h.stack[h.depth++] = {x, rows, cols, h.used, 1, false};
+  h.used += need;
+  return true;
+}
+
+void release_gemm_input(const Context& ctx, const float* x) {
+  HeldInputs& h = *ctx.held;
+  for (int i = h.depth - 1; i >= 0; --i)
+    if (h.stack[i].refs > 0 && h.stack[i].src == x) {
+      --h.stack[i].refs;
+      break;
+    }
+  while (h.depth > 0 && h.stack[h.depth - 1].refs == 0) h.used = h.stack[--h.depth].offset;
+}
+
+namespace {
 
 void add_bias(const Context& ctx, float* out, const float* bias, int64_t N, int64_t OUT) {
   if (!bias || N * OUT == 0) return;
