@@ -6,7 +6,8 @@
 //
 // usage: bench_train MODEL SEQ[,SEQ...] [steps=3] [settings...]
 //   MODEL: a Hugging Face folder, or preset:NAME (random weights of a named shape, no files)
-//   settings: naive (plain attention), mini=M|auto, ckpt, offload, device=cpu|cuda|cpu-guarded,
+//   settings: naive (plain attention), mini=M|auto, ckpt, offload, selective (with ckpt/offload:
+//             attention outputs kept, the recompute skips attention), device=cpu|cuda|cpu-guarded,
 //             lora=R (LoRA r=R, alpha 2R, all linear layers), bf16 (bf16 GEMMs on CUDA; with
 //             LoRA the frozen projections in bf16), peak_tflops=X (MFU reference; default: the
 //             measured sgemm peak on the CPU, 989 on CUDA), fit=BYTES (also run the longest
@@ -97,10 +98,11 @@ void random_weights(LlamaModel& m) {
 
 int run(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr,
-                 "usage: bench_train MODEL_DIR|preset:NAME SEQ[,SEQ...]|fit [steps] [naive] "
-                 "[mini=M|auto] [ckpt] [offload] [device=D] [lora=R] [bf16] [peak_tflops=X] "
-                 "[fit=BYTES] [host=BYTES] [profile]\n");
+    std::fprintf(
+        stderr,
+        "usage: bench_train MODEL_DIR|preset:NAME SEQ[,SEQ...]|fit [steps] [naive] "
+        "[mini=M|auto] [ckpt] [offload] [selective] [device=D] [lora=R] [bf16] [peak_tflops=X] "
+        "[fit=BYTES] [host=BYTES] [profile]\n");
     return 2;
   }
   const std::string model = argv[1];
@@ -123,6 +125,8 @@ int run(int argc, char** argv) {
       base.checkpointing = true;
     else if (a == "offload")
       base.checkpointing = base.offload_checkpoints = true;
+    else if (a == "selective")
+      base.keep_attention = true;
     else if (a.rfind("mini=", 0) == 0)
       mini = a.substr(5);
     else if (a.rfind("device=", 0) == 0)

@@ -9,10 +9,11 @@
 #                with --full_determinism offload's GPU losses equal checkpointing's bit for bit
 #                and two full fine-tunes write the same model bytes; every GPU allocation planned
 #   bench        the Llama-3-8B-shaped benchmarks: longtune LoRA r16 bf16 at 4K/16K/32K with
-#                checkpointing; one layer's ops (attention and GEMM TFLOP/s; the attention
-#                backward's transposed-tile and deterministic variants too); transformers +
-#                PEFT side by side (tokens/s, peak memory, MFU, its longest sequence); longtune
-#                at 32K with offload
+#                checkpointing, an op profile per length (and 32K with held GEMM inputs off);
+#                one layer's ops (attention and GEMM TFLOP/s; the attention backward's
+#                transposed-tile and deterministic variants too); transformers + PEFT side by
+#                side (tokens/s, peak memory, MFU, its longest sequence); longtune at 32K with
+#                offload, and with selective recomputation
 #   longest      (only when named) longtune's longest planned sequences in 95% of the GPU's
 #                memory, one step each, with checkpointing and with offload (several minutes)
 #   sanitizer    compute-sanitizer memcheck and racecheck on small op cases
@@ -355,6 +356,10 @@ if wants bench; then
     --peak_tflops "$PEAK" --tokens "$TOKENS" --iters 2 --longest --granularity 8192
   step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
     "${LORA8B[@]}" offload
+  # Selective recomputation (attention outputs kept, no attention forward in the recompute) at
+  # the longest length: its tokens/s against bench-longtune-lora's.
+  step bench-longtune-lora-selective 30 90 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
+    "${LORA8B[@]}" ckpt selective
 fi
 # 5. The longest sequences the planner says fit in 95% of the GPU's memory, one timed step each
 # (minutes: several hundred thousand tokens), with checkpointing and with offload.
@@ -366,7 +371,7 @@ if wants longest; then
 fi
 for b in bench-longtune-lora bench-longtune-lora-unheld bench-gpu-ops bench-gpu-ops-transposed \
     bench-gpu-ops-deterministic bench-hf-peft \
-    bench-longtune-lora-offload \
+    bench-longtune-lora-offload bench-longtune-lora-selective \
     longest-longtune-lora longest-longtune-lora-offload; do
   [ -f "$LOGS/$b.log" ] && { echo "== $b"; cat "$LOGS/$b.log"; }
 done > "$OUT/benchmarks.txt"

@@ -397,6 +397,9 @@ TEST_F(CliErrors, BadFlags) {
       {base + " --lerning_rate 1e-4", {"--lerning_rate", "Did you mean --learning_rate?"}},
       {base + " --adam_beta1 2", {"--adam_beta1", "2"}},
       {base + " --host_memory_budget lots", {"--host_memory_budget", "lots", "not a size"}},
+      {base + " --recompute_granularity some", {"--recompute_granularity", "some", "selective"}},
+      {base + " --recompute_granularity selective",
+       {"--recompute_granularity", "--gradient_checkpointing True"}},
       // Offloaded checkpoints are pinned host memory on a device backend: refused before
       // anything is allocated when they exceed the host budget.
       {base + " --device cpu-guarded --offload_activations True --host_memory_budget 1KiB",

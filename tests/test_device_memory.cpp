@@ -203,6 +203,8 @@ TEST(DeviceMemory, EveryTrainingPathMatchesTheCpuBackendExactly) {
     s.checkpointing = true;
     cases.push_back({"bf16 residual + checkpoints in bf16", s, false});
     cases.push_back({"bf16 residual + bf16 checkpoints offloaded", offloaded(s), false});
+    s.keep_attention = true;
+    cases.push_back({"selective recomputation, bf16 checkpoints offloaded", offloaded(s), false});
     RunSettings f;
     f.bf16_residual = true;
     f.seq_chunk = 8;

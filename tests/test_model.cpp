@@ -6,9 +6,11 @@
 #include <cmath>
 #include <map>
 #include <random>
+#include <tuple>
 
 #include "backend/backend.h"
 #include "core/dtype.h"
+#include "core/error.h"
 #include "model/llama.h"
 #include "train/batching.h"
 #include "train/trainer.h"
@@ -62,8 +64,12 @@ struct Grads {
   std::vector<float> g;
 };
 
-Grads run(const ModelConfig& c, RunSettings rs, const std::vector<std::vector<const Example*>>& micro) {
+// One step's loss and gradients on the CPU backend; with `ops`, the step's op profile (calls).
+Grads run(const ModelConfig& c, RunSettings rs,
+          const std::vector<std::vector<const Example*>>& micro,
+          std::map<std::string, int64_t>* ops = nullptr) {
   auto be = make_cpu_backend();
+  be->set_op_profiling(ops != nullptr);
   std::vector<MicroBatch> mbs;
   for (const auto& rows : micro) {
     mbs.push_back(make_micro_batch(rows));
@@ -72,6 +78,8 @@ Grads run(const ModelConfig& c, RunSettings rs, const std::vector<std::vector<co
   LlamaModel m(c, *be, rs);
   randomize(m, 7);
   StepResult r = accumulate_step_gradients(m, mbs);
+  if (ops)
+    for (const OpTime& t : be->take_op_profile()) (*ops)[t.name] = t.calls;
   return {r.loss, std::vector<float>(m.grads(), m.grads() + m.table().total_numel())};
 }
 
@@ -117,6 +125,42 @@ TEST(ModelPaths, MiniSequenceCheckpointingAndAttentionAreExact) {
   expect_same(ref, run(c, naive, micro), 2e-5, "naive attention");
 }
 
+// Selective recomputation (--recompute_granularity selective) keeps each layer's attention output
+// and lse from the forward: the backward's recompute runs every op of full recomputation but the
+// attention forward, and the gradients are the same bits (the forward is deterministic), with
+// mini-sequence chunks, offloaded checkpoints and the bf16 residual stream too.
+TEST(ModelPaths, SelectiveRecomputationSkipsOnlyTheAttentionForward) {
+  const ModelConfig c = tiny_config(false, 24);  // a sliding window too
+  std::mt19937 rng(3);
+  const Example a = random_row(rng, 45, c.vocab_size), b = random_row(rng, 25, c.vocab_size);
+  const std::vector<std::vector<const Example*>> micro = {{&a, &b}, {&b}};
+  for (const auto& [name, mini, offload, bf16] :
+       {std::tuple{"checkpointing", 1, false, false},
+        std::tuple{"+ mini_sequence 8", 8, false, false}, std::tuple{"+ offload", 8, true, false},
+        std::tuple{"+ bf16 residual", 8, true, true}}) {
+    RunSettings full;
+    full.checkpointing = true;
+    full.mlp_chunks = full.lm_head_chunks = mini;
+    full.offload_checkpoints = offload;
+    full.bf16_residual = bf16;
+    RunSettings selective = full;
+    selective.keep_attention = true;
+    std::map<std::string, int64_t> full_ops, selective_ops;
+    const Grads want = run(c, full, micro, &full_ops),
+                got = run(c, selective, micro, &selective_ops);
+    EXPECT_EQ(got.loss, want.loss) << name;
+    EXPECT_EQ(got.g, want.g) << name;
+    // 2 layers x 2 micro-batches: 8 attention forwards with full recomputation, 4 selective.
+    EXPECT_EQ(full_ops["attention_forward"], 8) << name;
+    EXPECT_EQ(selective_ops["attention_forward"], 4) << name;
+    selective_ops["attention_forward"] = full_ops["attention_forward"];
+    EXPECT_EQ(selective_ops, full_ops) << name << ": only the attention forward differs";
+  }
+  RunSettings plain, kept;
+  kept.keep_attention = true;  // without checkpointing nothing is recomputed: no effect
+  EXPECT_EQ(run(c, kept, micro).g, run(c, plain, micro).g);
+}
+
 // --bf16 True carries the residual stream in bf16: the embedding output and every layer's
 // output are bf16 values, what happens inside a layer is not rounded, and the loss and the
 // gradients move by the rounding only (bf16 keeps 8 significant bits: about 2^-8 relative).
@@ -153,7 +197,8 @@ TEST(ModelPaths, Bf16ResidualStreamIsRoundedAtLayerBoundariesOnly) {
         EXPECT_LT(bf16_values(v), v.size() / 10) << name << ": f32 values expected";
     }
     const auto& inner = seen.at("layer1.x_mid");  // inside a layer: never rounded
-    EXPECT_LT(bf16_values(inner), inner.size() / 10) << "layer1.x_mid rounded (bf16 " << bf16 << ")";
+    EXPECT_LT(bf16_values(inner), inner.size() / 10)
+        << "layer1.x_mid rounded (bf16 " << bf16 << ")";
   }
   EXPECT_NE(loss[1], loss[0]);
   EXPECT_NEAR(loss[1], loss[0], 1e-2 * std::fabs(loss[0]));

@@ -231,14 +231,20 @@ TEST(Planner, SequenceParallelStretchesTheLongestSequence) {
   EXPECT_GT(two, 1.7 * one);
 }
 
+// mid_config at one row of seq tokens with checkpointing.
+PlanRequest checkpointed_mid(int64_t seq) {
+  PlanRequest r;
+  r.config = mid_config();
+  r.seq_len = seq;
+  r.batch = 1;
+  r.settings.checkpointing = true;
+  return r;
+}
+
 // bf16 checkpoints (--bf16 True with checkpointing): the layer inputs in 2 bytes each plus two
 // f32 staging buffers, against (layers + 1) f32 inputs; the CUDA plan counts the same bytes.
 TEST(Planner, Bf16CheckpointsHalveTheCheckpoints) {
-  PlanRequest r;
-  r.config = mid_config();
-  r.seq_len = 4096;
-  r.batch = 1;
-  r.settings.checkpointing = true;
+  PlanRequest r = checkpointed_mid(4096);
   auto checkpoint_bytes = [](const PlanResult& p) {
     size_t n = 0;
     for (const auto& b : p.plan.buffers())
@@ -256,6 +262,46 @@ TEST(Planner, Bf16CheckpointsHalveTheCheckpoints) {
   for (const auto& [name, bytes] : gpu.by_category)
     if (name == mem_category_name(MemCategory::kCheckpoints)) dev = bytes;
   EXPECT_EQ(dev, L * N * D * 2 + 2 * N * D * 4) << "as allocated: bf16 stores, f32 staging";
+}
+
+// Selective recomputation keeps every layer's attention output and lse as checkpoints, and the
+// shared activations no longer hold their own; the step estimate leaves the attention out of
+// the recompute.
+TEST(Planner, SelectiveRecomputationKeepsAttentionPerLayer) {
+  PlanRequest r = checkpointed_mid(4096);
+  const PlanResult full = plan_memory(r);
+  r.settings.keep_attention = true;
+  const PlanResult selective = plan_memory(r);
+  const size_t N = 4096, L = r.config.num_hidden_layers, H = r.config.num_attention_heads;
+  const size_t QD = H * r.config.head_dim;
+  EXPECT_EQ(selective.device_bytes - full.device_bytes, (L - 1) * N * (QD + H) * 4);
+  const GpuSpec g = gpu_spec("h100-80gb");
+  const double t_sel = estimate_step(r, g, 0.4).compute_s;
+  r.settings.keep_attention = false;
+  const double t_full = estimate_step(r, g, 0.4).compute_s;
+  const double attention = training_flops(r.config, N, N) - training_flops(r.config, N, 0);
+  EXPECT_NEAR(t_full - t_sel, attention / 3 / (g.peak_flops * 0.4), 1e-9 * t_full);
+  // Automatic settings take it between mini-sequence alone and full recomputation: where it
+  // fits and mini-sequence alone does not, and never when it does not fit.
+  PlanRequest a;
+  a.config = mid_config();
+  a.seq_len = 4096;
+  a.mini_sequence_auto = true;
+  const size_t mini = plan_memory(a).device_bytes;
+  a.settings.checkpointing = a.settings.keep_attention = true;
+  const size_t kept = plan_memory(a).device_bytes;
+  a.settings.keep_attention = false;
+  const size_t recompute = plan_memory(a).device_bytes;
+  ASSERT_LT(recompute, kept);
+  ASSERT_LT(kept, mini);
+  a = PlanRequest{};
+  a.config = mid_config();
+  a.seq_len = 4096;
+  const AutoChoice fits = choose_settings(a, kept, true, true);
+  EXPECT_TRUE(fits.fits && fits.settings.checkpointing && fits.settings.keep_attention) << fits.why;
+  const AutoChoice tight = choose_settings(a, kept - 1, true, true);
+  EXPECT_TRUE(tight.fits && tight.settings.checkpointing && !tight.settings.keep_attention)
+      << tight.why;
 }
 
 // Offloaded checkpoints are pinned host memory on a GPU: a host budget caps the longest

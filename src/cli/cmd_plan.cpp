@@ -18,7 +18,10 @@ std::string settings_text(const RunSettings& s) {
   return fmt::format(
       "mini-sequence MLP {} / LM head {} chunks, checkpointing {}, offload {}, "
       "flash attention {}",
-      s.mlp_chunks, s.lm_head_chunks, s.checkpointing ? "on" : "off",
+      s.mlp_chunks, s.lm_head_chunks,
+      !s.checkpointing   ? "off"
+      : s.keep_attention ? "on (--recompute_granularity selective)"
+                         : "on",
       s.offload_checkpoints ? "on" : "off", s.flash_attention ? "on" : "off");
 }
 
@@ -96,6 +99,9 @@ int cmd_plan(int argc, char** argv) {
   app.add_option("--mini_sequence", mini, "MLP / LM-head chunks: M or auto");
   app.add_option("--gradient_checkpointing", ckpt, "True, False or auto");
   add_bool_flag(app, "--offload_activations", &offload, "offload layer checkpoints");
+  std::string granularity = "full";
+  app.add_option("--recompute_granularity", granularity,
+                 "full or selective (keep attention outputs), as train");
   add_bool_flag(app, "--use_flash_attn", &flash, "tiled attention (default True)");
   add_bool_flag(app, "--bf16", &bf16, "bf16 training: bf16 checkpoints and LoRA base, as train");
   app.add_option("--device", device,
@@ -171,6 +177,7 @@ int cmd_plan(int argc, char** argv) {
   r.fpdt_chunk = fpdt;
   r.micro_per_step = accumulation;
   r.settings.offload_checkpoints = offload;
+  r.settings.keep_attention = parse_recompute_granularity(granularity);
   const std::optional<int64_t> chunks = parse_mini_sequence(mini);
   const bool auto_ms = !chunks, auto_ck = ckpt == "auto";
   if (chunks)

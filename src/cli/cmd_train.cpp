@@ -46,6 +46,9 @@ int cmd_train(int argc, char** argv) {
   app.add_option("--mini_sequence", o.mini_sequence, "MLP / LM-head chunks: M or auto");
   add_bool_flag(app, "--gradient_checkpointing", &o.gradient_checkpointing,
                 "keep only layer inputs; recompute in backward");
+  app.add_option("--recompute_granularity", o.recompute_granularity,
+                 "full (recompute each checkpointed layer whole) or selective (keep every "
+                 "layer's attention output: the recompute skips attention; more memory)");
   add_bool_flag(app, "--offload_activations", &o.offload_activations,
                 "keep layer checkpoints off the device: a memory-mapped file on the CPU, pinned "
                 "host memory on a GPU (implies checkpointing)");

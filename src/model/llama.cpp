@@ -57,7 +57,10 @@ struct LlamaModel::Slot {
   float* stage[2] = {nullptr, nullptr};
   uint16_t* bstage = nullptr;
   std::vector<std::unique_ptr<LayerActs>> acts;  // (stage layers) when nothing is recomputed
-  int64_t n = 0;                                 // tokens here
+  // Selective recomputation: each layer's attention output (N, QD) and lse (H, N) from the
+  // forward (stage layers of each), which the shared activations point at for that layer.
+  std::vector<float*> kept_out, kept_lse;
+  int64_t n = 0;          // tokens here
   int64_t chunks = 1;     // sequence path: attention chunks of the whole sequence
   int64_t row0 = 0;       // LoRA dropout: first token's index in the whole sequence
   uint64_t key = 0;       // LoRA dropout: the micro-batch's ordinal
@@ -315,6 +318,7 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
   const size_t SPD = size_t(s.sp_degree);
   const std::string store_arena = "activations";
   const bool fpdt = s.seq_chunk > 0;
+  const bool keep = keeps_attention(s);
   auto declare_acts = [&](const std::string& p) {
     auto a = std::make_unique<LayerActs>();
     const std::string arena = "activations";
@@ -336,8 +340,9 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     a->k = b.take(p + "k", N * KVD, MemCategory::kAttention, qa);
     a->v = b.take(p + "v", N * KVD, MemCategory::kAttention, qa);
     a->o_heads = seq ? b.take(p + "o_heads", N * QD, MemCategory::kAttention, qa) : nullptr;
-    a->attn_out = b.take(p + "attn_out", N * QD, MemCategory::kAttention, arena);
-    a->lse = b.take(p + "lse", H * N, MemCategory::kAttention, qa);
+    // Selective recomputation: the shared activations borrow each layer's kept ones instead.
+    a->attn_out = keep ? nullptr : b.take(p + "attn_out", N * QD, MemCategory::kAttention, arena);
+    a->lse = keep ? nullptr : b.take(p + "lse", H * N, MemCategory::kAttention, qa);
     a->x_mid = b.take(p + "x_mid", N * D, MemCategory::kActivations, arena);
     a->ffn_in = b.take(p + "ffn_in", N * D, MemCategory::kActivations, arena);
     a->ffn_rstd = b.take(p + "ffn_rstd", N, MemCategory::kActivations, arena);
@@ -391,6 +396,12 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
     if (per_layer_acts)
       for (size_t j = 0; j < NL; ++j)
         sl->acts.push_back(declare_acts(fmt::format("{}layer{}.", p, size_t(l0) + j)));
+    for (size_t j = 0; keep && j < NL; ++j) {
+      sl->kept_out.push_back(b.take(fmt::format("{}layer{}.attn_out", p, size_t(l0) + j), N * QD,
+                                    MemCategory::kCheckpoints, "activations"));
+      sl->kept_lse.push_back(b.take(fmt::format("{}layer{}.lse", p, size_t(l0) + j), H * N,
+                                    MemCategory::kCheckpoints, "activations"));
+    }
     out->slots.push_back(std::move(sl));
   }
   out->shared_acts = per_layer_acts ? nullptr : declare_acts("layer0.");
@@ -543,6 +554,11 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, const RunSet
   LT_CHECK(settings_.max_tokens > 0 && settings_.mlp_chunks >= 1 && settings_.lm_head_chunks >= 1);
   LT_CHECK(!settings_.offload_checkpoints || settings_.checkpointing,
            "checkpoint offload needs checkpointing");
+  if (settings_.keep_attention && settings_.train && settings_.checkpointing &&
+      settings_.sequence_path())
+    fail(
+        "--recompute_granularity selective does not run with sequence parallelism or FPDT (their "
+        "attention runs between all-to-alls); use full");
   std::tie(layer_begin_, layer_end_) = stage_range(config_, settings_);
   LT_CHECK(settings_.micro_slots >= 1 && settings_.sp_degree >= 1 && settings_.seq_chunk >= 0);
   if (settings_.sequence_path()) {
@@ -832,7 +848,12 @@ float* LlamaModel::res_of(const Slot& sl, int64_t l) const {
 float* LlamaModel::res(int64_t l) { return res_of(slot(), l); }
 
 LlamaModel::LayerActs& LlamaModel::acts_for(int64_t l) {
-  return shared_acts_ ? *shared_acts_ : *slot().acts[l - layer_begin_];
+  if (!shared_acts_) return *slot().acts[l - layer_begin_];
+  if (!slot().kept_out.empty()) {  // selective recomputation: this layer's kept attention
+    shared_acts_->attn_out = slot().kept_out[l - layer_begin_];
+    shared_acts_->lse = slot().kept_lse[l - layer_begin_];
+  }
+  return *shared_acts_;
 }
 
 void LlamaModel::dump(const std::string& name, const float* data, size_t n) const {
@@ -933,6 +954,10 @@ bool LlamaModel::bf16_checkpoints(const RunSettings& s) {
   return s.train && s.checkpointing && s.bf16_residual;
 }
 
+bool LlamaModel::keeps_attention(const RunSettings& s) {
+  return s.train && s.checkpointing && s.keep_attention && !s.sequence_path();
+}
+
 void LlamaModel::prepare(const MicroBatch& mb, int64_t slot_index, bool training) {
   LT_CHECK(slot_index >= 0 && slot_index < int64_t(slots_.size()), "slot {} of {}", slot_index,
            slots_.size());
@@ -1000,11 +1025,14 @@ void LlamaModel::layer_forward(int64_t l, LayerActs& a, Pass pass) {
     project_qkv(a.q, a.k, a.v, a.attn_in, sl, N, l, 0);
     be_.rope_forward(a.q, a.q, ms.rope_cos, ms.rope_sin, N, H, HD);
     be_.rope_forward(a.k, a.k, ms.rope_cos, ms.rope_sin, N, KVH, HD);
-    AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), ms.docs, 1.0f / std::sqrt(float(HD))};
-    if (settings_.flash_attention)
-      be_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, s);
-    else
-      attention_forward_naive(a.attn_out, a.lse, a.q, a.k, a.v, s);
+    // Selective recomputation: the recompute finds attn_out and lse kept (acts_for).
+    if (pass != Pass::kRecompute || !keeps_attention(settings_)) {
+      AttentionShape s{1, N, H, KVH, HD, c.layer_window(l), ms.docs, 1.0f / std::sqrt(float(HD))};
+      if (settings_.flash_attention)
+        be_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, s);
+      else
+        attention_forward_naive(a.attn_out, a.lse, a.q, a.k, a.v, s);
+    }
   }
   project(a.x_mid, a.attn_out, slot(Proj::kO), N, l, 0);
   be_.add_inplace(a.x_mid, x, N * D);

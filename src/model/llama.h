@@ -33,6 +33,12 @@ struct RunSettings {
   // With checkpointing the layer inputs are then kept in bf16: half the bytes, on the device or
   // offloaded.
   bool bf16_residual = false;
+  // Selective recomputation (--recompute_granularity selective, Megatron-LM's name): with
+  // checkpointing, every layer's attention output and log-sum-exp are kept from the forward, so
+  // the backward's recompute runs no attention forward (norms, projections and the MLP are
+  // recomputed as before). Costs (N, heads x head dim + heads) f32 per layer. Nothing without
+  // checkpointing; not with the sequence path.
+  bool keep_attention = false;
   bool train = true;  // false: no gradients, no backward buffers (eval, generate)
   LoraSpec lora;      // LoRA adapters / QLoRA NF4 base (lora.enabled = false: full)
   // LoRA dropout: the dropped-out input and its gradient are buffers of this many rows of the
@@ -330,6 +336,7 @@ class LlamaModel {
   void offload_copy(void* store, void* dev, size_t bytes, bool out, void* next);
   // Checkpoints kept in bf16 (training, checkpointing and RunSettings::bf16_residual).
   static bool bf16_checkpoints(const RunSettings& s);
+  static bool keeps_attention(const RunSettings& s);
   // Pieces in which a file-backed checkpoint store is written and read (whole pages).
   static constexpr size_t kOffloadPiece = size_t(2) << 20;
   void dump(const std::string& name, const float* data, size_t n) const;

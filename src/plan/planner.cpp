@@ -165,9 +165,13 @@ StepEstimate estimate_step(const PlanRequest& r, const GpuSpec& g, double assume
   const double tokens_mb = double(r.seq_len * r.batch);  // one replica's micro-batch
   const double model = training_flops(c, tokens_mb * M * DP, double(r.seq_len));
   // Recomputation: checkpointing runs each layer's forward again (a third of the training
-  // FLOPs); mini-sequence MLP chunks recompute gate/up (2 of the 6 x D x F per token, about a
-  // tenth more of the MLP).
-  double executed = model * (r.settings.checkpointing ? 4.0 / 3.0 : 1.0);
+  // FLOPs; selective recomputation leaves out the attention's); mini-sequence MLP chunks
+  // recompute gate/up (2 of the 6 x D x F per token, about a tenth more of the MLP).
+  const double attention =
+      model - training_flops(c, tokens_mb * M * DP, 0.0);  // the attention's share
+  const bool selective = r.settings.keep_attention && SP == 1 && r.fpdt_chunk == 0;
+  double executed =
+      model + (r.settings.checkpointing ? (model - (selective ? attention : 0.0)) / 3.0 : 0.0);
   StepEstimate e;
   e.flops_per_device = executed / W;
   const double bubble = 1.0 + double(PP - 1) / M;  // 1F1B
@@ -268,6 +272,12 @@ std::optional<int64_t> parse_mini_sequence(const std::string& value) {
   return m;
 }
 
+bool parse_recompute_granularity(const std::string& value) {
+  if (value == "full") return false;
+  if (value == "selective") return true;
+  fail("--recompute_granularity: '{}' is not allowed; use full or selective", value);
+}
+
 void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
   // MST's rules: MLP chunks of ~hidden_size tokens; ceil(V/D) LM-head chunks, so that one chunk
   // of logits is as large as the hidden states. Chunks never go below kMinChunkRows rows: below
@@ -289,22 +299,28 @@ void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s) {
 
 AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms, bool auto_ck) {
   struct Candidate {
-    bool mini, ckpt, offload, fine;
+    bool mini, ckpt, offload, fine, selective;
     const char* what;
   };
   // Fastest first: chunking costs a recompute of gate/up per chunk (~+10% step time),
-  // checkpointing one extra forward (~+33%), offload only copies (hidden by prefetch). Very
-  // long sequences may need chunks finer than MST's rule (whose LM-head chunk of logits is as
-  // large as the hidden states): 1024-row chunks, still large enough for compute-bound GEMMs.
+  // checkpointing one extra forward (~+33%; selective recomputation keeps the attention outputs
+  // and recomputes the rest), offload only copies (hidden by prefetch). Very long sequences may
+  // need chunks finer than MST's rule (whose LM-head chunk of logits is as large as the hidden
+  // states): 1024-row chunks, still large enough for compute-bound GEMMs.
   const Candidate cands[] = {
-      {false, false, false, false, "no memory-saving technique needed"},
-      {true, false, false, false,
+      {false, false, false, false, false, "no memory-saving technique needed"},
+      {true, false, false, false, false,
        "mini-sequence MLP/LM head (cheapest saving: logits and MLP intermediates)"},
-      {true, true, false, false, "mini-sequence + per-layer checkpointing (one extra forward)"},
-      {true, true, true, false, "mini-sequence + checkpointing + checkpoint offload"},
-      {true, true, true, true,
+      {true, true, false, false, true,
+       "mini-sequence + checkpointing with the attention outputs kept (selective "
+       "recomputation: the extra forward without attention)"},
+      {true, true, false, false, false,
+       "mini-sequence + per-layer checkpointing (one extra forward)"},
+      {true, true, true, false, false, "mini-sequence + checkpointing + checkpoint offload"},
+      {true, true, true, true, false,
        "1024-row mini-sequence chunks + checkpointing + checkpoint offload"},
   };
+  const bool sequence_path = base.sequence_parallel > 1 || base.fpdt_chunk > 0;
   AutoChoice best;
   for (const auto& c : cands) {
     PlanRequest r = base;
@@ -322,6 +338,9 @@ AutoChoice choose_settings(const PlanRequest& base, size_t budget, bool auto_ms,
       r.mini_sequence_auto = false;
       r.settings.mlp_chunks = r.settings.lm_head_chunks = std::max<int64_t>(1, (t + 1023) / 1024);
     }
+    if (c.selective && (!auto_ck || sequence_path || base.settings.keep_attention))
+      continue;  // chosen only with checkpointing itself (and once: a user's choice stands)
+    if (c.selective) r.settings.keep_attention = true;
     if (auto_ck)
       r.settings.checkpointing = c.ckpt;
     else if (c.ckpt != r.settings.checkpointing)

@@ -119,6 +119,9 @@ AutoChoice choose_settings(const PlanRequest& base, size_t budget_bytes, bool au
 
 // --mini_sequence: a positive chunk count M, or nullopt for "auto"; UserError otherwise.
 std::optional<int64_t> parse_mini_sequence(const std::string& value);
+// --recompute_granularity: full (false) or selective (true: RunSettings::keep_attention);
+// UserError otherwise.
+bool parse_recompute_granularity(const std::string& value);
 
 // MST's published chunk rules: MLP chunks of ~hidden_size tokens, ceil(V/D) LM-head chunks.
 void mini_sequence_auto(const ModelConfig& c, int64_t tokens, RunSettings* s);

@@ -60,6 +60,9 @@ struct TrainOptions {
   std::string device = "auto";      // auto: cuda when built and a GPU is present, else cpu
   std::string mini_sequence = "1";  // M or "auto"
   bool gradient_checkpointing = false;
+  // full: the backward recomputes each checkpointed layer whole; selective (Megatron-LM's
+  // --recompute-granularity): attention outputs are kept, the recompute skips attention.
+  std::string recompute_granularity = "full";
   bool offload_activations = false;
   // Host memory a GPU run may pin for offloaded buffers: bytes, or auto (what this machine has
   // available when the run starts).

@@ -124,6 +124,11 @@ void settings_from_options(const TrainOptions& o, const ModelConfig& c, int64_t 
   s->max_tokens = max_tokens;
   s->checkpointing = o.gradient_checkpointing || o.offload_activations;
   s->offload_checkpoints = o.offload_activations;
+  s->keep_attention = parse_recompute_granularity(o.recompute_granularity);
+  if (s->keep_attention && !s->checkpointing)
+    fail(
+        "--recompute_granularity selective chooses what --gradient_checkpointing recomputes; "
+        "turn on --gradient_checkpointing True (or --offload_activations True)");
   s->offload_dir = o.output_dir.parent_path().empty() ? "." : o.output_dir.parent_path().string();
   s->flash_attention = o.use_flash_attn;
   s->bf16_residual = o.bf16;
@@ -363,7 +368,10 @@ void Trainer::setup_model() {
   fmt::print(
       "settings: micro-batch up to {} tokens, mini-sequence MLP {} / LM head {} chunks, "
       "checkpointing {}, offload {}, flash attention {}{}\n",
-      rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks, rs.checkpointing ? "on" : "off",
+      rs.max_tokens, rs.mlp_chunks, rs.lm_head_chunks,
+      !rs.checkpointing   ? "off"
+      : rs.keep_attention ? "on (selective: attention outputs kept)"
+                          : "on",
       rs.offload_checkpoints ? "on" : "off", rs.flash_attention ? "on" : "off",
       !rs.bf16_residual  ? ""
       : rs.checkpointing ? ", residual stream and checkpoints in bf16"

@@ -46,7 +46,7 @@ for want in "PASS  setup" "PASS  conformance" "PASS  compare-full" "PASS  compar
     "PASS  plan-vs-device" "PASS  bench-longtune-lora " "PASS  bench-longtune-lora-unheld" \
     "PASS  bench-gpu-ops " \
     "PASS  bench-gpu-ops-transposed" "PASS  bench-gpu-ops-deterministic" \
-    "PASS  bench-longtune-lora-offload"; do
+    "PASS  bench-longtune-lora-offload" "PASS  bench-longtune-lora-selective"; do
   grep -qF "$want" "$WORK/out/summary.txt" || fail "no line \"$want\" in summary.txt"
 done
 # benchmarks.txt: longtune's JSON lines at both lengths with checkpointing (and at 256 with held
@@ -54,6 +54,8 @@ done
 B=$WORK/out/benchmarks.txt
 [ "$(grep -c '"impl": "longtune", "device": "cuda", "settings": "[^"]*ckpt"' "$B")" -eq 3 ] ||
   fail "benchmarks.txt lacks the three checkpointing lines"
+grep -q '"settings": "[^"]*ckpt+selective", "seq": 256' "$B" ||
+  fail "benchmarks.txt lacks selective recomputation at 256"
 grep -q '"settings": "[^"]*offload", "seq": 256' "$B" || fail "benchmarks.txt lacks offload at 256"
 grep -qE '^ +256 .*%' "$B" || fail "benchmarks.txt lacks bench_gpu's row at 256 tokens"
 # The op profile of a checkpointing step at each length: the attention kernels and the cuBLAS

@@ -270,6 +270,22 @@ TEST_F(TrainEmu, FullDeterminismGivesTheSameBitsWhateverTheBlockOrder) {
           runs["deterministic-in-order"]);
 }
 
+// Selective recomputation keeps each layer's attention output and lse on the device: the GPU's
+// recompute skips the attention forward and gives full recomputation's bits (the forward
+// kernel is deterministic), within the plan, and the CPU's losses.
+TEST_F(TrainEmu, SelectiveRecomputationEqualsFullRecomputation) {
+  const auto full = with(kLoraBf16, {"--gradient_checkpointing", "True"});
+  const auto selective = with(full, {"--recompute_granularity", "selective"});
+  const TrainRun a = train("recompute-full", "cuda", full),
+                 b = train("recompute-selective", "cuda", selective);
+  EXPECT_EQ(a.losses, b.losses);
+  std::ifstream fa(dir_ / "recompute-full-cuda" / "adapter_model.safetensors", std::ios::binary),
+      fb(dir_ / "recompute-selective-cuda" / "adapter_model.safetensors", std::ios::binary);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(fa), {}),
+            std::string(std::istreambuf_iterator<char>(fb), {}));
+  compare("selective", train("recompute-selective", "cpu", selective), b);
+}
+
 // Held GEMM inputs (Backend::hold_gemm_input: q/k/v and gate/up multiply one bf16 rounding of
 // their input, a projection's base and adapter GEMMs one of their output gradient) round the
 // same values the per-GEMM staging rounds: the trained weights are the same bytes with holding
