@@ -332,17 +332,27 @@ M8B=${GPU_CHECK_BENCH_MODEL:-preset:llama3-8b}
 TOKENS=${GPU_CHECK_BENCH_TOKENS:-4096,16384,32768}
 LORA8B=(device=cuda lora=16 bf16 mini=auto peak_tflops="$PEAK")
 if wants bench; then
+  # The figures the targets need first (longtune and transformers + PEFT side by side, one
+  # layer's kernels), then the A/B variants, each skipped when the budget runs out.
   # `profile`: one more step per length with every op timed on the GPU (CUDA events), a table
   # of where the step's time goes: kernels, cuBLAS products, bf16 staging, time outside the ops.
   step bench-longtune-lora 90 240 "$BUILD/bench_train" "$M8B" "$TOKENS" 1 "${LORA8B[@]}" ckpt \
     profile
-  # The same at the longest length with held GEMM inputs off (every bf16 GEMM rounds its f32
-  # inputs itself): what holding them saves, in tokens/s and in the profile's staging row.
-  step bench-longtune-lora-unheld 30 90 env LONGTUNE_CUDA_HOLD_GEMM_INPUTS=0 \
-    "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 "${LORA8B[@]}" ckpt profile
   # One layer op by op: which kernel reaches what fraction of the peak.
   step bench-gpu-ops 30 120 "$BUILD/bench_gpu" --preset "${M8B#preset:}" --precision bf16 \
     --peak_tflops "$PEAK" --tokens "$TOKENS"
+  step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py \
+    --peak_tflops "$PEAK" --tokens "$TOKENS" --iters 2 --longest --granularity 8192
+  step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
+    "${LORA8B[@]}" offload
+  # Selective recomputation (attention outputs kept, no attention forward in the recompute) at
+  # the longest length: its tokens/s against bench-longtune-lora's.
+  step bench-longtune-lora-selective 30 90 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
+    "${LORA8B[@]}" ckpt selective
+  # The longest length with held GEMM inputs off (every bf16 GEMM rounds its f32 inputs
+  # itself): what holding them saves, in tokens/s and in the profile's staging row.
+  step bench-longtune-lora-unheld 30 90 env LONGTUNE_CUDA_HOLD_GEMM_INPUTS=0 \
+    "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 "${LORA8B[@]}" ckpt profile
   # The attention backward's former kernel (transposed tile copies, one block per SM) at one
   # length, to compare its attn_bwd_TF with the default's above.
   step bench-gpu-ops-transposed 15 60 env LONGTUNE_ATTENTION_TRANSPOSED_TILES=1 \
@@ -352,14 +362,6 @@ if wants bench; then
   # the same length: its cost against the default's attn_bwd_TF and tokens/s.
   step bench-gpu-ops-deterministic 15 60 "$BUILD/bench_gpu" --preset "${M8B#preset:}" \
     --precision bf16 --peak_tflops "$PEAK" --tokens "${TOKENS##*,}" --iters 2 --deterministic
-  step bench-hf-peft 90 300 env LD_LIBRARY_PATH= python3 bench/hf_peft_bench.py \
-    --peak_tflops "$PEAK" --tokens "$TOKENS" --iters 2 --longest --granularity 8192
-  step bench-longtune-lora-offload 45 120 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
-    "${LORA8B[@]}" offload
-  # Selective recomputation (attention outputs kept, no attention forward in the recompute) at
-  # the longest length: its tokens/s against bench-longtune-lora's.
-  step bench-longtune-lora-selective 30 90 "$BUILD/bench_train" "$M8B" "${TOKENS##*,}" 1 \
-    "${LORA8B[@]}" ckpt selective
 fi
 # 5. The longest sequences the planner says fit in 95% of the GPU's memory, one timed step each
 # (minutes: several hundred thousand tokens), with checkpointing and with offload.
