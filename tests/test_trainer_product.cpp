@@ -213,6 +213,22 @@ TEST_F(TrainerProduct, CommandLineFlagsAndConfigFile) {
   EXPECT_EQ(args.at("learning_rate"), "2e-5");
 }
 
+// --profile_step N: step N alone runs with op timing, and the table of where its time went
+// follows it: each op's calls and milliseconds, and the time outside the ops.
+TEST_F(TrainerProduct, ProfileStepPrintsWhereThatStepWent) {
+  const auto r = run(kLongtune + " train" + common_ + " --max_steps 3 --profile_step 2" +
+                         " --report_to none --output_dir " + (dir_ / "profiled").string(),
+                     dir_ / "profiled.log");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const size_t at = r.output.find("op profile of step 2 on cpu: ");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("op profile of step", at + 1), std::string::npos) << "one step only";
+  const std::string table = r.output.substr(at);
+  for (const char* op : {"attention_forward", "attention_backward", "linear_forward",
+                         "lm_head_cross_entropy", "adamw_update", "(outside the ops)"})
+    EXPECT_NE(table.find(op), std::string::npos) << op << " in\n" << table;
+}
+
 // ---------------------------------------------------------------- checkpoints
 
 TEST_F(TrainerProduct, ResumeIsBitIdentical) {

@@ -60,6 +60,10 @@ int cmd_train(int argc, char** argv) {
                 "bit-identical results run to run: CUDA kernels without atomics (attention "
                 "backward's dQ in a second kernel, embedding backward by column; slower). The "
                 "CPU is always deterministic");
+  app.add_option("--profile_step", o.profile_step,
+                 "time every op of this step (1-based) where it runs (GPU: CUDA events) and print "
+                 "where the step's time went; 0: never")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--dataset_format", o.dataset_format,
                  "auto, alpaca, messages, sharegpt, completion, text, tokenized");
   add_bool_flag(app, "--train_on_inputs", &o.train_on_inputs, "train prompt tokens too");

@@ -70,6 +70,9 @@ struct TrainOptions {
   bool use_flash_attn = true;
   // Bit-identical runs (HF's full_determinism): Backend::set_deterministic.
   bool full_determinism = false;
+  // This step (1-based; 0: none) runs with Backend::set_op_profiling: where its time went is
+  // printed after it (rank 0's backend).
+  int64_t profile_step = 0;
   std::string dataset_format = "auto";
   bool train_on_inputs = false;
   bool packing = false;

@@ -738,6 +738,18 @@ void Trainer::finish(const std::string& status) {
   progress_->close(status);
 }
 
+void Trainer::report_op_profile(std::chrono::steady_clock::time_point start) {
+  const std::vector<OpTime> ops = backend_->take_op_profile();  // waits for the step's work
+  backend_->set_op_profiling(false);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  if (rank_ != 0) return;
+  std::string table = format_op_profile(ops, ms);
+  if (!table.empty() && table.back() == '\n') table.pop_back();
+  progress_->note(fmt::format("op profile of step {} on {}{}: {:.1f} ms\n{}", step_,
+                              backend_->name(), world_size_ > 1 ? " (rank 0)" : "", ms, table));
+}
+
 TrainOutcome Trainer::train() {
   open_sinks();
   fmt::print(
@@ -753,6 +765,9 @@ TrainOutcome Trainer::train() {
   try {
     while (step_ < total_steps_) {
       const std::vector<MicroBatch> micro = next_step_batches();
+      const bool profiled = o_.profile_step == step_ + 1;
+      const auto t_step = std::chrono::steady_clock::now();
+      backend_->set_op_profiling(profiled);
       if (engine_) {
         const CommStats before = engine_->stats();
         last_ = engine_->train_step(micro, schedule_, step_);
@@ -767,6 +782,7 @@ TrainOutcome Trainer::train() {
         last_ = train_step(*model_, *optimizer_, o_.optimizer, schedule_, micro, step_);
       }
       ++step_;
+      if (profiled) report_op_profile(t_step);
       window_loss_ += last_.loss;
       total_loss_ += last_.loss;
       ++window_steps_;

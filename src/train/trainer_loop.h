@@ -65,6 +65,8 @@ class Trainer {
   void finish(const std::string& status);
   // Runs write on rank 0; every rank learns whether it failed (a collective when distributed).
   void on_main_rank(const std::function<void()>& write, const std::string& what);
+  // --profile_step: the step that began at `start` has run with op timing; prints the table.
+  void report_op_profile(std::chrono::steady_clock::time_point start);
   double epoch_float() const;
   nlohmann::json training_args() const;
 
