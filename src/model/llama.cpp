@@ -48,13 +48,15 @@ struct LlamaModel::Slot {
   int32_t* seq_docs;                    // (N*P) sequence path: doc ids of the whole sequence
   float *rope_cos, *rope_sin;           // (N, HD/2)
   // The residual stream at the layer inputs: (stage layers + 1) f32 buffers. Staged (checkpoint
-  // offload or bf16 checkpoints): the layers run on two f32 staging buffers, one being computed
-  // while the other's checkpoint goes out (forward) or comes in (backward), and `store` keeps
-  // each layer input (stage layers of them, f32 or bf16, in host memory with offload); bf16
-  // checkpoints offloaded from a device travel through one device bf16 buffer.
+  // offload or bf16 checkpoints): `store` keeps each layer input (stage layers of them, f32 or
+  // bf16, in host memory with offload) and the layers run on f32 staging buffers. f32
+  // checkpoints: two, one being computed while the other's checkpoint goes out (forward) or
+  // comes in (backward). bf16 checkpoints: one, each layer writing its output over its input
+  // (its checkpoint is rounded out of it first); bf16 checkpoints offloaded from a device travel
+  // through one device bf16 buffer.
   std::vector<float*> res;
   std::vector<void*> store;
-  float* stage[2] = {nullptr, nullptr};
+  float* stage[2] = {nullptr, nullptr};  // stage[1] null: one staging buffer
   uint16_t* bstage = nullptr;
   std::vector<std::unique_ptr<LayerActs>> acts;  // (stage layers) when nothing is recomputed
   // Selective recomputation: each layer's attention output (N, QD) and lse (H, N) from the
@@ -388,7 +390,7 @@ void LlamaModel::declare_buffers(const ModelConfig& c, const RunSettings& s, Buf
       sl->store.push_back(
           b.take_bytes(fmt::format("{}{}res.{}", p, bf16_store ? "bf16." : "", size_t(l0) + j),
                        store_rounded, res_cat, offload ? "offload" : "activations"));
-    for (size_t j = 0; staged && j < 2; ++j)
+    for (size_t j = 0; staged && j < (bf16_store && !fpdt ? 1u : 2u); ++j)
       sl->stage[j] = b.take(fmt::format("{}res_stage.{}", p, j), N * D, res_cat, "activations");
     if (offload && bf16_store)
       sl->bstage = static_cast<uint16_t*>(
@@ -841,7 +843,7 @@ void LlamaModel::plan(const ModelConfig& config, const RunSettings& settings, Me
 
 float* LlamaModel::res_of(const Slot& sl, int64_t l) const {
   const int64_t i = l - layer_begin_;
-  if (sl.stage[0]) return sl.stage[i % 2];
+  if (sl.stage[0]) return sl.stage[sl.stage[1] ? i % 2 : 0];
   return sl.res[settings_.train ? i : i % 2];
 }
 
@@ -1400,7 +1402,8 @@ void LlamaModel::forward_layers(const float* input) {
     be_.copy_device(res(layer_begin_), input, size_t(N * D) * 4);  // rounded already
   }
   for (int64_t l = layer_begin_; l < layer_end_; ++l) {
-    // Staged: res(l - 1) has left the buffer that layer l writes, res(l) is kept as it runs.
+    // Staged: res(l - 1) has left the buffer that layer l writes, res(l) is kept as it runs
+    // (with one staging buffer: rounded into its store, then overwritten by the layer's output).
     if (staged) be_.wait_copies();
     checkpoint_out(l);
     acquire(l, LayerWeightsProvider::Pass::kForward);
@@ -1419,12 +1422,15 @@ void LlamaModel::backward_layers() {
   Work& k = *work_;
   using PP = LayerWeightsProvider::Pass;
   const bool staged = slot().stage[0] != nullptr;
+  // One staging buffer holds the stage's output after the forward: the last layer's input
+  // comes back like the others'. With two it is still in its staging buffer.
+  const bool one_stage = staged && !slot().stage[1];
+  if (one_stage) checkpoint_in(layer_end_ - 1);
   for (int64_t l = layer_end_ - 1; l >= layer_begin_; --l) {
     LayerActs& a = acts_for(l);
-    // Staged: res(l) has arrived; res(l - 1) comes in, over res(l + 1), as layer l runs (the
-    // stage's last layer finds its input still in the staging buffer).
+    // Staged: res(l) has arrived; res(l - 1) comes in, over res(l + 1), as layer l runs.
     if (staged) be_.wait_copies();
-    if (l < layer_end_ - 1) checkpoint_ready(l);
+    if (l < layer_end_ - 1 || one_stage) checkpoint_ready(l);
     if (l > layer_begin_) checkpoint_in(l - 1);
     acquire(l, PP::kBackward);
     if (settings_.checkpointing) layer_forward(l, a, Pass::kRecompute);
