@@ -1210,6 +1210,11 @@ TEST(CudaBackend, HeldGemmInputIsRoundedOnceWithTheSameProducts) {
   be->release_gemm_input(d_x.get());
   EXPECT_EQ(project(), 5) << "released: staged again";
   EXPECT_EQ(d_y.read(), staged);
+  // Bound to a workspace that planned no held inputs: nothing is held (nor allocated).
+  DeviceBuffer<float> op_ws(*be, "op workspace", 1 << 20);
+  be->bind_workspace(op_ws.get(), size_t(4) << 20, nullptr, 0, nullptr, 0);
+  EXPECT_FALSE(be->hold_gemm_input(d_x.get(), N, IN)) << "a hold outside the plan";
+  EXPECT_EQ(project(), 5);
   auto f32 = make_cuda_backend(&reason, GemmPrecision::kF32);
   EXPECT_FALSE(f32->hold_gemm_input(d_x.get(), N, IN)) << "f32 GEMMs round nothing";
   EXPECT_FALSE(make_cpu_backend()->hold_gemm_input(d_x.get(), N, IN));

@@ -231,6 +231,7 @@ class CudaBackend final : public Backend {
     scratch_.bind(op_scratch, op_bytes);
     gemm_scratch_.bind(gemm_scratch, gemm_bytes);
     held_scratch_.bind(held, held_bytes);
+    held_.capacity = held ? held_bytes : 0;  // planned none: hold nothing rather than allocate
   }
   // alloc's bytes plus the backend's own scratch (which only grows), sampled at every
   // allocation, free and query.

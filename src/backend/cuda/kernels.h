@@ -69,9 +69,10 @@ struct HeldInput {
 struct HeldInputs {
   HeldInput stack[4];
   int depth = 0;
-  size_t used = 0;       // bytes of the held scratch the stack takes
-  void* base = nullptr;  // where the held scratch was when the roundings were made
-  bool enabled = true;   // LONGTUNE_CUDA_HOLD_GEMM_INPUTS=0 turns holding off (A/B runs)
+  size_t used = 0;                      // bytes of the held scratch the stack takes
+  size_t capacity = kCudaHeldInputCap;  // the planned bytes once a workspace is bound
+  void* base = nullptr;                 // where the held scratch was when the roundings were made
+  bool enabled = true;  // LONGTUNE_CUDA_HOLD_GEMM_INPUTS=0 turns holding off (A/B runs)
 };
 
 // Everything a launcher needs: no globals (the streams and handles belong to one CudaBackend).

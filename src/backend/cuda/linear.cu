@@ -193,7 +193,7 @@ bool hold_gemm_input(const Context& ctx, const float* x, int64_t rows, int64_t c
   }
   constexpr int kDepth = int(sizeof(h.stack) / sizeof(h.stack[0]));
   const size_t need = align256(size_t(rows * cols) * 2);
-  if (h.depth == kDepth || h.used + need > ctx.held_scratch->limit(kCudaHeldInputCap)) return false;
+  if (h.depth == kDepth || h.used + need > h.capacity) return false;
   void* base = ctx.held_scratch->get(h.used + need, ctx.stream);
   if (base != h.base) {  // an unbound scratch grew elsewhere: round the others again
     for (int i = 0; i < h.depth; ++i) h.stack[i].ready = false;
